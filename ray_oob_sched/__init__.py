@@ -1,0 +1,64 @@
+"""ray_oob_sched: run Dask graphs on Ray.
+
+>>> import dask, ray_oob_sched
+>>> with ray_oob_sched.enable():          # or dask.config.set(scheduler=ray_oob_sched.get)
+...     x.sum().compute()
+
+Results stay in Ray's object store until asked for; every intermediate is freed as
+soon as nothing still to be submitted needs it; ``persist`` returns collections
+backed by ObjectRefs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.config
+
+from ray_oob_sched import _config  # noqa: F401  (registers the config defaults)
+from ray_oob_sched._graph import InvalidGraphError
+from ray_oob_sched._options import InvalidOptionsError
+from ray_oob_sched._plugin import RaySchedule
+
+__version__ = "0.1.0"
+
+_schedule = RaySchedule()
+
+#: The scheduler function: ``dask.config.set(scheduler=ray_oob_sched.get)``.
+get = _schedule.get
+#: Like ``get`` but returns ObjectRefs for the requested keys instead of values.
+get_refs = _schedule.get_refs
+
+
+def enable(**config: Any) -> dask.config.set:
+    """Use Ray for every compute; returns a ``dask.config.set`` (a context manager).
+
+    Also selects the "tasks" dataframe shuffle: dask's default without a
+    distributed client is "disk", which writes partd files on one machine's disk
+    and cannot work across a Ray cluster. Extra ``config`` items are set with it.
+    """
+    return dask.config.set(
+        {"scheduler": get, "dataframe.shuffle.method": "tasks", **config}
+    )
+
+
+def disable() -> dask.config.set:
+    """Go back to dask's default scheduler choice."""
+    return dask.config.set({"scheduler": None, "dataframe.shuffle.method": None})
+
+
+def shutdown() -> bool:
+    """Stop the embedded Ray if this package started it (never a Ray it joined)."""
+    return _schedule.runtime.shutdown()
+
+
+__all__ = [
+    "InvalidGraphError",
+    "InvalidOptionsError",
+    "RaySchedule",
+    "disable",
+    "enable",
+    "get",
+    "get_refs",
+    "shutdown",
+]

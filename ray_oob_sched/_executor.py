@@ -1,0 +1,130 @@
+"""The Ray I/O shell: submit groups as Ray tasks, wait for them, map Ray's errors.
+
+Each group runs as one Ray task named after its first key, with its inputs as
+top-level ObjectRef arguments (Ray resolves them before the task starts; no
+``ray.get`` inside tasks). It returns ``1 + len(outputs)`` objects: a small status
+first, which the driver fetches to learn success or failure without pulling any
+data, then one object per output key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import ray
+import ray.exceptions
+
+from ray_oob_sched._fuse import Group
+from ray_oob_sched._options import InvalidOptionsError
+from ray_oob_sched._worker import GroupSpec, GroupStatus, run_group
+
+logger = logging.getLogger("ray_oob_sched")
+Key = Hashable
+
+
+@ray.remote
+def _ray_run_group(spec: GroupSpec, *args: Any) -> tuple[Any, ...]:
+    return run_group(spec, args)
+
+
+def task_name(group: Group) -> str:
+    first = group.keys[0]
+    if len(group.keys) == 1:
+        return str(first)
+    return f"{first} (+{len(group.keys) - 1} fused)"
+
+
+class RayExecutor:
+    """Submits groups; options are validated by Ray once per distinct set."""
+
+    def __init__(self, options: Mapping[Hashable, Mapping[str, Any]], *, keys_of: Mapping[Hashable, Key]) -> None:
+        self._options: dict[Hashable, dict[str, Any]] = {}
+        for token, opts in options.items():
+            try:
+                _ray_run_group.options(**opts)
+            except (ValueError, TypeError) as e:
+                raise InvalidOptionsError(
+                    f"invalid Ray task options {dict(opts)!r} (for dask key "
+                    f"{keys_of[token]!r}): {e}"
+                ) from e
+            self._options[token] = dict(opts)
+
+    def submit(self, group: Group, spec: GroupSpec, args: Sequence[Any]) -> list[Any]:
+        """Submit one group; returns ``[status_ref, *output_refs]``."""
+        opts = self._options.get(group.options, {})
+        refs = _ray_run_group.options(
+            name=task_name(group), num_returns=1 + len(group.outputs), **opts
+        ).remote(spec, *args)
+        return list(refs)
+
+    @staticmethod
+    def wait(status_refs: Sequence[Any]) -> list[Any]:
+        """Block until at least one group finishes; return every finished status ref."""
+        done, rest = ray.wait(list(status_refs), num_returns=1, fetch_local=False)
+        if rest:
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=False)
+            done.extend(more)
+        return done
+
+    @staticmethod
+    def statuses(status_refs: Sequence[Any]) -> list[GroupStatus]:
+        """Fetch statuses (tiny); raises the task's error for a failed group."""
+        return ray.get(list(status_refs))
+
+    @staticmethod
+    def cancel(status_refs: Sequence[Any]) -> None:
+        for ref in status_refs:
+            try:
+                ray.cancel(ref, force=False, recursive=True)
+            except Exception:  # already finished, or its worker is gone
+                logger.debug("ray_oob_sched: could not cancel %s", ref, exc_info=True)
+
+    @staticmethod
+    def observe(refs: Sequence[Any]) -> None:
+        """Read finished, failed refs so that their errors count as handled."""
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:  # the error itself was raised to the user already
+                pass
+
+    @staticmethod
+    def fetch(refs: Sequence[Any]) -> list[Any]:
+        return ray.get(list(refs))
+
+
+def user_error(err: BaseException, group: Group) -> BaseException:
+    """The exception to raise for a failed group: the task's own, with its key.
+
+    Raise it ``from err`` so that Ray's error, which carries the remote traceback,
+    is shown as its cause.
+
+    Ray wraps a task's exception in RayTaskError; the user gets the original type
+    and message back (the worker already noted the failing key). Errors of Ray
+    itself (worker crash, cancellation, lost object) stay Ray's, noted with the
+    keys of the group.
+    """
+    if isinstance(err, ray.exceptions.RayTaskError):
+        cause = err.cause
+        if isinstance(cause, BaseException) and not isinstance(cause, ray.exceptions.RayError):
+            if not _has_key_note(cause):
+                _note(cause, f"ray_oob_sched: raised while computing dask keys {_keys_text(group)}")
+            return cause
+    _note(err, f"ray_oob_sched: Ray task {task_name(group)!r} failed; dask keys {_keys_text(group)}")
+    return err
+
+
+def _keys_text(group: Group) -> str:
+    shown = ", ".join(repr(k) for k in group.keys[:3])
+    return f"[{shown}{', ...' if len(group.keys) > 3 else ''}]"
+
+
+def _has_key_note(e: BaseException) -> bool:
+    return any("ray_oob_sched:" in n for n in getattr(e, "__notes__", ()))
+
+
+def _note(e: BaseException, text: str) -> None:
+    if hasattr(e, "add_note"):
+        e.add_note(text)

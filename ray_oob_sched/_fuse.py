@@ -1,0 +1,91 @@
+"""Pure planning: cut the ordered graph into groups, one Ray task per group.
+
+A Ray task costs about a millisecond of scheduling overhead, while most Dask tasks
+(a getitem, an add of two small chunks, one level of a tree reduction) cost far
+less. Running a run of consecutive tasks of the topological order as one Ray task
+pays that overhead once, and the values that never leave the group never enter
+Ray's object store.
+
+Groups are contiguous intervals of the order, so every edge between groups points
+forward and the groups form a DAG whatever the graph. The interval length is set
+so that there are at least ``tasks_per_cpu`` groups per cluster CPU (expensive
+tasks keep spreading over the cluster) and at most ``max_tasks`` Dask tasks per
+group. Tasks with different Ray options, and tasks marked unfusable (e.g. shuffle
+barriers), never share a group.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+from ray_oob_sched._graph import Graph
+
+Key = Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    index: int
+    keys: tuple[Key, ...]  # in execution order
+    inputs: tuple[Key, ...]  # produced by earlier groups or given as sources
+    outputs: tuple[Key, ...]  # needed by later groups or requested
+    options: Hashable  # token of the Ray options shared by all keys
+
+
+def group_size(ntasks: int, *, cluster_cpus: float, max_tasks: int, tasks_per_cpu: int) -> int:
+    """Dask tasks per group: as large as allowed while keeping the cluster busy."""
+    target_groups = max(1, math.ceil(cluster_cpus * tasks_per_cpu))
+    return max(1, min(max_tasks, math.ceil(ntasks / target_groups)))
+
+
+def plan(
+    graph: Graph,
+    *,
+    sources: frozenset[Key],
+    size: int,
+    options_of: Mapping[Key, Hashable],
+    fusable: Callable[[Key], bool] = lambda k: True,
+) -> list[Group]:
+    """Groups covering every key of ``graph`` except ``sources`` (already in Ray)."""
+    chunks: list[list[Key]] = []
+    current: list[Key] = []
+    current_opts: Hashable = None
+    for k in graph.order:
+        if k in sources:
+            continue
+        opts = options_of.get(k, ())
+        alone = not fusable(k)
+        if current and (len(current) >= size or opts != current_opts or alone):
+            chunks.append(current)
+            current = []
+        current.append(k)
+        current_opts = opts
+        if alone:
+            chunks.append(current)
+            current = []
+    if current:
+        chunks.append(current)
+    return [_make_group(i, keys, graph, options_of) for i, keys in enumerate(chunks)]
+
+
+def _make_group(
+    index: int, keys: Sequence[Key], graph: Graph, options_of: Mapping[Key, Hashable]
+) -> Group:
+    members = set(keys)
+    inputs: dict[Key, None] = {}  # ordered set: stable argument order
+    outputs: list[Key] = []
+    for k in keys:
+        for d in graph.dependencies[k]:
+            if d not in members:
+                inputs[d] = None
+        if k in graph.outputs or not graph.dependents[k] <= members:
+            outputs.append(k)
+    return Group(
+        index=index,
+        keys=tuple(keys),
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        options=options_of.get(keys[0], ()),
+    )

@@ -1,0 +1,80 @@
+"""Futures that persisted collections hold: a dask key bound to a Ray ObjectRef.
+
+dask (2026.x) treats any object with ``__dask_future__ = True`` and a ``key`` as a
+reference to data that a scheduler already holds, exactly as it treats
+``distributed.Future``: graph optimisation keeps it as a dependency on ``key``
+instead of inlining it as data. The graphs that reach ``get`` therefore name such
+keys without defining them; the registry maps them back to the live futures.
+
+The registry holds futures weakly: a persisted collection owns its futures, each
+future owns its ObjectRef, so dropping the collection drops the refs and Ray frees
+the objects.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Hashable
+from typing import Any
+
+Key = Hashable
+
+
+class RayFuture:
+    """The result of one persisted dask key, held in Ray's object store."""
+
+    __dask_future__ = True
+    __slots__ = ("key", "ref", "__weakref__")
+
+    def __init__(self, key: Key, ref: Any) -> None:
+        self.key = key
+        self.ref = ref
+
+    def result(self, timeout: float | None = None) -> Any:
+        import ray
+
+        return ray.get(self.ref, timeout=timeout)
+
+    def __dask_tokenize__(self) -> Any:
+        # Equal keys name equal computations, as for distributed.Future.
+        return ("RayFuture", self.key)
+
+    def __repr__(self) -> str:
+        return f"<RayFuture key={self.key!r} ref={self.ref!r}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"RayFuture for {self.key!r} cannot be pickled: its ObjectRef belongs to "
+            "this driver; pass the collection's data through a compute instead"
+        )
+
+
+class FutureRegistry:
+    """Live futures by key (weakly held); any live one resolves the key."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_key: dict[Key, weakref.WeakSet[RayFuture]] = {}
+
+    def register(self, future: RayFuture) -> None:
+        with self._lock:
+            live = self._by_key.get(future.key)
+            if live is None:
+                live = self._by_key[future.key] = weakref.WeakSet()
+            live.add(future)
+
+    def lookup(self, key: Key) -> Any | None:
+        """The ObjectRef of a live future for ``key``, or None."""
+        with self._lock:
+            live = self._by_key.get(key)
+            if live is None:
+                return None
+            for fut in live:
+                return fut.ref
+            del self._by_key[key]  # every future for it is gone
+            return None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(1 for live in self._by_key.values() if live)

@@ -1,0 +1,91 @@
+"""Tier 1: grouping of consecutive tasks into Ray tasks (no Ray)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ray_oob_sched._fuse import group_size, plan
+from ray_oob_sched._graph import build, to_task_spec
+
+
+def _random_dag(seed: int, n: int) -> dict:
+    rng = random.Random(seed)
+    dsk: dict = {}
+    for i in range(n):
+        deps = rng.sample(range(i), k=min(i, rng.randint(0, 3)))
+        dsk[f"t{i}"] = (sum, [f"t{d}" for d in deps]) if deps else i
+    return dsk
+
+
+def _check_plan(graph, groups, sources=frozenset()):
+    owner = {}
+    for g in groups:
+        for k in g.keys:
+            assert k not in owner, f"{k} planned twice"
+            owner[k] = g.index
+    assert set(owner) == set(graph.nodes) - sources
+    for g in groups:
+        members = set(g.keys)
+        needed = {d for k in g.keys for d in graph.dependencies[k]} - members
+        assert set(g.inputs) == needed
+        for d in g.inputs:
+            # Every edge between groups points forward: the group DAG is acyclic.
+            assert d in sources or owner[d] < g.index
+        for k in g.keys:
+            leaves = not graph.dependents[k] <= members
+            assert (k in g.outputs) == (k in graph.outputs or leaves)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 120), size=st.integers(1, 20))
+def test_plan_covers_every_key_once_and_is_acyclic(seed, n, size):
+    dsk = _random_dag(seed, n)
+    outputs = [f"t{n - 1}", f"t{seed % n}"]
+    graph = build(to_task_spec(dsk), outputs)
+    groups = plan(graph, sources=frozenset(), size=size, options_of={})
+    _check_plan(graph, groups)
+    assert all(len(g.keys) <= size for g in groups)
+
+
+def test_sources_are_not_planned():
+    graph = build(to_task_spec(_random_dag(1, 30)), ["t29"])
+    sources = frozenset(k for k in graph.nodes if not graph.dependencies[k])
+    groups = plan(graph, sources=sources, size=4, options_of={})
+    _check_plan(graph, groups, sources)
+
+
+def test_different_options_never_share_a_group():
+    dsk = {f"t{i}": (abs, f"t{i - 1}") if i else 0 for i in range(10)}
+    graph = build(to_task_spec(dsk), ["t9"])
+    options = {f"t{i}": ("gpu",) for i in range(3, 6)}
+    groups = plan(graph, sources=frozenset(), size=100, options_of=options)
+    assert [g.keys for g in groups] == [
+        ("t0", "t1", "t2"),
+        ("t3", "t4", "t5"),
+        ("t6", "t7", "t8", "t9"),
+    ]
+    assert [g.options for g in groups] == [(), ("gpu",), ()]
+
+
+def test_unfusable_tasks_run_alone():
+    dsk = {f"t{i}": (abs, f"t{i - 1}") if i else 0 for i in range(6)}
+    graph = build(to_task_spec(dsk), ["t5"])
+    groups = plan(graph, sources=frozenset(), size=100, options_of={}, fusable=lambda k: k != "t2")
+    assert [g.keys for g in groups] == [("t0", "t1"), ("t2",), ("t3", "t4", "t5")]
+
+
+@pytest.mark.parametrize(
+    "ntasks, cpus, max_tasks, per_cpu, expected",
+    [
+        (10_000, 2, 64, 8, 64),  # tiny tasks: capped by max_tasks
+        (100, 2, 64, 8, 7),  # few tasks: 16 groups keep 2 CPUs busy
+        (100, 1000, 64, 8, 1),  # big cluster: no fusion
+        (1, 2, 64, 8, 1),
+    ],
+)
+def test_group_size(ntasks, cpus, max_tasks, per_cpu, expected):
+    assert group_size(ntasks, cluster_cpus=cpus, max_tasks=max_tasks, tasks_per_cpu=per_cpu) == expected

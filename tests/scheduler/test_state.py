@@ -1,0 +1,105 @@
+"""Tier 1: the scheduler state machine, asserted on its instruction lists (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_oob_sched._fuse import plan
+from ray_oob_sched._graph import build, to_task_spec
+from ray_oob_sched._state import Release, SchedulerState, Submit
+
+
+def _chain_graph(n):
+    dsk = {f"t{i}": (abs, f"t{i - 1}") if i else 0 for i in range(n)}
+    return build(to_task_spec(dsk), [f"t{n - 1}"])
+
+
+def _submitted(instrs):
+    return [i.group.index for i in instrs if isinstance(i, Submit)]
+
+
+def _released(instrs):
+    return [k for i in instrs if isinstance(i, Release) for k in i.keys]
+
+
+def test_window_bounds_groups_in_flight():
+    graph = _chain_graph(10)
+    groups = plan(graph, sources=frozenset(), size=1, options_of={})
+    state = SchedulerState(groups, outputs=graph.outputs, max_in_flight=3)
+    first = state.start()
+    assert _submitted(first) == [0, 1, 2]
+    assert state.in_flight == {0, 1, 2}
+    nxt = state.group_finished(1)  # completion order does not matter
+    assert _submitted(nxt) == [3]
+
+
+def test_key_released_right_after_its_last_consumer_is_submitted():
+    graph = _chain_graph(4)
+    groups = plan(graph, sources=frozenset(), size=1, options_of={})
+    state = SchedulerState(groups, outputs=graph.outputs, max_in_flight=1)
+    instrs = state.start()
+    assert instrs == [Submit(groups[0])]
+    instrs = state.group_finished(0)
+    # t0 is dropped as soon as t1, its only consumer, is submitted; not before.
+    assert instrs == [Submit(groups[1]), Release(("t0",))]
+    assert state.group_finished(1) == [Submit(groups[2]), Release(("t1",))]
+    assert state.group_finished(2) == [Submit(groups[3]), Release(("t2",))]
+    assert state.group_finished(3) == []
+    assert state.done
+
+
+def test_outputs_are_never_released():
+    dsk = {"a": 1, "b": (abs, "a"), "c": (abs, "b")}
+    graph = build(to_task_spec(dsk), ["a", "c"])
+    groups = plan(graph, sources=frozenset(), size=1, options_of={})
+    state = SchedulerState(groups, outputs=graph.outputs, max_in_flight=10)
+    instrs = state.start()
+    for g in range(3):
+        instrs += state.group_finished(g)
+    assert _released(instrs) == ["b"]
+
+
+def test_fused_intermediates_are_never_refs_at_all():
+    graph = _chain_graph(6)
+    groups = plan(graph, sources=frozenset(), size=3, options_of={})
+    assert [g.outputs for g in groups] == [("t2",), ("t5",)]
+    state = SchedulerState(groups, outputs=graph.outputs, max_in_flight=10)
+    instrs = state.start()
+    assert _submitted(instrs) == [0, 1]
+    assert _released(instrs) == ["t2"]
+
+
+def test_sources_are_released_after_last_use_and_shown_finished():
+    dsk = {"p": 0, "a": (abs, "p"), "b": (abs, "p"), "c": (sum, ["a", "b"])}
+    graph = build(to_task_spec(dsk), ["c"])
+    groups = plan(graph, sources=frozenset({"p"}), size=1, options_of={})
+    state = SchedulerState(groups, outputs=graph.outputs, sources={"p"}, max_in_flight=10)
+    assert "p" in state.view["finished"]
+    instrs = state.start()
+    assert set(_released(instrs)) == {"p", "a", "b"}
+
+
+def test_view_moves_keys_like_dask_local_state():
+    graph = _chain_graph(3)
+    groups = plan(graph, sources=frozenset(), size=1, options_of={})
+    state = SchedulerState(groups, outputs=graph.outputs, max_in_flight=1)
+    v = state.view
+    assert v["waiting"] == {"t0", "t1", "t2"} and not v["running"]
+    state.start()
+    assert v["running"] == {"t0"} and v["waiting"] == {"t1", "t2"}
+    state.group_finished(0)
+    assert v["finished"] == {"t0"} and v["running"] == {"t1"}
+
+
+def test_finishing_an_unknown_group_is_an_error():
+    graph = _chain_graph(2)
+    groups = plan(graph, sources=frozenset(), size=1, options_of={})
+    state = SchedulerState(groups, outputs=graph.outputs, max_in_flight=1)
+    state.start()
+    with pytest.raises(RuntimeError, match="group 1"):
+        state.group_finished(1)
+
+
+def test_window_must_be_positive():
+    with pytest.raises(ValueError, match="max_in_flight"):
+        SchedulerState([], outputs=(), max_in_flight=0)
