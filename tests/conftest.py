@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import pytest
+
+# One Ray for the whole session: starting Ray costs ~5 s on a 2-core machine.
+# Bounded object store (the lifetime tests rely on it being small) and a dashboard,
+# because ray.util.state (object and task listings) is served by it.
+OBJECT_STORE_BYTES = 128 * 2**20
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(
+        num_cpus=2,
+        object_store_memory=OBJECT_STORE_BYTES,
+        include_dashboard=True,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+import ray_oob_sched
+
+
+@pytest.fixture
+def ray_get(ray_session):
+    """ray_oob_sched as the dask scheduler, with a check that nothing of ours leaks."""
+    with ray_oob_sched.enable():
+        yield ray_oob_sched.get
+    gc.collect()
+    assert len(ray_oob_sched._schedule.futures) == 0, "persisted futures left alive"
+
+
+def driver_refs(ray):
+    """Object ids the driver still references (owned or borrowed)."""
+    worker = ray._private.worker.global_worker
+    return set(worker.core_worker.get_all_reference_counts())
