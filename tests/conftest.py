@@ -25,3 +25,17 @@ def ray_session():
         yield ray
     finally:
         ray.shutdown()
+
+
+def pytest_collection_modifyitems(items):
+    """Ship test modules' functions to Ray workers by value.
+
+    Workers cannot import test modules (they are not on their path), and module-
+    level helpers in them are otherwise pickled by reference.
+    """
+    try:
+        from ray import cloudpickle
+    except ImportError:
+        return
+    for module in {item.module for item in items if getattr(item, "module", None)}:
+        cloudpickle.register_pickle_by_value(module)
