@@ -10,6 +10,7 @@ data, then one object per output key.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -73,13 +74,40 @@ class RayExecutor:
         """Fetch statuses (tiny); raises the task's error for a failed group."""
         return ray.get(list(status_refs))
 
-    @staticmethod
-    def cancel(status_refs: Sequence[Any]) -> None:
-        for ref in status_refs:
-            try:
-                ray.cancel(ref, force=False, recursive=True)
-            except Exception:  # already finished, or its worker is gone
-                logger.debug("ray_oob_sched: could not cancel %s", ref, exc_info=True)
+    @classmethod
+    def cancel(
+        cls, status_refs: Sequence[Any], *, grace_s: float = 2.0, deadline_s: float = 10.0
+    ) -> list[Any]:
+        """Cancel groups and wait (bounded) until Ray has stopped them.
+
+        A polite cancel (KeyboardInterrupt in the task) can race with the task
+        being handed to its worker and be lost (seen with Ray 2.60), so tasks still
+        running after ``grace_s`` are force-cancelled (their worker process is
+        killed). Returns the refs of tasks still not ended at ``deadline_s``.
+        """
+        pending = list(status_refs)
+        start = time.monotonic()
+        force = False
+        while pending:
+            for ref in pending:
+                try:
+                    ray.cancel(ref, force=force, recursive=True)
+                except Exception:  # already finished, or its worker is gone
+                    logger.debug("ray_oob_sched: could not cancel %s", ref, exc_info=True)
+            elapsed = time.monotonic() - start
+            if elapsed >= deadline_s:
+                logger.warning(
+                    "ray_oob_sched: %d cancelled Ray tasks had not stopped after %.0f s",
+                    len(pending), deadline_s,
+                )
+                break
+            wait_s = (grace_s if not force else deadline_s) - elapsed
+            done, pending = ray.wait(
+                pending, num_returns=len(pending), timeout=max(0.0, wait_s), fetch_local=False
+            )
+            cls.observe(done)
+            force = True
+        return pending
 
     @staticmethod
     def observe(refs: Sequence[Any]) -> None:

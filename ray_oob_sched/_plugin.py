@@ -10,6 +10,7 @@ reaches the driver and dropping the collection frees the objects.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
@@ -172,6 +173,9 @@ class RaySchedule:
                 graph, groups, state, refs, executor, flat=flat, fetch=result == "values",
                 callbacks=callbacks,
             )
+        except BaseException as e:
+            _clear_ray_frames(e)
+            raise
         finally:
             refs.clear()
         if result == "futures":
@@ -288,6 +292,35 @@ def _raise_first_failure(
             # as "unhandled errors" when the refs are dropped.
             executor.observe([refs[k] for k in group.outputs if k in refs])
             raise user_error(e, group) from e
+
+
+_OWN_DIRS = (os.path.dirname(__file__), os.path.dirname(ray.__file__))
+
+
+def _clear_ray_frames(exc: BaseException) -> None:
+    """Drop the locals of our and Ray's finished frames in an exception's tracebacks.
+
+    Those frames hold ObjectRefs (refs being waited on or fetched); a user who
+    keeps the exception (``sys.last_value``, a test's ``excinfo``) would keep the
+    objects alive. User code's frames are left intact for post-mortem debugging.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            if frame.f_code.co_filename.startswith(_OWN_DIRS):
+                try:
+                    frame.clear()
+                except RuntimeError:  # still executing (an outer frame of ours)
+                    pass
+            tb = tb.tb_next
+        todo += [e.__cause__, e.__context__]
 
 
 def _fails(executor: RayExecutor, ref: Any) -> bool:
