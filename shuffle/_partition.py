@@ -1,0 +1,139 @@
+"""Split dataframes into per-output-partition Arrow tables, and put them back together.
+
+Dask's P2P graphs hand every input partition a precomputed integer column (by default
+``_partitions``) naming each row's output partition. The sender sorts by it once
+(stable argsort, O(n log n)), gathers the table once, and cuts zero-copy slices at the
+boundaries; it never builds one boolean mask per partition. The receiver concatenates
+the tables it got for one output partition and conforms the result to dask's ``meta``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from pandas.core.dtypes.cast import find_common_type  # what distributed.shuffle uses
+
+__all__ = ["concat_partition", "group_by_owner", "split_by_partition"]
+
+T = TypeVar("T")
+
+# dask.dataframe.utils.UNKNOWN_CATEGORIES, copied to keep dask.dataframe's import cost out
+# of this module; a test pins it to dask's value.
+UNKNOWN_CATEGORIES = "__UNKNOWN_CATEGORIES__"
+
+
+def split_by_partition(
+    df: pd.DataFrame,
+    *,
+    column: str,
+    npartitions: int | None = None,
+    drop_column: bool = True,
+    preserve_index: bool = True,
+) -> dict[int, pa.Table]:
+    """Split ``df`` by its integer ``column`` into ``{output_partition: table}``.
+
+    Only partitions that receive rows appear. Rows keep their input order inside each
+    table, so the result is deterministic. With ``npartitions``, values outside
+    ``[0, npartitions)`` are rejected instead of silently creating extra partitions.
+    """
+    codes = _partition_codes(df, column, npartitions)
+    if drop_column:
+        df = df.drop(columns=column)
+    if not len(codes):
+        return {}
+    order = np.argsort(codes, kind="stable")
+    codes = codes[order]
+    starts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
+    bounds = np.concatenate(([0], starts, [len(codes)])).tolist()
+    table = pa.Table.from_pandas(df, preserve_index=preserve_index).take(order)
+    return {
+        int(codes[start]): table.slice(start, stop - start)
+        for start, stop in itertools.pairwise(bounds)
+    }
+
+
+def group_by_owner(
+    shards: Mapping[int, T], *, owner_of: Callable[[int], str]
+) -> dict[str, list[tuple[int, T]]]:
+    """Group ``{output_partition: shard}`` into ``{owner: [(output_partition, shard)]}``."""
+    out: defaultdict[str, list[tuple[int, T]]] = defaultdict(list)
+    for partition, shard in shards.items():
+        out[owner_of(partition)].append((partition, shard))
+    return dict(out)
+
+
+def concat_partition(tables: Sequence[pa.Table], *, meta: pd.DataFrame) -> pd.DataFrame:
+    """Concatenate the tables received for one output partition into a frame like ``meta``.
+
+    ``meta`` is the empty frame dask expects for this output (without the partition
+    column if the sender dropped it). Columns come out in ``meta``'s order with
+    ``meta``'s dtypes; categoricals keep every category seen in any table.
+    """
+    if sum(t.num_rows for t in tables) == 0:
+        return meta.iloc[:0].copy()
+    # "permissive" unifies e.g. a null-typed all-None column with a string one.
+    table = pa.concat_tables(tables, promote_options="permissive")
+    return _conform(table.to_pandas(), meta)
+
+
+def _partition_codes(df: pd.DataFrame, column: str, npartitions: int | None) -> np.ndarray:
+    if column not in df.columns:
+        raise KeyError(f"partition column {column!r} is missing; columns are {list(df.columns)}")
+    series = df[column]
+    if not pd.api.types.is_integer_dtype(series.dtype):
+        raise TypeError(f"partition column {column!r} must hold integers, got {series.dtype}")
+    if series.hasnans:
+        raise ValueError(f"partition column {column!r} holds missing values")
+    codes: np.ndarray = series.to_numpy(dtype=np.int64)
+    if len(codes):
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or (npartitions is not None and high >= npartitions):
+            bound = "" if npartitions is None else f" and below {npartitions}"
+            raise ValueError(
+                f"partition column {column!r} must lie at or above 0{bound}; "
+                f"found values in [{low}, {high}]"
+            )
+    return codes
+
+
+def _conform(df: pd.DataFrame, meta: pd.DataFrame) -> pd.DataFrame:
+    if set(df.columns) != set(meta.columns):
+        raise ValueError(
+            f"received columns {sorted(map(str, df.columns))} do not match meta columns "
+            f"{sorted(map(str, meta.columns))}"
+        )
+    if list(df.columns) != list(meta.columns):
+        df = df[list(meta.columns)]
+    df = df.copy(deep=False)  # our own frame to assign into; column data stays shared
+    for name, expected in meta.dtypes.items():
+        column = df[name]
+        if column.dtype == expected:
+            continue
+        if isinstance(expected, pd.CategoricalDtype) and isinstance(
+            column.dtype, pd.CategoricalDtype
+        ):
+            df[name] = _union_categories(column, expected)
+        elif isinstance(expected, pd.StringDtype):
+            df[name] = column.astype(expected)
+        else:
+            # Widen instead of forcing meta's dtype: meta may say int64 where the data
+            # holds floats, and a cast to int64 would fail or truncate.
+            df[name] = column.astype(find_common_type([column.dtype, expected]))
+    return df
+
+
+def _union_categories(column: pd.Series, expected: pd.CategoricalDtype) -> pd.Series:
+    seen = column.cat.categories
+    if UNKNOWN_CATEGORIES in expected.categories:
+        categories = seen
+    else:
+        # Known categories keep meta's order; anything extra is kept, never turned to NaN.
+        extra = seen.difference(expected.categories, sort=False)
+        categories = expected.categories.append(extra) if len(extra) else expected.categories
+    return column.cat.set_categories(categories, ordered=expected.ordered)

@@ -1,0 +1,375 @@
+"""The shuffle wire format: one small binary header frame, then one buffer per shard.
+
+Frames arrive from the network, so nothing here unpickles: the header is a fixed
+``struct`` layout, and ``decode_header`` checks every count against the bytes actually
+present before it trusts it. Layout (little endian)::
+
+    magic "RSHF" | version u16 | run_id u64 | n_entries u32 | len(shuffle_id) u16
+    | len(sender) u16 | shuffle_id utf-8 | sender utf-8
+    | n_entries x (output_partition u32 | input_partition u32 | nbytes u64 | memory u8)
+
+Buffers travel as separate frames so that a transport can receive each one straight
+into memory of the right kind. Which kinds exist is a ``MemoryRegistry`` of hooks:
+host memory is built in, and device memory (CuPy, RMM) plugs in by adding hooks.
+Payloads are Arrow IPC streams; decoding them aliases the received memory.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import pyarrow as pa
+
+from shuffle._exceptions import FrameError
+from shuffle._ids import RunId, ShardKey, ShuffleId
+
+__all__ = [
+    "HOST_HOOKS",
+    "HOST_REGISTRY",
+    "Entry",
+    "Header",
+    "MemoryHooks",
+    "MemoryRegistry",
+    "MemoryType",
+    "Message",
+    "allocate_buffers",
+    "buffer_to_table",
+    "decode_header",
+    "decode_message",
+    "encode_header",
+    "encode_message",
+    "table_to_buffer",
+]
+
+MAGIC = b"RSHF"
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_MESSAGE_NBYTES = 1 << 31
+
+_START = struct.Struct("<4sH")  # magic, version: read first, before trusting the rest
+_COUNTS = struct.Struct("<QIHH")  # run_id, n_entries, len(shuffle_id), len(sender)
+_ENTRY = struct.Struct("<IIQB")
+_FIXED = _START.size + _COUNTS.size
+_U16, _U32, _U64 = (1 << 16) - 1, (1 << 32) - 1, (1 << 64) - 1
+
+
+class MemoryType(str, enum.Enum):
+    HOST = "host"
+    CUDA = "cuda"
+
+
+_CODES = {MemoryType.HOST: 0, MemoryType.CUDA: 1}
+_TYPES = {code: memory_type for memory_type, code in _CODES.items()}
+
+
+@dataclass(frozen=True)
+class MemoryHooks:
+    """How one kind of memory is recognised, sent, measured and received into."""
+
+    owns: Callable[[Any], bool]  # does this object live in this kind of memory?
+    wrap: Callable[[Any], Any]  # object -> buffer a transport can send, without copying
+    nbytes: Callable[[Any], int]
+    allocate: Callable[[int], Any]  # an uninitialised receive buffer of n bytes
+
+
+def _host_owns(obj: Any) -> bool:
+    try:
+        memoryview(obj).release()
+    except TypeError:
+        return False
+    return True
+
+
+def _host_wrap(obj: Any) -> memoryview:
+    view = memoryview(obj)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _host_nbytes(obj: Any) -> int:
+    with memoryview(obj) as view:
+        return view.nbytes
+
+
+HOST_HOOKS = MemoryHooks(
+    owns=_host_owns,
+    wrap=_host_wrap,
+    nbytes=_host_nbytes,
+    allocate=lambda n: memoryview(bytearray(n)),
+)
+
+
+class MemoryRegistry:
+    """Immutable map from memory type to hooks; ``with_hooks`` returns an extended copy.
+
+    Immutability lets ``HOST_REGISTRY`` be shared safely: plugging in device memory
+    builds a new registry that its owner passes on, instead of mutating a global.
+    """
+
+    def __init__(self, hooks: Mapping[MemoryType, MemoryHooks]) -> None:
+        if MemoryType.HOST not in hooks:
+            raise ValueError("a memory registry needs host hooks")
+        self._hooks = MappingProxyType(dict(hooks))
+
+    # Plain strings ("host", "cuda", as the transports spell them) are accepted too.
+    def with_hooks(self, memory_type: MemoryType | str, hooks: MemoryHooks) -> MemoryRegistry:
+        return MemoryRegistry({**self._hooks, MemoryType(memory_type): hooks})
+
+    def hooks(self, memory_type: MemoryType | str) -> MemoryHooks:
+        memory_type = MemoryType(memory_type)
+        try:
+            return self._hooks[memory_type]
+        except KeyError:
+            raise LookupError(
+                f"no hooks registered for {memory_type.value!r} memory; build the "
+                "registry with MemoryRegistry.with_hooks to support it"
+            ) from None
+
+    def memory_type_of(self, obj: Any) -> MemoryType:
+        """Device types are asked first, since device arrays may also be host-viewable."""
+        for memory_type, hooks in self._hooks.items():
+            if memory_type is not MemoryType.HOST and hooks.owns(obj):
+                return memory_type
+        if self._hooks[MemoryType.HOST].owns(obj):
+            return MemoryType.HOST
+        raise TypeError(
+            f"cannot send a {type(obj).__name__}: it is neither a host buffer nor owned "
+            f"by a registered memory type ({', '.join(m.value for m in self._hooks)})"
+        )
+
+
+HOST_REGISTRY = MemoryRegistry({MemoryType.HOST: HOST_HOOKS})
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Header entry describing the buffer at the same position in the message."""
+
+    output_partition: int
+    input_partition: int
+    nbytes: int
+    memory_type: MemoryType = MemoryType.HOST
+
+    @property
+    def key(self) -> ShardKey:
+        return ShardKey(self.output_partition, self.input_partition)
+
+
+@dataclass(frozen=True)
+class Header:
+    shuffle_id: ShuffleId
+    run_id: RunId
+    sender: str
+    entries: tuple[Entry, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Total payload bytes that follow the header."""
+        return sum(e.nbytes for e in self.entries)
+
+
+@dataclass(frozen=True, eq=False)
+class Message:
+    header: Header
+    buffers: tuple[Any, ...]
+
+    def frames(self) -> list[Any]:
+        """What a transport sends: the encoded header, then each buffer."""
+        return [encode_header(self.header), *self.buffers]
+
+    def shards(self) -> Iterator[tuple[ShardKey, Any]]:
+        return zip((e.key for e in self.header.entries), self.buffers, strict=True)
+
+
+def encode_message(
+    *,
+    shuffle_id: ShuffleId,
+    run_id: RunId,
+    sender: str,
+    shards: Iterable[tuple[ShardKey, Any]],
+    registry: MemoryRegistry = HOST_REGISTRY,
+) -> Message:
+    """Describe ``shards`` in a header; each payload is wrapped, never copied."""
+    entries = []
+    buffers = []
+    for key, payload in shards:
+        memory_type = registry.memory_type_of(payload)
+        hooks = registry.hooks(memory_type)
+        buffer = hooks.wrap(payload)
+        entries.append(Entry(*key, hooks.nbytes(buffer), memory_type))
+        buffers.append(buffer)
+    header = Header(shuffle_id, run_id, sender, tuple(entries))
+    return Message(header, tuple(buffers))
+
+
+def encode_header(header: Header) -> bytes:
+    shuffle_id = header.shuffle_id.encode()
+    sender = header.sender.encode()
+    if not shuffle_id or len(shuffle_id) > _U16 or len(sender) > _U16:
+        raise ValueError(
+            f"shuffle_id and sender must encode to 1..{_U16} bytes, got "
+            f"{len(shuffle_id)} and {len(sender)}"
+        )
+    if not 1 <= header.run_id <= _U64:
+        raise ValueError(f"run_id must lie in [1, 2**64), got {header.run_id}")
+    parts = [
+        _START.pack(MAGIC, PROTOCOL_VERSION),
+        _COUNTS.pack(header.run_id, len(header.entries), len(shuffle_id), len(sender)),
+        shuffle_id,
+        sender,
+    ]
+    for e in header.entries:
+        if not (0 <= e.output_partition <= _U32 and 0 <= e.input_partition <= _U32):
+            raise ValueError(f"partitions must lie in [0, 2**32), got {e}")
+        parts.append(
+            _ENTRY.pack(
+                e.output_partition, e.input_partition, e.nbytes, _CODES[MemoryType(e.memory_type)]
+            )
+        )
+    return b"".join(parts)
+
+
+def decode_header(
+    frame: Any,
+    *,
+    max_message_nbytes: int = DEFAULT_MAX_MESSAGE_NBYTES,
+    npartitions_out: int | None = None,
+) -> Header:
+    """Parse and validate a header frame; any defect raises ``FrameError``.
+
+    ``max_message_nbytes`` bounds the payload a peer may announce, so a corrupt or
+    hostile header cannot make the receiver allocate absurd buffers.
+    """
+    try:
+        view = memoryview(frame).cast("B")
+    except (TypeError, ValueError) as e:
+        raise FrameError(f"header is not a contiguous byte buffer ({e})") from None
+    size = len(view)
+    if size < _START.size:
+        raise FrameError(f"header is truncated: {size} bytes, the prefix alone is {_START.size}")
+    magic, version = _START.unpack_from(view)
+    if magic != MAGIC:
+        raise FrameError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != PROTOCOL_VERSION:
+        raise FrameError(f"protocol version {version}, this process speaks {PROTOCOL_VERSION}")
+    if size < _FIXED:
+        raise FrameError(f"header is truncated: {size} bytes, the fixed part is {_FIXED}")
+    run_id, n_entries, id_len, sender_len = _COUNTS.unpack_from(view, _START.size)
+    strings_end = _FIXED + id_len + sender_len
+    expected = strings_end + n_entries * _ENTRY.size
+    if size != expected:
+        raise FrameError(
+            f"lengths do not add up: the header is {size} bytes, its counts "
+            f"({n_entries} entries, {id_len}+{sender_len} name bytes) say {expected}"
+        )
+    if run_id < 1:
+        raise FrameError("run_id 0 is not a valid run id")
+    shuffle_id = _utf8(view[_FIXED : _FIXED + id_len], "shuffle_id")
+    sender = _utf8(view[_FIXED + id_len : strings_end], "sender")
+    if not shuffle_id:
+        raise FrameError("shuffle_id is empty")
+    entries = _decode_entries(view[strings_end:], max_message_nbytes, npartitions_out)
+    return Header(ShuffleId(shuffle_id), RunId(run_id), sender, entries)
+
+
+def _utf8(raw: memoryview, what: str) -> str:
+    try:
+        return str(raw, "utf-8")
+    except UnicodeDecodeError as e:
+        raise FrameError(f"{what} is not valid UTF-8 ({e.reason})") from None
+
+
+def _decode_entries(
+    raw: memoryview, max_message_nbytes: int, npartitions_out: int | None
+) -> tuple[Entry, ...]:
+    entries = []
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for i, (out, inp, nbytes, code) in enumerate(_ENTRY.iter_unpack(raw)):
+        if code not in _TYPES:
+            raise FrameError(f"entry {i} has unknown memory type code {code}")
+        if npartitions_out is not None and out >= npartitions_out:
+            raise FrameError(
+                f"entry {i} targets output partition {out}, but the run has {npartitions_out}"
+            )
+        if (out, inp) in seen:
+            raise FrameError(f"entry {i} repeats shard (output {out}, input {inp})")
+        seen.add((out, inp))
+        total += nbytes
+        if total > max_message_nbytes:
+            raise FrameError(
+                f"payload of at least {total} bytes exceeds the limit of {max_message_nbytes}"
+            )
+        entries.append(Entry(out, inp, nbytes, _TYPES[code]))
+    return tuple(entries)
+
+
+def allocate_buffers(header: Header, registry: MemoryRegistry = HOST_REGISTRY) -> list[Any]:
+    """Receive buffers for every entry, each of the announced kind and size."""
+    return [_hooks_for(registry, e, i).allocate(e.nbytes) for i, e in enumerate(header.entries)]
+
+
+def decode_message(
+    frames: Sequence[Any],
+    *,
+    registry: MemoryRegistry = HOST_REGISTRY,
+    max_message_nbytes: int = DEFAULT_MAX_MESSAGE_NBYTES,
+    npartitions_out: int | None = None,
+) -> Message:
+    """Validate received ``[header, *buffers]`` frames against each other."""
+    if not frames:
+        raise FrameError("message has no header frame")
+    header = decode_header(
+        frames[0], max_message_nbytes=max_message_nbytes, npartitions_out=npartitions_out
+    )
+    buffers = tuple(frames[1:])
+    if len(buffers) != len(header.entries):
+        raise FrameError(
+            f"header announces {len(header.entries)} buffers, the message carries {len(buffers)}"
+        )
+    for i, (entry, buffer) in enumerate(zip(header.entries, buffers, strict=True)):
+        hooks = _hooks_for(registry, entry, i)
+        if not hooks.owns(buffer):
+            raise FrameError(
+                f"buffer {i} is a {type(buffer).__name__}, not {entry.memory_type.value} memory"
+            )
+        nbytes = hooks.nbytes(buffer)
+        if nbytes != entry.nbytes:
+            raise FrameError(f"buffer {i} holds {nbytes} bytes, its entry says {entry.nbytes}")
+    return Message(header, buffers)
+
+
+def _hooks_for(registry: MemoryRegistry, entry: Entry, i: int) -> MemoryHooks:
+    try:
+        return registry.hooks(entry.memory_type)
+    except LookupError as e:
+        raise FrameError(f"entry {i}: {e}") from None
+
+
+def table_to_buffer(table: pa.Table) -> pa.Buffer:
+    """Arrow IPC stream bytes for ``table``; the one copy is the write into the stream."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def buffer_to_table(data: Any, *, validate: bool = True) -> pa.Table:
+    """Read an Arrow IPC stream; the table aliases ``data``, which must stay unmodified.
+
+    ``validate`` runs Arrow's full validation, so corrupt offsets from the network raise
+    ``FrameError`` here instead of crashing whatever reads the table later.
+    """
+    try:
+        with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
+            table = reader.read_all()
+        if validate:
+            table.validate(full=True)
+            table.schema.pandas_metadata  # noqa: B018 -- parses the JSON, raising if corrupt
+    # Arrow reports some bad streams as OSError; corrupt metadata fails as ValueError.
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise FrameError(f"payload is not a valid Arrow IPC stream ({e})") from None
+    return table

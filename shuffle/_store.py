@@ -1,0 +1,176 @@
+"""Receiver-side shard store: memory up to a byte budget, the rest spilled to disk.
+
+Shards arrive keyed by ``ShardKey``. A key seen before is dropped, because a retried
+transfer task resends pieces that may already have arrived. When memory exceeds the
+budget, the partition holding the most memory is appended to its own file in a
+private temporary directory: large sequential writes, one file per output partition.
+Reads return the shards of one partition ordered by input partition, so the output
+does not depend on arrival order. ``cleanup()`` deletes the directory; a
+``weakref.finalize`` does the same if an owner forgets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import weakref
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from shuffle._exceptions import BufferClosedError
+from shuffle._ids import ShardKey
+
+__all__ = ["DiskShardStore"]
+
+
+class DiskShardStore:
+    """Hold host shards per output partition within ``memory_limit`` bytes of memory.
+
+    ``memory_limit=None`` never spills; ``0`` spills every shard. ``directory`` is where
+    the private temporary directory is created (default: the system's temp dir); it is
+    created on the first spill only. Thread-safe, so I/O can run in an executor.
+    """
+
+    def __init__(
+        self,
+        *,
+        memory_limit: int | None,
+        directory: str | os.PathLike[str] | None = None,
+        name: str = "shard-store",
+    ) -> None:
+        if memory_limit is not None and memory_limit < 0:
+            raise ValueError(f"store {name!r}: memory_limit must be >= 0, got {memory_limit}")
+        self.name = name
+        self._memory_limit = memory_limit
+        self._parent = directory
+        self._directory: Path | None = None
+        self._remove_directory: weakref.finalize[Any, Any] | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._keys: set[ShardKey] = set()
+        self._memory: dict[int, list[tuple[int, Any]]] = {}  # partition -> [(input, payload)]
+        self._memory_by_partition: dict[int, int] = {}
+        self._disk: dict[int, list[tuple[int, int, int]]] = {}  # -> [(input, offset, nbytes)]
+        self._file_sizes: dict[int, int] = {}
+        self.nbytes_memory = 0
+        self.nbytes_disk = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<DiskShardStore {self.name!r} memory={self.nbytes_memory} "
+            f"disk={self.nbytes_disk} closed={self._closed}>"
+        )
+
+    @property
+    def directory(self) -> Path | None:
+        """The spill directory, or ``None`` before the first spill and after cleanup."""
+        return self._directory
+
+    @property
+    def partitions(self) -> list[int]:
+        """Output partitions holding at least one shard, ascending."""
+        with self._lock:
+            return sorted(self._memory.keys() | self._disk.keys())
+
+    def append(self, key: ShardKey, payload: Any) -> bool:
+        """Store ``payload`` (kept by reference, never copied); ``False`` if ``key`` is known."""
+        nbytes = _nbytes(payload)
+        with self._lock:
+            self._raise_if_closed()
+            if key in self._keys:
+                return False
+            self._keys.add(key)
+            partition = key.output_partition
+            self._memory.setdefault(partition, []).append((key.input_partition, payload))
+            self._memory_by_partition[partition] = (
+                self._memory_by_partition.get(partition, 0) + nbytes
+            )
+            self.nbytes_memory += nbytes
+            limit = self._memory_limit
+            while limit is not None and self.nbytes_memory > limit:
+                self._spill(
+                    max(self._memory_by_partition, key=self._memory_by_partition.__getitem__)
+                )
+            return True
+
+    def read(self, partition: int) -> list[Any]:
+        """The shards of ``partition``, ordered by input partition; ``[]`` if none arrived."""
+        with self._lock:
+            self._raise_if_closed()
+            shards: list[tuple[int, Any]] = list(self._memory.get(partition, ()))
+            records = self._disk.get(partition)
+            if records:
+                assert self._directory is not None
+                data = memoryview((self._directory / f"{partition}.bin").read_bytes())
+                shards += [(source, data[start : start + n]) for source, start, n in records]
+        shards.sort(key=lambda shard: shard[0])  # keys are unique, so this order is total
+        return [payload for _, payload in shards]
+
+    def cleanup(self) -> None:
+        """Forget every shard and delete the spill directory; idempotent."""
+        with self._lock:
+            self._closed = True
+            self._keys.clear()
+            self._memory.clear()
+            self._memory_by_partition.clear()
+            self._disk.clear()
+            self._file_sizes.clear()
+            self.nbytes_memory = self.nbytes_disk = 0
+            if self._remove_directory is not None:
+                self._remove_directory()
+            self._directory = None
+
+    def __enter__(self) -> DiskShardStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+    def _spill(self, partition: int) -> None:
+        shards = self._memory[partition]
+        path = self._spill_directory() / f"{partition}.bin"
+        offset = self._file_sizes.get(partition, 0)
+        try:
+            with open(path, "ab") as f:
+                f.writelines(payload for _, payload in shards)
+        except BaseException:
+            # Undo a partial write so recorded offsets stay true; the shards stay in memory.
+            with contextlib.suppress(OSError):
+                os.truncate(path, offset)
+            raise
+        records = self._disk.setdefault(partition, [])
+        for source, payload in shards:
+            nbytes = _nbytes(payload)
+            records.append((source, offset, nbytes))
+            offset += nbytes
+        moved = self._memory_by_partition.pop(partition)
+        del self._memory[partition]
+        self._file_sizes[partition] = offset
+        self.nbytes_memory -= moved
+        self.nbytes_disk += moved
+
+    def _spill_directory(self) -> Path:
+        if self._directory is None:
+            self._directory = Path(tempfile.mkdtemp(prefix="shuffle-", dir=self._parent))
+            self._remove_directory = weakref.finalize(
+                self, shutil.rmtree, self._directory, ignore_errors=True
+            )
+        return self._directory
+
+    def _raise_if_closed(self) -> None:
+        if self._closed:
+            raise BufferClosedError(self.name)
+
+
+def _nbytes(payload: Any) -> int:
+    with memoryview(payload) as view:
+        return view.nbytes

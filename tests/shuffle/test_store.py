@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import errno
+import gc
+import io
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import shuffle._store
+from shuffle._exceptions import BufferClosedError
+from shuffle._ids import ShardKey
+from shuffle._store import DiskShardStore
+
+
+def payload(key: ShardKey, nbytes: int) -> bytes:
+    return bytes([key.output_partition % 256, key.input_partition % 256]) * (nbytes // 2)
+
+
+@pytest.fixture
+def spill_root(tmp_path: Path) -> Iterator[Path]:
+    """Parent of the store's private directory; every test must leave it empty."""
+    yield tmp_path
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("memory_limit", [None, 0, 10, 1000])
+def test_reads_return_shards_ordered_by_input_partition(
+    spill_root: Path, memory_limit: int | None
+) -> None:
+    with DiskShardStore(memory_limit=memory_limit, directory=spill_root) as store:
+        for source in (2, 0, 3, 1):  # arrival order differs from input order
+            for partition in (0, 5):
+                assert store.append(
+                    ShardKey(partition, source), payload(ShardKey(partition, source), 8)
+                )
+        for partition in (0, 5):
+            assert [bytes(p) for p in store.read(partition)] == [
+                payload(ShardKey(partition, source), 8) for source in range(4)
+            ]
+        assert store.read(3) == []
+        assert store.partitions == [0, 5]
+        assert store.nbytes_memory + store.nbytes_disk == 64
+        assert (store.directory is None) is (memory_limit in (None, 1000))
+
+
+def test_spills_the_partition_holding_most_memory(spill_root: Path) -> None:
+    with DiskShardStore(memory_limit=100, directory=spill_root) as store:
+        store.append(ShardKey(0, 0), b"a" * 30)
+        store.append(ShardKey(1, 0), b"b" * 60)
+        assert store.directory is None
+        store.append(ShardKey(0, 1), b"c" * 20)  # 110 bytes: partition 1 goes to disk
+        assert (store.nbytes_memory, store.nbytes_disk) == (50, 60)
+        assert store.directory is not None
+        assert sorted(p.name for p in store.directory.iterdir()) == ["1.bin"]
+        store.append(ShardKey(1, 1), b"d" * 70)  # 120 bytes: partition 1 again, appended
+        assert (store.nbytes_memory, store.nbytes_disk) == (50, 130)
+        assert [bytes(p) for p in store.read(1)] == [b"b" * 60, b"d" * 70]
+        assert [bytes(p) for p in store.read(0)] == [b"a" * 30, b"c" * 20]
+
+
+def test_duplicate_keys_are_dropped(spill_root: Path) -> None:
+    with DiskShardStore(memory_limit=0, directory=spill_root) as store:
+        assert store.append(ShardKey(1, 4), b"first")
+        assert not store.append(ShardKey(1, 4), b"retried")  # a retried transfer task
+        assert [bytes(p) for p in store.read(1)] == [b"first"]
+        assert store.nbytes_disk == 5
+
+
+def test_memory_shards_are_kept_by_reference() -> None:
+    data = bytearray(b"zero-copy")
+    with DiskShardStore(memory_limit=None) as store:
+        store.append(ShardKey(0, 0), data)
+        assert store.read(0)[0] is data
+
+
+def test_cleanup_is_idempotent_and_final(spill_root: Path) -> None:
+    store = DiskShardStore(memory_limit=0, directory=spill_root, name="run-7")
+    store.append(ShardKey(0, 0), b"x" * 10)
+    directory = store.directory
+    assert directory is not None and directory.parent == spill_root
+    store.cleanup()
+    store.cleanup()
+    assert not directory.exists() and store.directory is None
+    assert (store.nbytes_memory, store.nbytes_disk) == (0, 0)
+    with pytest.raises(BufferClosedError, match="'run-7' is closed"):
+        store.append(ShardKey(0, 1), b"y")
+    with pytest.raises(BufferClosedError):
+        store.read(0)
+
+
+def test_forgotten_store_removes_its_directory(spill_root: Path) -> None:
+    store = DiskShardStore(memory_limit=0, directory=spill_root)
+    store.append(ShardKey(0, 0), b"x")
+    directory = store.directory
+    del store
+    gc.collect()
+    assert directory is not None and not directory.exists()
+
+
+def test_failed_spill_keeps_data_in_memory_and_files_consistent(
+    spill_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class DiskFull(io.FileIO):
+        def writelines(self, lines: Any) -> None:
+            self.write(b"partial garbage")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with DiskShardStore(memory_limit=0, directory=spill_root) as store:
+        store.append(ShardKey(0, 0), b"a" * 4)
+        monkeypatch.setattr(shuffle._store, "open", DiskFull, raising=False)
+        with pytest.raises(OSError, match="No space left"):
+            store.append(ShardKey(0, 1), b"b" * 4)
+        assert (store.nbytes_memory, store.nbytes_disk) == (4, 4)
+        assert store.directory is not None
+        assert os.path.getsize(store.directory / "0.bin") == 4  # the partial write was undone
+        monkeypatch.undo()
+        store.append(ShardKey(0, 2), b"c" * 4)  # space again: the backlog spills
+        assert (store.nbytes_memory, store.nbytes_disk) == (0, 12)
+        assert [bytes(p) for p in store.read(0)] == [b"a" * 4, b"b" * 4, b"c" * 4]
+
+
+def test_concurrent_appends_from_threads(spill_root: Path) -> None:
+    keys = [ShardKey(p, s) for p in range(8) for s in range(50)]
+    with DiskShardStore(memory_limit=500, directory=spill_root) as store:
+        with ThreadPoolExecutor(4) as pool:
+            added = list(pool.map(lambda k: store.append(k, payload(k, 16)), keys))
+        assert all(added)
+        for p in range(8):
+            assert [bytes(x) for x in store.read(p)] == [
+                payload(ShardKey(p, s), 16) for s in range(50)
+            ]
+
+
+def test_rejects_negative_memory_limit() -> None:
+    with pytest.raises(ValueError, match="memory_limit must be >= 0, got -1"):
+        DiskShardStore(memory_limit=-1)
+
+
+@settings(
+    deadline=None, max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    appends=st.lists(
+        st.tuples(st.integers(0, 5), st.integers(0, 9), st.integers(0, 64)), max_size=60
+    ),
+    memory_limit=st.one_of(st.none(), st.integers(0, 300)),
+)
+def test_store_behaves_like_a_dict_of_sorted_lists(
+    tmp_path: Path, appends: list[tuple[int, int, int]], memory_limit: int | None
+) -> None:
+    expected: dict[ShardKey, bytes] = {}
+    store = DiskShardStore(memory_limit=memory_limit, directory=tmp_path)
+    try:
+        for out, inp, nbytes in appends:
+            key = ShardKey(out, inp)
+            data = payload(key, nbytes)
+            assert store.append(key, data) is (key not in expected)
+            expected.setdefault(key, data)
+            assert memory_limit is None or store.nbytes_memory <= memory_limit
+        for partition in range(6):
+            want = [expected[k] for k in sorted(expected) if k.output_partition == partition]
+            assert [bytes(p) for p in store.read(partition)] == want
+        assert store.nbytes_memory + store.nbytes_disk == sum(map(len, expected.values()))
+    finally:
+        store.cleanup()
+    assert list(tmp_path.iterdir()) == []
