@@ -12,6 +12,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import dask.config
 from dask._task_spec import DataNode, GraphNode, convert_legacy_graph
 from dask.core import flatten
 from dask.highlevelgraph import HighLevelGraph
@@ -39,19 +40,28 @@ class Graph:
 
 def to_task_spec(dsk: Any) -> dict[Key, GraphNode]:
     """The task-spec dict for whatever dask passes as ``dsk`` (expr, HLG, dict)."""
-    if not isinstance(dsk, Mapping):
-        dsk = dsk.__dask_graph__()
-    if isinstance(dsk, HighLevelGraph):
-        dsk = dsk.to_dict()
-    return convert_legacy_graph(dsk)
+    return materialize(dsk)[0]
 
 
-def collect_annotations(dsk: Any) -> dict[str, dict[Key, Any]]:
-    """Per-key annotations, ``{annotation name: {key: value}}``, as dask computed them.
+def materialize(dsk: Any) -> tuple[dict[Key, GraphNode], dict[str, dict[Key, Any]]]:
+    """The task-spec graph of ``dsk`` and its per-key annotations.
 
-    Expressions compute them after optimisation (blockwise fusion can merge layers),
-    which is why this must be asked of the object dask gave us, not of a raw graph.
+    dask's low-level linear fusion flattens the high-level graph into a plain
+    dict, which drops every layer annotation (dask 2026.8): it is switched off
+    here, where it is redundant anyway because the plan fuses tasks itself.
+    Blockwise fusion, which keeps annotations, still runs. Annotations are read
+    after optimisation, from the object dask gave us: expressions compute them
+    from their optimised layers.
     """
+    with dask.config.set({"optimization.fuse.active": False}):
+        raw = dsk if isinstance(dsk, Mapping) else dsk.__dask_graph__()
+        annotations = _annotations_of(dsk)
+    if isinstance(raw, HighLevelGraph):
+        raw = raw.to_dict()
+    return convert_legacy_graph(raw), annotations
+
+
+def _annotations_of(dsk: Any) -> dict[str, dict[Key, Any]]:
     if hasattr(dsk, "__dask_annotations__"):
         return dict(dsk.__dask_annotations__())
     out: dict[str, dict[Key, Any]] = {}

@@ -112,8 +112,7 @@ class RaySchedule:
                 f"ray_oob_sched.get got unexpected keyword arguments {sorted(unknown)}; "
                 "it takes callbacks= and ray_remote_args="
             )
-        nodes = _graph.to_task_spec(dsk)
-        annotations = _graph.collect_annotations(dsk)
+        nodes, annotations = _graph.materialize(dsk)
         flat = _graph.output_keys(keys)
         graph = _graph.build(nodes, flat, resolve=self.futures.lookup)
 
