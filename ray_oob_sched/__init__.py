@@ -18,7 +18,7 @@ import dask.config
 from ray_oob_sched import _config  # noqa: F401  (registers the config defaults)
 from ray_oob_sched._graph import InvalidGraphError
 from ray_oob_sched._options import InvalidOptionsError
-from ray_oob_sched._plugin import RaySchedule
+from ray_oob_sched._plugin import RaySchedule, RunStats
 
 __version__ = "0.1.0"
 
@@ -47,6 +47,11 @@ def disable() -> dask.config.set:
     return dask.config.set({"scheduler": None, "dataframe.shuffle.method": None})
 
 
+def last_stats() -> RunStats | None:
+    """Counts and timing of the last compute or persist run by ``get``."""
+    return _schedule.last_stats
+
+
 def shutdown() -> bool:
     """Stop the embedded Ray if this package started it (never a Ray it joined)."""
     return _schedule.runtime.shutdown()
@@ -56,9 +61,11 @@ __all__ = [
     "InvalidGraphError",
     "InvalidOptionsError",
     "RaySchedule",
+    "RunStats",
     "disable",
     "enable",
     "get",
     "get_refs",
+    "last_stats",
     "shutdown",
 ]

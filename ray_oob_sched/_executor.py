@@ -93,11 +93,11 @@ class RayExecutor:
                 try:
                     ray.cancel(ref, force=force, recursive=True)
                 except Exception:  # already finished, or its worker is gone
-                    logger.debug("ray_oob_sched: could not cancel %s", ref, exc_info=True)
+                    logger.debug("could not cancel %s", ref, exc_info=True)
             elapsed = time.monotonic() - start
             if elapsed >= deadline_s:
                 logger.warning(
-                    "ray_oob_sched: %d cancelled Ray tasks had not stopped after %.0f s",
+                    "%d cancelled Ray tasks had not stopped after %.0f s",
                     len(pending), deadline_s,
                 )
                 break

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import dask
@@ -52,12 +54,24 @@ _IGNORED_KWARGS = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class RunStats:
+    """What the last compute did: for demos, benchmarks and curious users."""
+
+    dask_tasks: int  # tasks run (after culling), data already in Ray not counted
+    ray_tasks: int  # Ray tasks submitted (one per group of fused tasks)
+    objects: int  # ObjectRefs the scheduler held at some point (task outputs)
+    from_store: int  # keys already in Ray: persisted results, large data put once
+    seconds: float
+
+
 class RaySchedule:
     """A Dask scheduler that runs graphs as Ray tasks. Use ``get``, ``persist``."""
 
     def __init__(self) -> None:
         self.runtime = RayRuntime()
         self.futures = FutureRegistry()
+        self.last_stats: RunStats | None = None
 
     def get(
         self,
@@ -106,6 +120,7 @@ class RaySchedule:
         ray_remote_args: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Any:
+        start = time.perf_counter()
         unknown = set(kwargs) - _IGNORED_KWARGS
         if unknown:
             raise TypeError(
@@ -177,6 +192,13 @@ class RaySchedule:
             raise
         finally:
             refs.clear()
+        self.last_stats = RunStats(
+            dask_tasks=ntasks,
+            ray_tasks=len(groups),
+            objects=sum(len(g.outputs) for g in groups),
+            from_store=len(sources),
+            seconds=time.perf_counter() - start,
+        )
         if result == "futures":
             futures = {k: RayFuture(k, r) for k, r in out.items()}
             for f in futures.values():

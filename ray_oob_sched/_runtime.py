@@ -36,13 +36,13 @@ class RayRuntime:
             if address:
                 # ray.init reads RAY_ADDRESS itself; a cluster we join is not ours.
                 ray.init()
-                logger.info("ray_oob_sched: connected to the Ray cluster at %s", address)
+                logger.info("connected to the Ray cluster at %s", address)
                 return
             kwargs = ray_init_kwargs()
             ray.init(**kwargs)
             self._started_here = True
             logger.info(
-                "ray_oob_sched: started an embedded local Ray (%s); it stops with this "
+                "started an embedded local Ray (%s); it stops with this "
                 "process or with ray_oob_sched.shutdown()",
                 ", ".join(f"{k}={v}" for k, v in sorted(kwargs.items())) or "defaults",
             )

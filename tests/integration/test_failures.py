@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import time
 
 import dask
@@ -12,7 +13,6 @@ import pytest
 import ray
 from dask.callbacks import Callback
 from ray._common.test_utils import wait_for_condition
-from ray.util.state import list_tasks
 
 import ray_oob_sched
 from ray_oob_sched import InvalidGraphError
@@ -27,14 +27,46 @@ def fail(x):
     raise CustomError(f"bad input {x}")
 
 
-def slow(i):
-    time.sleep(120)  # only ever ends by cancellation
+def slow(i, where):
+    """Runs until cancelled, leaving a trace: started-<i> with its pid, stopped-<i>."""
+    (where / f"started-{i}").write_text(str(os.getpid()))
+    try:
+        time.sleep(120)
+    finally:  # a polite cancel raises KeyboardInterrupt here; a forced one kills us
+        (where / f"stopped-{i}").write_text("")
     return i
 
 
-def _live_slow_tasks():
-    tasks = list_tasks(filters=[("func_or_class_name", "=", "_ray_run_group")], limit=10_000)
-    return [t for t in tasks if t.name.startswith("('slow'") and t.state not in ("FINISHED", "FAILED")]
+def _all_started(where, n):
+    wait_for_condition(lambda: len(list(where.glob("started-*"))) == n, timeout=30)
+
+
+def fail_once_started(where, n):
+    _all_started(where, n)
+    raise CustomError("failing while others run")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _none_still_running(where) -> bool:
+    for started in where.glob("started-*"):
+        i = started.name.split("-", 1)[1]
+        if not (where / f"stopped-{i}").exists() and _pid_alive(int(started.read_text())):
+            return False
+    return True
+
+
+def _wait_until_no_slow_tasks(where, timeout=30):
+    try:
+        wait_for_condition(lambda: _none_still_running(where), timeout=timeout)
+    except RuntimeError:
+        pytest.fail(f"slow tasks still running after cancel: {sorted(p.name for p in where.iterdir())}")
 
 
 @pytest.mark.parametrize("fuse", [True, False])
@@ -54,32 +86,33 @@ def test_exception_keeps_type_and_names_the_key(ray_get, ray_session, fuse):
     assert driver_refs(ray_session) <= before
 
 
-def test_failure_cancels_outstanding_tasks(ray_get, ray_session):
-    dsk = {("slow", i): (slow, i) for i in range(4)}
-    dsk["bad"] = (fail, 1)
+def test_failure_cancels_outstanding_tasks(ray_get, tmp_path):
+    dsk = {("slow", i): (slow, i, tmp_path) for i in range(4)}
+    dsk["bad"] = (fail_once_started, tmp_path, 4)
     dsk["out"] = (list, [*dsk])
     with dask.config.set({"ray-oob-sched.scheduler.fuse.enabled": False}):
         with dask.annotate(ray_remote_args={"num_cpus": 0.1}):
             with pytest.raises(CustomError):
                 ray_oob_sched.get(dsk, "out")
-    wait_for_condition(lambda: not _live_slow_tasks(), timeout=60)
+    _wait_until_no_slow_tasks(tmp_path)
 
 
-def test_keyboard_interrupt_cancels_and_releases(ray_get, ray_session):
+def test_keyboard_interrupt_cancels_and_releases(ray_get, ray_session, tmp_path):
     gc.collect()
     before = driver_refs(ray_session)
-    dsk = {("slow", i): (slow, i) for i in range(3)}
+    dsk = {("slow", i): (slow, i, tmp_path) for i in range(3)}
     dsk["last"] = (sum, [*dsk])
 
     class Interrupt(Callback):
         def _pretask(self, key, dsk, state):
             if key == "last":
+                _all_started(tmp_path, 3)
                 raise KeyboardInterrupt
 
     with dask.config.set({"ray-oob-sched.scheduler.fuse.enabled": False}):
         with pytest.raises(KeyboardInterrupt), Interrupt():
             ray_oob_sched.get(dsk, "last", ray_remote_args={"num_cpus": 0.1})
-    wait_for_condition(lambda: not _live_slow_tasks(), timeout=60)
+    _wait_until_no_slow_tasks(tmp_path)
     gc.collect()
     assert driver_refs(ray_session) <= before
 
