@@ -18,6 +18,7 @@ import dask.config
 from ray_oob_sched import _config  # noqa: F401  (registers the config defaults)
 from ray_oob_sched._graph import InvalidGraphError
 from ray_oob_sched._options import InvalidOptionsError
+from ray_oob_sched._p2p import UnsupportedGraphError
 from ray_oob_sched._plugin import RaySchedule, RunStats
 
 __version__ = "0.1.0"
@@ -38,13 +39,20 @@ def enable(**config: Any) -> dask.config.set:
     and cannot work across a Ray cluster. Extra ``config`` items are set with it.
     """
     return dask.config.set(
-        {"scheduler": get, "dataframe.shuffle.method": "tasks", **config}
+        {
+            "scheduler": get,
+            "dataframe.shuffle.method": "tasks",
+            "array.rechunk.method": "tasks",
+            **config,
+        }
     )
 
 
 def disable() -> dask.config.set:
     """Go back to dask's default scheduler choice."""
-    return dask.config.set({"scheduler": None, "dataframe.shuffle.method": None})
+    return dask.config.set(
+        {"scheduler": None, "dataframe.shuffle.method": None, "array.rechunk.method": None}
+    )
 
 
 def last_stats() -> RunStats | None:
@@ -62,6 +70,7 @@ __all__ = [
     "InvalidOptionsError",
     "RaySchedule",
     "RunStats",
+    "UnsupportedGraphError",
     "disable",
     "enable",
     "get",

@@ -28,6 +28,7 @@ from ray_oob_sched._config import SchedulerConfig
 from ray_oob_sched._executor import RayExecutor, user_error
 from ray_oob_sched._fuse import group_size, plan
 from ray_oob_sched._futures import FutureRegistry, RayFuture
+from ray_oob_sched._p2p import refuse_p2p
 from ray_oob_sched._options import options_token, per_key_options
 from ray_oob_sched._refs import RefTable
 from ray_oob_sched._runtime import RayRuntime
@@ -130,6 +131,7 @@ class RaySchedule:
         nodes, annotations = _graph.materialize(dsk)
         flat = _graph.output_keys(keys)
         graph = _graph.build(nodes, flat, resolve=self.futures.lookup)
+        refuse_p2p(graph.nodes)
 
         per_key = per_key_options(
             graph.order,
