@@ -19,6 +19,7 @@ from ray_oob_sched import _config  # noqa: F401  (registers the config defaults)
 from ray_oob_sched._graph import InvalidGraphError
 from ray_oob_sched._options import InvalidOptionsError
 from ray_oob_sched._p2p import UnsupportedGraphError
+from ray_oob_sched._futures import RayFuture
 from ray_oob_sched._plugin import RaySchedule, RunStats
 
 __version__ = "0.1.0"
@@ -34,25 +35,30 @@ get_refs = _schedule.get_refs
 def enable(**config: Any) -> dask.config.set:
     """Use Ray for every compute; returns a ``dask.config.set`` (a context manager).
 
-    Also selects the "tasks" dataframe shuffle: dask's default without a
-    distributed client is "disk", which writes partd files on one machine's disk
-    and cannot work across a Ray cluster. Extra ``config`` items are set with it.
+    Also selects the "tasks" dataframe shuffle and rechunk: dask's default
+    dataframe shuffle without a distributed client is "disk", which writes partd
+    files on one machine's disk and cannot work across a Ray cluster. Extra
+    ``config`` keywords are set with it, as ``dask.config.set`` takes them
+    (``ray_oob_sched__scheduler__fuse__enabled=False``). Used as a context
+    manager, everything is restored on exit.
     """
     return dask.config.set(
         {
             "scheduler": get,
             "dataframe.shuffle.method": "tasks",
             "array.rechunk.method": "tasks",
-            **config,
-        }
+        },
+        **config,
     )
 
 
 def disable() -> dask.config.set:
-    """Go back to dask's default scheduler choice."""
-    return dask.config.set(
-        {"scheduler": None, "dataframe.shuffle.method": None, "array.rechunk.method": None}
-    )
+    """Stop using Ray: dask picks its scheduler as usual again.
+
+    The shuffle and rechunk methods that ``enable`` selected stay (they work with
+    every scheduler); ``with enable():`` restores everything on exit instead.
+    """
+    return dask.config.set(scheduler=None)
 
 
 def last_stats() -> RunStats | None:
@@ -68,6 +74,7 @@ def shutdown() -> bool:
 __all__ = [
     "InvalidGraphError",
     "InvalidOptionsError",
+    "RayFuture",
     "RaySchedule",
     "RunStats",
     "UnsupportedGraphError",

@@ -36,6 +36,25 @@ def get(key: str) -> Any:
     return dask.config.get(f"{NAMESPACE}.{key}")
 
 
+def _int(key: str, *, minimum: int) -> int:
+    value = get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"{NAMESPACE}.{key} must be an integer >= {minimum}, got {value!r}"
+        )
+    return value
+
+
+def _bool(key: str) -> bool:
+    value = get(key)
+    if isinstance(value, bool):
+        return value
+    # Environment variables arrive as strings when not Python literals ("false").
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ValueError(f"{NAMESPACE}.{key} must be true or false, got {value!r}")
+
+
 @dataclass(frozen=True)
 class FuseConfig:
     enabled: bool
@@ -51,23 +70,22 @@ class SchedulerConfig:
 
     @classmethod
     def from_dask_config(cls, *, cluster_cpus: float) -> SchedulerConfig:
-        raw = get("scheduler")
-        max_in_flight = raw["max-in-flight"]
-        if max_in_flight == "auto":
+        # Full dotted keys: dask.config.get treats "-" and "_" alike, which
+        # environment variables (DASK_..._MAX_IN_FLIGHT) rely on.
+        if get("scheduler.max-in-flight") == "auto":
             max_in_flight = max(32, 4 * math.ceil(cluster_cpus))
-        elif not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise ValueError(
-                f"{NAMESPACE}.scheduler.max-in-flight must be a positive integer or "
-                f"'auto', got {max_in_flight!r}"
-            )
-        fuse = raw["fuse"]
+        else:
+            try:
+                max_in_flight = _int("scheduler.max-in-flight", minimum=1)
+            except ValueError as e:
+                raise ValueError(f"{e} (or 'auto')") from None
         return cls(
             max_in_flight=max_in_flight,
-            inline_data_bytes=int(raw["inline-data-bytes"]),
+            inline_data_bytes=_int("scheduler.inline-data-bytes", minimum=0),
             fuse=FuseConfig(
-                enabled=bool(fuse["enabled"]),
-                max_tasks=max(1, int(fuse["max-tasks"])),
-                tasks_per_cpu=max(1, int(fuse["tasks-per-cpu"])),
+                enabled=_bool("scheduler.fuse.enabled"),
+                max_tasks=_int("scheduler.fuse.max-tasks", minimum=1),
+                tasks_per_cpu=_int("scheduler.fuse.tasks-per-cpu", minimum=1),
             ),
         )
 

@@ -40,7 +40,9 @@ def task_name(group: Group) -> str:
 class RayExecutor:
     """Submits groups; options are validated by Ray once per distinct set."""
 
-    def __init__(self, options: Mapping[Hashable, Mapping[str, Any]], *, keys_of: Mapping[Hashable, Key]) -> None:
+    def __init__(
+        self, options: Mapping[Hashable, Mapping[str, Any]], *, keys_of: Mapping[Hashable, Key]
+    ) -> None:
         self._options: dict[Hashable, dict[str, Any]] = {}
         for token, opts in options.items():
             try:
@@ -55,9 +57,13 @@ class RayExecutor:
     def submit(self, group: Group, spec: GroupSpec, args: Sequence[Any]) -> list[Any]:
         """Submit one group; returns ``[status_ref, *output_refs]``."""
         opts = self._options.get(group.options, {})
-        refs = _ray_run_group.options(
-            name=task_name(group), num_returns=1 + len(group.outputs), **opts
-        ).remote(spec, *args)
+        try:
+            refs = _ray_run_group.options(
+                name=task_name(group), num_returns=1 + len(group.outputs), **opts
+            ).remote(spec, *args)
+        except Exception as e:  # typically a task that cannot be pickled
+            _note(e, f"ray_oob_sched: could not submit dask keys {_keys_text(group)}")
+            raise
         return list(refs)
 
     @staticmethod
@@ -77,13 +83,13 @@ class RayExecutor:
     @classmethod
     def cancel(
         cls, status_refs: Sequence[Any], *, grace_s: float = 2.0, deadline_s: float = 10.0
-    ) -> list[Any]:
+    ) -> None:
         """Cancel groups and wait (bounded) until Ray has stopped them.
 
         A polite cancel (KeyboardInterrupt in the task) can race with the task
         being handed to its worker and be lost (seen with Ray 2.60), so tasks still
         running after ``grace_s`` are force-cancelled (their worker process is
-        killed). Returns the refs of tasks still not ended at ``deadline_s``.
+        killed); tasks still not ended at ``deadline_s`` are logged.
         """
         pending = list(status_refs)
         start = time.monotonic()
@@ -107,7 +113,6 @@ class RayExecutor:
             )
             cls.observe(done)
             force = True
-        return pending
 
     @staticmethod
     def observe(refs: Sequence[Any]) -> None:
@@ -138,9 +143,9 @@ def user_error(err: BaseException, group: Group) -> BaseException:
         cause = err.cause
         if isinstance(cause, BaseException) and not isinstance(cause, ray.exceptions.RayError):
             if not _has_key_note(cause):
-                _note(cause, f"ray_oob_sched: raised while computing dask keys {_keys_text(group)}")
+                _note(cause, f"ray_oob_sched: raised in dask keys {_keys_text(group)}")
             return cause
-    _note(err, f"ray_oob_sched: Ray task {task_name(group)!r} failed; dask keys {_keys_text(group)}")
+    _note(err, f"ray_oob_sched: Ray task {task_name(group)!r} failed; keys {_keys_text(group)}")
     return err
 
 
@@ -154,5 +159,4 @@ def _has_key_note(e: BaseException) -> bool:
 
 
 def _note(e: BaseException, text: str) -> None:
-    if hasattr(e, "add_note"):
-        e.add_note(text)
+    e.add_note(text)

@@ -51,30 +51,44 @@ class RayFuture:
 
 
 class FutureRegistry:
-    """Live futures by key (weakly held); any live one resolves the key."""
+    """Live futures by key, held weakly; any live future for a key resolves it.
+
+    One per process (``REGISTRY``): a collection persisted through any
+    ``RaySchedule`` can be computed through any other.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_key: dict[Key, weakref.WeakSet[RayFuture]] = {}
+        self._by_key: dict[Key, dict[int, weakref.ref[RayFuture]]] = {}
 
-    def register(self, future: RayFuture) -> None:
+    def register(self, future: RayFuture) -> RayFuture:
+        key, ident = future.key, id(future)
+
+        def forget(_: object) -> None:
+            with self._lock:
+                live = self._by_key.get(key)
+                if live is not None:
+                    live.pop(ident, None)
+                    if not live:
+                        del self._by_key[key]
+
         with self._lock:
-            live = self._by_key.get(future.key)
-            if live is None:
-                live = self._by_key[future.key] = weakref.WeakSet()
-            live.add(future)
+            self._by_key.setdefault(key, {})[ident] = weakref.ref(future, forget)
+        return future
 
     def lookup(self, key: Key) -> Any | None:
         """The ObjectRef of a live future for ``key``, or None."""
         with self._lock:
-            live = self._by_key.get(key)
-            if live is None:
-                return None
-            for fut in live:
-                return fut.ref
-            del self._by_key[key]  # every future for it is gone
-            return None
+            for wr in (self._by_key.get(key) or {}).values():
+                fut = wr()
+                if fut is not None:
+                    return fut.ref
+        return None
 
     def __len__(self) -> int:
+        """Keys with at least one live future."""
         with self._lock:
-            return sum(1 for live in self._by_key.values() if live)
+            return len(self._by_key)
+
+
+REGISTRY = FutureRegistry()

@@ -8,12 +8,13 @@ topological order that follows ``dask.order`` priorities (memory-friendly order)
 from __future__ import annotations
 
 import heapq
+import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import dask.config
-from dask._task_spec import DataNode, GraphNode, convert_legacy_graph
+from dask._task_spec import GraphNode, convert_legacy_graph
 from dask.core import flatten
 from dask.highlevelgraph import HighLevelGraph
 from dask.order import order as dask_order
@@ -43,6 +44,9 @@ def to_task_spec(dsk: Any) -> dict[Key, GraphNode]:
     return materialize(dsk)[0]
 
 
+_MATERIALIZE_LOCK = threading.Lock()
+
+
 def materialize(dsk: Any) -> tuple[dict[Key, GraphNode], dict[str, dict[Key, Any]]]:
     """The task-spec graph of ``dsk`` and its per-key annotations.
 
@@ -53,7 +57,9 @@ def materialize(dsk: Any) -> tuple[dict[Key, GraphNode], dict[str, dict[Key, Any
     after optimisation, from the object dask gave us: expressions compute them
     from their optimised layers.
     """
-    with dask.config.set({"optimization.fuse.active": False}):
+    # dask.config.set changes process-wide state: serialise our use of it so two
+    # computes in two threads cannot restore each other's value.
+    with _MATERIALIZE_LOCK, dask.config.set({"optimization.fuse.active": False}):
         raw = dsk if isinstance(dsk, Mapping) else dsk.__dask_graph__()
         annotations = _annotations_of(dsk)
     if isinstance(raw, HighLevelGraph):
@@ -218,10 +224,3 @@ def _find_cycle(dependencies: Mapping[Key, frozenset[Key]]) -> list[Key]:
                 path.pop()
                 stack.pop()
     return []
-
-
-def data_value(node: GraphNode) -> tuple[bool, Any]:
-    """``(True, value)`` when the node is plain data, else ``(False, None)``."""
-    if isinstance(node, DataNode):
-        return True, node.value
-    return False, None

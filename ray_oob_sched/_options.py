@@ -16,6 +16,7 @@ over the compute-wide settings. Options are validated by Ray before anything run
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
@@ -95,8 +96,15 @@ def per_key_options(
 def options_token(options: Options) -> Hashable:
     """A hashable stand-in for an options dict, equal for equal options.
 
-    Values may be unhashable (dicts, scheduling-strategy objects), so the token
-    uses their repr; two equal-looking strategy objects compare equal, which is
-    what grouping tasks that share options needs.
+    Values may be unhashable (dicts, scheduling-strategy objects without __eq__),
+    so the token is their pickle: equal-valued strategies share a token, and
+    unlike a repr it cannot make different options look the same. Unpicklable
+    values fall back to identity.
     """
-    return tuple(sorted((k, repr(v)) for k, v in options.items()))
+    items = []
+    for k, v in sorted(options.items()):
+        try:
+            items.append((k, pickle.dumps(v)))
+        except Exception:
+            items.append((k, ("id", id(v))))
+    return tuple(items)

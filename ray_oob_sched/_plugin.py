@@ -3,7 +3,7 @@
 ``RaySchedule.get`` is what ``dask.config.set(scheduler=...)`` takes. Its
 ``persist`` method is dask's documented hook for schedulers with their own persist
 (``dask.base.persist`` looks for ``schedule.__self__.persist``): it runs the graph
-without fetching and rebuilds the collections around the ObjectRefs, so no data
+without fetching and rebuilds the collections around ``RayFuture``s, so no data
 reaches the driver and dropping the collection frees the objects.
 """
 
@@ -18,18 +18,18 @@ from typing import Any, Literal
 
 import dask
 import dask.base
+import ray
+from dask._task_spec import DataNode
 from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.sizeof import sizeof
-
-import ray
 
 from ray_oob_sched import _graph
 from ray_oob_sched._config import SchedulerConfig
 from ray_oob_sched._executor import RayExecutor, user_error
-from ray_oob_sched._fuse import group_size, plan
-from ray_oob_sched._futures import FutureRegistry, RayFuture
-from ray_oob_sched._p2p import refuse_p2p
+from ray_oob_sched._fuse import Group, group_size, plan
+from ray_oob_sched._futures import REGISTRY, RayFuture
 from ray_oob_sched._options import options_token, per_key_options
+from ray_oob_sched._p2p import refuse_p2p
 from ray_oob_sched._refs import RefTable
 from ray_oob_sched._runtime import RayRuntime
 from ray_oob_sched._state import Release, SchedulerState, Submit
@@ -37,31 +37,20 @@ from ray_oob_sched._worker import GroupSpec
 
 Key = Hashable
 
-# Keywords other dask schedulers take; meaningless here, accepted so that code
-# written for them keeps working. ``ray_persist`` is injected by ray.util.dask's
-# patch of dask.persist.
-_IGNORED_KWARGS = frozenset(
-    {
-        "num_workers",
-        "pool",
-        "chunksize",
-        "get_id",
-        "rerun_exceptions_locally",
-        "pack_exception",
-        "raise_exception",
-        "cache",
-        "ray_persist",
-    }
-)
+# Keywords that other dask schedulers take and that mean nothing here; accepted
+# so that code written for them keeps working. ``ray_persist`` is injected by
+# ray.util.dask's patch of dask.persist. Everything else is refused: ``cache=``
+# or ``rerun_exceptions_locally=`` would change what runs if silently ignored.
+_IGNORED_KWARGS = frozenset({"num_workers", "pool", "chunksize", "ray_persist"})
 
 
 @dataclass(frozen=True)
 class RunStats:
-    """What the last compute did: for demos, benchmarks and curious users."""
+    """What the last successful compute did: for demos, benchmarks and users."""
 
-    dask_tasks: int  # tasks run (after culling), data already in Ray not counted
+    dask_tasks: int  # tasks run (after culling); data already in Ray not counted
     ray_tasks: int  # Ray tasks submitted (one per group of fused tasks)
-    objects: int  # ObjectRefs the scheduler held at some point (task outputs)
+    objects: int  # task outputs that became objects in Ray
     from_store: int  # keys already in Ray: persisted results, large data put once
     seconds: float
 
@@ -71,7 +60,6 @@ class RaySchedule:
 
     def __init__(self) -> None:
         self.runtime = RayRuntime()
-        self.futures = FutureRegistry()
         self.last_stats: RunStats | None = None
 
     def get(
@@ -85,23 +73,21 @@ class RaySchedule:
     ) -> Any:
         """Compute ``keys`` of ``dsk`` on Ray and return their values."""
         return self._run(
-            dsk, keys, result="values", callbacks=callbacks, ray_remote_args=ray_remote_args,
-            **kwargs,
+            dsk, keys, "values", callbacks=callbacks, ray_remote_args=ray_remote_args, **kwargs
         )
 
     def get_refs(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
         """Like ``get``, but return ObjectRefs (in the shape of ``keys``), not values."""
-        return self._run(dsk, keys, result="refs", **kwargs)
+        return self._run(dsk, keys, "refs", **kwargs)
 
     def get_futures(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
         """Like ``get``, but return RayFutures, which later graphs may refer to."""
-        return self._run(dsk, keys, result="futures", **kwargs)
+        return self._run(dsk, keys, "futures", **kwargs)
 
     def persist(
         self, collections: Sequence[Any], optimize_graph: bool = True, **kwargs: Any
     ) -> list[Any]:
-        """dask's persist hook: collections whose graphs hold ObjectRefs."""
-        kwargs.pop("ray_persist", None)
+        """dask's persist hook: collections whose graphs hold RayFutures."""
         # A partial has no ``persist``, so dask.base.persist takes its own path
         # and rebuilds the collections around the futures we return.
         schedule = functools.partial(self.get_futures)
@@ -115,13 +101,14 @@ class RaySchedule:
         self,
         dsk: Any,
         keys: Any,
-        *,
         result: Literal["values", "refs", "futures"],
+        *,
         callbacks: Any = None,
         ray_remote_args: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Any:
         start = time.perf_counter()
+        self.last_stats = None
         unknown = set(kwargs) - _IGNORED_KWARGS
         if unknown:
             raise TypeError(
@@ -130,18 +117,18 @@ class RaySchedule:
             )
         nodes, annotations = _graph.materialize(dsk)
         flat = _graph.output_keys(keys)
-        graph = _graph.build(nodes, flat, resolve=self.futures.lookup)
+        graph = _graph.build(nodes, flat, resolve=REGISTRY.lookup)
         refuse_p2p(graph.nodes)
 
+        options_of: dict[Key, Hashable] = {}
+        token_opts: dict[Hashable, dict[str, Any]] = {}
+        token_key: dict[Hashable, Key] = {}
         per_key = per_key_options(
             graph.order,
             annotations,
             compute_annotations=dask.get_annotations(),
             compute_remote_args=ray_remote_args,
         )
-        options_of: dict[Key, Hashable] = {}
-        token_opts: dict[Hashable, dict[str, Any]] = {}
-        token_key: dict[Hashable, Key] = {}
         for k, opts in per_key.items():
             token = options_token(opts)
             options_of[k] = token
@@ -153,42 +140,33 @@ class RaySchedule:
         self.runtime.ensure()
         cpus = self.runtime.cluster_cpus()
         config = SchedulerConfig.from_dask_config(cluster_cpus=cpus)
-
         refs = RefTable()
-        for k, ref in graph.external.items():
-            refs.add(k, ref)
-        for k in graph.order:
-            is_data, value = _graph.data_value(graph.nodes[k])
-            if not is_data:
-                continue
-            if isinstance(value, ray.ObjectRef):
-                refs.add(k, value)  # a persisted result: already in Ray
-            elif sizeof(value) > config.inline_data_bytes:
-                refs.add(k, ray.put(value))
-        sources = frozenset(refs)
-
-        ntasks = sum(1 for k in graph.order if k not in sources)
-        size = (
-            group_size(
-                ntasks,
-                cluster_cpus=cpus,
-                max_tasks=config.fuse.max_tasks,
-                tasks_per_cpu=config.fuse.tasks_per_cpu,
-            )
-            if config.fuse.enabled
-            else 1
-        )
-        groups = plan(graph, sources=sources, size=size, options_of=options_of)
-        state = SchedulerState(
-            groups, outputs=graph.outputs, sources=sources, max_in_flight=config.max_in_flight
-        )
-        view = state.view
-        view.update(cache=refs, dependencies=graph.dependencies, dependents=graph.dependents)
         try:
-            out = self._loop(
-                graph, groups, state, refs, executor, flat=flat, fetch=result == "values",
-                callbacks=callbacks,
+            for k, ref in graph.external.items():
+                refs.add(k, ref)
+            for k in graph.order:
+                node = graph.nodes[k]
+                if isinstance(node, DataNode):
+                    if isinstance(node.value, ray.ObjectRef):
+                        refs.add(k, node.value)  # placed in the graph by the user
+                    elif sizeof(node.value) > config.inline_data_bytes:
+                        refs.add(k, ray.put(node.value))
+            sources = frozenset(refs)
+            ntasks = sum(1 for k in graph.order if k not in sources)
+            size = 1
+            if config.fuse.enabled:
+                size = group_size(
+                    ntasks,
+                    cluster_cpus=cpus,
+                    max_tasks=config.fuse.max_tasks,
+                    tasks_per_cpu=config.fuse.tasks_per_cpu,
+                )
+            groups = plan(graph, sources=sources, size=size, options_of=options_of)
+            state = SchedulerState(
+                groups, outputs=graph.outputs, sources=sources, max_in_flight=config.max_in_flight
             )
+            run = _Compute(graph, groups, state, refs, executor, callbacks)
+            out = run.execute(flat, fetch=result == "values")
         except BaseException as e:
             _clear_ray_frames(e)
             raise
@@ -202,31 +180,39 @@ class RaySchedule:
             seconds=time.perf_counter() - start,
         )
         if result == "futures":
-            futures = {k: RayFuture(k, r) for k, r in out.items()}
-            for f in futures.values():
-                self.futures.register(f)
-            out = futures
+            out = {k: REGISTRY.register(RayFuture(k, r)) for k, r in out.items()}
         return _nested(keys, out)
 
-    @staticmethod
-    def _loop(
+
+class _Compute:
+    """One compute's loop: apply instructions, wait for groups, fetch outputs."""
+
+    def __init__(
+        self,
         graph: _graph.Graph,
-        groups: Sequence[Any],
+        groups: Sequence[Group],
         state: SchedulerState,
         refs: RefTable,
         executor: RayExecutor,
-        *,
-        flat: list[Key],
-        fetch: bool,
         callbacks: Any,
-    ) -> dict[Key, Any]:
+    ) -> None:
+        self.graph = graph
+        self.groups = groups
+        self.state = state
+        self.refs = refs
+        self.executor = executor
+        self.callbacks = callbacks
+        self.in_flight: dict[Any, int] = {}  # status ref -> group index
+        state.view.update(
+            cache=refs, dependencies=graph.dependencies, dependents=graph.dependents
+        )
+
+    def execute(self, flat: list[Key], *, fetch: bool) -> dict[Key, Any]:
         """Run every group; return ``{key: value}`` (or ``{key: ref}``) for ``flat``."""
-        in_flight: dict[Any, int] = {}  # status ref -> group index
+        dsk, view = self.graph.nodes, self.state.view
         succeeded = False
-        with local_callbacks(callbacks) as cbs:
-            start_cbs, start_state_cbs, pretask_cbs, posttask_cbs, finish_cbs = unpack_callbacks(cbs)
-            view = state.view
-            dsk = graph.nodes
+        with local_callbacks(self.callbacks) as cbs:
+            _, start_state_cbs, self._pretask, self._posttask, _ = unpack_callbacks(cbs)
             started: list[Any] = []
             try:
                 for cb in cbs:
@@ -235,89 +221,95 @@ class RaySchedule:
                     started.append(cb)
                 for f in start_state_cbs:
                     f(dsk, view)
-
-                def apply(instructions: list[Submit | Release]) -> None:
-                    for ins in instructions:
-                        if isinstance(ins, Release):
-                            refs.release(ins.keys)
-                            continue
-                        g = ins.group
-                        for key in g.keys:
-                            for f in pretask_cbs:
-                                f(key, dsk, view)
-                        spec = GroupSpec(
-                            keys=g.keys,
-                            nodes=tuple(dsk[k] for k in g.keys),
-                            inputs=g.inputs,
-                            outputs=g.outputs,
-                        )
-                        out = executor.submit(g, spec, [refs[k] for k in g.inputs])
-                        in_flight[out[0]] = g.index
-                        for k, r in zip(g.outputs, out[1:]):
-                            refs.add(k, r)
-
-                apply(state.start())
-                while not state.done:
-                    done = executor.wait(list(in_flight))
-                    try:
-                        statuses = executor.statuses(done)
-                    except BaseException:
-                        _raise_first_failure(executor, done, in_flight, groups, refs)
-                        raise
-                    for ref, status in zip(done, statuses):
-                        g = groups[in_flight.pop(ref)]
-                        if posttask_cbs:
-                            for key in g.keys:
-                                for f in posttask_cbs:
-                                    f(key, refs.get(key), dsk, view, status.worker)
-                        apply(state.group_finished(g.index))
-
-                out_refs = {k: refs[k] for k in flat}
-                if fetch:
-                    try:
-                        values = dict(zip(out_refs, executor.fetch(list(out_refs.values()))))
-                    except ray.exceptions.RayError as e:
-                        producer = {k: g for g in groups for k in g.outputs}
-                        failed = next(
-                            (producer[k] for k, r in out_refs.items() if k in producer and _fails(executor, r)),
-                            None,
-                        )
-                        if failed is None:
-                            raise
-                        raise user_error(e, failed) from e
-                else:
-                    values = out_refs
+                self._apply(self.state.start())
+                while not self.state.done:
+                    self._on_finished(self.executor.wait(list(self.in_flight)))
+                out_refs = {k: self.refs[k] for k in flat}
+                values = self._fetch(out_refs) if fetch else out_refs
                 succeeded = True
                 return values
             finally:
-                if in_flight:
-                    executor.cancel(list(in_flight))
-                    in_flight.clear()
+                if self.in_flight:
+                    self._cancel_in_flight()
                 for cb in started:
                     if cb[4]:
                         cb[4](dsk, view, not succeeded)
 
+    def _apply(self, instructions: list[Submit | Release]) -> None:
+        dsk, view = self.graph.nodes, self.state.view
+        for ins in instructions:
+            if isinstance(ins, Release):
+                self.refs.release(ins.keys)
+                continue
+            g = ins.group
+            for key in g.keys:
+                for f in self._pretask:
+                    f(key, dsk, view)
+            spec = GroupSpec(
+                keys=g.keys, nodes=tuple(dsk[k] for k in g.keys), inputs=g.inputs, outputs=g.outputs
+            )
+            out = self.executor.submit(g, spec, [self.refs[k] for k in g.inputs])
+            self.in_flight[out[0]] = g.index
+            for k, r in zip(g.outputs, out[1:], strict=True):
+                self.refs.add(k, r)
 
-def _raise_first_failure(
-    executor: RayExecutor,
-    done: Sequence[Any],
-    in_flight: dict[Any, int],
-    groups: Sequence[Any],
-    refs: RefTable,
-) -> None:
-    """Find which finished group failed and raise its error with its keys."""
-    for ref in done:
+    def _on_finished(self, done: list[Any]) -> None:
         try:
-            executor.statuses([ref])
-        except ray.exceptions.RayError as e:
-            group = groups[in_flight.pop(ref)]
-            # Read the failed group's outputs too, so Ray does not log them later
-            # as "unhandled errors" when the refs are dropped.
-            executor.observe([refs[k] for k in group.outputs if k in refs])
-            raise user_error(e, group) from e
+            statuses = self.executor.statuses(done)
+        except ray.exceptions.RayError:
+            self._raise_first_failure(done)
+            raise
+        dsk, view = self.graph.nodes, self.state.view
+        for ref, status in zip(done, statuses, strict=True):
+            g = self.groups[self.in_flight.pop(ref)]
+            # Values stay in Ray: callbacks get None, not data nor refs (a kept
+            # ref would outlive the compute).
+            for key in g.keys:
+                for f in self._posttask:
+                    f(key, None, dsk, view, status.worker)
+            self._apply(self.state.group_finished(g.index))
+
+    def _raise_first_failure(self, done: Sequence[Any]) -> None:
+        """Find which finished group failed and raise its error with its keys."""
+        for ref in done:
+            try:
+                self.executor.statuses([ref])
+            except ray.exceptions.RayError as e:
+                group = self.groups[self.in_flight.pop(ref)]
+                self._observe_outputs([group])
+                raise user_error(e, group) from e
+
+    def _cancel_in_flight(self) -> None:
+        left = [self.groups[i] for i in self.in_flight.values()]
+        self.executor.cancel(list(self.in_flight))
+        self.in_flight.clear()
+        self._observe_outputs(left)
+
+    def _observe_outputs(self, groups: Sequence[Group]) -> None:
+        # Read failed or cancelled outputs so Ray does not log them as
+        # "unhandled errors" once the refs are dropped.
+        self.executor.observe([self.refs[k] for g in groups for k in g.outputs if k in self.refs])
+
+    def _fetch(self, out_refs: dict[Key, Any]) -> dict[Key, Any]:
+        try:
+            return dict(zip(out_refs, self.executor.fetch(list(out_refs.values())), strict=True))
+        except ray.exceptions.RayError:
+            pass
+        # Rare path: fetch one by one to name the key whose object failed.
+        producer = {k: g for g in self.groups for k in g.outputs}
+        values = {}
+        for k, r in out_refs.items():
+            try:
+                values[k] = self.executor.fetch([r])[0]
+            except ray.exceptions.RayError as e:
+                if k not in producer:
+                    raise
+                raise user_error(e, producer[k]) from e
+        return values
 
 
-_OWN_DIRS = (os.path.dirname(__file__), os.path.dirname(ray.__file__))
+# Trailing separators: "site-packages/ray" must not match "site-packages/raydp".
+_OWN_DIRS = tuple(os.path.join(os.path.dirname(p), "") for p in (__file__, ray.__file__))
 
 
 def _clear_ray_frames(exc: BaseException) -> None:
@@ -344,14 +336,6 @@ def _clear_ray_frames(exc: BaseException) -> None:
                     pass
             tb = tb.tb_next
         todo += [e.__cause__, e.__context__]
-
-
-def _fails(executor: RayExecutor, ref: Any) -> bool:
-    try:
-        executor.fetch([ref])
-    except ray.exceptions.RayError:
-        return True
-    return False
 
 
 def _nested(keys: Any, values: dict[Key, Any]) -> Any:

@@ -22,10 +22,6 @@ class RayRuntime:
         self._lock = threading.Lock()
         self._started_here = False
 
-    @property
-    def started_here(self) -> bool:
-        return self._started_here and ray.is_initialized()
-
     def ensure(self) -> None:
         if ray.is_initialized():
             return

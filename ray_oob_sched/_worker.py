@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +29,7 @@ class GroupSpec:
 class GroupStatus:
     """The first return of every group: small, so Ray keeps it in the owner's memory."""
 
-    worker: str
-    start: float
-    stop: float
+    worker: str  # "host:pid", the worker id dask's callbacks receive
 
 
 _WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -45,7 +42,6 @@ def run_group(spec: GroupSpec, args: Sequence[Any]) -> tuple[Any, ...]:
     long group holds no more than a sequential scheduler would. A failing task's
     exception is re-raised unchanged, with a note naming its key.
     """
-    start = time.time()
     values: dict[Key, Any] = dict(zip(spec.inputs, args, strict=True))
     keep = set(spec.outputs)
     uses: dict[Key, int] = {}
@@ -56,12 +52,10 @@ def run_group(spec: GroupSpec, args: Sequence[Any]) -> tuple[Any, ...]:
         try:
             values[key] = node(values)
         except BaseException as e:
-            if hasattr(e, "add_note"):
-                e.add_note(f"ray_oob_sched: raised while computing dask key {key!r}")
+            e.add_note(f"ray_oob_sched: raised while computing dask key {key!r}")
             raise
         for d in node.dependencies:
             uses[d] -= 1
             if uses[d] == 0 and d not in keep:
                 del values[d]
-    status = GroupStatus(worker=_WORKER_ID, start=start, stop=time.time())
-    return (status, *(values[k] for k in spec.outputs))
+    return (GroupStatus(worker=_WORKER_ID), *(values[k] for k in spec.outputs))

@@ -5,6 +5,7 @@ import gc
 import pytest
 
 import ray_oob_sched
+from ray_oob_sched._futures import REGISTRY
 
 
 @pytest.fixture
@@ -13,7 +14,7 @@ def ray_get(ray_session):
     with ray_oob_sched.enable():
         yield ray_oob_sched.get
     gc.collect()
-    assert len(ray_oob_sched._schedule.futures) == 0, "persisted futures left alive"
+    assert len(REGISTRY) == 0, "persisted futures left alive"
 
 
 def driver_refs(ray):

@@ -73,12 +73,15 @@ def test_dataframe_shuffle_merge_set_index(fuse):
         expected.sort_values(["k", "v"]).reset_index(drop=True),
     )
     shuffled = ddf.shuffle("k", shuffle_method="tasks", npartitions=5)
-    parts = shuffled.map_partitions(lambda p: p.k.unique().tolist()).compute()
     assert shuffled.npartitions == 5
+    keys_per_part = [set(shuffled.partitions[i].k.compute()) for i in range(5)]
+    for i in range(5):
+        for j in range(i + 1, 5):
+            assert not keys_per_part[i] & keys_per_part[j], "a key in two partitions"
+    assert set().union(*keys_per_part) == set(pdf.k)
     assert len(shuffled.compute()) == len(pdf)
     indexed = ddf.set_index("v", shuffle_method="tasks").compute()
     pd.testing.assert_frame_equal(indexed, pdf.set_index("v").sort_index())
-    del parts
 
 
 def test_bag_and_delayed(fuse):
@@ -121,9 +124,31 @@ def test_get_refs_returns_object_refs(ray_session):
     assert ray_session.get(list(refs)) == [6]
 
 
-def test_importing_ray_util_dask_does_not_change_persist(ray_get):
-    import ray.util.dask  # noqa: F401  (patches dask.persist to add ray_persist=True)
+def test_importing_ray_util_dask_does_not_change_persist(ray_get, monkeypatch):
+    # ray.util.dask patches dask.persist at import; undo that after this test.
+    monkeypatch.setattr(dask, "persist", dask.persist)
+    monkeypatch.setattr(dask.base.DaskMethodsMixin, "persist", dask.base.DaskMethodsMixin.persist)
+    import ray.util.dask  # noqa: F401
 
     (y,) = dask.persist(da.ones(100, chunks=10))
     assert all(isinstance(v, RayFuture) for v in dict(y.__dask_graph__()).values())
     assert y.sum().compute() == 100
+
+
+def test_two_computes_at_once_from_two_threads(ray_get):
+    from concurrent.futures import ThreadPoolExecutor
+
+    xs = [da.arange(i * 1000, (i + 1) * 1000, chunks=100) for i in range(6)]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda x: (x * 2).sum().compute(), xs))
+    assert got == [int((np.arange(i * 1000, (i + 1) * 1000) * 2).sum()) for i in range(6)]
+    assert dask.config.get("optimization.fuse.active", None) is None  # restored
+
+
+def test_empty_keys_and_large_data_outputs(ray_get):
+    assert ray_oob_sched.get({"x": 1}, []) == ()
+    big = np.arange(1_000_000)  # above inline-data-bytes: put into Ray once
+    dsk = {"big": big, "n": (len, "big")}
+    got_big, n = ray_oob_sched.get(dsk, ["big", "n"])
+    np.testing.assert_array_equal(got_big, big)
+    assert n == len(big) and ray_oob_sched.last_stats().from_store == 1

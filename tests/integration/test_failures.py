@@ -11,6 +11,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import ray
+from dask._task_spec import Task, TaskRef
 from dask.callbacks import Callback
 from ray._common.test_utils import wait_for_condition
 
@@ -123,23 +124,36 @@ def _touch(path):
 
 
 @pytest.mark.parametrize(
-    "extra, error, match",
+    "extra, keys, match",
     [
-        ({"a": (np.add, "b", 1), "b": (np.add, "a", 1), "out": (sum, ["a", "side"])}, InvalidGraphError, "cycle"),
-        ({"out": (sum, ["side", "side"]), "dangling": (np.add, "missing", 1), "out2": "dangling"}, InvalidGraphError, "missing"),
+        ({"a": (np.add, "b", 1), "b": (np.add, "a", 1), "out": (sum, ["a", "side"])}, ["out"], "cycle"),
+        (
+            {"out": (sum, ["side", "side"]), "dangling": Task("dangling", np.add, TaskRef("missing"), 1)},
+            ["out", "dangling"],
+            "missing",
+        ),
     ],
 )
-def test_bad_graphs_fail_before_anything_runs(ray_get, tmp_path, extra, error, match):
+def test_bad_graphs_fail_before_anything_runs(ray_get, tmp_path, extra, keys, match):
     marker = tmp_path / "ran"
-    dsk = {"side": (_touch, marker), **extra}
-    from dask._task_spec import Task, TaskRef
-
-    if "dangling" in dsk:
-        dsk["dangling"] = Task("dangling", np.add, TaskRef("missing"), 1)
-    keys = ["out", "out2"] if "out2" in dsk else ["out"]
-    with pytest.raises(error, match=match):
-        ray_oob_sched.get(dsk, keys)
+    with pytest.raises(InvalidGraphError, match=match):
+        ray_oob_sched.get({"side": (_touch, marker), **extra}, keys)
     assert not marker.exists()
+
+
+def test_failure_with_persisted_inputs_leaves_no_refs(ray_get, ray_session):
+    gc.collect()
+    before = driver_refs(ray_session)
+    (x,) = dask.persist(da.arange(100, chunks=10))
+    held = driver_refs(ray_session)
+    y = x.map_blocks(lambda b: fail(b[0]) if b[0] == 50 else b, dtype=x.dtype)
+    with pytest.raises(CustomError):
+        y.sum().compute()
+    gc.collect()
+    assert driver_refs(ray_session) <= held  # only the persisted chunks
+    del x, y  # y's graph holds x's futures too
+    gc.collect()
+    assert driver_refs(ray_session) <= before
 
 
 def test_unknown_key_is_a_key_error(ray_get, tmp_path):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import copy
+import os
+import subprocess
+import sys
 
 import dask.config
 import jsonschema
@@ -59,15 +61,35 @@ def test_bad_window_names_the_key():
             SchedulerConfig.from_dask_config(cluster_cpus=2)
 
 
-def test_environment_variables_work_as_for_dask(monkeypatch):
-    monkeypatch.setenv("DASK_RAY_OOB_SCHED__SCHEDULER__FUSE__MAX_TASKS", "7")
-    saved = copy.deepcopy(dask.config.config)
-    try:
-        dask.config.refresh()
-        assert SchedulerConfig.from_dask_config(cluster_cpus=2).fuse.max_tasks == 7
-    finally:
-        dask.config.config.clear()
-        dask.config.config.update(saved)
+@pytest.mark.parametrize(
+    "var, value, field, expected",
+    [
+        ("SCHEDULER__FUSE__MAX_TASKS", "7", "fuse.max_tasks", 7),
+        ("SCHEDULER__FUSE__ENABLED", "false", "fuse.enabled", False),
+        ("SCHEDULER__MAX_IN_FLIGHT", "5", "max_in_flight", 5),
+        ("SCHEDULER__INLINE_DATA_BYTES", "0", "inline_data_bytes", 0),
+    ],
+)
+def test_environment_variables_work_as_for_dask(var, value, field, expected):
+    """In a fresh process, where dask reads the environment before our defaults load."""
+    code = (
+        "import operator, ray_oob_sched._config as c; "
+        "cfg = c.SchedulerConfig.from_dask_config(cluster_cpus=2); "
+        f"print(repr(operator.attrgetter({field!r})(cfg)))"
+    )
+    env = {**os.environ, f"DASK_RAY_OOB_SCHED__{var}": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == repr(expected)
+
+
+@pytest.mark.parametrize(
+    "key, value", [("scheduler.fuse.max-tasks", 0), ("scheduler.inline-data-bytes", -1), ("scheduler.fuse.enabled", "maybe")]
+)
+def test_out_of_range_values_name_their_key(key, value):
+    with dask.config.set({f"ray-oob-sched.{key}": value}):
+        with pytest.raises(ValueError, match=key):
+            SchedulerConfig.from_dask_config(cluster_cpus=2)
 
 
 def test_init_kwargs_drop_nulls_and_use_underscores():

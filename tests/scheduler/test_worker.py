@@ -21,7 +21,7 @@ def _spec(dsk, outputs, size=100):
 def test_group_returns_status_then_outputs():
     spec = _spec({"a": 1, "b": (lambda x: x + 1, "a"), "c": (sum, ["a", "b"])}, ["c", "a"])
     status, *outs = run_group(spec, ())
-    assert isinstance(status, GroupStatus) and status.stop >= status.start
+    assert isinstance(status, GroupStatus) and ":" in status.worker
     assert dict(zip(spec.outputs, outs)) == {"a": 1, "c": 3}
 
 
