@@ -15,6 +15,7 @@ is dropped, other sends are cancelled, and every later ``write``, ``flush`` or
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
@@ -167,10 +168,15 @@ class ShardsBuffer(Generic[K, B]):
                 return
             destination = max(idle, key=self._queued_nbytes.__getitem__)
             batch, nbytes = self._take_batch(destination)
-            self._sending[destination] = asyncio.create_task(
+            task = asyncio.create_task(
                 self._send_batch(destination, batch, nbytes),
                 name=f"{self.name}-send-{destination}",
             )
+            self._sending[destination] = task
+            # Bookkeeping runs as a done callback, not in the coroutine's ``finally``: a
+            # task cancelled before its first step never runs its body at all, and would
+            # keep its bytes in the limiter and its slot in ``_sending`` for ever.
+            task.add_done_callback(functools.partial(self._send_done, destination, nbytes))
 
     def _take_batch(self, destination: str) -> tuple[list[tuple[K, B]], int]:
         queue = self._queues[destination]
@@ -194,13 +200,14 @@ class ShardsBuffer(Generic[K, B]):
         else:
             self.nbytes_sent += nbytes
             self.messages_sent += 1
-        finally:
-            self._release(nbytes)
-            del self._sending[destination]
-            if not self._queues and not self._sending:
-                self._drained.set()
-        # Not in ``finally``: a cancelled send (abort, failure, loop shutdown) starts no more.
-        if self._exception is None:
+
+    def _send_done(self, destination: str, nbytes: int, task: asyncio.Task[None]) -> None:
+        self._release(nbytes)
+        del self._sending[destination]
+        if not self._queues and not self._sending:
+            self._drained.set()
+        # A cancelled send (abort, failure, loop shutdown) starts no more.
+        if self._exception is None and not task.cancelled():
             self._dispatch()
 
     def _fail(self, exc: Exception) -> None:

@@ -207,6 +207,21 @@ async def test_first_failure_is_terminal_and_re_raised() -> None:
     assert (limiter.acquired, buffer.nbytes_buffered, buffer.nbytes_sent) == (0, 0, 0)
 
 
+async def test_failure_releases_the_bytes_of_sends_cancelled_before_they_started() -> None:
+    # Regression: "a" (largest backlog, dispatched first) fails before its first await
+    # and cancels "b", whose task has not run yet; b's bytes must still be released.
+    send = FakeSend()
+    send.failures["a"] = ConnectionResetError("peer a vanished")
+    limiter = ResourceLimiter(10_000, name="comms")
+    buffer = make_buffer(send, limiter=limiter)
+    await buffer.write({"a": shards(9), "b": shards(5)})
+    with pytest.raises(ConnectionResetError):
+        await buffer.close()
+    assert [d for d, _ in send.batches] == ["a"]  # b's send never started
+    assert (limiter.acquired, buffer.nbytes_buffered) == (0, 0)
+    assert "sending_to=[]" in repr(buffer)
+
+
 async def test_close_sends_what_is_queued_and_is_idempotent() -> None:
     send = FakeSend(gate_open=False)
     buffer = make_buffer(send)

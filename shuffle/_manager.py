@@ -1,0 +1,184 @@
+"""All shuffle runs of one participant, by shuffle id, and the routing of messages to them.
+
+One ``ShuffleManager`` lives in each participant (each shuffle actor). It holds at most
+one run per shuffle id: the newest the driver asked for. A newer run id supersedes the
+older run, which is failed with ``StaleRunError`` so that anything still holding it
+learns to redo its work under the new run. The manager remembers the highest run id it
+has seen per shuffle even after that run is closed (one integer per shuffle), so late
+messages and late calls for old or finished runs get a typed error instead of
+silently recreating state.
+
+Which error a message or call gets:
+
+=====================================  ==========================================
+run id versus this participant's        error
+=====================================  ==========================================
+older than the newest seen              ``StaleRunError``
+the newest seen, and closed             ``ShuffleClosedError``
+newer, or a shuffle never seen          ``UnknownRunError``: the driver has not
+                                        created that run here (yet)
+=====================================  ==========================================
+
+A rejected message never affects other runs: the manager keeps serving them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import pandas as pd
+
+from shuffle._exceptions import FrameError, ShuffleClosedError, ShuffleError, StaleRunError
+from shuffle._ids import RunId, ShuffleId
+from shuffle._limiter import ResourceLimiter
+from shuffle._run import DEFAULT_OPTIONS, DataFrameShuffleRun, RunOptions, SendFn
+from shuffle._serialize import decode_header
+from shuffle._spec import ShuffleRunSpec
+
+__all__ = ["ShuffleManager", "UnknownRunError"]
+
+logger = logging.getLogger(__name__)
+
+
+class UnknownRunError(ShuffleError, LookupError):
+    """A message or call named a run that was never created on this participant."""
+
+    def __init__(self, shuffle_id: str, run_id: int, participant: str) -> None:
+        super().__init__(shuffle_id, run_id, participant)
+        self.shuffle_id = shuffle_id
+        self.run_id = run_id
+        self.participant = participant
+
+    def __str__(self) -> str:
+        return (
+            f"shuffle {self.shuffle_id!r} run {self.run_id} does not exist on "
+            f"{self.participant!r}; the driver must create a run on every participant "
+            "before any participant sends to it"
+        )
+
+
+class ShuffleManager:
+    """The runs of one participant ``local``; every run sends through ``send``.
+
+    All runs share one send budget (``options.send_buffer_bytes``), so back-pressure
+    holds per participant however many shuffles run at once.
+    """
+
+    def __init__(self, *, local: str, send: SendFn, options: RunOptions = DEFAULT_OPTIONS) -> None:
+        self.local = local
+        self.options = options
+        self._send = send
+        self._send_limiter = ResourceLimiter(options.send_buffer_bytes, name=f"{local}-send")
+        self._runs: dict[ShuffleId, DataFrameShuffleRun] = {}
+        self._newest: dict[ShuffleId, RunId] = {}  # survives close, unlike _runs
+        self._closed = False
+
+    def __repr__(self) -> str:
+        runs = ", ".join(f"{r.shuffle_id}[{r.run_id}]" for r in self._runs.values())
+        return f"<ShuffleManager {self.local!r} runs=[{runs}] closed={self._closed}>"
+
+    @property
+    def runs(self) -> Mapping[ShuffleId, DataFrameShuffleRun]:
+        """The open runs by shuffle id (read-only view), for introspection and tests."""
+        return MappingProxyType(self._runs)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def send_limiter(self) -> ResourceLimiter:
+        return self._send_limiter
+
+    async def get_or_create(self, spec: ShuffleRunSpec, meta: pd.DataFrame) -> DataFrameShuffleRun:
+        """The run of ``spec``, created on first call; a newer run id supersedes the old.
+
+        Raises ``StaleRunError`` for a run id older than one already seen,
+        ``ShuffleClosedError`` for a run that was closed here, and ``ValueError`` for a
+        spec that differs from the one the run was created with.
+        """
+        self._raise_if_closed(spec.shuffle_id, spec.run_id)
+        shuffle_id, run_id = spec.shuffle_id, spec.run_id
+        newest = self._newest.get(shuffle_id)
+        if newest is not None and run_id < newest:
+            raise StaleRunError(shuffle_id, run_id, newest)
+        current = self._runs.get(shuffle_id)
+        if current is not None and current.run_id == run_id:
+            if current.spec != spec:
+                raise ValueError(
+                    f"shuffle {shuffle_id!r} run {run_id} exists on {self.local!r} with "
+                    f"{current.spec}, which differs from {spec}"
+                )
+            return current
+        if current is None and newest == run_id:
+            raise ShuffleClosedError(shuffle_id, run_id, f"already closed on {self.local!r}")
+        run = DataFrameShuffleRun(
+            spec=spec,
+            local=self.local,
+            meta=meta,
+            send=self._send,
+            options=self.options,
+            send_limiter=self._send_limiter,
+        )
+        # Register before awaiting anything, so concurrent callers see the new run.
+        self._runs[shuffle_id] = run
+        self._newest[shuffle_id] = run_id
+        if current is not None:
+            logger.info("%s: run %d supersedes run %d", shuffle_id, run_id, current.run_id)
+            await current.fail(StaleRunError(shuffle_id, current.run_id, run_id))
+        return run
+
+    def get_run(self, shuffle_id: ShuffleId, run_id: RunId) -> DataFrameShuffleRun:
+        """The open run ``(shuffle_id, run_id)``, or the typed error of the module table."""
+        self._raise_if_closed(shuffle_id, run_id)
+        newest = self._newest.get(shuffle_id)
+        if newest is None or run_id > newest:
+            raise UnknownRunError(shuffle_id, run_id, self.local)
+        if run_id < newest:
+            raise StaleRunError(shuffle_id, run_id, newest)
+        run = self._runs.get(shuffle_id)
+        if run is None:
+            raise ShuffleClosedError(shuffle_id, run_id, f"already closed on {self.local!r}")
+        return run
+
+    async def receive(self, frames: Sequence[Any]) -> None:
+        """Route one message to its run by the ``(shuffle_id, run_id)`` in its header."""
+        if not frames:
+            raise FrameError("message has no header frame")
+        # Only the header is parsed here; the run validates the message in full.
+        header = decode_header(frames[0])
+        await self.get_run(header.shuffle_id, header.run_id).receive(frames)
+
+    async def close_run(self, shuffle_id: ShuffleId, run_id: RunId) -> None:
+        """Close run ``run_id`` (and any older run) of ``shuffle_id``; idempotent.
+
+        Closing a run id not created yet also marks it closed here, so that a late
+        ``get_or_create`` of an abandoned run fails instead of recreating it.
+        """
+        newest = self._newest.get(shuffle_id)
+        if newest is None or run_id >= newest:
+            self._newest[shuffle_id] = run_id
+        current = self._runs.get(shuffle_id)
+        if current is not None and current.run_id <= run_id:
+            del self._runs[shuffle_id]
+            await current.close()
+
+    async def close(self) -> None:
+        """Close every run and refuse further runs and messages; idempotent."""
+        self._closed = True
+        runs = list(self._runs.values())
+        self._runs.clear()
+        results = await asyncio.gather(*(run.close() for run in runs), return_exceptions=True)
+        for run, result in zip(runs, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("%s: closing %s failed: %r", self.local, run, result)
+
+    def _raise_if_closed(self, shuffle_id: ShuffleId, run_id: RunId) -> None:
+        if self._closed:
+            raise ShuffleClosedError(
+                shuffle_id, run_id, f"the shuffle manager of {self.local!r} is closed"
+            )

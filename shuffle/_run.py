@@ -1,0 +1,384 @@
+"""One participant's share of one run of a dataframe shuffle.
+
+Modelled on ``distributed.shuffle._core.ShuffleRun`` and ``_shuffle.DataFrameShuffleRun``.
+A run lives on one participant (one actor) for one ``(shuffle_id, run_id)``:
+
+* **transfer**: ``add_partition(df, i)`` splits input partition ``i`` by the partition
+  column, keeps the pieces of partitions this participant owns (straight into its
+  store, no message and no send), and queues the rest per owner in a ``ShardsBuffer``,
+  which batches them into messages and applies back-pressure.
+* **receive**: ``receive(frames)`` takes one message from a peer, checks that it belongs
+  to this run and only names partitions this participant owns, and stores its shards.
+  Shards are keyed by ``ShardKey``, so a piece resent by a retried transfer is dropped.
+* **barrier**: ``flush()`` returns once every message this participant queued has been
+  accepted by its peer. When every participant's ``flush`` has returned, every shard is
+  in its owner's store; coordinating that is the caller's job (the driver's barrier).
+* **unpack**: ``get_output_partition(p)`` concatenates the shards of ``p`` in
+  input-partition order, so the result does not depend on arrival order.
+
+Failure semantics follow ``distributed``: the first failure (a failed send, or
+``fail(exc)``) is kept, and from then on every public method raises it; after a plain
+``close()`` they raise ``ShuffleClosedError``. ``close()`` is idempotent and immediate
+(queued shards are dropped, sends cancelled, spill files deleted), like ucxx's
+``abort()``: by the time a run is closed, either its data was consumed or it is void.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from shuffle._buffer import ShardsBuffer
+from shuffle._exceptions import BufferClosedError, FrameError, ShuffleClosedError
+from shuffle._ids import RunId, ShardKey, ShuffleId
+from shuffle._limiter import ResourceLimiter
+from shuffle._partition import concat_partition, group_by_owner, split_by_partition
+from shuffle._serialize import (
+    buffer_to_table,
+    decode_message,
+    encode_message,
+    table_to_buffer,
+)
+from shuffle._spec import ShuffleRunSpec
+from shuffle._store import DiskShardStore
+
+__all__ = ["DEFAULT_OPTIONS", "DataFrameShuffleRun", "RunOptions", "RunStats", "SendFn"]
+
+logger = logging.getLogger(__name__)
+
+#: Delivers one encoded message (``[header, *buffers]``) to a participant and returns
+#: once that participant has accepted it; raises if it did not.
+SendFn = Callable[[str, list[Any]], Awaitable[None]]
+
+_MAX_PARTITION = (1 << 32) - 1  # the wire header stores partitions as u32
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """Per-participant knobs of a run; one value is shared by all runs of a manager."""
+
+    #: Bytes of received shards held in memory before spilling to disk; ``None`` never
+    #: spills, ``0`` spills everything.
+    memory_limit: int | None = 256 * 2**20
+    #: Where spill directories are created (default: the system's temporary directory).
+    spill_directory: str | os.PathLike[str] | None = None
+    #: Target size of one message; a single larger shard still travels alone.
+    message_bytes: int = 16 * 2**20
+    #: Bytes queued or in flight for sending before ``add_partition`` waits
+    #: (back-pressure); ``None`` never waits. Shared by all runs of one manager.
+    send_buffer_bytes: int | None = 512 * 2**20
+    #: Seconds ``add_partition`` waits for send budget before raising
+    #: ``LimiterTimeoutError``; ``None`` waits indefinitely.
+    limiter_timeout: float | None = 300.0
+    #: Messages in flight at once, over all destinations of one run.
+    concurrency: int = 4
+
+    def __post_init__(self) -> None:
+        if self.memory_limit is not None and self.memory_limit < 0:
+            raise ValueError(f"memory_limit must be >= 0 or None, got {self.memory_limit}")
+        if self.message_bytes < 1 or self.concurrency < 1:
+            raise ValueError(
+                f"message_bytes and concurrency must be >= 1, got {self.message_bytes} "
+                f"and {self.concurrency}"
+            )
+        if self.send_buffer_bytes is not None and self.send_buffer_bytes < 1:
+            raise ValueError(
+                f"send_buffer_bytes must be >= 1 or None, got {self.send_buffer_bytes}"
+            )
+        if self.limiter_timeout is not None and self.limiter_timeout <= 0:
+            raise ValueError(f"limiter_timeout must be > 0 or None, got {self.limiter_timeout}")
+
+
+DEFAULT_OPTIONS = RunOptions()
+
+
+@dataclass
+class RunStats:
+    """Counters of one run on one participant; payload bytes, headers not counted."""
+
+    inputs_added: int = 0  # add_partition calls, retries included
+    shards_local: int = 0  # own partitions' shards stored without a send
+    bytes_local: int = 0
+    messages_sent: int = 0  # accepted by their peer
+    shards_sent: int = 0
+    bytes_sent: int = 0
+    messages_received: int = 0
+    shards_received: int = 0  # new shards stored from peers' messages
+    bytes_received: int = 0
+    duplicates_ignored: int = 0  # shards (local or received) already stored
+    outputs_read: int = 0
+
+
+class DataFrameShuffleRun:
+    """This participant's state for one run: send buffer, receive store, first failure.
+
+    ``meta`` is dask's empty frame for the input partitions, partition column included.
+    ``send_limiter`` lets several runs share one send budget (the manager passes its
+    own); without one the run gets a private limiter of ``options.send_buffer_bytes``.
+    Use from one event loop; ``get_output_partition`` may also run in a worker thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        spec: ShuffleRunSpec,
+        local: str,
+        meta: pd.DataFrame,
+        send: SendFn,
+        options: RunOptions = DEFAULT_OPTIONS,
+        send_limiter: ResourceLimiter | None = None,
+    ) -> None:
+        if spec.column not in meta.columns:
+            raise ValueError(
+                f"shuffle {spec.shuffle_id!r}: partition column {spec.column!r} is not in "
+                f"meta's columns {list(meta.columns)}"
+            )
+        self.spec = spec
+        self.local = local
+        self.options = options
+        self.meta = meta
+        self.output_meta = meta.drop(columns=spec.column) if spec.drop_column else meta
+        self.owned = spec.partitions_of(local)  # raises if local is no participant
+        self.stats = RunStats()
+        self._send = send
+        name = f"{spec.shuffle_id}[{spec.run_id}]@{local}"
+        self._name = name
+        self._buffer: ShardsBuffer[ShardKey, pa.Buffer] = ShardsBuffer(
+            send=self._send_batch,
+            limiter=(
+                ResourceLimiter(options.send_buffer_bytes, name=name)
+                if send_limiter is None
+                else send_limiter
+            ),
+            message_bytes=options.message_bytes,
+            timeout=options.limiter_timeout,
+            concurrency=options.concurrency,
+            name=f"{name}-send",
+        )
+        self._store = DiskShardStore(
+            memory_limit=options.memory_limit,
+            directory=options.spill_directory,
+            name=f"{name}-store",
+        )
+        self._inputs_done = False
+        self._exception: Exception | None = None
+        self._closed = False
+        self._closed_event = asyncio.Event()
+
+    def __repr__(self) -> str:
+        state = "failed" if self._exception else "closed" if self._closed else "open"
+        return f"<DataFrameShuffleRun {self._name} {state} inputs_done={self._inputs_done}>"
+
+    def __str__(self) -> str:  # how errors and logs name the run
+        return f"shuffle run {self._name}"
+
+    @property
+    def shuffle_id(self) -> ShuffleId:
+        return self.spec.shuffle_id
+
+    @property
+    def run_id(self) -> RunId:
+        return self.spec.run_id
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def exception(self) -> Exception | None:
+        """The first failure, if any."""
+        return self._exception
+
+    @property
+    def spill_directory(self) -> Path | None:
+        """This run's private spill directory while it exists (first spill to close)."""
+        return self._store.directory
+
+    def raise_if_closed(self) -> None:
+        """Raise the first failure if there was one, else ``ShuffleClosedError`` if closed."""
+        if self._exception is not None:
+            raise self._exception
+        if self._closed:
+            raise ShuffleClosedError(self.shuffle_id, self.run_id)
+
+    async def add_partition(self, df: pd.DataFrame, input_partition: int) -> RunId:
+        """Shard input partition ``input_partition`` to the owners of its rows.
+
+        Returns once the shards are stored (own partitions) or queued for sending and
+        the send budget has room again. A retried call resends everything; receivers
+        drop the pieces they already hold.
+        """
+        self.raise_if_closed()
+        if self._inputs_done:
+            raise RuntimeError(
+                f"{self}: input partition {input_partition} arrived after flush(); a "
+                "late input needs a new run"
+            )
+        self._validate_input(df, input_partition)
+        tables = split_by_partition(
+            df,
+            column=self.spec.column,
+            npartitions=self.spec.npartitions_out,
+            drop_column=self.spec.drop_column,
+        )
+        by_owner = group_by_owner(tables, owner_of=self.spec.owner_of)
+        self.stats.inputs_added += 1
+        # Own partitions skip the message codec and the buffer, but the store holds
+        # bytes (it measures and spills them), so they are written as Arrow IPC too.
+        for partition, table in by_owner.pop(self.local, ()):
+            payload = table_to_buffer(table)
+            if self._store.append(ShardKey(partition, input_partition), payload):
+                self.stats.shards_local += 1
+                self.stats.bytes_local += payload.size
+            else:
+                self.stats.duplicates_ignored += 1
+        await self._buffer.write(
+            {
+                owner: [(ShardKey(p, input_partition), table_to_buffer(t)) for p, t in items]
+                for owner, items in by_owner.items()
+            }
+        )
+        self.raise_if_closed()  # closed or failed while this call waited for budget
+        return self.run_id
+
+    async def receive(self, frames: Sequence[Any]) -> None:
+        """Store the shards of one message from a peer.
+
+        Rejects, without storing anything: malformed frames, another shuffle, a peer
+        that is not a participant, or partitions this participant does not own
+        (``FrameError``), and another run of this shuffle (``StaleRunError``). A
+        rejected message does not fail the run; the sender gets the error.
+        """
+        self.raise_if_closed()
+        message = decode_message(frames, npartitions_out=self.spec.npartitions_out)
+        header = message.header
+        if header.shuffle_id != self.shuffle_id:
+            raise FrameError(
+                f"{self} received a message of shuffle {header.shuffle_id!r} from "
+                f"{header.sender!r}"
+            )
+        self.spec.check_run_id(header.run_id)
+        if header.sender not in self.spec.participants:
+            raise FrameError(f"{self}: sender {header.sender!r} is not a participant")
+        foreign = sorted(
+            {e.output_partition for e in header.entries if e.output_partition not in self.owned}
+        )
+        if foreign:
+            raise FrameError(
+                f"{self} received shards of output partitions {foreign} from "
+                f"{header.sender!r}, but owns only {self.owned}"
+            )
+        self.stats.messages_received += 1
+        for entry, payload in zip(header.entries, message.buffers, strict=True):
+            if self._store.append(entry.key, payload):
+                self.stats.shards_received += 1
+                self.stats.bytes_received += entry.nbytes
+            else:
+                self.stats.duplicates_ignored += 1
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s: %d shards (%d bytes) from %s",
+                self,
+                len(header.entries),
+                header.nbytes,
+                header.sender,
+            )
+
+    async def flush(self) -> None:
+        """Declare the inputs done and wait until every queued shard was accepted.
+
+        Raises the first send failure. Idempotent; ``add_partition`` fails afterwards.
+        """
+        self.raise_if_closed()
+        self._inputs_done = True
+        await self._buffer.flush()
+        self.raise_if_closed()
+
+    def get_output_partition(self, partition: int) -> pd.DataFrame:
+        """Output ``partition`` (owned here) as a frame like ``meta``, rows in input order.
+
+        Valid once every participant's ``flush`` has returned; the run cannot check the
+        others, it checks only its own. May be called again (a retried unpack task).
+        """
+        self.raise_if_closed()
+        if partition not in self.owned:
+            raise ValueError(
+                f"{self}: output partition {partition} belongs to "
+                f"{self.spec.owner_of(partition)!r}, not here"
+            )
+        if not self._inputs_done:
+            raise RuntimeError(f"{self}: get_output_partition called before flush()")
+        try:
+            payloads = self._store.read(partition)
+        except BufferClosedError:
+            self.raise_if_closed()  # closed from the event loop while a thread read
+            raise
+        tables = [buffer_to_table(payload) for payload in payloads]
+        self.stats.outputs_read += 1
+        return concat_partition(tables, meta=self.output_meta)
+
+    async def fail(self, exc: Exception) -> None:
+        """Record ``exc`` as the failure, unless one came first, and close."""
+        self._record_failure(exc)
+        await self.close()
+
+    async def close(self) -> None:
+        """Drop queued shards, cancel sends, delete spill files; idempotent.
+
+        A second caller waits until the first caller's close has finished.
+        """
+        if self._closed:
+            await self._closed_event.wait()
+            return
+        self._closed = True
+        try:
+            await self._buffer.abort()
+        finally:
+            self._store.cleanup()
+            self._closed_event.set()
+            logger.debug("%s closed: %s", self, self.stats)
+
+    async def _send_batch(self, destination: str, batch: list[tuple[ShardKey, pa.Buffer]]) -> None:
+        message = encode_message(
+            shuffle_id=self.shuffle_id, run_id=self.run_id, sender=self.local, shards=batch
+        )
+        try:
+            await self._send(destination, message.frames())
+        except Exception as e:
+            # The buffer keeps the failure too, but the run must refuse every method.
+            self._record_failure(e)
+            raise
+        self.stats.messages_sent += 1
+        self.stats.shards_sent += len(batch)
+        self.stats.bytes_sent += message.header.nbytes
+
+    def _record_failure(self, exc: Exception) -> None:
+        # A failure after a plain close changes nothing: callers already see "closed".
+        if self._exception is None and not self._closed:
+            self._exception = exc
+            logger.info("%s failed: %r", self, exc)
+
+    def _validate_input(self, df: pd.DataFrame, input_partition: int) -> None:
+        if not isinstance(df, pd.DataFrame):
+            raise TypeError(f"{self}: expected a pandas DataFrame, got {type(df).__name__}")
+        if set(df.columns) != set(self.meta.columns):
+            raise ValueError(
+                f"{self}: input partition {input_partition} has columns "
+                f"{sorted(map(str, df.columns))}, meta has {sorted(map(str, self.meta.columns))}"
+            )
+        if (
+            isinstance(input_partition, bool)
+            or not isinstance(input_partition, int)
+            or not 0 <= input_partition <= _MAX_PARTITION
+        ):
+            raise ValueError(
+                f"{self}: input partition must be an int in [0, 2**32), got {input_partition!r}"
+            )

@@ -1,0 +1,784 @@
+"""Tier 2: several participants' runs wired together in one process.
+
+Each participant has its own ``ShuffleManager``; the injected ``send`` copies the frames
+(as a network would) and hands them to the destination manager's ``receive``. Network
+variants delay, reorder, duplicate or fail messages. Every test ends with a cleanup
+assertion: no open runs, no bytes held by a send budget, no spill files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import random
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shuffle._exceptions import (
+    FrameError,
+    LimiterTimeoutError,
+    ShuffleClosedError,
+    ShuffleError,
+    StaleRunError,
+)
+from shuffle._ids import RunId, ShardKey, ShuffleId
+from shuffle._manager import ShuffleManager, UnknownRunError
+from shuffle._run import DataFrameShuffleRun, RunOptions
+from shuffle._serialize import encode_message, table_to_buffer
+from shuffle._spec import ShuffleRunSpec
+
+Mode = Literal["direct", "delay", "chaos"]
+COLORS = pd.CategoricalDtype(["red", "green", "blue"])
+COLUMN = "_partitions"
+
+
+class InjectedSendError(ConnectionError):
+    """What the failing network raises; a ConnectionError, as a broken transport would."""
+
+
+class Network:
+    """Participants' managers wired together in memory, with a configurable wire.
+
+    ``direct`` delivers at once; ``delay`` sleeps a random fraction of a millisecond
+    first; ``chaos`` yields a random number of times before delivering (so concurrent
+    messages overtake each other) and delivers some messages twice. ``fail_after=n``
+    makes every send after the first ``n`` raise ``InjectedSendError``; ``gate``
+    holds deliveries until it is set.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        *,
+        options: RunOptions,
+        mode: Mode = "direct",
+        seed: int = 0,
+        fail_after: int | None = None,
+    ) -> None:
+        self.mode = mode
+        self.rng = random.Random(seed)
+        self.fail_after = fail_after
+        self.gate: asyncio.Event | None = None
+        self.sends = 0
+        self.log: list[tuple[str, list[bytearray]]] = []  # every delivered message
+        self.managers = {
+            name: ShuffleManager(local=name, send=self.send, options=options) for name in names
+        }
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.managers)
+
+    async def send(self, destination: str, frames: list[Any]) -> None:
+        wire = [bytearray(frame) for frame in frames]  # the sender may reuse its buffers
+        self.sends += 1
+        if self.fail_after is not None and self.sends > self.fail_after:
+            raise InjectedSendError(f"send #{self.sends} to {destination} failed")
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.mode == "delay":
+            await asyncio.sleep(self.rng.random() / 1000)
+        elif self.mode == "chaos":
+            await self._yield_randomly()
+        self.log.append((destination, wire))
+        await self.managers[destination].receive(wire)
+        if self.mode == "chaos" and self.rng.random() < 0.3:
+            await self._yield_randomly()
+            await self.managers[destination].receive([bytearray(f) for f in wire])
+
+    async def replay(self) -> None:
+        """Deliver every message again, as retried transfers would."""
+        for destination, wire in list(self.log):
+            await self.managers[destination].receive([bytearray(f) for f in wire])
+
+    async def close(self) -> None:
+        await asyncio.gather(*(m.close() for m in self.managers.values()))
+
+    def assert_clean(self) -> None:
+        for manager in self.managers.values():
+            assert manager.closed
+            assert dict(manager.runs) == {}
+            assert manager.send_limiter.acquired == 0
+
+    async def _yield_randomly(self) -> None:
+        for _ in range(self.rng.randrange(6)):
+            await asyncio.sleep(0)
+
+
+@pytest.fixture
+def spill_root(tmp_path: Path) -> Iterator[Path]:
+    """Where runs spill; every test must leave it empty."""
+    yield tmp_path
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def make_network(spill_root: Path) -> Iterator[Callable[..., Network]]:
+    """Build networks whose managers every test must close, leaving no runs behind."""
+    networks: list[Network] = []
+
+    def make(
+        nparticipants: int = 3,
+        *,
+        mode: Mode = "direct",
+        seed: int = 0,
+        fail_after: int | None = None,
+        **option_overrides: Any,
+    ) -> Network:
+        options = RunOptions(
+            **{
+                "memory_limit": None,
+                "spill_directory": spill_root,
+                "message_bytes": 2000,
+                "limiter_timeout": 10.0,
+                **option_overrides,
+            }
+        )
+        names = [f"actor-{i}" for i in range(nparticipants)]
+        network = Network(names, options=options, mode=mode, seed=seed, fail_after=fail_after)
+        networks.append(network)
+        return network
+
+    yield make
+    for network in networks:
+        network.assert_clean()
+
+
+def make_frame(
+    nrows: int,
+    *,
+    npartitions_out: int,
+    seed: int,
+    offset: int = 0,
+    skew_key: int | None = None,
+) -> pd.DataFrame:
+    """One input partition with the dtypes users shuffle, with missing values."""
+    rng = np.random.default_rng(seed)
+    missing = rng.random(nrows) < 0.2
+
+    def with_missing(values: Any, dtype: str) -> Any:
+        array = pd.array(values, dtype=dtype)
+        array[missing] = None
+        return array
+
+    words = np.array(["alpha", "beta", "gamma", "δέλτα"], dtype=object)
+    words = words[rng.integers(0, 4, nrows)]
+    if skew_key is None:
+        codes = rng.integers(0, npartitions_out, nrows)
+    else:
+        codes = np.full(nrows, skew_key, dtype=np.int64)
+    return pd.DataFrame(
+        {
+            "i8": rng.integers(-(10**9), 10**9, nrows),
+            "f8": with_missing(rng.random(nrows), "float64"),
+            "text": with_missing(words, "str"),
+            "nullable_text": with_missing(words, "string"),
+            "color": pd.Categorical.from_codes(rng.integers(0, 3, nrows), dtype=COLORS),
+            "Int64": with_missing(rng.integers(0, 9, nrows), "Int64"),
+            "boolean": with_missing(rng.random(nrows) < 0.5, "boolean"),
+            # unit="ns": pandas 3 infers seconds for an empty array, and meta must match.
+            "when": pd.to_datetime(rng.integers(0, 10**18, nrows), unit="ns", utc=True)
+            .tz_convert("Asia/Kolkata")
+            .array,
+            COLUMN: codes,
+        },
+        index=pd.RangeIndex(offset, offset + nrows),
+    )
+
+
+def make_inputs(
+    rows: Sequence[int], *, npartitions_out: int, seed: int = 0, skew_key: int | None = None
+) -> list[pd.DataFrame]:
+    offsets = np.cumsum([0, *rows]).tolist()
+    return [
+        make_frame(n, npartitions_out=npartitions_out, seed=seed + i, offset=o, skew_key=skew_key)
+        for i, (n, o) in enumerate(zip(rows, offsets, strict=False))
+    ]
+
+
+def expected_outputs(
+    inputs: Sequence[pd.DataFrame], npartitions_out: int, *, drop_column: bool = True
+) -> list[pd.DataFrame]:
+    """pandas' answer: rows grouped by partition, in input then original order."""
+    whole = pd.concat(inputs)
+    parts = [whole[whole[COLUMN] == p] for p in range(npartitions_out)]
+    return [p.drop(columns=COLUMN) if drop_column else p for p in parts]
+
+
+def make_spec(
+    network: Network,
+    npartitions_out: int,
+    *,
+    shuffle_id: str = "shuffle-a",
+    run_id: int = 1,
+    drop_column: bool = True,
+) -> ShuffleRunSpec:
+    return ShuffleRunSpec(
+        shuffle_id=ShuffleId(shuffle_id),
+        run_id=RunId(run_id),
+        npartitions_out=npartitions_out,
+        participants=tuple(network.names),
+        drop_column=drop_column,
+    )
+
+
+async def create_runs(
+    network: Network, spec: ShuffleRunSpec, meta: pd.DataFrame
+) -> dict[str, DataFrameShuffleRun]:
+    return {name: await m.get_or_create(spec, meta) for name, m in network.managers.items()}
+
+
+async def transfer(
+    network: Network,
+    runs: dict[str, DataFrameShuffleRun],
+    inputs: Sequence[pd.DataFrame],
+    *,
+    placement: Sequence[int] | None = None,
+) -> None:
+    """Every participant adds its inputs one after another, all participants at once."""
+    names = network.names
+    placement = placement or [i % len(names) for i in range(len(inputs))]
+
+    async def worker(name: str) -> None:
+        for i, df in enumerate(inputs):
+            if names[placement[i]] == name:
+                await runs[name].add_partition(df, i)
+
+    await asyncio.gather(*(worker(name) for name in names))
+
+
+async def barrier(runs: dict[str, DataFrameShuffleRun]) -> None:
+    await asyncio.gather(*(run.flush() for run in runs.values()))
+
+
+def unpack(runs: dict[str, DataFrameShuffleRun], spec: ShuffleRunSpec) -> list[pd.DataFrame]:
+    return [
+        runs[spec.owner_of(p)].get_output_partition(p) for p in range(spec.npartitions_out)
+    ]
+
+
+async def shuffle(
+    network: Network,
+    inputs: Sequence[pd.DataFrame],
+    spec: ShuffleRunSpec,
+    *,
+    placement: Sequence[int] | None = None,
+) -> tuple[dict[str, DataFrameShuffleRun], list[pd.DataFrame]]:
+    runs = await create_runs(network, spec, inputs[0].iloc[:0])
+    await transfer(network, runs, inputs, placement=placement)
+    await barrier(runs)
+    return runs, unpack(runs, spec)
+
+
+def assert_outputs(got: Sequence[pd.DataFrame], expected: Sequence[pd.DataFrame]) -> None:
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        pd.testing.assert_frame_equal(g, e)
+
+
+# ---------------------------------------------------------------------------- results
+
+
+@pytest.mark.parametrize("mode", ["direct", "delay", "chaos"])
+@pytest.mark.parametrize(
+    ("nparticipants", "ninputs", "npartitions_out"),
+    [(1, 3, 4), (2, 1, 1), (2, 7, 3), (3, 3, 7), (4, 20, 1), (5, 1, 20), (5, 12, 12)],
+)
+async def test_shuffle_matches_pandas(
+    make_network: Callable[..., Network],
+    mode: Mode,
+    nparticipants: int,
+    ninputs: int,
+    npartitions_out: int,
+) -> None:
+    network = make_network(nparticipants, mode=mode, seed=ninputs)
+    rows = [(7 * i) % 40 for i in range(ninputs)]  # includes an empty input partition
+    inputs = make_inputs(rows, npartitions_out=npartitions_out)
+    spec = make_spec(network, npartitions_out)
+    runs, got = await shuffle(network, inputs, spec)
+    assert_outputs(got, expected_outputs(inputs, npartitions_out))
+    stats = [run.stats for run in runs.values()]
+    assert sum(s.shards_local + s.shards_received for s in stats) == sum(
+        df[COLUMN].nunique() for df in inputs
+    )
+    assert sum(s.shards_sent for s in stats) == sum(s.shards_received for s in stats)
+    await network.close()
+
+
+@settings(
+    deadline=None,
+    max_examples=40,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    nparticipants=st.integers(1, 5),
+    npartitions_out=st.integers(1, 20),
+    rows=st.lists(st.integers(0, 50), min_size=1, max_size=20),
+    skew=st.booleans(),
+    drop_column=st.booleans(),
+    memory_limit=st.sampled_from([None, 0, 3000]),
+    message_bytes=st.sampled_from([1, 700, 1 << 20]),
+    mode=st.sampled_from(["direct", "delay", "chaos"]),
+    data=st.data(),
+)
+def test_random_shuffles_match_pandas(
+    nparticipants: int,
+    npartitions_out: int,
+    rows: list[int],
+    skew: bool,
+    drop_column: bool,
+    memory_limit: int | None,
+    message_bytes: int,
+    mode: Mode,
+    data: st.DataObject,
+) -> None:
+    skew_key = data.draw(st.integers(0, npartitions_out - 1)) if skew else None
+    placement = data.draw(
+        st.lists(st.integers(0, nparticipants - 1), min_size=len(rows), max_size=len(rows))
+    )
+    seed = data.draw(st.integers(0, 2**16))
+    inputs = make_inputs(rows, npartitions_out=npartitions_out, seed=seed, skew_key=skew_key)
+
+    async def scenario(root: Path) -> None:
+        options = RunOptions(
+            memory_limit=memory_limit,
+            spill_directory=root,
+            message_bytes=message_bytes,
+            send_buffer_bytes=4000,  # small: writers wait for their sends
+            limiter_timeout=10.0,
+            concurrency=2,
+        )
+        names = [f"p{i}" for i in range(nparticipants)]
+        network = Network(names, options=options, mode=mode, seed=seed)
+        spec = make_spec(network, npartitions_out, drop_column=drop_column)
+        try:
+            _, got = await shuffle(network, inputs, spec, placement=placement)
+            expected = expected_outputs(inputs, npartitions_out, drop_column=drop_column)
+            assert_outputs(got, expected)
+        finally:
+            await network.close()
+        network.assert_clean()
+
+    with tempfile.TemporaryDirectory() as root:
+        asyncio.run(scenario(Path(root)))
+        assert list(Path(root).iterdir()) == []
+
+
+async def test_all_empty_inputs_give_meta_shaped_outputs(
+    make_network: Callable[..., Network],
+) -> None:
+    network = make_network(3)
+    inputs = make_inputs([0, 0, 0], npartitions_out=5)
+    runs, got = await shuffle(network, inputs, make_spec(network, 5))
+    meta = inputs[0].iloc[:0].drop(columns=COLUMN)
+    for output in got:
+        assert output.empty
+        assert list(output.columns) == list(meta.columns)
+        pd.testing.assert_series_equal(output.dtypes, meta.dtypes)
+    assert network.sends == 0
+    assert all(run.stats.inputs_added == 1 for run in runs.values())
+    await network.close()
+
+
+@pytest.mark.parametrize("drop_column", [True, False])
+async def test_single_skewed_key_lands_in_one_partition(
+    make_network: Callable[..., Network], drop_column: bool
+) -> None:
+    network = make_network(4, message_bytes=1)  # one shard per message
+    inputs = make_inputs([200, 0, 150, 300], npartitions_out=6, skew_key=4)
+    spec = make_spec(network, 6, drop_column=drop_column)
+    runs, got = await shuffle(network, inputs, spec)
+    assert [len(o) for o in got] == [0, 0, 0, 0, 650, 0]
+    assert_outputs(got, expected_outputs(inputs, 6, drop_column=drop_column))
+    owner = runs[spec.owner_of(4)]
+    assert owner.stats.shards_local + owner.stats.shards_received == 3
+    await network.close()
+
+
+async def test_tiny_memory_limit_spills_and_close_deletes_the_files(
+    make_network: Callable[..., Network], spill_root: Path
+) -> None:
+    network = make_network(3, memory_limit=500)
+    inputs = make_inputs([60] * 6, npartitions_out=9)
+    spec = make_spec(network, 9)
+    runs = await create_runs(network, spec, inputs[0].iloc[:0])
+    await transfer(network, runs, inputs)
+    await barrier(runs)
+    spilled = [run.spill_directory for run in runs.values()]
+    assert all(d is not None and any(d.iterdir()) for d in spilled)
+    assert sorted(spill_root.iterdir()) == sorted(spilled)
+    assert_outputs(unpack(runs, spec), expected_outputs(inputs, 9))
+    for name, run in runs.items():
+        await network.managers[name].close_run(spec.shuffle_id, spec.run_id)
+        assert run.closed and run.spill_directory is None
+    assert list(spill_root.iterdir()) == []
+    await network.close()
+
+
+async def test_duplicate_deliveries_and_retried_inputs_are_ignored(
+    make_network: Callable[..., Network],
+) -> None:
+    network = make_network(3, mode="chaos", seed=7)
+    inputs = make_inputs([30, 20, 0, 40], npartitions_out=5)
+    spec = make_spec(network, 5)
+    runs = await create_runs(network, spec, inputs[0].iloc[:0])
+    await transfer(network, runs, inputs)
+    # A retried transfer task resends input 1 from another participant.
+    await runs[network.names[2]].add_partition(inputs[1], 1)
+    await barrier(runs)
+    received = sum(run.stats.shards_received for run in runs.values())
+    await network.replay()  # every message once more, after the barrier
+    assert sum(run.stats.shards_received for run in runs.values()) == received
+    assert sum(run.stats.duplicates_ignored for run in runs.values()) >= len(network.log)
+    assert_outputs(unpack(runs, spec), expected_outputs(inputs, 5))
+    await network.close()
+
+
+async def test_output_partitions_can_be_read_again(make_network: Callable[..., Network]) -> None:
+    network = make_network(2)
+    inputs = make_inputs([10, 10], npartitions_out=2)
+    spec = make_spec(network, 2)
+    runs, first = await shuffle(network, inputs, spec)
+    assert_outputs(unpack(runs, spec), first)  # a retried unpack task
+    await network.close()
+
+
+async def test_concurrent_shuffles_on_the_same_managers(
+    make_network: Callable[..., Network],
+) -> None:
+    network = make_network(3, mode="chaos", send_buffer_bytes=3000)
+    a = make_inputs([40, 30, 20], npartitions_out=4, seed=1)
+    b = make_inputs([25, 0, 35, 15], npartitions_out=7, seed=2)
+    spec_a = make_spec(network, 4, shuffle_id="a")
+    spec_b = make_spec(network, 7, shuffle_id="b", drop_column=False)
+    (_, got_a), (_, got_b) = await asyncio.gather(
+        shuffle(network, a, spec_a), shuffle(network, b, spec_b)
+    )
+    assert_outputs(got_a, expected_outputs(a, 4))
+    assert_outputs(got_b, expected_outputs(b, 7, drop_column=False))
+    assert {tuple(m.runs) for m in network.managers.values()} == {("a", "b")}
+    await network.close()
+
+
+# ------------------------------------------------------------------ runs and their ids
+
+
+async def test_newer_run_supersedes_and_stale_messages_are_rejected(
+    make_network: Callable[..., Network], spill_root: Path
+) -> None:
+    network = make_network(3, memory_limit=0)
+    inputs = make_inputs([30, 30, 30], npartitions_out=6)
+    meta = inputs[0].iloc[:0]
+    spec1 = make_spec(network, 6)
+    old = await create_runs(network, spec1, meta)
+    await transfer(network, old, inputs[:2])
+    stale_messages = list(network.log)
+    assert stale_messages and any(spill_root.iterdir())
+
+    spec2 = spec1.next_run(run_id=RunId(2))
+    new = await create_runs(network, spec2, meta)
+    assert list(spill_root.iterdir()) == []  # the old runs' spill files are gone
+    for run in old.values():
+        assert run.closed
+        errors = [
+            lambda: run.add_partition(inputs[2], 2),
+            lambda: run.receive(stale_messages[0][1]),
+            run.flush,
+        ]
+        for call in errors:
+            with pytest.raises(StaleRunError, match=r"run 1 is stale, run 2 superseded it"):
+                await call()
+        with pytest.raises(StaleRunError):
+            run.get_output_partition(run.owned.start)
+    for destination, wire in stale_messages:
+        with pytest.raises(StaleRunError) as info:
+            await network.managers[destination].receive(wire)
+        assert (info.value.run_id, info.value.current_run_id) == (1, 2)
+    for manager in network.managers.values():
+        with pytest.raises(StaleRunError):
+            await manager.get_or_create(spec1, meta)
+        with pytest.raises(StaleRunError):
+            manager.get_run(spec1.shuffle_id, spec1.run_id)
+
+    # The new run is untouched by all of that and completes.
+    await transfer(network, new, inputs)
+    await barrier(new)
+    assert_outputs(unpack(new, spec2), expected_outputs(inputs, 6))
+    await network.close()
+
+
+async def test_supersede_interrupts_a_writer_waiting_for_budget(
+    make_network: Callable[..., Network],
+) -> None:
+    network = make_network(2, send_buffer_bytes=1, message_bytes=1)
+    network.gate = asyncio.Event()  # peers accept nothing: the writer waits for budget
+    inputs = make_inputs([50], npartitions_out=4)
+    spec = make_spec(network, 4)
+    runs = await create_runs(network, spec, inputs[0].iloc[:0])
+    writer = asyncio.create_task(runs["actor-0"].add_partition(inputs[0], 0))
+    await asyncio.sleep(0.01)
+    assert not writer.done()
+    assert network.managers["actor-0"].send_limiter.acquired > 0
+    await network.managers["actor-0"].get_or_create(
+        spec.next_run(run_id=RunId(5)), inputs[0].iloc[:0]
+    )
+    with pytest.raises(StaleRunError):
+        await writer
+    assert network.managers["actor-0"].send_limiter.acquired == 0
+    await network.close()
+
+
+async def test_get_or_create_is_idempotent_and_checks_the_spec(
+    make_network: Callable[..., Network],
+) -> None:
+    network = make_network(2)
+    manager = network.managers["actor-0"]
+    meta = make_frame(0, npartitions_out=3, seed=0)
+    spec = make_spec(network, 3)
+    run = await manager.get_or_create(spec, meta)
+    assert await manager.get_or_create(spec, meta) is run
+    assert manager.get_run(spec.shuffle_id, spec.run_id) is run
+    different = ShuffleRunSpec(
+        shuffle_id=spec.shuffle_id,
+        run_id=spec.run_id,
+        npartitions_out=4,
+        participants=spec.participants,
+    )
+    with pytest.raises(ValueError, match="differs from"):
+        await manager.get_or_create(different, meta)
+    outsider = ShuffleRunSpec(
+        shuffle_id=ShuffleId("other"), run_id=RunId(1), npartitions_out=3, participants=("x",)
+    )
+    with pytest.raises(ValueError, match="'actor-0' is not a participant"):
+        await manager.get_or_create(outsider, meta)
+    assert list(manager.runs) == ["shuffle-a"]  # the refused spec left nothing behind
+    with pytest.raises(ValueError, match="partition column '_partitions' is not in meta"):
+        await manager.get_or_create(spec.next_run(run_id=RunId(2)), meta.drop(columns=COLUMN))
+
+    await manager.close_run(spec.shuffle_id, spec.run_id)
+    await manager.close_run(spec.shuffle_id, spec.run_id)  # idempotent
+    assert run.closed and dict(manager.runs) == {}
+    with pytest.raises(ShuffleClosedError, match="already closed on 'actor-0'"):
+        await manager.get_or_create(spec, meta)
+    with pytest.raises(ShuffleClosedError):
+        manager.get_run(spec.shuffle_id, spec.run_id)
+    # An abandoned run closed before it was created here stays closed.
+    await manager.close_run(spec.shuffle_id, RunId(3))
+    with pytest.raises(ShuffleClosedError):
+        await manager.get_or_create(spec.next_run(run_id=RunId(3)), meta)
+    assert (await manager.get_or_create(spec.next_run(run_id=RunId(4)), meta)).run_id == 4
+    await network.close()
+
+
+async def test_manager_rejects_bad_messages_and_keeps_serving(
+    make_network: Callable[..., Network],
+) -> None:
+    network = make_network(3)
+    inputs = make_inputs([20, 20, 20], npartitions_out=6)
+    spec = make_spec(network, 6)
+    runs = await create_runs(network, spec, inputs[0].iloc[:0])
+    receiver = network.managers["actor-1"]  # owns partitions 2 and 3
+    table = table_to_buffer(pa.Table.from_pandas(pd.DataFrame({"x": [1]})))
+
+    def message(
+        *,
+        shuffle_id: str = "shuffle-a",
+        run_id: int = 1,
+        sender: str = "actor-0",
+        partition: int = 2,
+    ) -> list[Any]:
+        return encode_message(
+            shuffle_id=ShuffleId(shuffle_id),
+            run_id=RunId(run_id),
+            sender=sender,
+            shards=[(ShardKey(partition, 0), table)],
+        ).frames()
+
+    rejected: list[tuple[list[Any], type[Exception], str]] = [
+        (message(shuffle_id="never-created"), UnknownRunError, "does not exist on 'actor-1'"),
+        (message(run_id=2), UnknownRunError, "run 2 does not exist"),
+        (message(partition=4), FrameError, r"output partitions \[4\].*owns only range\(2, 4\)"),
+        (message(partition=6), FrameError, "but the run has 6"),
+        (message(sender="intruder"), FrameError, "'intruder' is not a participant"),
+        ([b"garbage"], FrameError, "bad magic"),
+        ([], FrameError, "no header frame"),
+        (message()[:1], FrameError, "announces 1 buffers, the message carries 0"),
+    ]
+    for frames, error, match in rejected:
+        with pytest.raises(error, match=match):
+            await receiver.receive(frames)
+    assert runs["actor-1"].stats.messages_received == 0
+    assert runs["actor-1"].exception is None  # a bad message does not fail the run
+
+    await transfer(network, runs, inputs)
+    await barrier(runs)
+    assert_outputs(unpack(runs, spec), expected_outputs(inputs, 6))
+    await receiver.close_run(spec.shuffle_id, spec.run_id)
+    with pytest.raises(ShuffleClosedError):
+        await receiver.receive(message())
+    await network.close()
+    with pytest.raises(ShuffleClosedError, match="shuffle manager of 'actor-1' is closed"):
+        await receiver.receive(message())
+    with pytest.raises(ShuffleClosedError):
+        await receiver.get_or_create(spec.next_run(run_id=RunId(9)), inputs[0])
+
+
+# ---------------------------------------------------------------- failures and closing
+
+
+async def test_send_failure_is_the_first_failure_of_every_method(
+    make_network: Callable[..., Network],
+) -> None:
+    network = make_network(3, fail_after=2, message_bytes=1)
+    inputs = make_inputs([40, 40, 40], npartitions_out=6)
+    spec = make_spec(network, 6)
+    runs = await create_runs(network, spec, inputs[0].iloc[:0])
+    outcomes = await asyncio.gather(
+        *(run.add_partition(df, i) for i, (run, df) in enumerate(zip(runs.values(), inputs))),
+        return_exceptions=True,
+    )
+    outcomes += await asyncio.gather(*(r.flush() for r in runs.values()), return_exceptions=True)
+    assert any(isinstance(o, InjectedSendError) for o in outcomes)
+    failed = [run for run in runs.values() if run.exception is not None]
+    assert failed
+    for run in failed:
+        first = run.exception
+        assert isinstance(first, InjectedSendError)
+        for call in (lambda: run.add_partition(inputs[0], 0), run.flush, lambda: run.receive([])):
+            with pytest.raises(InjectedSendError) as info:
+                await call()
+            assert info.value is first
+        with pytest.raises(InjectedSendError) as info:
+            run.get_output_partition(run.owned.start)
+        assert info.value is first
+
+    # The driver fails the run everywhere with the root cause; first failures stay.
+    root_cause = failed[0].exception
+    assert root_cause is not None
+    before = {name: run.exception for name, run in runs.items()}
+    await asyncio.gather(*(run.fail(root_cause) for run in runs.values()))
+    for name, run in runs.items():
+        assert run.closed and run.exception is (before[name] or root_cause)
+        with pytest.raises(InjectedSendError):
+            await run.flush()
+    for manager in network.managers.values():
+        await manager.close_run(spec.shuffle_id, spec.run_id)
+    await network.close()
+
+
+@pytest.mark.parametrize("mode", ["direct", "chaos"])
+async def test_fail_keeps_the_first_failure_and_close_is_idempotent(
+    make_network: Callable[..., Network], mode: Mode
+) -> None:
+    network = make_network(2, mode=mode, memory_limit=0)
+    inputs = make_inputs([30, 30], npartitions_out=4)
+    spec = make_spec(network, 4)
+    runs = await create_runs(network, spec, inputs[0].iloc[:0])
+    await transfer(network, runs, inputs)
+    run = runs["actor-0"]
+    first, second = ShuffleError("first"), ValueError("second")
+    await asyncio.gather(run.fail(first), run.fail(second), run.close())
+    assert run.exception is first and run.closed and run.spill_directory is None
+    await run.close()
+    for call in (lambda: run.add_partition(inputs[0], 0), run.flush, lambda: run.receive([])):
+        with pytest.raises(ShuffleError, match="first"):
+            await call()
+    with pytest.raises(ShuffleError, match="first"):
+        run.get_output_partition(0)
+    # The manager still routes to the failed run, which reports its failure to senders.
+    table = table_to_buffer(pa.Table.from_pandas(inputs[0].iloc[:1].drop(columns=COLUMN)))
+    frames = encode_message(
+        shuffle_id=spec.shuffle_id,
+        run_id=spec.run_id,
+        sender="actor-1",
+        shards=[(ShardKey(0, 1), table)],
+    ).frames()
+    with pytest.raises(ShuffleError, match="first"):
+        await network.managers["actor-0"].receive(frames)
+    await network.close()
+
+
+async def test_plain_close_makes_every_method_raise_closed(
+    make_network: Callable[..., Network],
+) -> None:
+    network = make_network(2)
+    inputs = make_inputs([10], npartitions_out=2)
+    runs = await create_runs(network, make_spec(network, 2), inputs[0].iloc[:0])
+    run = runs["actor-1"]
+    await run.close()
+    await run.fail(RuntimeError("after close"))  # changes nothing
+    assert run.exception is None
+    for call in (lambda: run.add_partition(inputs[0], 0), run.flush, lambda: run.receive([])):
+        with pytest.raises(ShuffleClosedError, match=r"'shuffle-a' run 1 is closed"):
+            await call()
+    with pytest.raises(ShuffleClosedError):
+        run.get_output_partition(1)
+    await network.close()
+
+
+async def test_back_pressure_then_limiter_timeout(make_network: Callable[..., Network]) -> None:
+    network = make_network(2, send_buffer_bytes=100, message_bytes=1, limiter_timeout=0.05)
+    network.gate = asyncio.Event()
+    inputs = make_inputs([80, 80], npartitions_out=2)
+    runs = await create_runs(network, make_spec(network, 2), inputs[0].iloc[:0])
+    limiter = network.managers["actor-0"].send_limiter
+    with pytest.raises(LimiterTimeoutError, match="'actor-0-send' stayed full"):
+        await runs["actor-0"].add_partition(inputs[0], 0)
+    assert limiter.acquired > 0  # still queued, waiting for the peer
+    network.gate.set()  # the peer accepts again: everything drains
+    await barrier(runs)
+    assert limiter.acquired == 0 and runs["actor-0"].stats.shards_sent == 1
+    assert_outputs([runs["actor-1"].get_output_partition(1)], expected_outputs(inputs[:1], 2)[1:])
+    await network.close()
+
+
+async def test_misuse_is_refused_with_a_message(make_network: Callable[..., Network]) -> None:
+    network = make_network(2)
+    inputs = make_inputs([10, 10], npartitions_out=4)
+    runs = await create_runs(network, make_spec(network, 4), inputs[0].iloc[:0])
+    run = runs["actor-0"]  # owns partitions 0 and 1
+    with pytest.raises(RuntimeError, match="before flush"):
+        run.get_output_partition(0)
+    with pytest.raises(ValueError, match="has columns"):
+        await run.add_partition(inputs[0].drop(columns="i8"), 0)
+    with pytest.raises(ValueError, match=r"int in \[0, 2\*\*32\)"):
+        await run.add_partition(inputs[0], -1)
+    with pytest.raises(ValueError, match="and below 4"):
+        await run.add_partition(inputs[0].assign(**{COLUMN: 4}), 0)
+    with pytest.raises(TypeError, match="expected a pandas DataFrame"):
+        await run.add_partition(inputs[0].to_dict(), 0)  # type: ignore[arg-type]
+    assert run.exception is None  # bad input is the caller's error, not the run's
+    await barrier(runs)
+    with pytest.raises(RuntimeError, match="arrived after flush"):
+        await run.add_partition(inputs[1], 1)
+    with pytest.raises(ValueError, match="partition 2 belongs to 'actor-1'"):
+        run.get_output_partition(2)
+    assert run.get_output_partition(0).empty
+    await network.close()
+
+
+def test_unknown_run_error_pickles() -> None:
+    error = UnknownRunError("s", 3, "actor-0")
+    clone = pickle.loads(pickle.dumps(error))
+    assert type(clone) is UnknownRunError and str(clone) == str(error)
+    assert isinstance(clone, ShuffleError) and isinstance(clone, LookupError)
+
+
+def test_run_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="memory_limit"):
+        RunOptions(memory_limit=-1)
+    with pytest.raises(ValueError, match="message_bytes and concurrency"):
+        RunOptions(concurrency=0)
+    with pytest.raises(ValueError, match="send_buffer_bytes"):
+        RunOptions(send_buffer_bytes=0)
+    with pytest.raises(ValueError, match="limiter_timeout"):
+        RunOptions(limiter_timeout=0)
