@@ -12,9 +12,11 @@ __all__ = [
     "BufferClosedError",
     "FrameError",
     "LimiterTimeoutError",
+    "RemoteShuffleError",
     "ShuffleClosedError",
     "ShuffleError",
     "StaleRunError",
+    "UnknownRunError",
 ]
 
 
@@ -54,6 +56,23 @@ class ShuffleClosedError(ShuffleError):
             f"shuffle {self.shuffle_id!r} run {self.run_id} is closed{why} and accepts "
             "no more calls; if its output is still needed, restart the shuffle under a "
             "new run"
+        )
+
+
+class UnknownRunError(ShuffleError, LookupError):
+    """A message or call named a run that was never created on this participant."""
+
+    def __init__(self, shuffle_id: str, run_id: int, participant: str) -> None:
+        super().__init__(shuffle_id, run_id, participant)
+        self.shuffle_id = shuffle_id
+        self.run_id = run_id
+        self.participant = participant
+
+    def __str__(self) -> str:
+        return (
+            f"shuffle {self.shuffle_id!r} run {self.run_id} does not exist on "
+            f"{self.participant!r}; the driver must create a run on every participant "
+            "before any participant sends to it"
         )
 
 
@@ -107,3 +126,20 @@ class BufferClosedError(ShuffleError):
             f"{self.name!r} is closed and accepts no more calls; it served one run, so "
             "a new run needs a new one"
         )
+
+
+class RemoteShuffleError(ShuffleError):
+    """A shuffle actor refused a message with an error that has no typed twin here.
+
+    Typed shuffle errors travel back to senders as themselves (see ``_reply``); anything
+    else (a bug, a full disk) arrives as this, naming the original type and message.
+    """
+
+    def __init__(self, peer: str, type_name: str, message: str) -> None:
+        super().__init__(peer, type_name, message)
+        self.peer = peer
+        self.type_name = type_name
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.peer} refused a message: {self.type_name}: {self.message}"

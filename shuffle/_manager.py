@@ -32,46 +32,39 @@ from typing import Any
 
 import pandas as pd
 
-from shuffle._exceptions import FrameError, ShuffleClosedError, ShuffleError, StaleRunError
+from shuffle._exceptions import FrameError, ShuffleClosedError, StaleRunError, UnknownRunError
 from shuffle._ids import RunId, ShuffleId
 from shuffle._limiter import ResourceLimiter
 from shuffle._run import DEFAULT_OPTIONS, DataFrameShuffleRun, RunOptions, SendFn
 from shuffle._serialize import decode_header
 from shuffle._spec import ShuffleRunSpec
 
+# UnknownRunError lives in _exceptions with the other typed errors; re-exported here.
 __all__ = ["ShuffleManager", "UnknownRunError"]
 
 logger = logging.getLogger(__name__)
-
-
-class UnknownRunError(ShuffleError, LookupError):
-    """A message or call named a run that was never created on this participant."""
-
-    def __init__(self, shuffle_id: str, run_id: int, participant: str) -> None:
-        super().__init__(shuffle_id, run_id, participant)
-        self.shuffle_id = shuffle_id
-        self.run_id = run_id
-        self.participant = participant
-
-    def __str__(self) -> str:
-        return (
-            f"shuffle {self.shuffle_id!r} run {self.run_id} does not exist on "
-            f"{self.participant!r}; the driver must create a run on every participant "
-            "before any participant sends to it"
-        )
 
 
 class ShuffleManager:
     """The runs of one participant ``local``; every run sends through ``send``.
 
     All runs share one send budget (``options.send_buffer_bytes``), so back-pressure
-    holds per participant however many shuffles run at once.
+    holds per participant however many shuffles run at once. ``accept_any_sender`` is
+    passed to every run (see ``DataFrameShuffleRun``).
     """
 
-    def __init__(self, *, local: str, send: SendFn, options: RunOptions = DEFAULT_OPTIONS) -> None:
+    def __init__(
+        self,
+        *,
+        local: str,
+        send: SendFn,
+        options: RunOptions = DEFAULT_OPTIONS,
+        accept_any_sender: bool = False,
+    ) -> None:
         self.local = local
         self.options = options
         self._send = send
+        self._accept_any_sender = accept_any_sender
         self._send_limiter = ResourceLimiter(options.send_buffer_bytes, name=f"{local}-send")
         self._runs: dict[ShuffleId, DataFrameShuffleRun] = {}
         self._newest: dict[ShuffleId, RunId] = {}  # survives close, unlike _runs
@@ -123,6 +116,7 @@ class ShuffleManager:
             send=self._send,
             options=self.options,
             send_limiter=self._send_limiter,
+            accept_any_sender=self._accept_any_sender,
         )
         # Register before awaiting anything, so concurrent callers see the new run.
         self._runs[shuffle_id] = run

@@ -10,6 +10,9 @@ A run lives on one participant (one actor) for one ``(shuffle_id, run_id)``:
 * **receive**: ``receive(frames)`` takes one message from a peer, checks that it belongs
   to this run and only names partitions this participant owns, and stores its shards.
   Shards are keyed by ``ShardKey``, so a piece resent by a retried transfer is dropped.
+  With ``accept_any_sender`` the sender need not be a participant: in the Ray service,
+  transfer tasks (not actors) send, and the transport has already authenticated them;
+  dedupe by ``ShardKey`` does not depend on who sent a shard.
 * **barrier**: ``flush()`` returns once every message this participant queued has been
   accepted by its peer. When every participant's ``flush`` has returned, every shard is
   in its owner's store; coordinating that is the caller's job (the driver's barrier).
@@ -123,7 +126,9 @@ class DataFrameShuffleRun:
     ``meta`` is dask's empty frame for the input partitions, partition column included.
     ``send_limiter`` lets several runs share one send budget (the manager passes its
     own); without one the run gets a private limiter of ``options.send_buffer_bytes``.
-    Use from one event loop; ``get_output_partition`` may also run in a worker thread.
+    ``accept_any_sender`` accepts messages whose sender is not a participant (see the
+    module docstring). Use from one event loop; ``get_output_partition`` may also run in
+    a worker thread.
     """
 
     def __init__(
@@ -135,6 +140,7 @@ class DataFrameShuffleRun:
         send: SendFn,
         options: RunOptions = DEFAULT_OPTIONS,
         send_limiter: ResourceLimiter | None = None,
+        accept_any_sender: bool = False,
     ) -> None:
         if spec.column not in meta.columns:
             raise ValueError(
@@ -149,6 +155,7 @@ class DataFrameShuffleRun:
         self.owned = spec.partitions_of(local)  # raises if local is no participant
         self.stats = RunStats()
         self._send = send
+        self._accept_any_sender = accept_any_sender
         name = f"{spec.shuffle_id}[{spec.run_id}]@{local}"
         self._name = name
         self._buffer: ShardsBuffer[ShardKey, pa.Buffer] = ShardsBuffer(
@@ -253,7 +260,8 @@ class DataFrameShuffleRun:
         """Store the shards of one message from a peer.
 
         Rejects, without storing anything: malformed frames, another shuffle, a peer
-        that is not a participant, or partitions this participant does not own
+        that is not a participant (unless ``accept_any_sender``), or partitions this
+        participant does not own
         (``FrameError``), and another run of this shuffle (``StaleRunError``). A
         rejected message does not fail the run; the sender gets the error.
         """
@@ -266,7 +274,7 @@ class DataFrameShuffleRun:
                 f"{header.sender!r}"
             )
         self.spec.check_run_id(header.run_id)
-        if header.sender not in self.spec.participants:
+        if not self._accept_any_sender and header.sender not in self.spec.participants:
             raise FrameError(f"{self}: sender {header.sender!r} is not a participant")
         foreign = sorted(
             {e.output_partition for e in header.entries if e.output_partition not in self.owned}

@@ -16,7 +16,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -43,9 +43,6 @@ from shuffle._transport._common import KIND_DATA, MAGIC, PREFIX, VERSION, prepar
 from shuffle._transport.local import LocalTransport
 from shuffle._transport.tcp import TcpTransport
 
-# Loopback only: keep UCX's TCP lanes off every other interface (read when UCX starts).
-os.environ.setdefault("UCX_NET_DEVICES", "lo")
-
 T = TypeVar("T")
 SECRET = b"s" * 32
 WAIT = 20.0  # bound on any single wait
@@ -56,6 +53,20 @@ skip_without_ucx = pytest.mark.skipif(
     not ucx_module.is_available(), reason="ucxx cannot be imported"
 )
 TRANSPORTS = ["local", "tcp", pytest.param("ucx", marks=[pytest.mark.ucx, skip_without_ucx])]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loopback_only() -> Iterator[None]:
+    """Loopback only: keep UCX's TCP lanes off every other interface (read when UCX starts).
+
+    Set for this module's tests only. Set at import time, it leaked into every process
+    started later in the session (the session's Ray and its workers), where UCX could
+    then not reach the node addresses the shuffle actors advertise.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        if "UCX_NET_DEVICES" not in os.environ:
+            patch.setenv("UCX_NET_DEVICES", "lo")
+        yield
 
 
 @pytest.fixture(params=TRANSPORTS)

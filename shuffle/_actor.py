@@ -1,0 +1,229 @@
+"""``ShuffleActor``: the thin async Ray shell around one participant's ``ShuffleManager``.
+
+One actor per node receives the shards of the output partitions it owns. It never
+sends: transfer tasks send to it directly (``_client``), so its manager accepts
+messages from any authenticated sender, and a run's "inputs done" is simply declared
+when the first output partition is asked for (after the driver's barrier).
+
+Per accepted connection the listener runs ``_serve``: receive a message, route it to
+the manager, answer with an ack or the typed error that refused it (``_reply``), and
+keep serving; a refused message never closes the connection or affects other runs.
+Output partitions leave as the return value of ``get_output_partition``, so they
+become ObjectRefs owned by the caller. The concatenation runs in a thread, so the
+loop keeps receiving meanwhile.
+
+Ray runs async actors' methods on one event loop; ``max_concurrency`` bounds how many
+calls may wait at once, not CPU use (the actor asks for no CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from shuffle._exceptions import ShuffleError
+from shuffle._ids import RunId, ShuffleId
+from shuffle._manager import ShuffleManager
+from shuffle._reply import ACK, encode_error
+from shuffle._run import DEFAULT_OPTIONS, RunOptions, RunStats
+from shuffle._spec import ShuffleRunSpec
+from shuffle._transport import (
+    EndOfStream,
+    Endpoint,
+    Listener,
+    Transport,
+    TransportConfig,
+    TransportName,
+    get_transport,
+)
+
+__all__ = ["ACTOR_ENV", "MAX_CONCURRENCY", "RunInfo", "ShuffleActor", "create_shuffle_actor"]
+
+logger = logging.getLogger(__name__)
+
+#: Set in the actor's process before UCX starts; ``_transport/ucx.py`` explains both.
+ACTOR_ENV = {"UCX_MM_ERROR_HANDLING": "y", "UCX_WARN_UNUSED_ENV_VARS": "n"}
+#: Concurrent calls (unpack calls of many runs) that may wait on the actor's loop.
+MAX_CONCURRENCY = 1000
+#: Threads concatenating output partitions; a few, so the loop is never starved of CPU.
+_UNPACK_THREADS = 2
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One open run on one actor, as ``ShuffleActor.runs()`` reports it."""
+
+    shuffle_id: ShuffleId
+    run_id: RunId
+    participant: str
+    failed: str | None  # repr of the first failure
+    spill_directory: str | None
+    stats: RunStats
+
+
+async def _never_send(destination: str, frames: list[Any]) -> None:
+    raise RuntimeError(
+        f"a shuffle actor tried to send to {destination!r}; actors only receive, transfer "
+        "tasks send (shuffle._client)"
+    )
+
+
+class ShuffleActor:
+    """One participant of every shuffle run on one node (module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        secret: bytes,
+        transport: TransportName,
+        host: str,
+        options: RunOptions = DEFAULT_OPTIONS,
+    ) -> None:
+        self.name = name
+        self._host = host
+        self._transport_name = transport
+        self._config = TransportConfig(secret=secret)
+        self._manager = ShuffleManager(
+            local=name, send=_never_send, options=options, accept_any_sender=True
+        )
+        self._executor = ThreadPoolExecutor(_UNPACK_THREADS, thread_name_prefix=f"{name}-unpack")
+        self._transport: Transport | None = None
+        self._listener: Listener | None = None
+        self._start_lock = asyncio.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:  # Ray names the actor's log lines with it, once
+        return f"ShuffleActor({self.name})"
+
+    async def start(self) -> str:
+        """Start listening (once) and return the address senders connect to."""
+        async with self._start_lock:
+            self._check_open()
+            if self._listener is None:
+                transport = get_transport(self._transport_name, config=self._config)
+                try:
+                    self._listener = await transport.listen(self._host, 0, self._serve)
+                except BaseException:
+                    await transport.close()
+                    raise
+                self._transport = transport
+                logger.info("%s listening on %s", self.name, self._listener.address)
+            return self._listener.address
+
+    async def start_run(self, spec: ShuffleRunSpec, meta: pd.DataFrame) -> None:
+        """Create the run of ``spec`` here (idempotent); a newer run id supersedes."""
+        self._check_open()
+        await self._manager.get_or_create(spec, meta)
+
+    async def get_output_partition(
+        self, shuffle_id: ShuffleId, run_id: RunId, partition: int
+    ) -> pd.DataFrame:
+        """Output ``partition`` of the run; call only after every transfer returned."""
+        run = self._manager.get_run(shuffle_id, run_id)
+        await run.flush()  # declares this participant's inputs done; nothing to send
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, run.get_output_partition, partition)
+
+    async def unpack(
+        self, shuffle_id: ShuffleId, run_id: RunId, partition: int, *after: Any
+    ) -> tuple[str, pd.DataFrame]:
+        """``get_output_partition`` as the scheduler submits it, with ``num_returns=2``.
+
+        ``after`` holds the barrier's result: passed as an ObjectRef, it makes Ray start
+        this call only once every transfer returned (its value is not used). Returns
+        ``(worker id, partition)``: a tiny status the scheduler reads, and the
+        partition, which stays in the object store as a driver-owned object.
+        """
+        df = await self.get_output_partition(shuffle_id, run_id, partition)
+        return ray.get_runtime_context().get_worker_id(), df
+
+    async def close_run(self, shuffle_id: ShuffleId, run_id: RunId) -> None:
+        """Close the run (and any older one of the shuffle), deleting its spill files."""
+        await self._manager.close_run(shuffle_id, run_id)
+
+    async def runs(self) -> list[RunInfo]:
+        """The open runs here, for introspection and cleanup assertions."""
+        return [
+            RunInfo(
+                shuffle_id=run.shuffle_id,
+                run_id=run.run_id,
+                participant=self.name,
+                failed=None if run.exception is None else repr(run.exception),
+                spill_directory=None if run.spill_directory is None else str(run.spill_directory),
+                stats=run.stats,
+            )
+            for run in self._manager.runs.values()
+        ]
+
+    async def node_id(self) -> str:
+        """The Ray node this actor runs on."""
+        return ray.get_runtime_context().get_node_id()
+
+    async def close(self) -> None:
+        """Close every run, the listener and the transport; idempotent."""
+        self._closed = True
+        await self._manager.close()
+        if self._transport is not None:
+            await self._transport.close()  # closes the listener and its endpoints
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _serve(self, endpoint: Endpoint) -> None:
+        while True:
+            try:
+                frames = await endpoint.recv()
+            except EndOfStream:
+                return
+            try:
+                await self._manager.receive(frames)
+            except Exception as e:  # noqa: BLE001 -- reported to the sender; keep serving
+                # Typed refusals (stale runs, closed runs) are expected around restarts.
+                logger.log(
+                    logging.INFO if isinstance(e, ShuffleError) else logging.WARNING,
+                    "%s refused a message from %s: %r",
+                    self.name,
+                    endpoint.name,
+                    e,
+                )
+                reply = encode_error(e)
+            else:
+                reply = ACK
+            await endpoint.send(reply)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"shuffle actor {self.name!r} is closed")
+
+
+_RemoteShuffleActor = ray.remote(ShuffleActor)
+
+
+def create_shuffle_actor(
+    *,
+    node_id: str,
+    name: str,
+    secret: bytes,
+    transport: TransportName,
+    host: str,
+    options: RunOptions = DEFAULT_OPTIONS,
+) -> Any:
+    """Create a ``ShuffleActor`` pinned to ``node_id``; returns its ActorHandle.
+
+    The actor is owned by the caller (not detached), so it dies with its owner, and it
+    is not restarted by Ray: the owner re-creates a dead one (``ShuffleService``).
+    """
+    return _RemoteShuffleActor.options(
+        num_cpus=0,  # it waits on I/O; the unpack threads are short
+        max_concurrency=MAX_CONCURRENCY,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        runtime_env={"env_vars": dict(ACTOR_ENV)},
+        name=None,
+        max_restarts=0,
+    ).remote(name=name, secret=secret, transport=transport, host=host, options=options)

@@ -1,0 +1,434 @@
+"""The sending side of the shuffle, as it runs inside Ray transfer tasks.
+
+Transfer tasks run synchronously in ordinary Ray worker processes, which Ray reuses
+across tasks. Each process gets one ``ShuffleClient`` (``get_client``, created on first
+use and closed at interpreter exit) that owns:
+
+* one background thread running an asyncio loop, where every transport operation
+  happens (ucxx binds its threads to one loop per process, and connections outlive
+  tasks, so the loop must too);
+* one transport and one ``EndpointPool`` per ``(transport, secret)``: authenticated
+  endpoints keyed by actor address, reused by later tasks and runs.
+
+``ShuffleClient.shuffle(df, handle, i)`` splits input partition ``i`` in the calling
+thread (CPU work stays off the loop), then on the loop batches the pieces per owner
+through a ``ShardsBuffer`` and sends each message as a request: the owner's actor
+answers with an ack once it stored the shards, or with the typed error that refused
+them (``_reply``). It returns once every message was acknowledged, which is what
+makes the transfer -> barrier -> unpack order sound.
+
+Every wait has a deadline: one request (lock, connect, send, ack) is bounded by
+``ClientConfig.request_timeout``, budget waits by ``RunOptions.limiter_timeout`` and a
+whole ``shuffle`` call by ``ClientConfig.transfer_timeout``. A request that fails on a
+pooled connection is retried once on a fresh one: the actor may have dropped an idle
+connection, and a resent shard is dropped by its ``ShardKey`` if it had arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import logging
+import os
+import socket
+import threading
+from collections import OrderedDict
+from collections.abc import Collection, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import pandas as pd
+import pyarrow as pa
+
+from shuffle._buffer import ShardsBuffer
+from shuffle._handle import RunHandle
+from shuffle._ids import ShardKey
+from shuffle._limiter import ResourceLimiter
+from shuffle._partition import group_by_owner, split_by_partition
+from shuffle._reply import decode_reply
+from shuffle._serialize import encode_message, table_to_buffer
+from shuffle._transport import (
+    ClosedResourceError,
+    Endpoint,
+    Transport,
+    TransportConfig,
+    TransportError,
+    TransportName,
+    get_transport,
+)
+
+__all__ = ["ClientConfig", "EndpointPool", "ShuffleClient", "get_client", "split_for_sending"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Shards = dict[str, list[tuple[ShardKey, pa.Buffer]]]
+_MAX_PARTITION = (1 << 32) - 1  # the wire header stores partitions as u32
+_SCHEMES = ("ucx", "tcp", "local")
+#: Pools (one per transport and secret, i.e. per shuffle service) kept open; the least
+#: recently used beyond this are closed, so a long-lived worker does not keep the
+#: connections of services that are gone.
+_MAX_POOLS = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    """Deadlines of the sending side, in seconds."""
+
+    #: One message: waiting for its endpoint, connecting, sending, and the ack.
+    request_timeout: float = 120.0
+    #: One whole ``shuffle`` call (all messages of one input partition).
+    transfer_timeout: float = 3600.0
+    #: Closing the client: endpoints, transports and the loop thread.
+    close_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("request_timeout", "transfer_timeout", "close_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+
+class EndpointPool:
+    """Authenticated endpoints of one transport, one per address, used as request/response.
+
+    Use from one event loop. One request at a time per endpoint (a lock), so replies
+    pair with requests by order alone.
+    """
+
+    def __init__(self, transport: Transport, *, request_timeout: float) -> None:
+        self._transport = transport
+        self._request_timeout = request_timeout
+        self._endpoints: dict[str, Endpoint] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<EndpointPool {self._transport.scheme} endpoints={sorted(self._endpoints)}>"
+
+    @property
+    def addresses(self) -> list[str]:
+        """Addresses with an open pooled endpoint."""
+        return sorted(self._endpoints)
+
+    def retain(self, addresses: Collection[str]) -> None:
+        """Drop the endpoints to every other address (actors that were replaced)."""
+        for address in set(self._endpoints) - set(addresses):
+            lock = self._locks.get(address)
+            if lock is None or not lock.locked():
+                self._discard(address, self._endpoints[address])
+                self._locks.pop(address, None)
+
+    async def send(self, address: str, frames: Sequence[Any]) -> None:
+        """Send one message to ``address`` and wait for its ack; raise the peer's error."""
+        if self._closed:
+            raise ClosedResourceError(f"{self!r} is closed")
+        lock = self._locks.setdefault(address, asyncio.Lock())
+        deadline = asyncio.timeout(self._request_timeout)
+        try:
+            async with deadline, lock:
+                reply = await self._exchange(address, frames)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise TimeoutError(
+                f"{address} did not acknowledge a shuffle message within "
+                f"{self._request_timeout:g} s (ClientConfig.request_timeout)"
+            ) from None
+        error = decode_reply(reply, peer=address)
+        if error is not None:
+            error.add_note(f"reported by the shuffle actor at {address}")
+            raise error
+
+    async def _exchange(self, address: str, frames: Sequence[Any]) -> list[Any]:
+        endpoint = self._endpoints.get(address)
+        if endpoint is not None:
+            try:
+                return await self._request(address, endpoint, frames)
+            except TransportError as e:
+                logger.info("%s: pooled connection failed (%s); reconnecting", address, e)
+        endpoint = await self._transport.connect(address)
+        self._endpoints[address] = endpoint
+        return await self._request(address, endpoint, frames)
+
+    async def _request(self, address: str, endpoint: Endpoint, frames: Sequence[Any]) -> list[Any]:
+        try:
+            await endpoint.send(frames)
+            return await endpoint.recv()
+        except BaseException:
+            # Cancelled, timed out or broken half-way: a reply may still be in flight,
+            # so this connection can no longer pair replies with requests.
+            self._discard(address, endpoint)
+            raise
+
+    def _discard(self, address: str, endpoint: Endpoint) -> None:
+        endpoint.abort()
+        if self._endpoints.get(address) is endpoint:
+            del self._endpoints[address]
+
+    async def close(self, *, graceful: bool = True) -> None:
+        """Close every endpoint (``graceful=False``: abort them) and the transport."""
+        self._closed = True
+        endpoints = list(self._endpoints.values())
+        self._endpoints.clear()
+        if graceful:
+            await asyncio.gather(*(ep.close() for ep in endpoints), return_exceptions=True)
+        else:
+            for endpoint in endpoints:
+                endpoint.abort()
+        await self._transport.close()
+
+
+def split_for_sending(df: pd.DataFrame, handle: RunHandle, input_partition: int) -> Shards:
+    """Input partition ``input_partition`` as ``{owner: [(ShardKey, Arrow IPC bytes)]}``.
+
+    CPU work (sort, gather, IPC encoding): runs in the calling thread, not on the loop.
+    """
+    spec = handle.spec
+    where = f"shuffle {spec.shuffle_id!r} run {spec.run_id}"
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"{where}: expected a pandas DataFrame, got {type(df).__name__}")
+    if set(df.columns) != set(handle.meta.columns):
+        raise ValueError(
+            f"{where}: input partition {input_partition} has columns "
+            f"{sorted(map(str, df.columns))}, meta has {sorted(map(str, handle.meta.columns))}"
+        )
+    if (
+        isinstance(input_partition, bool)
+        or not isinstance(input_partition, int)
+        or not 0 <= input_partition <= _MAX_PARTITION
+    ):
+        raise ValueError(
+            f"{where}: input partition must be an int in [0, 2**32), got {input_partition!r}"
+        )
+    tables = split_by_partition(
+        df, column=spec.column, npartitions=spec.npartitions_out, drop_column=spec.drop_column
+    )
+    return {
+        owner: [(ShardKey(p, input_partition), table_to_buffer(t)) for p, t in items]
+        for owner, items in group_by_owner(tables, owner_of=spec.owner_of).items()
+    }
+
+
+class ShuffleClient:
+    """One process's sender: a loop thread, transports and endpoint pools (module doc).
+
+    Call ``send``/``shuffle`` from any thread except the client's own loop thread.
+    """
+
+    def __init__(self, *, config: ClientConfig | None = None) -> None:
+        self.config = config if config is not None else ClientConfig()
+        #: How messages name their sender; receivers log it, they do not check it.
+        self.name = f"transfer@{socket.gethostname()}:{os.getpid()}"
+        self._pools: OrderedDict[tuple[str, bytes], EndpointPool] = OrderedDict()  # loop only
+        self._lock = threading.Lock()
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._run_loop, name="shuffle-client-loop", daemon=True
+        )
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"<ShuffleClient {self.name} closed={self._closed}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def send(self, address: str, frames: Sequence[Any], *, secret: bytes) -> None:
+        """Send one message to the actor at ``address``; return once it acknowledged."""
+        self._call(self._send(address, frames, secret), None)  # bounded by the request
+
+    def shuffle(self, df: pd.DataFrame, handle: RunHandle, input_partition: int) -> None:
+        """Send input partition ``input_partition`` of ``handle``'s run to its owners.
+
+        Returns once every owner acknowledged every piece; raises the first failure
+        (a peer's typed error such as ``StaleRunError``, a transport error, a timeout).
+        """
+        shards = split_for_sending(df, handle, input_partition)
+        if shards:
+            self._call(
+                self._send_shards(handle, input_partition, shards),
+                self.config.transfer_timeout,
+            )
+
+    def close(self, *, graceful: bool = True) -> None:
+        """Close every pool and stop the loop thread; idempotent, bounded in time.
+
+        ``graceful=False`` aborts the connections instead of saying goodbye (at exit:
+        ucxx's own exit hook may have stopped the thread a goodbye would wait for).
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if threading.current_thread() is self._thread:
+            raise RuntimeError(f"{self!r}: close() was called from its own loop thread")
+        timeout = self.config.close_timeout
+        future = asyncio.run_coroutine_threadsafe(self._aclose(graceful), self._loop)
+        try:
+            future.result(timeout)
+        except Exception as e:  # noqa: BLE001 -- closing is best effort; what is left dies with the loop
+            logger.warning("%r: closing failed: %r", self, e)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("%r: loop thread did not stop within %g s", self, timeout)
+        else:
+            self._loop.close()
+
+    # ---- on the loop thread
+
+    async def _pool(self, scheme: str, secret: bytes) -> EndpointPool:
+        # Only ever called on the loop thread, so the dict needs no lock.
+        key = (scheme, secret)
+        pool = self._pools.get(key)
+        if pool is not None:
+            self._pools.move_to_end(key)
+        else:
+            if scheme not in _SCHEMES:
+                raise ValueError(f"no shuffle transport for addresses of scheme {scheme!r}")
+            transport = get_transport(
+                cast(TransportName, scheme), config=TransportConfig(secret=secret)
+            )
+            pool = self._pools[key] = EndpointPool(
+                transport, request_timeout=self.config.request_timeout
+            )
+            while len(self._pools) > _MAX_POOLS:
+                _, oldest = self._pools.popitem(last=False)
+                await oldest.close()
+        return pool
+
+    async def _send(self, address: str, frames: Sequence[Any], secret: bytes) -> None:
+        pool = await self._pool(address.partition("://")[0], secret)
+        await pool.send(address, frames)
+
+    async def _send_shards(self, handle: RunHandle, input_partition: int, shards: Shards) -> None:
+        spec, options = handle.spec, handle.options
+        pool = await self._pool(handle.transport, handle.secret)
+        pool.retain(handle.addresses.values())
+        name = f"{spec.shuffle_id}[{spec.run_id}] input {input_partition}"
+
+        async def send_batch(owner: str, batch: list[tuple[ShardKey, pa.Buffer]]) -> None:
+            message = encode_message(
+                shuffle_id=spec.shuffle_id, run_id=spec.run_id, sender=self.name, shards=batch
+            )
+            await pool.send(handle.addresses[owner], message.frames())
+
+        buffer: ShardsBuffer[ShardKey, pa.Buffer] = ShardsBuffer(
+            send=send_batch,
+            limiter=ResourceLimiter(options.send_buffer_bytes, name=f"{name}-send"),
+            message_bytes=options.message_bytes,
+            timeout=options.limiter_timeout,
+            concurrency=options.concurrency,
+            name=name,
+        )
+        try:
+            await buffer.write(shards)
+            await buffer.close()  # returns once every message was acknowledged
+        except BaseException:
+            await buffer.abort()
+            raise
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s: %d messages, %d bytes acknowledged",
+                name,
+                buffer.messages_sent,
+                buffer.nbytes_sent,
+            )
+
+    async def _aclose(self, graceful: bool) -> None:
+        current = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        pools = list(self._pools.values())
+        self._pools.clear()
+        closing = (p.close(graceful=graceful) for p in pools)
+        for result in await asyncio.gather(*closing, return_exceptions=True):
+            if isinstance(result, BaseException):
+                logger.warning("%r: closing a pool failed: %r", self, result)
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        """Run ``coro`` on the loop; ``timeout=None`` if it bounds itself (one request)."""
+        if self._closed:
+            coro.close()
+            raise ClosedResourceError(f"{self!r} is closed")
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError(f"{self!r}: blocking call from its own loop thread")
+        # The deadline is enforced on the loop, which cancels the work cleanly; the
+        # wait here has a later one in case the loop stopped (a racing close()).
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(
+            coro if timeout is None else _with_deadline(coro, timeout), self._loop
+        )
+        bound = (self.config.request_timeout if timeout is None else timeout) + (
+            self.config.close_timeout
+        )
+        try:
+            return future.result(bound)
+        except TimeoutError:
+            if future.done():
+                raise  # the coroutine's own timeout, with its own message
+            future.cancel()
+            raise TimeoutError(f"{self!r}: its loop did not answer within {bound:g} s") from None
+
+
+async def _with_deadline(coro: Coroutine[Any, Any, T], timeout: float) -> T:
+    deadline = asyncio.timeout(timeout)
+    try:
+        async with deadline:
+            return await coro
+    except TimeoutError:
+        if not deadline.expired():
+            raise  # a deadline inside, e.g. a request's, with its own message
+        raise TimeoutError(f"shuffle client call did not finish within {timeout:g} s") from None
+
+
+class _PerProcess:
+    """Holds the one ``ShuffleClient`` of this process.
+
+    A transfer task is a plain function in a reused worker process: the only place a
+    client can outlive one task is process-wide state. This holder is that state, the
+    single exception to "no module globals", and it re-creates the client in a forked
+    child (whose copy of the loop thread does not exist).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._client: ShuffleClient | None = None
+        self._pid = 0
+        self._exit_hook = False
+
+    def get(self) -> ShuffleClient:
+        with self._lock:
+            if self._client is None or self._pid != os.getpid() or self._client.closed:
+                self._client = ShuffleClient()
+                self._pid = os.getpid()
+                if not self._exit_hook:
+                    # Before the interpreter joins threads and stops executors: closing
+                    # a UCX transport needs an executor thread (ucx.py does the same).
+                    register = getattr(threading, "_register_atexit", atexit.register)
+                    register(self._close_at_exit)
+                    self._exit_hook = True
+            return self._client
+
+    def _close_at_exit(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None and self._pid == os.getpid():
+            client.close(graceful=False)
+
+
+_PROCESS = _PerProcess()
+
+
+def get_client() -> ShuffleClient:
+    """This process's client, created on first use and closed at interpreter exit."""
+    return _PROCESS.get()

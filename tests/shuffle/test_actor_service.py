@@ -1,0 +1,377 @@
+"""Tier 3: the shuffle service on real Ray, out of band over TCP and UCX.
+
+Transfer tasks (``ray.remote(transfer)``) send input partitions straight to the shuffle
+actor owning each output partition; after they return, actor calls hand the outputs
+back as driver-owned ObjectRefs. Single-node tests share the session's Ray
+(``ray_session``) and one ``ShuffleService`` per transport; the two-node test runs a
+``ray.cluster_utils.Cluster`` in a subprocess, because one process can hold only one
+Ray connection and the session's is in use. Every test ends with a cleanup assertion:
+no runs on any actor, no spill files; the fixture checks that the actors are gone.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shuffle._client import ClientConfig, ShuffleClient
+from shuffle._exceptions import ShuffleClosedError, StaleRunError, UnknownRunError
+from shuffle._handle import RunHandle
+from shuffle._ids import RunId, ShuffleId
+from shuffle._run import RunOptions
+from shuffle._transport import AuthenticationError, TransportName
+from shuffle._transport import ucx as ucx_module
+
+ray = pytest.importorskip("ray")
+
+from ray.exceptions import RayActorError
+
+from shuffle._service import ShuffleService
+from shuffle._transfer import transfer
+
+pytestmark = pytest.mark.ray
+
+NIN, NOUT = 8, 5
+ROWS = [40, 0, 25, 33, 1, 60, 12, 30]  # input partition 1 is empty
+COLUMN = "_partitions"
+WAIT = 60.0  # bound on every ray.get
+COLORS = pd.CategoricalDtype(["red", "green", "blue"])
+TRANSPORTS = [
+    "tcp",
+    pytest.param(
+        "ucx",
+        marks=[
+            pytest.mark.ucx,
+            pytest.mark.skipif(not ucx_module.is_available(), reason="ucxx cannot be imported"),
+        ],
+    ),
+]
+remote_transfer = ray.remote(max_retries=0)(transfer)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def make_inputs(seed: int) -> list[pd.DataFrame]:
+    """Input partitions with int, float, string, categorical and tz-aware columns."""
+    frames = []
+    offset = 0
+    for i, nrows in enumerate(ROWS):
+        rng = np.random.default_rng(seed * 100 + i)
+        missing = rng.random(nrows) < 0.2
+        words = np.array(["alpha", "beta", "gamma", "δέλτα"], dtype=object)[
+            rng.integers(0, 4, nrows)
+        ]
+        text = pd.array(words, dtype="str")
+        text[missing] = None
+        floats = rng.random(nrows)
+        floats[missing] = np.nan
+        frames.append(
+            pd.DataFrame(
+                {
+                    "i8": rng.integers(-(10**9), 10**9, nrows),
+                    "f8": floats,
+                    "text": text,
+                    "color": pd.Categorical.from_codes(rng.integers(0, 3, nrows), dtype=COLORS),
+                    # unit="ns": pandas 3 infers seconds for an empty array.
+                    "when": pd.to_datetime(rng.integers(0, 10**18, nrows), unit="ns", utc=True)
+                    .tz_convert("Europe/Berlin")
+                    .array,
+                    COLUMN: rng.integers(0, NOUT, nrows),
+                },
+                index=pd.RangeIndex(offset, offset + nrows),
+            )
+        )
+        offset += nrows
+    return frames
+
+
+def expected_outputs(inputs: Sequence[pd.DataFrame]) -> list[pd.DataFrame]:
+    """pandas' answer: the rows of each partition in input-partition order, column dropped."""
+    whole = pd.concat(inputs)
+    return [whole[whole[COLUMN] == p].drop(columns=COLUMN) for p in range(NOUT)]
+
+
+def start(service: ShuffleService, shuffle_id: str, inputs: Sequence[pd.DataFrame]) -> RunHandle:
+    return service.start_run(
+        shuffle_id, npartitions_out=NOUT, meta=inputs[0].iloc[:0], column=COLUMN, drop_column=True
+    )
+
+
+def transfer_all(handle: RunHandle, inputs: Sequence[pd.DataFrame], **options: Any) -> list[int]:
+    refs = [ray.put(df) for df in inputs]
+    task = remote_transfer.options(**options) if options else remote_transfer
+    return ray.get([task.remote(ref, handle, i) for i, ref in enumerate(refs)], timeout=WAIT)
+
+
+def unpack(handle: RunHandle) -> list[pd.DataFrame]:
+    spec = handle.spec
+    refs = [
+        handle.actor_for(p).get_output_partition.remote(spec.shuffle_id, spec.run_id, p)
+        for p in range(spec.npartitions_out)
+    ]
+    return ray.get(refs, timeout=WAIT)
+
+
+def run_shuffle(
+    service: ShuffleService, shuffle_id: str, inputs: Sequence[pd.DataFrame], **options: Any
+) -> tuple[RunHandle, list[pd.DataFrame]]:
+    handle = start(service, shuffle_id, inputs)
+    assert transfer_all(handle, inputs, **options) == list(range(NIN))  # the barrier's markers
+    return handle, unpack(handle)
+
+
+def assert_outputs(got: Sequence[pd.DataFrame], inputs: Sequence[pd.DataFrame]) -> None:
+    expected = expected_outputs(inputs)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        pd.testing.assert_frame_equal(g, e)
+    pd.testing.assert_frame_equal(pd.concat(got), pd.concat(expected))
+
+
+def run_infos(service: ShuffleService) -> list[Any]:
+    refs = [a.handle.runs.remote() for a in service.actors()]
+    return [info for infos in ray.get(refs, timeout=WAIT) for info in infos]
+
+
+def assert_clean(service: ShuffleService, spill: Path) -> None:
+    assert run_infos(service) == []
+    assert service.open_runs() == []
+    assert list(spill.iterdir()) == []
+
+
+def assert_dies(actor: Any) -> None:
+    """Wait (bounded) until calls to ``actor`` fail: ``ray.kill`` takes effect
+    asynchronously, so a call made just after it may still be answered."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            ray.get(actor.runs.remote(), timeout=WAIT)
+        except RayActorError:
+            return
+        assert time.monotonic() < deadline, f"{actor} is still alive {WAIT:g} s after close"
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def service(
+    request: pytest.FixtureRequest, ray_session: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ShuffleService, Path]]:
+    spill = tmp_path_factory.mktemp(f"spill-{request.param}")
+    options = RunOptions(
+        memory_limit=8 * 2**10,  # small: runs spill, and closing must delete the files
+        spill_directory=spill,
+        message_bytes=4 * 2**10,  # several messages per owner
+        limiter_timeout=WAIT,
+    )
+    service = ShuffleService(transport=request.param, options=options, timeout=WAIT)
+    try:
+        yield service, spill
+        handles = [a.handle for a in service.actors()]
+    finally:
+        service.close()
+    for handle in handles:
+        assert_dies(handle)
+    assert list(spill.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+def test_shuffle_matches_pandas(service: tuple[ShuffleService, Path]) -> None:
+    svc, spill = service
+    actors = svc.actors()
+    assert len(actors) == 1  # one node
+    assert actors[0].address.startswith(f"{svc.transport}://")
+    inputs = make_inputs(seed=0)
+    handle, outputs = run_shuffle(svc, "matches-pandas", inputs)
+    assert handle.transport == svc.transport
+    assert_outputs(outputs, inputs)
+
+    (info,) = run_infos(svc)
+    assert info.spill_directory is not None  # the small memory limit made it spill
+    assert info.stats.shards_received == sum(df[COLUMN].nunique() for df in inputs)
+    assert info.stats.messages_received > NIN - 1  # message_bytes split some inputs
+    assert info.stats.outputs_read == NOUT and info.failed is None
+
+    # As the scheduler submits unpacks: after the barrier's ref, with a tiny status first.
+    barrier = ray.put(handle.spec.run_id)
+    actor = handle.actor_for(NOUT - 1)
+    status, part = actor.unpack.options(num_returns=2).remote(
+        handle.spec.shuffle_id, handle.spec.run_id, NOUT - 1, barrier
+    )
+    assert isinstance(ray.get(status, timeout=WAIT), str)
+    pd.testing.assert_frame_equal(ray.get(part, timeout=WAIT), outputs[NOUT - 1])
+
+    assert svc.open_runs() == [handle]
+    svc.close_run(handle)
+    svc.close_run(handle)  # idempotent
+    with pytest.raises(ShuffleClosedError):
+        actor = handle.actor_for(0)
+        ray.get(
+            actor.get_output_partition.remote("matches-pandas", handle.spec.run_id, 0), timeout=WAIT
+        )
+    assert_clean(svc, spill)
+
+
+def test_stale_run_is_rejected_and_the_new_run_completes(
+    service: tuple[ShuffleService, Path],
+) -> None:
+    svc, spill = service
+    inputs = make_inputs(seed=1)
+    old = start(svc, "stale", inputs)
+    new = start(svc, "stale", inputs)  # a restart supersedes the old run everywhere
+    assert new.spec.run_id > old.spec.run_id
+
+    with pytest.raises(StaleRunError, match="is stale") as info:
+        ray.get(remote_transfer.remote(inputs[0], old, 0), timeout=WAIT)
+    assert (info.value.run_id, info.value.current_run_id) == (old.spec.run_id, new.spec.run_id)
+    actor = old.actor_for(0)
+    with pytest.raises(StaleRunError):
+        ray.get(actor.get_output_partition.remote("stale", old.spec.run_id, 0), timeout=WAIT)
+    with pytest.raises(UnknownRunError, match="'never-started' run 1 does not exist"):
+        ray.get(
+            actor.get_output_partition.remote(ShuffleId("never-started"), RunId(1), 0),
+            timeout=WAIT,
+        )
+
+    assert transfer_all(new, inputs) == list(range(NIN))
+    assert_outputs(unpack(new), inputs)
+    svc.close_run(old)  # closes nothing: the newer run stays open
+    assert [(i.shuffle_id, i.run_id) for i in run_infos(svc)] == [("stale", new.spec.run_id)]
+    svc.close_run(new)
+    with pytest.raises(ShuffleClosedError, match="is closed"):
+        ray.get(remote_transfer.remote(inputs[0], new, 0), timeout=WAIT)
+    assert_clean(svc, spill)
+
+
+def test_unauthenticated_clients_are_dropped_and_the_actor_keeps_serving(
+    service: tuple[ShuffleService, Path],
+) -> None:
+    svc, spill = service
+    (actor,) = svc.actors()
+    if svc.transport == "tcp":
+        host, _, port = actor.address.removeprefix("tcp://").rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=WAIT) as raw:
+            raw.sendall(b"GET / HTTP/1.0\r\n\r\n" + os.urandom(64))
+            try:
+                assert raw.recv(1024) == b""  # dropped without an answer
+            except ConnectionResetError:
+                pass  # dropped with a reset
+    client = ShuffleClient(config=ClientConfig(request_timeout=WAIT))
+    try:
+        with pytest.raises(AuthenticationError, match="does not know the shared secret"):
+            client.send(actor.address, [b"not a shuffle message"], secret=os.urandom(32))
+    finally:
+        client.close()
+
+    assert svc.actors() == [actor]  # same actor, same address
+    inputs = make_inputs(seed=2)
+    handle, outputs = run_shuffle(svc, "after-intruders", inputs)
+    assert_outputs(outputs, inputs)
+    svc.close_run(handle)
+    assert_clean(svc, spill)
+
+
+def test_a_dead_actor_is_recreated(service: tuple[ShuffleService, Path]) -> None:
+    svc, spill = service
+    (before,) = svc.actors()
+    ray.kill(before.handle, no_restart=True)
+    assert_dies(before.handle)
+    (after,) = svc.actors()
+    assert after.name != before.name and after.node_id == before.node_id
+    inputs = make_inputs(seed=3)
+    handle, outputs = run_shuffle(svc, "recreated", inputs)
+    assert handle.spec.participants == (after.name,)
+    assert_outputs(outputs, inputs)
+    svc.close_run(handle)
+    assert_clean(svc, spill)
+
+
+def test_run_handle_pickles_without_actor_handles(service: tuple[ShuffleService, Path]) -> None:
+    svc, spill = service
+    inputs = make_inputs(seed=4)
+    handle = start(svc, "pickled", inputs)
+    clone = ray.get(ray.put(handle), timeout=WAIT)
+    assert clone.spec == handle.spec and clone.addresses == handle.addresses
+    assert clone.secret == handle.secret and clone.actors is None
+    with pytest.raises(RuntimeError, match="only the driver's copy"):
+        clone.actor_for(0)
+    svc.close_run(clone)  # the service closes a run from any copy of its handle
+    assert_clean(svc, spill)
+
+
+# ------------------------------------------------------------------------ two nodes
+
+
+def two_node_scenario() -> None:
+    """Run in a subprocess by ``test_two_nodes``; raises on any failure."""
+    import tempfile
+
+    from ray.cluster_utils import Cluster
+
+    store = 80 * 2**20
+    transport: TransportName = "ucx" if ucx_module.is_available() else "tcp"
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "object_store_memory": store, "include_dashboard": False},
+    )
+    try:
+        cluster.add_node(num_cpus=1, object_store_memory=store)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        with tempfile.TemporaryDirectory() as spill:
+            options = RunOptions(memory_limit=8 * 2**10, spill_directory=spill, message_bytes=4096)
+            with ShuffleService(transport=transport, options=options, timeout=WAIT) as service:
+                actors = service.actors()
+                nodes = {a.node_id for a in actors}
+                assert len(actors) == 2 and len(nodes) == 2, actors
+                placed = ray.get([a.handle.node_id.remote() for a in actors], timeout=WAIT)
+                assert set(placed) == nodes
+                inputs = make_inputs(seed=5)
+                handle, outputs = run_shuffle(
+                    service, "two-nodes", inputs, scheduling_strategy="SPREAD"
+                )
+                assert_outputs(outputs, inputs)
+                infos = run_infos(service)
+                assert len(infos) == 2 and all(i.stats.shards_received > 0 for i in infos)
+                service.close_run(handle)
+                assert_clean(service, Path(spill))
+        print(f"two nodes OK over {transport}", flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_two_nodes_one_actor_each() -> None:
+    here = Path(__file__).resolve().parent
+    code = (
+        f"import sys; sys.path.insert(0, {str(here)!r}); "
+        f"import {Path(__file__).stem} as m; m.two_node_scenario()"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=here.parents[1],
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "two nodes OK" in result.stdout

@@ -1,0 +1,227 @@
+"""Tier 2: the sending side against in-process actors over TCP, without starting Ray.
+
+``ShuffleActor`` is a plain class; here two of them serve on a background event loop
+(as Ray's async actor loop would), and a ``ShuffleClient`` sends to them from the test
+thread (as a transfer task would). Also the reply codec, which is pure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shuffle._actor import ShuffleActor
+from shuffle._client import ClientConfig, ShuffleClient
+from shuffle._exceptions import (
+    BufferClosedError,
+    FrameError,
+    LimiterTimeoutError,
+    RemoteShuffleError,
+    ShuffleClosedError,
+    StaleRunError,
+    UnknownRunError,
+)
+from shuffle._handle import RunHandle
+from shuffle._ids import RunId, ShuffleId
+from shuffle._reply import ACK, decode_reply, encode_error
+from shuffle._run import RunOptions
+from shuffle._spec import ShuffleRunSpec
+from shuffle._transport import Endpoint, TransportConfig, get_transport
+
+T = TypeVar("T")
+SECRET = b"k" * 32
+WAIT = 20.0
+NOUT = 4
+
+
+# ------------------------------------------------------------------------ reply codec
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        StaleRunError("s", 1, 2),
+        UnknownRunError("s", 3, "actor-0"),
+        ShuffleClosedError("s", 1, "already closed on 'a'"),
+        FrameError("bad magic"),
+        BufferClosedError("store"),
+        LimiterTimeoutError("send", 1.5, 10, 5),
+    ],
+)
+def test_typed_errors_travel_as_themselves(error: Exception) -> None:
+    got = decode_reply(encode_error(error), peer="tcp://h:1")
+    assert type(got) is type(error) and str(got) == str(error)
+
+
+def test_other_errors_arrive_untyped_and_bad_replies_are_refused() -> None:
+    got = decode_reply(encode_error(OSError(28, "No space left on device")), peer="tcp://h:1")
+    assert isinstance(got, RemoteShuffleError)
+    assert str(got) == "tcp://h:1 refused a message: OSError: [Errno 28] No space left on device"
+    assert decode_reply(ACK, peer="p") is None
+    for frames in ([], [b"ok", b"x"], [b"what"], [b"error"], [b"error", b"{not json"]):
+        with pytest.raises(FrameError):
+            decode_reply(frames, peer="p")
+
+
+# -------------------------------------------------------------- in-process actors
+
+
+class LoopThread:
+    """An event loop in a thread, standing in for Ray's async actor loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(WAIT)
+        self.loop.close()
+
+
+@pytest.fixture
+def loop() -> Iterator[LoopThread]:
+    loop = LoopThread()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def client() -> Iterator[ShuffleClient]:
+    client = ShuffleClient(config=ClientConfig(request_timeout=WAIT, transfer_timeout=WAIT))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def actors(loop: LoopThread, tmp_path: Path) -> Iterator[dict[str, tuple[ShuffleActor, str]]]:
+    options = RunOptions(memory_limit=0, spill_directory=tmp_path, message_bytes=500)
+    actors = {}
+    for name in ("a0", "a1"):
+        actor = ShuffleActor(
+            name=name, secret=SECRET, transport="tcp", host="127.0.0.1", options=options
+        )
+        actors[name] = (actor, loop.run(actor.start()))
+    yield actors
+    for actor, _ in actors.values():
+        loop.run(actor.close())
+    assert list(tmp_path.iterdir()) == []  # no spill files left
+
+
+def make_input(i: int, nrows: int) -> pd.DataFrame:
+    rng = np.random.default_rng(i)
+    return pd.DataFrame(
+        {"x": rng.random(nrows), "_partitions": rng.integers(0, NOUT, nrows)},
+        index=pd.RangeIndex(100 * i, 100 * i + nrows),
+    )
+
+
+def start_run(
+    loop: LoopThread, actors: dict[str, tuple[ShuffleActor, str]], run_id: int
+) -> RunHandle:
+    spec = ShuffleRunSpec(
+        shuffle_id=ShuffleId("s"),
+        run_id=RunId(run_id),
+        npartitions_out=NOUT,
+        participants=tuple(actors),
+    )
+    meta = make_input(0, 0)
+    for actor, _ in actors.values():
+        loop.run(actor.start_run(spec, meta))
+    addresses = {name: address for name, (_, address) in actors.items()}
+    return RunHandle(spec=spec, meta=meta, addresses=addresses, secret=SECRET, transport="tcp")
+
+
+def outputs(
+    loop: LoopThread, actors: dict[str, tuple[ShuffleActor, str]], handle: RunHandle
+) -> list[pd.DataFrame]:
+    spec = handle.spec
+    return [
+        loop.run(actors[spec.owner_of(p)][0].get_output_partition(spec.shuffle_id, spec.run_id, p))
+        for p in range(NOUT)
+    ]
+
+
+def test_client_shuffles_to_actors_and_survives_a_dropped_connection(
+    loop: LoopThread, actors: dict[str, tuple[ShuffleActor, str]], client: ShuffleClient
+) -> None:
+    inputs = [make_input(i, n) for i, n in enumerate([30, 0, 25, 40])]
+    handle = start_run(loop, actors, run_id=1)
+    for i, df in enumerate(inputs[:2]):
+        client.shuffle(df, handle, i)
+    # The actors drop every connection (as a restarted listener would): the pooled
+    # endpoints are dead, and the next messages go over fresh ones.
+    for actor, _ in actors.values():
+        for endpoint in list(actor._listener._connections.values()):  # type: ignore[union-attr]
+            endpoint.abort()
+    for i, df in enumerate(inputs[2:], start=2):
+        client.shuffle(df, handle, i)
+    client.shuffle(inputs[0], handle, 0)  # a retried transfer: duplicates are dropped
+    whole = pd.concat(inputs)
+    for p, got in enumerate(outputs(loop, actors, handle)):
+        expected = whole[whole["_partitions"] == p].drop(columns="_partitions")
+        pd.testing.assert_frame_equal(got, expected)
+    runs = [loop.run(actor.runs()) for actor, _ in actors.values()]
+    assert sum(info.stats.duplicates_ignored for (info,) in runs) > 0
+
+    newer = start_run(loop, actors, run_id=2)
+    with pytest.raises(StaleRunError, match="run 1 is stale, run 2 superseded it") as info:
+        client.shuffle(inputs[0], handle, 0)
+    assert any("reported by the shuffle actor at tcp://" in n for n in info.value.__notes__)
+    for actor, _ in actors.values():
+        loop.run(actor.close_run(newer.spec.shuffle_id, newer.spec.run_id))
+        assert loop.run(actor.runs()) == []
+
+
+def test_a_request_without_an_ack_times_out(loop: LoopThread) -> None:
+    transport = get_transport("tcp", config=TransportConfig(secret=SECRET))
+
+    async def swallow(endpoint: Endpoint) -> None:
+        while True:
+            await endpoint.recv()  # never answers
+
+    listener = loop.run(transport.listen("127.0.0.1", 0, swallow))
+    client = ShuffleClient(config=ClientConfig(request_timeout=0.3))
+    try:
+        with pytest.raises(TimeoutError, match="did not acknowledge a shuffle message within"):
+            client.send(listener.address, [b"x"], secret=SECRET)
+    finally:
+        client.close()
+        loop.run(transport.close())
+
+
+def test_a_process_using_the_client_exits_without_closing_it(loop: LoopThread) -> None:
+    """The per-process client's loop thread and connections must not hold up exit."""
+    transport = get_transport("tcp", config=TransportConfig(secret=SECRET))
+
+    async def ack(endpoint: Endpoint) -> None:
+        while True:
+            await endpoint.recv()
+            await endpoint.send(ACK)
+
+    listener = loop.run(transport.listen("127.0.0.1", 0, ack))
+    code = (
+        "from shuffle._client import get_client\n"
+        f"get_client().send({listener.address!r}, [b'x'], secret={SECRET!r})\n"
+        "print('sent', flush=True)\n"
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT, check=False
+        )
+    finally:
+        loop.run(transport.close())
+    assert (result.returncode, result.stdout) == (0, "sent\n"), result.stderr
