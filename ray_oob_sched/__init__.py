@@ -67,7 +67,11 @@ def last_stats() -> RunStats | None:
 
 
 def shutdown() -> bool:
-    """Stop the embedded Ray if this package started it (never a Ray it joined)."""
+    """Stop the shuffle actors, and the embedded Ray if this package started it.
+
+    Never stops a Ray it joined. Returns True if it stopped Ray.
+    """
+    _schedule.close()
     return _schedule.runtime.shutdown()
 
 

@@ -76,9 +76,24 @@ class RayExecutor:
         return done
 
     @staticmethod
-    def statuses(status_refs: Sequence[Any]) -> list[GroupStatus]:
-        """Fetch statuses (tiny); raises the task's error for a failed group."""
-        return ray.get(list(status_refs))
+    def submit_unpack(group: Group, unpack: Any, args: Sequence[Any]) -> list[Any]:
+        """A p2p output partition, returned by the actor that owns it.
+
+        ``args`` is the barrier's ref: Ray starts the call only once every transfer
+        is done. The actor returns ``(worker id, partition)``, the partition
+        becoming an object owned by this driver.
+        """
+        handle = unpack.handle
+        actor = handle.actor_for(unpack.partition)
+        refs = actor.unpack.options(num_returns=2, name=task_name(group)).remote(
+            handle.spec.shuffle_id, handle.spec.run_id, unpack.partition, *args
+        )
+        return list(refs)
+
+    @staticmethod
+    def statuses(status_refs: Sequence[Any]) -> list[str]:
+        """Worker ids of finished groups (tiny); raises a failed group's error."""
+        return [s.worker if isinstance(s, GroupStatus) else str(s) for s in ray.get(list(status_refs))]
 
     @classmethod
     def cancel(

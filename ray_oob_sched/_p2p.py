@@ -1,24 +1,62 @@
 """The one place that knows how dask and distributed lay out peer-to-peer graphs.
 
 dask emits transfer -> barrier -> unpack graphs for ``shuffle_method="p2p"``
-(dataframe shuffle, merge, set_index, sort_values) and ``method="p2p"`` rechunks.
-Their barrier is a ``distributed.shuffle._core.P2PBarrierTask``, recognised here by
-class, not by key names. Their task functions call into a distributed worker, so
-they cannot run as plain Ray tasks; until they run through the out-of-band
-shuffle service (``shuffle/``), such graphs are refused before anything runs,
-never silently run another way.
+(dataframe shuffle, set_index, sort_values, groupby with split_out, hash merge)
+and ``method="p2p"`` rechunks. Their barrier is a
+``distributed.shuffle._core.P2PBarrierTask``, recognised here by class, not by key
+names. Their functions call into a distributed worker, so this module rewrites
+our own copy of the graph (dask itself is never patched):
+
+- a transfer becomes a plain task calling ``shuffle._transfer.transfer``, which
+  splits the partition and sends the pieces out-of-band to the shuffle actors;
+- the barrier becomes a cheap task that depends on every transfer;
+- an unpack becomes an *actor call* (``Unpack``): the owning actor returns the
+  output partition, so it becomes an ObjectRef owned by the driver. A merge
+  unpack becomes two actor calls and a ``merge_chunk`` task.
+
+Shapes not understood (array rechunks, anything unexpected) are refused with an
+error naming the versions, never run another way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import types
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+from dask._task_spec import Alias, GraphNode, Task, TaskRef
 
 Key = Hashable
 
 
 class UnsupportedGraphError(ValueError):
     """The graph contains a shape that ray_oob_sched cannot run (yet)."""
+
+
+@dataclass(frozen=True)
+class Unpack:
+    """Run as ``actor.unpack(shuffle_id, run_id, partition, barrier)``."""
+
+    handle: Any  # shuffle._service.RunHandle
+    partition: int
+
+
+@dataclass
+class P2PRewrite:
+    nodes: dict[Key, GraphNode]
+    unpacks: dict[Key, Unpack] = field(default_factory=dict)
+    handles: list[Any] = field(default_factory=list)  # runs started: close them after
+
+
+StartRun = Callable[..., Any]  # ShuffleService.start_run
+
+
+def _versions() -> str:
+    import dask
+    import distributed
+
+    return f"dask {dask.__version__}, distributed {distributed.__version__}"
 
 
 def _barrier_class() -> type | None:
@@ -37,16 +75,165 @@ def p2p_barriers(nodes: Mapping[Key, Any]) -> list[Key]:
     return [k for k, node in nodes.items() if isinstance(node, cls)]
 
 
-def refuse_p2p(nodes: Mapping[Key, Any]) -> None:
-    barriers = p2p_barriers(nodes)
-    if barriers:
-        import dask
-        import distributed
+def _unsupported(what: str, key: Key) -> UnsupportedGraphError:
+    return UnsupportedGraphError(
+        f"{what} (at key {key!r}; {_versions()}) is not supported by ray_oob_sched; "
+        "use shuffle_method='tasks' (dataframes) or method='tasks' (rechunks)"
+    )
 
-        raise UnsupportedGraphError(
-            f"the graph holds {len(barriers)} peer-to-peer shuffle/rechunk "
-            f"barrier(s) (e.g. {barriers[0]!r}; dask {dask.__version__}, distributed "
-            f"{distributed.__version__}), which ray_oob_sched cannot run yet: use "
-            "shuffle_method='tasks' (dataframes) or method='tasks' (rechunk), which "
-            "ray_oob_sched.enable() selects by default"
+
+def _barrier_done(run_id: int, *transfers: int) -> int:
+    return run_id
+
+
+def _must_be_actor_call(*_: Any) -> Any:
+    raise RuntimeError("a p2p unpack ran as a task; it must run as a shuffle actor call")
+
+
+def _merge_unpacked(left: Any, right: Any, *args: Any) -> Any:
+    from dask.dataframe.multi import merge_chunk
+
+    how, left_on, right_on, result_meta, suffixes, left_index, right_index, indicator = args
+    return merge_chunk(
+        left,
+        right,
+        how=how,
+        result_meta=result_meta,
+        left_on=left_on,
+        right_on=right_on,
+        suffixes=suffixes,
+        left_index=left_index,
+        right_index=right_index,
+        indicator=indicator,
+    )
+
+
+@dataclass(frozen=True)
+class _Transfer:
+    """Stands in for distributed's ``shuffle_transfer(df, id, input_partition)``."""
+
+    handles: Mapping[str, Any]  # shuffle id -> RunHandle
+
+    def __call__(self, df: Any, shuffle_id: str, input_partition: int) -> int:
+        from shuffle._transfer import transfer
+
+        return transfer(df, self.handles[shuffle_id], input_partition)
+
+
+def _known_functions() -> tuple[Any, Any, Any, Any]:
+    from dask.dataframe.dask_expr._merge import create_assign_index_merge_transfer
+    from dask.dataframe.dask_expr._shuffle import _shuffle_transfer
+    from distributed.shuffle._merge import merge_unpack
+    from distributed.shuffle._shuffle import DataFrameShuffleSpec, shuffle_unpack
+
+    merge_code = create_assign_index_merge_transfer().__code__
+    return _shuffle_transfer, merge_code, (shuffle_unpack, merge_unpack), DataFrameShuffleSpec
+
+
+def rewrite(
+    nodes: Mapping[Key, GraphNode],
+    dependents: Mapping[Key, set[Key]],
+    *,
+    start_run: StartRun,
+) -> P2PRewrite | None:
+    """Our runnable copy of a graph with p2p shapes, or None when it has none.
+
+    ``start_run`` (the shuffle service's) is called once per shuffle: it starts
+    the run on the actors and returns its handle. Every shape is checked before
+    the first run starts, so a refused graph leaves nothing to clean up.
+    """
+    barriers = p2p_barriers(nodes)
+    if not barriers:
+        return None
+    shuffle_transfer, merge_code, (shuffle_unpack, merge_unpack), df_spec = _known_functions()
+    for b in barriers:
+        if not isinstance(nodes[b].spec, df_spec):
+            raise _unsupported(f"a p2p {type(nodes[b].spec).__name__} (array rechunk)", b)
+
+    for b in barriers:
+        for t in nodes[b].dependencies:
+            func = getattr(_resolve_alias(nodes, t), "func", None)
+            if func is not shuffle_transfer and getattr(func, "__code__", None) is not merge_code:
+                raise _unsupported(f"a p2p transfer calling {func!r}", t)
+        for u in dependents.get(b, ()):
+            func = getattr(nodes[u], "func", None)
+            if func is not shuffle_unpack and func is not merge_unpack:
+                raise _unsupported(f"a p2p unpack calling {func!r}", u)
+
+    out = P2PRewrite(nodes=dict(nodes))
+    handles: dict[str, Any] = {}
+    for b in barriers:
+        spec = nodes[b].spec
+        handle = start_run(
+            str(spec.id),
+            npartitions_out=spec.npartitions,
+            meta=spec.meta,
+            column=spec.column,
+            drop_column=spec.drop_column,
         )
+        out.handles.append(handle)  # the caller closes these, whatever happens next
+        handles[str(spec.id)] = handle
+
+    transfer_fn = _Transfer(handles)
+    merge_transfer_fns: dict[int, Any] = {}
+    for b in barriers:
+        barrier = nodes[b]
+        handle = handles[str(barrier.spec.id)]
+        transfers = sorted(barrier.dependencies, key=repr)
+        for t in transfers:
+            node = _resolve_alias(nodes, t)
+            assert isinstance(node, Task)  # checked above
+            if node.func is shuffle_transfer:
+                out.nodes[t] = Task(t, transfer_fn, *node.args)
+            else:
+                fn = merge_transfer_fns.get(id(node.func))
+                if fn is None:
+                    fn = merge_transfer_fns[id(node.func)] = _with_transfer(node.func, transfer_fn)
+                out.nodes[t] = Task(t, fn, *node.args)
+        out.nodes[b] = Task(b, _barrier_done, handle.spec.run_id, *(TaskRef(t) for t in transfers))
+
+    for b in barriers:
+        for u in dependents.get(b, ()):
+            node = nodes[u]
+            if node.func is shuffle_unpack:
+                sid, partition = node.args[0], node.args[1]
+                out.nodes[u] = Task(u, _must_be_actor_call, TaskRef(b))
+                out.unpacks[u] = Unpack(handles[str(sid)], int(partition))
+            else:  # merge_unpack, checked above
+                if out.nodes[u].func is _merge_unpacked:
+                    continue  # a merge unpack is a dependent of both its barriers
+                sid_l, sid_r, partition, bar_l, bar_r, *rest = node.args
+                parts = []
+                for side, sid, bar in (("left", sid_l, bar_l), ("right", sid_r, bar_r)):
+                    key = ("ray-oob-unpack", side, u)
+                    barrier_key = bar.key if isinstance(bar, (Alias, TaskRef)) else bar
+                    out.nodes[key] = Task(key, _must_be_actor_call, TaskRef(barrier_key))
+                    out.unpacks[key] = Unpack(handles[str(sid)], int(partition))
+                    parts.append(TaskRef(key))
+                out.nodes[u] = Task(u, _merge_unpacked, *parts, *rest)
+    return out
+
+
+def _resolve_alias(nodes: Mapping[Key, GraphNode], key: Key) -> GraphNode:
+    node = nodes[key]
+    seen = {key}
+    while isinstance(node, Alias) and node.target in nodes and node.target not in seen:
+        seen.add(node.target)
+        node = nodes[node.target]
+    return node
+
+
+def _with_transfer(func: types.FunctionType, transfer: Any) -> types.FunctionType:
+    """dask's merge-transfer closure with its ``merge_transfer`` free variable swapped.
+
+    A new function object from dask's own code; dask's function is untouched.
+    """
+    cells = tuple(
+        types.CellType(transfer) if name == "merge_transfer" else cell
+        for name, cell in zip(func.__code__.co_freevars, func.__closure__ or (), strict=True)
+    )
+    if "merge_transfer" not in func.__code__.co_freevars:
+        raise _unsupported("a merge transfer without a merge_transfer variable", func.__qualname__)
+    return types.FunctionType(
+        func.__code__, func.__globals__, func.__name__, func.__defaults__, cells
+    )

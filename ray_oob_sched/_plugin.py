@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,7 +29,7 @@ from ray_oob_sched._executor import RayExecutor, user_error
 from ray_oob_sched._fuse import Group, group_size, plan
 from ray_oob_sched._futures import REGISTRY, RayFuture
 from ray_oob_sched._options import options_token, per_key_options
-from ray_oob_sched._p2p import refuse_p2p
+from ray_oob_sched import _p2p
 from ray_oob_sched._refs import RefTable
 from ray_oob_sched._runtime import RayRuntime
 from ray_oob_sched._state import Release, SchedulerState, Submit
@@ -52,6 +52,7 @@ class RunStats:
     ray_tasks: int  # Ray tasks submitted (one per group of fused tasks)
     objects: int  # task outputs that became objects in Ray
     from_store: int  # keys already in Ray: persisted results, large data put once
+    shuffles: int  # p2p shuffles run through the out-of-band shuffle actors
     seconds: float
 
 
@@ -61,6 +62,21 @@ class RaySchedule:
     def __init__(self) -> None:
         self.runtime = RayRuntime()
         self.last_stats: RunStats | None = None
+        self._shuffle_service: Any = None  # shuffle._service.ShuffleService, on first use
+
+    def shuffle_service(self) -> Any:
+        """The out-of-band shuffle service (actors start on first use)."""
+        if self._shuffle_service is None:
+            from shuffle._service import ShuffleService
+
+            self._shuffle_service = ShuffleService()
+        return self._shuffle_service
+
+    def close(self) -> None:
+        """Stop the shuffle actors (they also die with the driver)."""
+        if self._shuffle_service is not None:
+            self._shuffle_service.close()
+            self._shuffle_service = None
 
     def get(
         self,
@@ -118,7 +134,7 @@ class RaySchedule:
         nodes, annotations = _graph.materialize(dsk)
         flat = _graph.output_keys(keys)
         graph = _graph.build(nodes, flat, resolve=REGISTRY.lookup)
-        refuse_p2p(graph.nodes)
+        has_p2p = bool(_p2p.p2p_barriers(graph.nodes))
 
         options_of: dict[Key, Hashable] = {}
         token_opts: dict[Hashable, dict[str, Any]] = {}
@@ -141,7 +157,15 @@ class RaySchedule:
         cpus = self.runtime.cluster_cpus()
         config = SchedulerConfig.from_dask_config(cluster_cpus=cpus)
         refs = RefTable()
+        p2p: _p2p.P2PRewrite | None = None
         try:
+            if has_p2p:
+                p2p = _p2p.rewrite(
+                    graph.nodes, graph.dependents, start_run=self.shuffle_service().start_run
+                )
+                assert p2p is not None
+                graph = _graph.build(p2p.nodes, flat, resolve=REGISTRY.lookup)
+            unpacks = p2p.unpacks if p2p is not None else {}
             for k, ref in graph.external.items():
                 refs.add(k, ref)
             for k in graph.order:
@@ -161,22 +185,33 @@ class RaySchedule:
                     max_tasks=config.fuse.max_tasks,
                     tasks_per_cpu=config.fuse.tasks_per_cpu,
                 )
-            groups = plan(graph, sources=sources, size=size, options_of=options_of)
+            groups = plan(
+                graph,
+                sources=sources,
+                size=size,
+                options_of=options_of,
+                fusable=lambda k: k not in unpacks,
+            )
             state = SchedulerState(
                 groups, outputs=graph.outputs, sources=sources, max_in_flight=config.max_in_flight
             )
-            run = _Compute(graph, groups, state, refs, executor, callbacks)
+            run = _Compute(graph, groups, state, refs, executor, callbacks, unpacks)
             out = run.execute(flat, fetch=result == "values")
         except BaseException as e:
             _clear_ray_frames(e)
             raise
         finally:
             refs.clear()
+            if p2p is not None:
+                # Outputs already left the actors as objects: the runs can go.
+                for handle in p2p.handles:
+                    self.shuffle_service().close_run(handle)
         self.last_stats = RunStats(
             dask_tasks=ntasks,
             ray_tasks=len(groups),
             objects=sum(len(g.outputs) for g in groups),
             from_store=len(sources),
+            shuffles=len(p2p.handles) if p2p is not None else 0,
             seconds=time.perf_counter() - start,
         )
         if result == "futures":
@@ -195,8 +230,10 @@ class _Compute:
         refs: RefTable,
         executor: RayExecutor,
         callbacks: Any,
+        unpacks: Mapping[Key, _p2p.Unpack],
     ) -> None:
         self.graph = graph
+        self.unpacks = unpacks
         self.groups = groups
         self.state = state
         self.refs = refs
@@ -245,10 +282,18 @@ class _Compute:
             for key in g.keys:
                 for f in self._pretask:
                     f(key, dsk, view)
-            spec = GroupSpec(
-                keys=g.keys, nodes=tuple(dsk[k] for k in g.keys), inputs=g.inputs, outputs=g.outputs
-            )
-            out = self.executor.submit(g, spec, [self.refs[k] for k in g.inputs])
+            args = [self.refs[k] for k in g.inputs]
+            unpack = self.unpacks.get(g.keys[0])
+            if unpack is not None:
+                out = self.executor.submit_unpack(g, unpack, args)
+            else:
+                spec = GroupSpec(
+                    keys=g.keys,
+                    nodes=tuple(dsk[k] for k in g.keys),
+                    inputs=g.inputs,
+                    outputs=g.outputs,
+                )
+                out = self.executor.submit(g, spec, args)
             self.in_flight[out[0]] = g.index
             for k, r in zip(g.outputs, out[1:], strict=True):
                 self.refs.add(k, r)
@@ -266,7 +311,7 @@ class _Compute:
             # ref would outlive the compute).
             for key in g.keys:
                 for f in self._posttask:
-                    f(key, None, dsk, view, status.worker)
+                    f(key, None, dsk, view, status)
             self._apply(self.state.group_finished(g.index))
 
     def _raise_first_failure(self, done: Sequence[Any]) -> None:

@@ -1,0 +1,89 @@
+"""Dataframe p2p shuffles run through the out-of-band shuffle actors."""
+
+from __future__ import annotations
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+
+import ray_oob_sched
+
+
+@pytest.fixture
+def p2p(ray_get):
+    with dask.config.set({"dataframe.shuffle.method": "p2p"}):
+        yield
+    service = ray_oob_sched._schedule._shuffle_service
+    if service is not None:
+        assert not service.open_runs(), "shuffle runs left open after the compute"
+
+
+def _frame(n=3_000, parts=6, seed=0):
+    rng = np.random.default_rng(seed)
+    pdf = pd.DataFrame(
+        {
+            "k": rng.integers(0, 40, n),
+            "v": rng.normal(size=n),
+            "s": rng.choice(["a", "bb", None], n),
+            "c": pd.Categorical(rng.choice(["x", "y", "z"], n)),
+            "i": pd.array(rng.integers(0, 5, n), dtype="Int64"),
+            "t": pd.date_range("2026-01-01", periods=n, freq="min", tz="Europe/Berlin"),
+        }
+    )
+    ddf = dd.from_pandas(pdf, npartitions=parts)
+    return ddf.compute(scheduler="sync"), ddf
+
+
+def _sorted(df, by):
+    return df.sort_values(by).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("nout", [2, 6, 11])
+def test_shuffle_matches_pandas(p2p, nout):
+    pdf, ddf = _frame()
+    shuffled = ddf.shuffle("k", npartitions=nout)
+    (pers,) = dask.persist(shuffled)
+    stats = ray_oob_sched.last_stats()
+    parts = [pers.partitions[i].compute() for i in range(nout)]
+    for i, a in enumerate(parts):
+        for b in parts[i + 1 :]:
+            assert not set(a.k) & set(b.k), "a key in two output partitions"
+    got = pd.concat(parts)
+    pd.testing.assert_frame_equal(_sorted(got, ["k", "v"]), _sorted(pdf, ["k", "v"]))
+    # Through the shuffle actors, in O(N + M) Ray tasks and actor calls, not N x M.
+    assert stats.shuffles == 1
+    assert stats.ray_tasks <= 6 + nout + 4
+
+
+def test_set_index_sort_values_groupby_merge(p2p):
+    pdf, ddf = _frame(parts=5)
+    pd.testing.assert_frame_equal(ddf.set_index("v").compute(), pdf.set_index("v").sort_index())
+    assert ray_oob_sched.last_stats().shuffles == 1
+    got = ddf.sort_values("v").persist().compute()
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), pdf.sort_values("v").reset_index(drop=True))
+    agg = ddf.groupby("k").v.sum(split_out=3).compute().sort_index()
+    pd.testing.assert_series_equal(agg, pdf.groupby("k").v.sum(), check_names=False)
+    right = dd.from_pandas(pd.DataFrame({"k": np.arange(40), "w": np.arange(40) * 2}), npartitions=3)
+    merged = ddf.merge(right, on="k", broadcast=False).compute()
+    assert ray_oob_sched.last_stats().shuffles == 2
+    expected = pdf.merge(right.compute(scheduler="sync"), on="k")
+    pd.testing.assert_frame_equal(_sorted(merged, ["k", "v"]), _sorted(expected, ["k", "v"]))
+
+
+def test_empty_and_skewed_partitions(p2p):
+    pdf = pd.DataFrame({"k": [7] * 500 + [1, 2, 3], "v": np.arange(503.0)})
+    ddf = dd.from_pandas(pdf, npartitions=4)
+    ddf = ddf[ddf.v > 100]  # the first partition becomes empty
+    got = ddf.shuffle("k", npartitions=5).compute()
+    pd.testing.assert_frame_equal(_sorted(got, ["v"]), _sorted(pdf[pdf.v > 100], ["v"]))
+
+
+def test_selected_partitions_only(p2p):
+    pdf, ddf = _frame(parts=4)
+    sel = ddf.shuffle("k", npartitions=6).partitions[[1, 4]]
+    got = sel.compute()
+    full = ddf.shuffle("k", npartitions=6, shuffle_method="tasks")
+    expected = pd.concat([full.partitions[i].compute() for i in (1, 4)])
+    pd.testing.assert_frame_equal(_sorted(got, ["k", "v"]), _sorted(expected, ["k", "v"]))

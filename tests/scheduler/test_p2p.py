@@ -1,0 +1,124 @@
+"""Tier 1: recognising and rewriting dask's p2p transfer/barrier/unpack graphs (no Ray)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dask
+import dask.array as da
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+
+from ray_oob_sched import _graph, _p2p
+
+
+@dataclass(frozen=True)
+class FakeSpec:
+    shuffle_id: str
+    run_id: int
+
+
+@dataclass(frozen=True)
+class FakeHandle:
+    spec: FakeSpec
+    npartitions_out: int
+    column: str
+
+
+class FakeService:
+    def __init__(self):
+        self.started: list[FakeHandle] = []
+
+    def start_run(self, shuffle_id, *, npartitions_out, meta, column, drop_column):
+        assert column in meta.columns and drop_column
+        h = FakeHandle(FakeSpec(shuffle_id, len(self.started) + 1), npartitions_out, column)
+        self.started.append(h)
+        return h
+
+
+def _graph_of(collection):
+    """The graph and keys that ``get`` receives from a persist of ``collection``."""
+    seen = {}
+
+    def record(dsk, keys, **kwargs):
+        seen["nodes"], _ = _graph.materialize(dsk)
+        seen["keys"] = keys
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        dask.persist(collection, scheduler=record)
+    return _graph.build(seen["nodes"], seen["keys"])
+
+
+class _Stop(Exception):
+    pass
+
+
+def _frame(n=100, parts=4):
+    pdf = pd.DataFrame({"k": np.arange(n) % 7, "v": np.arange(n, dtype=float)})
+    return dd.from_pandas(pdf, npartitions=parts)
+
+
+def test_graph_without_p2p_is_left_alone():
+    g = _graph_of(_frame().shuffle("k", shuffle_method="tasks"))
+    service = FakeService()
+    assert _p2p.rewrite(g.nodes, g.dependents, start_run=service.start_run) is None
+    assert not service.started
+
+
+def test_shuffle_becomes_transfers_barrier_and_actor_unpacks():
+    g = _graph_of(_frame(parts=4).shuffle("k", shuffle_method="p2p", npartitions=3))
+    service = FakeService()
+    rw = _p2p.rewrite(g.nodes, g.dependents, start_run=service.start_run)
+    (handle,) = service.started
+    assert rw.handles == [handle] and handle.npartitions_out == 3
+    assert sorted(u.partition for u in rw.unpacks.values()) == [0, 1, 2]
+    assert all(u.handle is handle for u in rw.unpacks.values())
+    (barrier,) = _p2p.p2p_barriers(g.nodes)
+    new_barrier = rw.nodes[barrier]
+    assert new_barrier.func is _p2p._barrier_done
+    assert len(new_barrier.dependencies) == 4  # one transfer per input partition
+    for t in new_barrier.dependencies:
+        assert isinstance(rw.nodes[t].func, _p2p._Transfer)
+    # The rewritten graph is complete and valid; the unpacks depend on the barrier.
+    new = _graph.build(rw.nodes, list(g.outputs))
+    for u in rw.unpacks:
+        assert new.dependencies[u] == {barrier}
+    assert not _p2p.p2p_barriers(rw.nodes)
+
+
+def test_selected_output_partitions_unpack_only_those():
+    lazy = _frame(parts=4).shuffle("k", shuffle_method="p2p", npartitions=4).partitions[[1, 3]]
+    g = _graph_of(lazy)
+    rw = _p2p.rewrite(g.nodes, g.dependents, start_run=FakeService().start_run)
+    assert sorted(u.partition for u in rw.unpacks.values()) == [1, 3]
+
+
+def test_merge_unpacks_both_sides_then_merges():
+    left = _frame(parts=3)
+    right = dd.from_pandas(pd.DataFrame({"k": range(7), "w": range(7)}), npartitions=2)
+    g = _graph_of(left.merge(right, on="k", shuffle_method="p2p", broadcast=False))
+    service = FakeService()
+    rw = _p2p.rewrite(g.nodes, g.dependents, start_run=service.start_run)
+    assert len(service.started) == 2
+    merges = [k for k, n in rw.nodes.items() if getattr(n, "func", None) is _p2p._merge_unpacked]
+    assert merges
+    for m in merges:
+        sides = rw.nodes[m].dependencies
+        assert len(sides) == 2 and all(s in rw.unpacks for s in sides)
+        assert {rw.unpacks[s].handle for s in sides} == set(service.started)
+    for b in _p2p.p2p_barriers(g.nodes):
+        for t in rw.nodes[b].dependencies:
+            fn = rw.nodes[t].func
+            assert fn.__code__ is g.nodes[t].func.__code__ and fn is not g.nodes[t].func
+
+
+def test_p2p_rechunk_is_refused_before_any_run_starts():
+    x = da.ones((40, 40), chunks=(40, 4)).rechunk((4, 40), method="p2p")
+    g = _graph_of(x)
+    service = FakeService()
+    with pytest.raises(_p2p.UnsupportedGraphError, match="rechunk.*distributed 20"):
+        _p2p.rewrite(g.nodes, g.dependents, start_run=service.start_run)
+    assert not service.started
