@@ -1,4 +1,4 @@
-"""ray_oob_sched: run Dask graphs on Ray.
+"""ray_oob_sched: run Dask graphs on Ray, with shuffles moved out-of-band.
 
 >>> import dask, ray_oob_sched
 >>> with ray_oob_sched.enable():          # or dask.config.set(scheduler=ray_oob_sched.get)
@@ -35,17 +35,17 @@ get_refs = _schedule.get_refs
 def enable(**config: Any) -> dask.config.set:
     """Use Ray for every compute; returns a ``dask.config.set`` (a context manager).
 
-    Also selects the "tasks" dataframe shuffle and rechunk: dask's default
-    dataframe shuffle without a distributed client is "disk", which writes partd
-    files on one machine's disk and cannot work across a Ray cluster. Extra
-    ``config`` keywords are set with it, as ``dask.config.set`` takes them
-    (``ray_oob_sched__scheduler__fuse__enabled=False``). Used as a context
-    manager, everything is restored on exit.
+    Also selects dask's peer-to-peer dataframe shuffle, which ray_oob_sched runs
+    through its out-of-band shuffle actors (shuffle, set_index, sort_values,
+    groupby with split_out, hash merge), and the "tasks" rechunk (p2p rechunks
+    are not supported yet). Extra ``config`` keywords are set with it, as
+    ``dask.config.set`` takes them (``ray_oob_sched__scheduler__fuse__enabled=False``).
+    Used as a context manager, everything is restored on exit.
     """
     return dask.config.set(
         {
             "scheduler": get,
-            "dataframe.shuffle.method": "tasks",
+            "dataframe.shuffle.method": "p2p",
             "array.rechunk.method": "tasks",
         },
         **config,
@@ -55,8 +55,8 @@ def enable(**config: Any) -> dask.config.set:
 def disable() -> dask.config.set:
     """Stop using Ray: dask picks its scheduler as usual again.
 
-    The shuffle and rechunk methods that ``enable`` selected stay (they work with
-    every scheduler); ``with enable():`` restores everything on exit instead.
+    The shuffle and rechunk methods that ``enable`` selected stay; ``with
+    enable():`` restores everything on exit instead.
     """
     return dask.config.set(scheduler=None)
 
