@@ -1,0 +1,422 @@
+"""Shuffle benchmark: ray_oob_sched's p2p shuffle vs ray_dask_get, distributed P2P, pandas.
+
+One process run. Workloads: ``df.shuffle("k", npartitions=M)`` of N generated input
+partitions of B bytes each, and a hash merge (``merge(on="k", npartitions=M)``) of two
+such frames. Inputs are made inside tasks by a generator function per partition
+(``dd.from_map``), so no data is shipped from the driver. Each output partition is
+reduced to a one-row summary (rows, distinct keys, column sums), so the result
+pulled to the driver is tiny but the whole shuffle must run. Competitors:
+
+- ``ray_oob_sched``: ``ray_oob_sched.get``, shuffle method "p2p" (out-of-band
+  shuffle actors); reports ``ray_oob_sched.last_stats()``;
+- ``ray_dask_get``: Ray's Dask-on-Ray, shuffle method "tasks";
+- ``distributed``: ``LocalCluster(n_workers=2, threads_per_worker=1, processes=True)``,
+  shuffle method "p2p" (started after Ray is shut down);
+- ``floor``: pandas in this process: generate, concat, split by dask's
+  ``partitioning_index`` into M frames (merge: split both sides, merge pair-wise).
+
+Prints one JSON line per measurement (median of --repeat runs, after --warmup runs),
+then one JSON line of ratios per workload; results are cross-checked between
+competitors (same rows, same distinct-key count, same column sums).
+
+    python benchmarks/shuffle_bench.py --partitions 64 --partition-mb 16 --out 64 \\
+        --repeat 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import ray
+from dask.dataframe.shuffle import partitioning_index
+
+COMPETITORS = ("ray_oob_sched", "ray_dask_get", "distributed", "floor")
+WORKLOADS = ("shuffle", "merge")
+LEFT = ("k", "a", "b", "c")  # int64 key, float64, float64, int64
+RIGHT = ("k", "x", "y", "z")
+BYTES_PER_ROW = 8 * len(LEFT)
+
+
+# -- data --------------------------------------------------------------------
+
+
+def gen_partition(
+    i: int, rows: int, key_range: int, seed: int, names: Sequence[str]
+) -> pd.DataFrame:
+    """Input partition ``i``: deterministic in (seed, i), made where it runs."""
+    rng = np.random.default_rng([seed, i])
+    k, f1, f2, n = names
+    return pd.DataFrame(
+        {
+            k: rng.integers(0, key_range, rows, dtype=np.int64),
+            f1: rng.random(rows),
+            f2: rng.standard_normal(rows),
+            n: rng.integers(0, 1000, rows, dtype=np.int64),
+        }
+    )
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per output partition: rows, distinct keys, the sum of every other column.
+
+    Summed over partitions, ``k_nunique`` equals the global distinct-key count only if
+    no key landed in two output partitions, so it also checks the partitioning.
+    """
+    out: dict[str, Any] = {"rows": [len(df)], "k_nunique": [df["k"].nunique()]}
+    for col in df.columns:
+        if col != "k":
+            out[f"sum_{col}"] = [df[col].sum()]
+    return pd.DataFrame(out)
+
+
+def total(parts: pd.DataFrame) -> dict[str, Any]:
+    """The per-partition summaries of one run, added up."""
+    return {c: parts[c].sum().item() for c in parts.columns}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    partitions: int
+    rows: int  # per input partition
+    out: int
+    seed: int
+
+    @property
+    def key_range(self) -> int:
+        # Keys drawn from [0, all rows): a merge of two frames yields about as many
+        # rows as one input frame.
+        return self.partitions * self.rows
+
+    def frame_bytes(self) -> int:
+        return self.partitions * self.rows * BYTES_PER_ROW
+
+    def ddf(self, names: Sequence[str], seed_offset: int = 0) -> dd.DataFrame:
+        meta = gen_partition(0, 0, 1, 0, names)
+        return dd.from_map(
+            gen_partition,
+            range(self.partitions),
+            args=(self.rows, self.key_range, self.seed + seed_offset, tuple(names)),
+            meta=meta,
+            label=f"gen-{names[1]}",
+            enforce_metadata=False,
+        )
+
+    def pandas_parts(self, names: Sequence[str], seed_offset: int = 0) -> list[pd.DataFrame]:
+        return [
+            gen_partition(i, self.rows, self.key_range, self.seed + seed_offset, tuple(names))
+            for i in range(self.partitions)
+        ]
+
+
+def dask_workloads(s: Sizes) -> dict[str, tuple[int, dd.DataFrame]]:
+    """workload -> (input bytes, collection of per-output-partition summaries)."""
+    left = s.ddf(LEFT)
+    right = s.ddf(RIGHT, seed_offset=1)
+    shuffled = left.shuffle("k", npartitions=s.out)
+    merged = left.merge(right, on="k", how="inner", npartitions=s.out, broadcast=False)
+    empty_l, empty_r = gen_partition(0, 0, 1, 0, LEFT), gen_partition(0, 0, 1, 0, RIGHT)
+    meta = summary(empty_l)
+    meta_m = summary(pd.merge(empty_l, empty_r, on="k"))
+    return {
+        "shuffle": (s.frame_bytes(), shuffled.map_partitions(summary, meta=meta)),
+        "merge": (2 * s.frame_bytes(), merged.map_partitions(summary, meta=meta_m)),
+    }
+
+
+def _split(df: pd.DataFrame, nout: int) -> list[pd.DataFrame]:
+    """Hash-partition ``df`` on k into ``nout`` frames (a stable sort on the target)."""
+    target = np.asarray(partitioning_index(df["k"], nout))
+    order = np.argsort(target, kind="stable")
+    bounds = np.searchsorted(target[order], np.arange(1, nout))
+    ordered = df.take(order)
+    return [ordered.iloc[a:b] for a, b in zip([0, *bounds], [*bounds, len(df)])]
+
+
+def floor_shuffle(s: Sizes, phases: dict[str, list[float]]) -> pd.DataFrame:
+    t0 = time.perf_counter()
+    df = pd.concat(s.pandas_parts(LEFT), ignore_index=True)
+    t1 = time.perf_counter()
+    out = pd.concat([summary(p) for p in _split(df, s.out)], ignore_index=True)
+    phases["generate_s"].append(t1 - t0)
+    phases["split_s"].append(time.perf_counter() - t1)
+    return out
+
+
+def floor_merge(s: Sizes, phases: dict[str, list[float]]) -> pd.DataFrame:
+    t0 = time.perf_counter()
+    left = pd.concat(s.pandas_parts(LEFT), ignore_index=True)
+    right = pd.concat(s.pandas_parts(RIGHT, seed_offset=1), ignore_index=True)
+    t1 = time.perf_counter()
+    pairs = zip(_split(left, s.out), _split(right, s.out))
+    out = pd.concat([summary(pd.merge(a, b, on="k")) for a, b in pairs], ignore_index=True)
+    phases["generate_s"].append(t1 - t0)
+    phases["split_s"].append(time.perf_counter() - t1)
+    return out
+
+
+# -- measuring -----------------------------------------------------------------
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux: VmHWM, and with it ru_maxrss)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_mb(field: str = "VmHWM") -> float:
+    """This process's peak (VmHWM) or current (VmRSS) resident set size, MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"{field}:\s+(\d+) kB", f.read())
+        if m:
+            return int(m.group(1)) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(fn: Callable[[], Any], repeat: int, warmup: int) -> tuple[float, Any, list[float]]:
+    result = None
+    for _ in range(warmup):  # imports, worker and actor start, function export
+        result = fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result, times
+
+
+def graph_len(coll: Any) -> int:
+    """Tasks in the graph dask hands the scheduler (under the current config)."""
+    from dask._expr import FinalizeCompute
+
+    expr = FinalizeCompute(dask.base.collections_to_expr([coll])).optimize()
+    return len(expr.__dask_graph__())
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, sizes: Sizes) -> None:
+        self.args = args
+        self.sizes = sizes
+        self.medians: dict[str, dict[str, float]] = {w: {} for w in args.workloads}
+        self.results: dict[str, dict[str, dict[str, Any]]] = {w: {} for w in args.workloads}
+        self.failed: list[str] = []
+
+    def run(
+        self,
+        competitor: str,
+        workload: str,
+        input_bytes: int,
+        fn: Callable[[], pd.DataFrame],
+        extra: Callable[[], dict[str, Any]] = dict,
+    ) -> None:
+        a = self.args
+        try:
+            exact = _reset_peak_rss()
+            rss0 = _rss_mb("VmRSS")
+            t, res, times = measure(fn, a.repeat, a.warmup)
+            rss = _rss_mb()
+            info = extra()
+        except Exception as e:  # report, go on with the others
+            self.failed.append(f"{competitor}/{workload}")
+            print(json.dumps({
+                "workload": workload, "competitor": competitor,
+                "error": f"{type(e).__name__}: {e}"[:2000],
+            }), flush=True)
+            traceback.print_exc(file=sys.stderr)
+            return
+        self.medians[workload][competitor] = t
+        self.results[workload][competitor] = total(res)
+        print(json.dumps({
+            "workload": workload, "competitor": competitor, "median_s": round(t, 4),
+            "gb_per_s": round(input_bytes / t / 1e9, 3), "input_bytes": input_bytes,
+            "partitions": self.sizes.partitions, "out": self.sizes.out,
+            "rows_per_partition": self.sizes.rows, **info,
+            # peak of the whole driver process during this competitor's runs, and
+            # how far above its RSS at the start (imports, Ray's core worker) it went
+            "driver_peak_rss_mb": round(rss, 1) if exact else None,
+            "driver_rss_growth_mb": round(rss - rss0, 1) if exact else None,
+            "repeat": a.repeat, "times_s": [round(x, 4) for x in times],
+        }), flush=True)
+
+    def report(self) -> None:
+        for workload in self.args.workloads:
+            _check_same(workload, self.results[workload], self.failed)
+            med = self.medians[workload]
+            base = med.get("ray_oob_sched")
+            if base:
+                print(json.dumps({
+                    "workload": workload,
+                    "speedup_vs": {
+                        k: round(v / base, 2) for k, v in med.items() if k != "ray_oob_sched"
+                    },
+                }), flush=True)
+
+
+def _check_same(workload: str, results: dict[str, dict[str, Any]], failed: list[str]) -> None:
+    if len(results) < 2:
+        return
+    names = list(results)
+    ref = results[names[0]]
+    same = True
+    for name in names[1:]:
+        got = results[name]
+        # Float sums depend on the order of addition: values are O(1), so allow
+        # a relative error of 1e-9 of the row count.
+        atol = 1e-9 * ref["rows"]
+        ok = got.keys() == ref.keys() and all(
+            got[c] == ref[c]
+            if isinstance(ref[c], int)
+            else np.isclose(got[c], ref[c], rtol=1e-9, atol=atol)
+            for c in ref
+        )
+        if not ok:
+            same = False
+            failed.append(f"check {workload}: {name}")
+            print(json.dumps({
+                "workload": workload, "check": "MISMATCH", names[0]: ref, name: got,
+            }), flush=True)
+    if same:
+        print(json.dumps({
+            "workload": workload, "check": "same", "competitors": names, **ref,
+        }), flush=True)
+
+
+# -- competitors ---------------------------------------------------------------
+
+
+def run_ray(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]], skip: set[str]) -> None:
+    a = bench.args
+    ray.init(
+        num_cpus=a.num_cpus,
+        object_store_memory=a.store_mb * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    import ray_oob_sched
+
+    try:
+        if "ray_oob_sched" not in skip:
+            for name, (nbytes, coll) in work.items():
+                with dask.config.set({"dataframe.shuffle.method": "p2p"}):
+                    ntasks = graph_len(coll)
+
+                    def stats(ntasks: int = ntasks) -> dict[str, Any]:
+                        st = ray_oob_sched.last_stats()
+                        return {
+                            "dask_tasks": ntasks, "ray_tasks": st.ray_tasks,
+                            "objects": st.objects, "shuffles": st.shuffles,
+                        }
+
+                    bench.run(
+                        "ray_oob_sched", name, nbytes,
+                        lambda coll=coll: coll.compute(scheduler=ray_oob_sched.get), stats,
+                    )
+        if "ray_dask_get" not in skip:
+            from ray.util.dask import ray_dask_get
+
+            for name, (nbytes, coll) in work.items():
+                with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+                    ntasks = graph_len(coll)
+                    bench.run(
+                        "ray_dask_get", name, nbytes,
+                        lambda coll=coll: coll.compute(scheduler=ray_dask_get),
+                        lambda n=ntasks: {"dask_tasks": n, "ray_tasks": n},
+                    )
+    finally:
+        ray_oob_sched.shutdown()  # the shuffle actors; never a Ray it did not start
+        ray.shutdown()
+
+
+def run_distributed(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]]) -> None:
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    # distributed's P2P logs every shuffle start and end at WARNING level.
+    logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster, Client(cluster) as client:
+        for name, (nbytes, coll) in work.items():
+            with dask.config.set({"dataframe.shuffle.method": "p2p"}):
+                ntasks = graph_len(coll)
+                bench.run(
+                    "distributed", name, nbytes,
+                    lambda coll=coll: coll.compute(scheduler=client.get),
+                    lambda n=ntasks: {"dask_tasks": n},
+                )
+
+
+def run_floor(bench: Bench) -> None:
+    s = bench.sizes
+    fns = {"shuffle": (s.frame_bytes(), floor_shuffle), "merge": (2 * s.frame_bytes(), floor_merge)}
+    for name in bench.args.workloads:
+        nbytes, fn = fns[name]
+        phases: dict[str, list[float]] = {"generate_s": [], "split_s": []}
+
+        def med(phases: dict[str, list[float]] = phases) -> dict[str, Any]:
+            # the timed runs only: the warm-ups come first
+            timed = {k: v[bench.args.warmup :] for k, v in phases.items()}
+            return {k: round(statistics.median(v), 4) for k, v in timed.items()}
+
+        bench.run("floor", name, nbytes, lambda fn=fn, ph=phases: fn(s, ph), med)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--partitions", type=int, default=64, help="input partitions (N)")
+    p.add_argument("--partition-mb", type=float, default=16, help="MiB per input partition (B)")
+    p.add_argument("--out", type=int, default=64, help="output partitions (M)")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--store-mb", type=int, default=4096, help="Ray object store, MiB")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=WORKLOADS)
+    p.add_argument("--skip", nargs="*", default=[], choices=COMPETITORS, help="competitors to skip")
+    args = p.parse_args()
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+
+    rows = max(1, int(args.partition_mb * 2**20) // BYTES_PER_ROW)
+    sizes = Sizes(partitions=args.partitions, rows=rows, out=args.out, seed=args.seed)
+    bench = Bench(args, sizes)
+    work = {k: v for k, v in dask_workloads(sizes).items() if k in args.workloads}
+    skip = set(args.skip)
+
+    # One runtime at a time: Ray (both Ray schedulers), then distributed, then pandas.
+    if not {"ray_oob_sched", "ray_dask_get"} <= skip:
+        run_ray(bench, work, skip)
+    if "distributed" not in skip:
+        run_distributed(bench, work)
+    if "floor" not in skip:
+        run_floor(bench)
+    bench.report()
+    if bench.failed:
+        print(json.dumps({"failed": bench.failed}), flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
