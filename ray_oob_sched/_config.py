@@ -94,3 +94,38 @@ def ray_init_kwargs() -> dict[str, Any]:
     """Keyword arguments for the embedded ``ray.init`` (None values left out)."""
     raw = get("init") or {}
     return {k.replace("-", "_"): v for k, v in raw.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class ShuffleConfig:
+    transport: str
+    memory_limit: int | None
+    spill_directory: str | None
+    message_bytes: int
+    send_buffer_bytes: int | None
+    timeout: float
+
+    @classmethod
+    def from_dask_config(cls) -> ShuffleConfig:
+        transport = get("shuffle.transport")
+        if transport not in ("auto", "ucx", "tcp"):
+            raise ValueError(
+                f"{NAMESPACE}.shuffle.transport must be auto, ucx or tcp, got {transport!r}"
+            )
+        timeout = get("shuffle.timeout")
+        if isinstance(timeout, str):
+            timeout = float(timeout)
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"{NAMESPACE}.shuffle.timeout must be > 0, got {timeout!r}")
+        return cls(
+            transport=transport,
+            memory_limit=None
+            if get("shuffle.memory-limit") is None
+            else _int("shuffle.memory-limit", minimum=0),
+            spill_directory=get("shuffle.spill-directory"),
+            message_bytes=_int("shuffle.message-bytes", minimum=1),
+            send_buffer_bytes=None
+            if get("shuffle.send-buffer-bytes") is None
+            else _int("shuffle.send-buffer-bytes", minimum=1),
+            timeout=float(timeout),
+        )

@@ -24,7 +24,7 @@ from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.sizeof import sizeof
 
 from ray_oob_sched import _graph
-from ray_oob_sched._config import SchedulerConfig
+from ray_oob_sched._config import SchedulerConfig, ShuffleConfig
 from ray_oob_sched._executor import RayExecutor, user_error
 from ray_oob_sched._fuse import Group, group_size, plan
 from ray_oob_sched._futures import REGISTRY, RayFuture
@@ -67,9 +67,20 @@ class RaySchedule:
     def shuffle_service(self) -> Any:
         """The out-of-band shuffle service (actors start on first use)."""
         if self._shuffle_service is None:
+            from shuffle._run import RunOptions
             from shuffle._service import ShuffleService
 
-            self._shuffle_service = ShuffleService()
+            cfg = ShuffleConfig.from_dask_config()
+            self._shuffle_service = ShuffleService(
+                transport=cfg.transport,  # type: ignore[arg-type]
+                options=RunOptions(
+                    memory_limit=cfg.memory_limit,
+                    spill_directory=cfg.spill_directory,
+                    message_bytes=cfg.message_bytes,
+                    send_buffer_bytes=cfg.send_buffer_bytes,
+                ),
+                timeout=cfg.timeout,
+            )
         return self._shuffle_service
 
     def close(self) -> None:

@@ -96,3 +96,14 @@ def test_init_kwargs_drop_nulls_and_use_underscores():
     with dask.config.set({"ray-oob-sched.init.num-cpus": 3}):
         kw = ray_init_kwargs()
     assert kw["num_cpus"] == 3 and "object_store_memory" not in kw
+
+
+def test_shuffle_config_reads_every_key():
+    from ray_oob_sched._config import ShuffleConfig
+
+    with dask.config.set({"ray-oob-sched.shuffle.transport": "tcp", "ray-oob-sched.shuffle.memory-limit": None}):
+        cfg = ShuffleConfig.from_dask_config()
+    assert cfg.transport == "tcp" and cfg.memory_limit is None and cfg.timeout == 60.0
+    with dask.config.set({"ray-oob-sched.shuffle.transport": "carrier-pigeon"}):
+        with pytest.raises(ValueError, match="shuffle.transport"):
+            ShuffleConfig.from_dask_config()
