@@ -46,7 +46,7 @@ def enable(**config: Any) -> dask.config.set:
         {
             "scheduler": get,
             "dataframe.shuffle.method": "p2p",
-            "array.rechunk.method": "tasks",
+            "array.rechunk.method": "p2p",
         },
         **config,
     )

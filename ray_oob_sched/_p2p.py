@@ -2,7 +2,7 @@
 
 dask emits transfer -> barrier -> unpack graphs for ``shuffle_method="p2p"``
 (dataframe shuffle, set_index, sort_values, groupby with split_out, hash merge)
-and ``method="p2p"`` rechunks. Their barrier is a
+and ``method="p2p"`` array rechunks (one shuffle per "partial" that dask plans). Their barrier is a
 ``distributed.shuffle._core.P2PBarrierTask``, recognised here by class, not by key
 names. Their functions call into a distributed worker, so this module rewrites
 our own copy of the graph (dask itself is never patched):
@@ -14,8 +14,9 @@ our own copy of the graph (dask itself is never patched):
   output partition, so it becomes an ObjectRef owned by the driver. A merge
   unpack becomes two actor calls and a ``merge_chunk`` task.
 
-Shapes not understood (array rechunks, anything unexpected) are refused with an
-error naming the versions, never run another way.
+A rechunk's chunks are numbered flat (row-major) in the run; the transfer turns
+dask's block index into that number, and unpacks name theirs. Shapes not understood
+are refused with an error naming the versions, never run another way.
 """
 
 from __future__ import annotations
@@ -110,11 +111,12 @@ def _merge_unpacked(left: Any, right: Any, *args: Any) -> Any:
 
 @dataclass(frozen=True)
 class _Transfer:
-    """Stands in for distributed's ``shuffle_transfer(df, id, input_partition)``."""
+    """Stands in for distributed's ``shuffle_transfer(df, id, input_partition)`` and
+    ``rechunk_transfer(chunk, id, block_index)``."""
 
     handles: Mapping[str, Any]  # shuffle id -> RunHandle
 
-    def __call__(self, df: Any, shuffle_id: str, input_partition: int) -> int:
+    def __call__(self, df: Any, shuffle_id: str, input_partition: int | tuple[int, ...]) -> int:
         from shuffle._transfer import transfer
 
         return transfer(df, self.handles[shuffle_id], input_partition)
@@ -128,6 +130,12 @@ def _known_functions() -> tuple[Any, Any, Any, Any]:
 
     merge_code = create_assign_index_merge_transfer().__code__
     return _shuffle_transfer, merge_code, (shuffle_unpack, merge_unpack), DataFrameShuffleSpec
+
+
+def _known_rechunk_functions() -> tuple[Any, Any, Any]:
+    from distributed.shuffle._rechunk import ArrayRechunkSpec, rechunk_transfer, rechunk_unpack
+
+    return rechunk_transfer, rechunk_unpack, ArrayRechunkSpec
 
 
 def rewrite(
@@ -146,31 +154,52 @@ def rewrite(
     if not barriers:
         return None
     shuffle_transfer, merge_code, (shuffle_unpack, merge_unpack), df_spec = _known_functions()
+    rechunk_transfer, rechunk_unpack, array_spec = _known_rechunk_functions()
+    layouts: dict[Key, Any] = {}  # rechunk barrier -> RechunkLayout
     for b in barriers:
-        if not isinstance(nodes[b].spec, df_spec):
-            raise _unsupported(f"a p2p {type(nodes[b].spec).__name__} (array rechunk)", b)
+        spec = nodes[b].spec
+        if isinstance(spec, array_spec):
+            from shuffle._rechunk import RechunkLayout
+
+            try:
+                layouts[b] = RechunkLayout(spec.old, spec.new)
+            except ValueError as e:
+                raise _unsupported(f"a p2p rechunk that cannot be planned ({e})", b) from None
+        elif not isinstance(spec, df_spec):
+            raise _unsupported(f"a p2p {type(spec).__name__}", b)
 
     for b in barriers:
+        rechunk = b in layouts
         for t in nodes[b].dependencies:
             func = getattr(_resolve_alias(nodes, t), "func", None)
-            if func is not shuffle_transfer and getattr(func, "__code__", None) is not merge_code:
+            if rechunk:
+                ok = func is rechunk_transfer
+            else:
+                ok = func is shuffle_transfer or getattr(func, "__code__", None) is merge_code
+            if not ok:
                 raise _unsupported(f"a p2p transfer calling {func!r}", t)
         for u in dependents.get(b, ()):
             func = getattr(nodes[u], "func", None)
-            if func is not shuffle_unpack and func is not merge_unpack:
+            allowed = (rechunk_unpack,) if rechunk else (shuffle_unpack, merge_unpack)
+            if func not in allowed:
                 raise _unsupported(f"a p2p unpack calling {func!r}", u)
 
     out = P2PRewrite(nodes=dict(nodes))
     handles: dict[str, Any] = {}
     for b in barriers:
         spec = nodes[b].spec
-        handle = start_run(
-            str(spec.id),
-            npartitions_out=spec.npartitions,
-            meta=spec.meta,
-            column=spec.column,
-            drop_column=spec.drop_column,
-        )
+        if b in layouts:
+            handle = start_run(
+                str(spec.id), npartitions_out=layouts[b].npartitions_out, meta=layouts[b]
+            )
+        else:
+            handle = start_run(
+                str(spec.id),
+                npartitions_out=spec.npartitions,
+                meta=spec.meta,
+                column=spec.column,
+                drop_column=spec.drop_column,
+            )
         out.handles.append(handle)  # the caller closes these, whatever happens next
         handles[str(spec.id)] = handle
 
@@ -183,7 +212,7 @@ def rewrite(
         for t in transfers:
             node = _resolve_alias(nodes, t)
             assert isinstance(node, Task)  # checked above
-            if node.func is shuffle_transfer:
+            if node.func is shuffle_transfer or node.func is rechunk_transfer:
                 out.nodes[t] = Task(t, transfer_fn, *node.args)
             else:
                 fn = merge_transfer_fns.get(id(node.func))
@@ -195,7 +224,11 @@ def rewrite(
     for b in barriers:
         for u in dependents.get(b, ()):
             node = nodes[u]
-            if node.func is shuffle_unpack:
+            if node.func is rechunk_unpack:
+                sid, index = node.args[0], node.args[1]
+                out.nodes[u] = Task(u, _must_be_actor_call, TaskRef(b))
+                out.unpacks[u] = Unpack(handles[str(sid)], layouts[b].flat_output(tuple(index)))
+            elif node.func is shuffle_unpack:
                 sid, partition = node.args[0], node.args[1]
                 out.nodes[u] = Task(u, _must_be_actor_call, TaskRef(b))
                 out.unpacks[u] = Unpack(handles[str(sid)], int(partition))

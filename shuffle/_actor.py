@@ -31,6 +31,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from shuffle._exceptions import ShuffleError
 from shuffle._ids import RunId, ShuffleId
 from shuffle._manager import ShuffleManager
+from shuffle._rechunk import RechunkLayout
 from shuffle._reply import ACK, encode_error
 from shuffle._run import DEFAULT_OPTIONS, RunOptions, RunStats
 from shuffle._spec import ShuffleRunSpec
@@ -118,15 +119,19 @@ class ShuffleActor:
                 logger.info("%s listening on %s", self.name, self._listener.address)
             return self._listener.address
 
-    async def start_run(self, spec: ShuffleRunSpec, meta: pd.DataFrame) -> None:
-        """Create the run of ``spec`` here (idempotent); a newer run id supersedes."""
+    async def start_run(self, spec: ShuffleRunSpec, meta: pd.DataFrame | RechunkLayout) -> None:
+        """Create the run of ``spec`` here (idempotent); a newer run id supersedes.
+
+        ``meta``: a dataframe shuffle's empty frame, or an array rechunk's layout.
+        """
         self._check_open()
         await self._manager.get_or_create(spec, meta)
 
     async def get_output_partition(
         self, shuffle_id: ShuffleId, run_id: RunId, partition: int
-    ) -> pd.DataFrame:
-        """Output ``partition`` of the run; call only after every transfer returned."""
+    ) -> Any:
+        """Output ``partition`` of the run (a frame, or an array chunk); call only after
+        every transfer returned."""
         run = self._manager.get_run(shuffle_id, run_id)
         await run.flush()  # declares this participant's inputs done; nothing to send
         loop = asyncio.get_running_loop()
@@ -134,7 +139,7 @@ class ShuffleActor:
 
     async def unpack(
         self, shuffle_id: ShuffleId, run_id: RunId, partition: int, *after: Any
-    ) -> tuple[str, pd.DataFrame]:
+    ) -> tuple[str, Any]:
         """``get_output_partition`` as the scheduler submits it, with ``num_returns=2``.
 
         ``after`` holds the barrier's result: passed as an ObjectRef, it makes Ray start

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import pandas as pd
-import pyarrow as pa
 
 from shuffle._buffer import ShardsBuffer
 from shuffle._handle import RunHandle
@@ -47,7 +46,9 @@ from shuffle._ids import ShardKey
 from shuffle._limiter import ResourceLimiter
 from shuffle._partition import group_by_owner, split_by_partition
 from shuffle._reply import decode_reply
-from shuffle._serialize import encode_message, table_to_buffer
+from shuffle._rechunk import RechunkLayout
+from shuffle._run import split_chunk
+from shuffle._serialize import encode_message, payload_nbytes, table_to_buffer
 from shuffle._transport import (
     ClosedResourceError,
     Endpoint,
@@ -63,7 +64,7 @@ __all__ = ["ClientConfig", "EndpointPool", "ShuffleClient", "get_client", "split
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Shards = dict[str, list[tuple[ShardKey, pa.Buffer]]]
+Shards = dict[str, list[tuple[ShardKey, Any]]]  # Arrow IPC buffers or array Pieces
 _MAX_PARTITION = (1 << 32) - 1  # the wire header stores partitions as u32
 _SCHEMES = ("ucx", "tcp", "local")
 #: Pools (one per transport and secret, i.e. per shuffle service) kept open; the least
@@ -179,27 +180,28 @@ class EndpointPool:
         await self._transport.close()
 
 
-def split_for_sending(df: pd.DataFrame, handle: RunHandle, input_partition: int) -> Shards:
-    """Input partition ``input_partition`` as ``{owner: [(ShardKey, Arrow IPC bytes)]}``.
+def split_for_sending(data: Any, handle: RunHandle, input_partition: int) -> Shards:
+    """Input partition ``input_partition`` as ``{owner: [(ShardKey, payload)]}``.
 
-    CPU work (sort, gather, IPC encoding): runs in the calling thread, not on the loop.
+    Payloads are Arrow IPC bytes (dataframe shuffles) or ``Piece``s (array rechunks).
+    CPU work (sort, gather, encoding): runs in the calling thread, not on the loop.
     """
     spec = handle.spec
     where = f"shuffle {spec.shuffle_id!r} run {spec.run_id}"
+    _check_input_partition(input_partition, where)
+    if isinstance(handle.meta, RechunkLayout):
+        pieces = split_chunk(data, handle.meta, input_partition, owner_of=spec.owner_of)
+        return {
+            owner: [(ShardKey(p, input_partition), piece) for p, piece in items]
+            for owner, items in pieces.items()
+        }
+    df = data
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"{where}: expected a pandas DataFrame, got {type(df).__name__}")
     if set(df.columns) != set(handle.meta.columns):
         raise ValueError(
             f"{where}: input partition {input_partition} has columns "
             f"{sorted(map(str, df.columns))}, meta has {sorted(map(str, handle.meta.columns))}"
-        )
-    if (
-        isinstance(input_partition, bool)
-        or not isinstance(input_partition, int)
-        or not 0 <= input_partition <= _MAX_PARTITION
-    ):
-        raise ValueError(
-            f"{where}: input partition must be an int in [0, 2**32), got {input_partition!r}"
         )
     tables = split_by_partition(
         df, column=spec.column, npartitions=spec.npartitions_out, drop_column=spec.drop_column
@@ -208,6 +210,17 @@ def split_for_sending(df: pd.DataFrame, handle: RunHandle, input_partition: int)
         owner: [(ShardKey(p, input_partition), table_to_buffer(t)) for p, t in items]
         for owner, items in group_by_owner(tables, owner_of=spec.owner_of).items()
     }
+
+
+def _check_input_partition(input_partition: Any, where: str) -> None:
+    if (
+        isinstance(input_partition, bool)
+        or not isinstance(input_partition, int)
+        or not 0 <= input_partition <= _MAX_PARTITION
+    ):
+        raise ValueError(
+            f"{where}: input partition must be an int in [0, 2**32), got {input_partition!r}"
+        )
 
 
 class ShuffleClient:
@@ -240,13 +253,15 @@ class ShuffleClient:
         """Send one message to the actor at ``address``; return once it acknowledged."""
         self._call(self._send(address, frames, secret), None)  # bounded by the request
 
-    def shuffle(self, df: pd.DataFrame, handle: RunHandle, input_partition: int) -> None:
+    def shuffle(self, data: Any, handle: RunHandle, input_partition: int) -> None:
         """Send input partition ``input_partition`` of ``handle``'s run to its owners.
+
+        ``data`` is a dataframe partition, or an array chunk for a rechunk run.
 
         Returns once every owner acknowledged every piece; raises the first failure
         (a peer's typed error such as ``StaleRunError``, a transport error, a timeout).
         """
-        shards = split_for_sending(df, handle, input_partition)
+        shards = split_for_sending(data, handle, input_partition)
         if shards:
             self._call(
                 self._send_shards(handle, input_partition, shards),
@@ -310,18 +325,19 @@ class ShuffleClient:
         pool.retain(handle.addresses.values())
         name = f"{spec.shuffle_id}[{spec.run_id}] input {input_partition}"
 
-        async def send_batch(owner: str, batch: list[tuple[ShardKey, pa.Buffer]]) -> None:
+        async def send_batch(owner: str, batch: list[tuple[ShardKey, Any]]) -> None:
             message = encode_message(
                 shuffle_id=spec.shuffle_id, run_id=spec.run_id, sender=self.name, shards=batch
             )
             await pool.send(handle.addresses[owner], message.frames())
 
-        buffer: ShardsBuffer[ShardKey, pa.Buffer] = ShardsBuffer(
+        buffer: ShardsBuffer[ShardKey, Any] = ShardsBuffer(
             send=send_batch,
             limiter=ResourceLimiter(options.send_buffer_bytes, name=f"{name}-send"),
             message_bytes=options.message_bytes,
             timeout=options.limiter_timeout,
             concurrency=options.concurrency,
+            nbytes=payload_nbytes,
             name=name,
         )
         try:

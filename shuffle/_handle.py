@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from shuffle._rechunk import RechunkLayout
 from shuffle._run import DEFAULT_OPTIONS, RunOptions
 from shuffle._spec import ShuffleRunSpec
 
@@ -30,14 +31,15 @@ __all__ = ["RunHandle"]
 class RunHandle:
     """One run of one shuffle, as the driver started it on every participant.
 
-    ``addresses`` maps each participant name of ``spec`` to its listener address;
+    ``meta`` is the empty input frame of a dataframe shuffle, or the ``RechunkLayout`` of
+    an array rechunk (its partitions are flat chunk numbers). ``addresses`` maps each participant name of ``spec`` to its listener address;
     ``transport`` is the transport those addresses belong to (``"tcp"`` or ``"ucx"``,
     never ``"auto"``); ``options`` carries the senders' knobs (message size, send budget,
     concurrency). ``actors`` (participant name -> ActorHandle) exists on the driver only.
     """
 
     spec: ShuffleRunSpec
-    meta: pd.DataFrame
+    meta: pd.DataFrame | RechunkLayout
     addresses: Mapping[str, str]
     secret: bytes = field(repr=False)
     transport: str

@@ -35,7 +35,15 @@ import pandas as pd
 from shuffle._exceptions import FrameError, ShuffleClosedError, StaleRunError, UnknownRunError
 from shuffle._ids import RunId, ShuffleId
 from shuffle._limiter import ResourceLimiter
-from shuffle._run import DEFAULT_OPTIONS, DataFrameShuffleRun, RunOptions, SendFn
+from shuffle._rechunk import RechunkLayout
+from shuffle._run import (
+    DEFAULT_OPTIONS,
+    ArrayRechunkRun,
+    DataFrameShuffleRun,
+    RunOptions,
+    SendFn,
+    ShuffleRun,
+)
 from shuffle._serialize import decode_header
 from shuffle._spec import ShuffleRunSpec
 
@@ -66,7 +74,7 @@ class ShuffleManager:
         self._send = send
         self._accept_any_sender = accept_any_sender
         self._send_limiter = ResourceLimiter(options.send_buffer_bytes, name=f"{local}-send")
-        self._runs: dict[ShuffleId, DataFrameShuffleRun] = {}
+        self._runs: dict[ShuffleId, ShuffleRun] = {}
         self._newest: dict[ShuffleId, RunId] = {}  # survives close, unlike _runs
         self._closed = False
 
@@ -75,7 +83,7 @@ class ShuffleManager:
         return f"<ShuffleManager {self.local!r} runs=[{runs}] closed={self._closed}>"
 
     @property
-    def runs(self) -> Mapping[ShuffleId, DataFrameShuffleRun]:
+    def runs(self) -> Mapping[ShuffleId, ShuffleRun]:
         """The open runs by shuffle id (read-only view), for introspection and tests."""
         return MappingProxyType(self._runs)
 
@@ -87,8 +95,13 @@ class ShuffleManager:
     def send_limiter(self) -> ResourceLimiter:
         return self._send_limiter
 
-    async def get_or_create(self, spec: ShuffleRunSpec, meta: pd.DataFrame) -> DataFrameShuffleRun:
+    async def get_or_create(
+        self, spec: ShuffleRunSpec, meta: pd.DataFrame | RechunkLayout
+    ) -> ShuffleRun:
         """The run of ``spec``, created on first call; a newer run id supersedes the old.
+
+        ``meta`` says the kind of run: a dataframe shuffle's empty input frame, or an
+        array rechunk's ``RechunkLayout``.
 
         Raises ``StaleRunError`` for a run id older than one already seen,
         ``ShuffleClosedError`` for a run that was closed here, and ``ValueError`` for a
@@ -109,15 +122,24 @@ class ShuffleManager:
             return current
         if current is None and newest == run_id:
             raise ShuffleClosedError(shuffle_id, run_id, f"already closed on {self.local!r}")
-        run = DataFrameShuffleRun(
+        common: dict[str, Any] = dict(
             spec=spec,
             local=self.local,
-            meta=meta,
             send=self._send,
             options=self.options,
             send_limiter=self._send_limiter,
             accept_any_sender=self._accept_any_sender,
         )
+        run: ShuffleRun
+        if isinstance(meta, RechunkLayout):
+            run = ArrayRechunkRun(layout=meta, **common)
+        elif isinstance(meta, pd.DataFrame):
+            run = DataFrameShuffleRun(meta=meta, **common)
+        else:
+            raise TypeError(
+                f"shuffle {shuffle_id!r}: a run needs a DataFrame meta or a RechunkLayout, "
+                f"got {type(meta).__name__}"
+            )
         # Register before awaiting anything, so concurrent callers see the new run.
         self._runs[shuffle_id] = run
         self._newest[shuffle_id] = run_id
@@ -126,7 +148,7 @@ class ShuffleManager:
             await current.fail(StaleRunError(shuffle_id, current.run_id, run_id))
         return run
 
-    def get_run(self, shuffle_id: ShuffleId, run_id: RunId) -> DataFrameShuffleRun:
+    def get_run(self, shuffle_id: ShuffleId, run_id: RunId) -> ShuffleRun:
         """The open run ``(shuffle_id, run_id)``, or the typed error of the module table."""
         self._raise_if_closed(shuffle_id, run_id)
         newest = self._newest.get(shuffle_id)

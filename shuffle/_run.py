@@ -1,4 +1,4 @@
-"""One participant's share of one run of a dataframe shuffle.
+"""One participant's share of one run of a dataframe shuffle or an array rechunk.
 
 Modelled on ``distributed.shuffle._core.ShuffleRun`` and ``_shuffle.DataFrameShuffleRun``.
 A run lives on one participant (one actor) for one ``(shuffle_id, run_id)``:
@@ -19,6 +19,11 @@ A run lives on one participant (one actor) for one ``(shuffle_id, run_id)``:
 * **unpack**: ``get_output_partition(p)`` concatenates the shards of ``p`` in
   input-partition order, so the result does not depend on arrival order.
 
+``ShuffleRun`` holds all of that; its two kinds differ only in splitting and
+rebuilding: ``DataFrameShuffleRun`` cuts rows by dask's partition column into Arrow
+IPC shards, ``ArrayRechunkRun`` cuts array chunks by the new chunking
+(``shuffle._rechunk``) into raw-memory ``Piece``s and places them into output chunks.
+
 Failure semantics follow ``distributed``: the first failure (a failed send, or
 ``fail(exc)``) is kept, and from then on every public method raises it; after a plain
 ``close()`` they raise ``ShuffleClosedError``. ``close()`` is idempotent and immediate
@@ -36,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -43,17 +49,31 @@ from shuffle._buffer import ShardsBuffer
 from shuffle._exceptions import BufferClosedError, FrameError, ShuffleClosedError
 from shuffle._ids import RunId, ShardKey, ShuffleId
 from shuffle._limiter import ResourceLimiter
+from shuffle._ndarray import decode_piece, encode_piece
 from shuffle._partition import concat_partition, group_by_owner, split_by_partition
+from shuffle._rechunk import RechunkLayout
 from shuffle._serialize import (
+    Piece,
     buffer_to_table,
     decode_message,
     encode_message,
+    payload_nbytes,
     table_to_buffer,
 )
 from shuffle._spec import ShuffleRunSpec
 from shuffle._store import DiskShardStore
 
-__all__ = ["DEFAULT_OPTIONS", "DataFrameShuffleRun", "RunOptions", "RunStats", "SendFn"]
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "ArrayRechunkRun",
+    "DataFrameShuffleRun",
+    "RunOptions",
+    "RunStats",
+    "SendFn",
+    "ShuffleRun",
+    "assemble_chunk",
+    "split_chunk",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -120,45 +140,40 @@ class RunStats:
     outputs_read: int = 0
 
 
-class DataFrameShuffleRun:
+class ShuffleRun:
     """This participant's state for one run: send buffer, receive store, first failure.
 
-    ``meta`` is dask's empty frame for the input partitions, partition column included.
-    ``send_limiter`` lets several runs share one send budget (the manager passes its
-    own); without one the run gets a private limiter of ``options.send_buffer_bytes``.
-    ``accept_any_sender`` accepts messages whose sender is not a participant (see the
-    module docstring). Use from one event loop; ``get_output_partition`` may also run in
-    a worker thread.
+    The base of the two kinds of run, which differ in how an input is split and how an
+    output is rebuilt: ``DataFrameShuffleRun`` (rows by a partition column) and
+    ``ArrayRechunkRun`` (array chunks by the new chunking). ``send_limiter`` lets several
+    runs share one send budget (the manager passes its own); without one the run gets a
+    private limiter of ``options.send_buffer_bytes``. ``accept_any_sender`` accepts
+    messages whose sender is not a participant (see the module docstring). Use from one
+    event loop; ``get_output_partition`` may also run in a worker thread.
     """
+
+    kind = "shuffle"
 
     def __init__(
         self,
         *,
         spec: ShuffleRunSpec,
         local: str,
-        meta: pd.DataFrame,
         send: SendFn,
         options: RunOptions = DEFAULT_OPTIONS,
         send_limiter: ResourceLimiter | None = None,
         accept_any_sender: bool = False,
     ) -> None:
-        if spec.column not in meta.columns:
-            raise ValueError(
-                f"shuffle {spec.shuffle_id!r}: partition column {spec.column!r} is not in "
-                f"meta's columns {list(meta.columns)}"
-            )
         self.spec = spec
         self.local = local
         self.options = options
-        self.meta = meta
-        self.output_meta = meta.drop(columns=spec.column) if spec.drop_column else meta
         self.owned = spec.partitions_of(local)  # raises if local is no participant
         self.stats = RunStats()
         self._send = send
         self._accept_any_sender = accept_any_sender
         name = f"{spec.shuffle_id}[{spec.run_id}]@{local}"
         self._name = name
-        self._buffer: ShardsBuffer[ShardKey, pa.Buffer] = ShardsBuffer(
+        self._buffer: ShardsBuffer[ShardKey, Any] = ShardsBuffer(
             send=self._send_batch,
             limiter=(
                 ResourceLimiter(options.send_buffer_bytes, name=name)
@@ -168,6 +183,7 @@ class DataFrameShuffleRun:
             message_bytes=options.message_bytes,
             timeout=options.limiter_timeout,
             concurrency=options.concurrency,
+            nbytes=payload_nbytes,
             name=f"{name}-send",
         )
         self._store = DiskShardStore(
@@ -175,6 +191,7 @@ class DataFrameShuffleRun:
             directory=options.spill_directory,
             name=f"{name}-store",
         )
+        self._metas: dict[ShardKey, bytes] = {}  # shards' header meta, where not empty
         self._inputs_done = False
         self._exception: Exception | None = None
         self._closed = False
@@ -182,10 +199,10 @@ class DataFrameShuffleRun:
 
     def __repr__(self) -> str:
         state = "failed" if self._exception else "closed" if self._closed else "open"
-        return f"<DataFrameShuffleRun {self._name} {state} inputs_done={self._inputs_done}>"
+        return f"<{type(self).__name__} {self._name} {state} inputs_done={self._inputs_done}>"
 
     def __str__(self) -> str:  # how errors and logs name the run
-        return f"shuffle run {self._name}"
+        return f"{self.kind} run {self._name}"
 
     @property
     def shuffle_id(self) -> ShuffleId:
@@ -216,45 +233,52 @@ class DataFrameShuffleRun:
         if self._closed:
             raise ShuffleClosedError(self.shuffle_id, self.run_id)
 
-    async def add_partition(self, df: pd.DataFrame, input_partition: int) -> RunId:
-        """Shard input partition ``input_partition`` to the owners of its rows.
+    async def _add_shards(
+        self, by_owner: dict[str, list[tuple[int, Any]]], input_partition: int
+    ) -> RunId:
+        """Store own partitions' shards, queue the rest per owner; wait for budget."""
+        self.stats.inputs_added += 1
+        # Own partitions skip the message codec and the buffer.
+        for partition, payload in by_owner.pop(self.local, ()):
+            key = ShardKey(partition, input_partition)
+            if self._store_shard(key, payload):
+                self.stats.shards_local += 1
+                self.stats.bytes_local += payload_nbytes(payload)
+            else:
+                self.stats.duplicates_ignored += 1
+        await self._buffer.write(
+            {
+                owner: [(ShardKey(p, input_partition), payload) for p, payload in items]
+                for owner, items in by_owner.items()
+            }
+        )
+        self.raise_if_closed()  # closed or failed while this call waited for budget
+        return self.run_id
 
-        Returns once the shards are stored (own partitions) or queued for sending and
-        the send budget has room again. A retried call resends everything; receivers
-        drop the pieces they already hold.
-        """
+    def _check_add(self, input_partition: int) -> None:
         self.raise_if_closed()
         if self._inputs_done:
             raise RuntimeError(
                 f"{self}: input partition {input_partition} arrived after flush(); a "
                 "late input needs a new run"
             )
-        self._validate_input(df, input_partition)
-        tables = split_by_partition(
-            df,
-            column=self.spec.column,
-            npartitions=self.spec.npartitions_out,
-            drop_column=self.spec.drop_column,
-        )
-        by_owner = group_by_owner(tables, owner_of=self.spec.owner_of)
-        self.stats.inputs_added += 1
-        # Own partitions skip the message codec and the buffer, but the store holds
-        # bytes (it measures and spills them), so they are written as Arrow IPC too.
-        for partition, table in by_owner.pop(self.local, ()):
-            payload = table_to_buffer(table)
-            if self._store.append(ShardKey(partition, input_partition), payload):
-                self.stats.shards_local += 1
-                self.stats.bytes_local += payload.size
-            else:
-                self.stats.duplicates_ignored += 1
-        await self._buffer.write(
-            {
-                owner: [(ShardKey(p, input_partition), table_to_buffer(t)) for p, t in items]
-                for owner, items in by_owner.items()
-            }
-        )
-        self.raise_if_closed()  # closed or failed while this call waited for budget
-        return self.run_id
+        if (
+            isinstance(input_partition, bool)
+            or not isinstance(input_partition, int)
+            or not 0 <= input_partition <= _MAX_PARTITION
+        ):
+            raise ValueError(
+                f"{self}: input partition must be an int in [0, 2**32), got {input_partition!r}"
+            )
+
+    def _store_shard(self, key: ShardKey, payload: Any, meta: bytes = b"") -> bool:
+        if isinstance(payload, Piece):
+            payload, meta = payload.data, payload.meta
+        if not self._store.append(key, payload):
+            return False
+        if meta:
+            self._metas[key] = meta
+        return True
 
     async def receive(self, frames: Sequence[Any]) -> None:
         """Store the shards of one message from a peer.
@@ -286,7 +310,7 @@ class DataFrameShuffleRun:
             )
         self.stats.messages_received += 1
         for entry, payload in zip(header.entries, message.buffers, strict=True):
-            if self._store.append(entry.key, payload):
+            if self._store_shard(entry.key, payload, entry.meta):
                 self.stats.shards_received += 1
                 self.stats.bytes_received += entry.nbytes
             else:
@@ -310,12 +334,16 @@ class DataFrameShuffleRun:
         await self._buffer.flush()
         self.raise_if_closed()
 
-    def get_output_partition(self, partition: int) -> pd.DataFrame:
-        """Output ``partition`` (owned here) as a frame like ``meta``, rows in input order.
+    def get_output_partition(self, partition: int) -> Any:
+        """Output ``partition`` (owned here), rebuilt from its shards in input order.
 
         Valid once every participant's ``flush`` has returned; the run cannot check the
         others, it checks only its own. May be called again (a retried unpack task).
         """
+        raise NotImplementedError
+
+    def _read(self, partition: int) -> list[tuple[int, Any, bytes]]:
+        """``(input partition, payload, meta)`` of every shard of owned ``partition``."""
         self.raise_if_closed()
         if partition not in self.owned:
             raise ValueError(
@@ -325,13 +353,12 @@ class DataFrameShuffleRun:
         if not self._inputs_done:
             raise RuntimeError(f"{self}: get_output_partition called before flush()")
         try:
-            payloads = self._store.read(partition)
+            items = self._store.read_items(partition)
         except BufferClosedError:
             self.raise_if_closed()  # closed from the event loop while a thread read
             raise
-        tables = [buffer_to_table(payload) for payload in payloads]
-        self.stats.outputs_read += 1
-        return concat_partition(tables, meta=self.output_meta)
+        metas = self._metas
+        return [(i, p, metas.get(ShardKey(partition, i), b"")) for i, p in items]
 
     async def fail(self, exc: Exception) -> None:
         """Record ``exc`` as the failure, unless one came first, and close."""
@@ -374,6 +401,72 @@ class DataFrameShuffleRun:
             self._exception = exc
             logger.info("%s failed: %r", self, exc)
 
+
+class DataFrameShuffleRun(ShuffleRun):
+    """A dataframe shuffle: rows move by dask's partition column.
+
+    ``meta`` is dask's empty frame for the input partitions, partition column included.
+    Shards are Arrow IPC streams.
+    """
+
+    kind = "shuffle"
+
+    def __init__(
+        self,
+        *,
+        spec: ShuffleRunSpec,
+        local: str,
+        meta: pd.DataFrame,
+        send: SendFn,
+        options: RunOptions = DEFAULT_OPTIONS,
+        send_limiter: ResourceLimiter | None = None,
+        accept_any_sender: bool = False,
+    ) -> None:
+        if spec.column not in meta.columns:
+            raise ValueError(
+                f"shuffle {spec.shuffle_id!r}: partition column {spec.column!r} is not in "
+                f"meta's columns {list(meta.columns)}"
+            )
+        super().__init__(
+            spec=spec,
+            local=local,
+            send=send,
+            options=options,
+            send_limiter=send_limiter,
+            accept_any_sender=accept_any_sender,
+        )
+        self.meta = meta
+        self.output_meta = meta.drop(columns=spec.column) if spec.drop_column else meta
+
+    async def add_partition(self, df: pd.DataFrame, input_partition: int) -> RunId:
+        """Shard input partition ``input_partition`` to the owners of its rows.
+
+        Returns once the shards are stored (own partitions) or queued for sending and
+        the send budget has room again. A retried call resends everything; receivers
+        drop the pieces they already hold.
+        """
+        self._check_add(input_partition)
+        self._validate_input(df, input_partition)
+        tables = split_by_partition(
+            df,
+            column=self.spec.column,
+            npartitions=self.spec.npartitions_out,
+            drop_column=self.spec.drop_column,
+        )
+        # The store holds bytes (it measures and spills them), so own partitions are
+        # written as Arrow IPC too.
+        by_owner = {
+            owner: [(p, table_to_buffer(t)) for p, t in items]
+            for owner, items in group_by_owner(tables, owner_of=self.spec.owner_of).items()
+        }
+        return await self._add_shards(by_owner, input_partition)
+
+    def get_output_partition(self, partition: int) -> pd.DataFrame:
+        """Output ``partition`` as a frame like ``meta``, rows in input order."""
+        tables = [buffer_to_table(payload) for _, payload, _ in self._read(partition)]
+        self.stats.outputs_read += 1
+        return concat_partition(tables, meta=self.output_meta)
+
     def _validate_input(self, df: pd.DataFrame, input_partition: int) -> None:
         if not isinstance(df, pd.DataFrame):
             raise TypeError(f"{self}: expected a pandas DataFrame, got {type(df).__name__}")
@@ -382,11 +475,101 @@ class DataFrameShuffleRun:
                 f"{self}: input partition {input_partition} has columns "
                 f"{sorted(map(str, df.columns))}, meta has {sorted(map(str, self.meta.columns))}"
             )
-        if (
-            isinstance(input_partition, bool)
-            or not isinstance(input_partition, int)
-            or not 0 <= input_partition <= _MAX_PARTITION
-        ):
+
+
+class ArrayRechunkRun(ShuffleRun):
+    """An array rechunk: pieces of input chunks move to the owners of output chunks.
+
+    Partitions are flat chunk numbers of ``layout`` (``shuffle._rechunk``); the spec's
+    ``npartitions_out`` must be the layout's. Shards are ``Piece``s: raw array memory
+    with dtype and shape in the header (``shuffle._ndarray``).
+    """
+
+    kind = "rechunk"
+
+    def __init__(
+        self,
+        *,
+        spec: ShuffleRunSpec,
+        local: str,
+        layout: RechunkLayout,
+        send: SendFn,
+        options: RunOptions = DEFAULT_OPTIONS,
+        send_limiter: ResourceLimiter | None = None,
+        accept_any_sender: bool = False,
+    ) -> None:
+        if spec.npartitions_out != layout.npartitions_out:
             raise ValueError(
-                f"{self}: input partition must be an int in [0, 2**32), got {input_partition!r}"
+                f"rechunk {spec.shuffle_id!r}: the spec has {spec.npartitions_out} output "
+                f"partitions, the layout {layout.npartitions_out} output chunks"
             )
+        super().__init__(
+            spec=spec,
+            local=local,
+            send=send,
+            options=options,
+            send_limiter=send_limiter,
+            accept_any_sender=accept_any_sender,
+        )
+        self.layout = layout
+
+    async def add_partition(self, array: Any, input_partition: int) -> RunId:
+        """Cut input chunk ``input_partition`` by the output chunks; send the pieces."""
+        self._check_add(input_partition)
+        by_owner = split_chunk(array, self.layout, input_partition, owner_of=self.spec.owner_of)
+        return await self._add_shards(by_owner, input_partition)
+
+    def get_output_partition(self, partition: int) -> Any:
+        """Output chunk ``partition``, assembled from its pieces."""
+        pieces = [(i, decode_piece(meta, payload)) for i, payload, meta in self._read(partition)]
+        out = assemble_chunk(pieces, self.layout, partition, where=str(self))
+        self.stats.outputs_read += 1
+        return out
+
+
+def split_chunk(
+    array: Any, layout: RechunkLayout, input_partition: int, *, owner_of: Callable[[int], str]
+) -> dict[str, list[tuple[int, Piece]]]:
+    """Input chunk ``input_partition`` as ``{owner: [(output chunk, Piece)]}``."""
+    shape = layout.input_shape(input_partition)
+    if tuple(getattr(array, "shape", ())) != shape:
+        raise ValueError(
+            f"input chunk {layout.input_index(input_partition)} has shape "
+            f"{getattr(array, 'shape', None)}, the rechunk expects {shape}"
+        )
+    out: dict[str, list[tuple[int, Piece]]] = {}
+    for partition, slices in layout.pieces_of_input(input_partition):
+        out.setdefault(owner_of(partition), []).append((partition, encode_piece(array[slices])))
+    return out
+
+
+def assemble_chunk(
+    pieces: Sequence[tuple[int, Any]], layout: RechunkLayout, partition: int, *, where: str
+) -> Any:
+    """Output chunk ``partition`` from ``(input chunk, piece)`` pairs; checks completeness."""
+    placement = dict(layout.pieces_of_output(partition))
+    got = [i for i, _ in pieces]
+    if sorted(got) != sorted(placement):
+        missing = sorted(set(placement) - set(got))
+        raise RuntimeError(
+            f"{where}: output chunk {layout.output_index(partition)} is missing the pieces "
+            f"of input chunks {[layout.input_index(i) for i in missing][:10]}"
+            if missing
+            else f"{where}: output chunk {layout.output_index(partition)} got unexpected pieces"
+        )
+    shape = layout.output_shape(partition)
+    if len(pieces) == 1 and tuple(pieces[0][1].shape) == shape:
+        return pieces[0][1]  # one input covers the chunk: no copy
+    first = pieces[0][1]
+    dtypes = {piece.dtype for _, piece in pieces}
+    if len(dtypes) != 1:
+        raise ValueError(f"{where}: pieces of output chunk {partition} disagree on dtype: {dtypes}")
+    # empty_like keeps the array library (numpy or CuPy) of the pieces.
+    out = _empty_like(first, shape)
+    for i, piece in pieces:
+        out[placement[i]] = piece
+    return out
+
+
+def _empty_like(prototype: Any, shape: tuple[int, ...]) -> Any:
+    return np.empty_like(prototype, shape=shape)

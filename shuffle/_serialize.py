@@ -6,9 +6,13 @@ present before it trusts it. Layout (little endian)::
 
     magic "RSHF" | version u16 | run_id u64 | n_entries u32 | len(shuffle_id) u16
     | len(sender) u16 | shuffle_id utf-8 | sender utf-8
-    | n_entries x (output_partition u32 | input_partition u32 | nbytes u64 | memory u8)
+    | n_entries x (output_partition u32 | input_partition u32 | nbytes u64 | memory u8
+                   | len(meta) u32)
+    | the entries' meta bytes, concatenated
 
-Buffers travel as separate frames so that a transport can receive each one straight
+``meta`` is a shard's small host-side description, empty for dataframe shards (Arrow
+IPC describes itself) and e.g. dtype and shape for array shards, whose payload is raw
+memory that may live on a device. Buffers travel as separate frames so that a transport can receive each one straight
 into memory of the right kind. Which kinds exist is a ``MemoryRegistry`` of hooks:
 host memory is built in, and device memory (CuPy, RMM) plugs in by adding hooks.
 Payloads are Arrow IPC streams; decoding them aliases the received memory.
@@ -37,6 +41,7 @@ __all__ = [
     "MemoryRegistry",
     "MemoryType",
     "Message",
+    "Piece",
     "allocate_buffers",
     "buffer_to_table",
     "decode_header",
@@ -47,12 +52,14 @@ __all__ = [
 ]
 
 MAGIC = b"RSHF"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DEFAULT_MAX_MESSAGE_NBYTES = 1 << 31
+#: Bound on the meta bytes of one message, so a hostile header cannot announce absurd ones.
+MAX_META_NBYTES = 16 << 20
 
 _START = struct.Struct("<4sH")  # magic, version: read first, before trusting the rest
 _COUNTS = struct.Struct("<QIHH")  # run_id, n_entries, len(shuffle_id), len(sender)
-_ENTRY = struct.Struct("<IIQB")
+_ENTRY = struct.Struct("<IIQBI")
 _FIXED = _START.size + _COUNTS.size
 _U16, _U32, _U64 = (1 << 16) - 1, (1 << 32) - 1, (1 << 64) - 1
 
@@ -144,6 +151,27 @@ class MemoryRegistry:
 HOST_REGISTRY = MemoryRegistry({MemoryType.HOST: HOST_HOOKS})
 
 
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """A shard payload that needs a description to be rebuilt: ``data`` plus ``meta``.
+
+    ``data`` is a host or device buffer (sent as its own frame, never copied);
+    ``meta`` small host bytes that travel in the header. ``nbytes`` is ``data``'s size.
+    """
+
+    data: Any
+    meta: bytes
+    nbytes: int
+
+
+def payload_nbytes(payload: Any) -> int:
+    """Size of a shard payload: a ``Piece``'s data, or a host buffer."""
+    if isinstance(payload, Piece):
+        return payload.nbytes
+    with memoryview(payload) as view:
+        return view.nbytes
+
+
 @dataclass(frozen=True)
 class Entry:
     """Header entry describing the buffer at the same position in the message."""
@@ -152,6 +180,7 @@ class Entry:
     input_partition: int
     nbytes: int
     memory_type: MemoryType = MemoryType.HOST
+    meta: bytes = b""
 
     @property
     def key(self) -> ShardKey:
@@ -192,14 +221,20 @@ def encode_message(
     shards: Iterable[tuple[ShardKey, Any]],
     registry: MemoryRegistry = HOST_REGISTRY,
 ) -> Message:
-    """Describe ``shards`` in a header; each payload is wrapped, never copied."""
+    """Describe ``shards`` in a header; each payload is wrapped, never copied.
+
+    A payload is a buffer, or a ``Piece`` whose ``meta`` goes into the header.
+    """
     entries = []
     buffers = []
     for key, payload in shards:
+        meta = b""
+        if isinstance(payload, Piece):
+            payload, meta = payload.data, payload.meta
         memory_type = registry.memory_type_of(payload)
         hooks = registry.hooks(memory_type)
         buffer = hooks.wrap(payload)
-        entries.append(Entry(*key, hooks.nbytes(buffer), memory_type))
+        entries.append(Entry(*key, hooks.nbytes(buffer), memory_type, bytes(meta)))
         buffers.append(buffer)
     header = Header(shuffle_id, run_id, sender, tuple(entries))
     return Message(header, tuple(buffers))
@@ -226,9 +261,17 @@ def encode_header(header: Header) -> bytes:
             raise ValueError(f"partitions must lie in [0, 2**32), got {e}")
         parts.append(
             _ENTRY.pack(
-                e.output_partition, e.input_partition, e.nbytes, _CODES[MemoryType(e.memory_type)]
+                e.output_partition,
+                e.input_partition,
+                e.nbytes,
+                _CODES[MemoryType(e.memory_type)],
+                len(e.meta),
             )
         )
+    meta_nbytes = sum(len(e.meta) for e in header.entries)
+    if meta_nbytes > MAX_META_NBYTES:
+        raise ValueError(f"shard meta of {meta_nbytes} bytes exceeds {MAX_META_NBYTES}")
+    parts += [e.meta for e in header.entries]
     return b"".join(parts)
 
 
@@ -259,11 +302,11 @@ def decode_header(
         raise FrameError(f"header is truncated: {size} bytes, the fixed part is {_FIXED}")
     run_id, n_entries, id_len, sender_len = _COUNTS.unpack_from(view, _START.size)
     strings_end = _FIXED + id_len + sender_len
-    expected = strings_end + n_entries * _ENTRY.size
-    if size != expected:
+    entries_end = strings_end + n_entries * _ENTRY.size
+    if size < entries_end:
         raise FrameError(
             f"lengths do not add up: the header is {size} bytes, its counts "
-            f"({n_entries} entries, {id_len}+{sender_len} name bytes) say {expected}"
+            f"({n_entries} entries, {id_len}+{sender_len} name bytes) say at least {entries_end}"
         )
     if run_id < 1:
         raise FrameError("run_id 0 is not a valid run id")
@@ -271,7 +314,9 @@ def decode_header(
     sender = _utf8(view[_FIXED + id_len : strings_end], "sender")
     if not shuffle_id:
         raise FrameError("shuffle_id is empty")
-    entries = _decode_entries(view[strings_end:], max_message_nbytes, npartitions_out)
+    entries = _decode_entries(
+        view[strings_end:entries_end], view[entries_end:], max_message_nbytes, npartitions_out
+    )
     return Header(ShuffleId(shuffle_id), RunId(run_id), sender, entries)
 
 
@@ -283,12 +328,24 @@ def _utf8(raw: memoryview, what: str) -> str:
 
 
 def _decode_entries(
-    raw: memoryview, max_message_nbytes: int, npartitions_out: int | None
+    raw: memoryview, metas: memoryview, max_message_nbytes: int, npartitions_out: int | None
 ) -> tuple[Entry, ...]:
+    rows = list(_ENTRY.iter_unpack(raw))
+    meta_nbytes = sum(row[4] for row in rows)
+    if meta_nbytes != len(metas):
+        raise FrameError(
+            f"lengths do not add up: the entries announce {meta_nbytes} meta bytes, the "
+            f"header carries {len(metas)}"
+        )
+    if meta_nbytes > MAX_META_NBYTES:
+        raise FrameError(f"shard meta of {meta_nbytes} bytes exceeds {MAX_META_NBYTES}")
     entries = []
     seen: set[tuple[int, int]] = set()
     total = 0
-    for i, (out, inp, nbytes, code) in enumerate(_ENTRY.iter_unpack(raw)):
+    offset = 0
+    for i, (out, inp, nbytes, code, meta_len) in enumerate(rows):
+        meta = bytes(metas[offset : offset + meta_len])
+        offset += meta_len
         if code not in _TYPES:
             raise FrameError(f"entry {i} has unknown memory type code {code}")
         if npartitions_out is not None and out >= npartitions_out:
@@ -303,7 +360,7 @@ def _decode_entries(
             raise FrameError(
                 f"payload of at least {total} bytes exceeds the limit of {max_message_nbytes}"
             )
-        entries.append(Entry(out, inp, nbytes, _TYPES[code]))
+        entries.append(Entry(out, inp, nbytes, _TYPES[code], meta))
     return tuple(entries)
 
 

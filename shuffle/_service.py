@@ -32,6 +32,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from shuffle._actor import create_shuffle_actor
 from shuffle._handle import RunHandle
 from shuffle._ids import RunIdMinter, ShuffleId
+from shuffle._rechunk import RechunkLayout
 from shuffle._run import DEFAULT_OPTIONS, RunOptions
 from shuffle._spec import DEFAULT_PARTITION_COLUMN, ShuffleRunSpec
 from shuffle._transport import TransportName
@@ -143,7 +144,7 @@ class ShuffleService:
         shuffle_id: str,
         *,
         npartitions_out: int,
-        meta: pd.DataFrame,
+        meta: pd.DataFrame | RechunkLayout,
         column: str = DEFAULT_PARTITION_COLUMN,
         drop_column: bool = True,
     ) -> RunHandle:
@@ -151,7 +152,7 @@ class ShuffleService:
 
         A new run of a shuffle that has a run supersedes it (the old one fails with
         ``StaleRunError`` everywhere). ``meta`` is the input partitions' empty frame,
-        partition column included.
+        partition column included, or for an array rechunk its ``RechunkLayout``.
         """
         actors = self.actors()
         spec = ShuffleRunSpec(
@@ -170,7 +171,7 @@ class ShuffleService:
             )
         handle = RunHandle(
             spec=spec,
-            meta=meta.iloc[:0],
+            meta=meta if isinstance(meta, RechunkLayout) else meta.iloc[:0],
             addresses={a.name: a.address for a in actors},
             secret=self._secret,
             transport=schemes.pop(),

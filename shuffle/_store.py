@@ -99,6 +99,10 @@ class DiskShardStore:
 
     def read(self, partition: int) -> list[Any]:
         """The shards of ``partition``, ordered by input partition; ``[]`` if none arrived."""
+        return [payload for _, payload in self.read_items(partition)]
+
+    def read_items(self, partition: int) -> list[tuple[int, Any]]:
+        """``(input partition, shard)`` of ``partition``, ordered by input partition."""
         with self._lock:
             self._raise_if_closed()
             shards: list[tuple[int, Any]] = list(self._memory.get(partition, ()))
@@ -108,7 +112,7 @@ class DiskShardStore:
                 data = memoryview((self._directory / f"{partition}.bin").read_bytes())
                 shards += [(source, data[start : start + n]) for source, start, n in records]
         shards.sort(key=lambda shard: shard[0])  # keys are unique, so this order is total
-        return [payload for _, payload in shards]
+        return shards
 
     def cleanup(self) -> None:
         """Forget every shard and delete the spill directory; idempotent."""

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from ray_oob_sched import _graph, _p2p
+from shuffle._rechunk import RechunkLayout
 
 
 @dataclass(frozen=True)
@@ -20,20 +21,25 @@ class FakeSpec:
     run_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class FakeHandle:
     spec: FakeSpec
     npartitions_out: int
-    column: str
+    column: str | None
+    meta: object = None
 
 
 class FakeService:
     def __init__(self):
         self.started: list[FakeHandle] = []
 
-    def start_run(self, shuffle_id, *, npartitions_out, meta, column, drop_column):
-        assert column in meta.columns and drop_column
+    def start_run(self, shuffle_id, *, npartitions_out, meta, column=None, drop_column=None):
+        if isinstance(meta, RechunkLayout):
+            assert column is None and npartitions_out == meta.npartitions_out
+        else:
+            assert column in meta.columns and drop_column
         h = FakeHandle(FakeSpec(shuffle_id, len(self.started) + 1), npartitions_out, column)
+        h.meta = meta
         self.started.append(h)
         return h
 
@@ -115,10 +121,32 @@ def test_merge_unpacks_both_sides_then_merges():
             assert fn.__code__ is g.nodes[t].func.__code__ and fn is not g.nodes[t].func
 
 
-def test_p2p_rechunk_is_refused_before_any_run_starts():
-    x = da.ones((40, 40), chunks=(40, 4)).rechunk((4, 40), method="p2p")
+def test_p2p_rechunk_becomes_a_run_per_stage_with_flat_chunk_numbers():
+    x = da.ones((40, 30), chunks=(40, 3)).rechunk((4, 30), method="p2p")
     g = _graph_of(x)
     service = FakeService()
-    with pytest.raises(_p2p.UnsupportedGraphError, match="rechunk.*distributed 20"):
-        _p2p.rewrite(g.nodes, g.dependents, start_run=service.start_run)
+    rw = _p2p.rewrite(g.nodes, g.dependents, start_run=service.start_run)
+    (handle,) = service.started
+    layout = handle.meta
+    assert isinstance(layout, RechunkLayout)
+    assert layout.new == ((4,) * 10, (30,))  # dask may pre-merge the inputs (its "prechunking")
+    # Unpacks name every output chunk once, by its flat (row-major) number.
+    assert sorted(u.partition for u in rw.unpacks.values()) == list(range(10))
+    (barrier,) = _p2p.p2p_barriers(g.nodes)
+    transfers = rw.nodes[barrier].dependencies
+    assert len(transfers) == layout.npartitions_in
+    assert all(isinstance(rw.nodes[t].func, _p2p._Transfer) for t in transfers)
+    assert not _p2p.p2p_barriers(rw.nodes)
+
+
+def test_unknown_p2p_shapes_are_refused_before_any_run_starts():
+    x = da.ones((40, 40), chunks=(40, 4)).rechunk((4, 40), method="p2p")
+    g = _graph_of(x)
+    (barrier,) = _p2p.p2p_barriers(g.nodes)
+    t = next(iter(g.nodes[barrier].dependencies))
+    nodes = dict(g.nodes)
+    nodes[t] = type(nodes[t])(t, print, *nodes[t].args)  # a transfer dask never emits
+    service = FakeService()
+    with pytest.raises(_p2p.UnsupportedGraphError, match="transfer calling .*distributed 20"):
+        _p2p.rewrite(nodes, g.dependents, start_run=service.start_run)
     assert not service.started

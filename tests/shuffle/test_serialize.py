@@ -16,7 +16,9 @@ from shuffle._ids import RunId, ShardKey, ShuffleId
 from shuffle._serialize import (
     HOST_REGISTRY,
     MAGIC,
+    MAX_META_NBYTES,
     PROTOCOL_VERSION,
+    Piece,
     Entry,
     Header,
     MemoryHooks,
@@ -54,6 +56,10 @@ def header(*entries: Entry, run_id: int = 7) -> Header:
 VALID = encode_header(header(Entry(3, 0, 10), Entry(1, 2, 0), Entry(3, 1, 5, MemoryType.CUDA)))
 FIXED = 6 + 16  # magic + version, then run_id, n_entries, two name lengths
 NAMES_END = FIXED + len("shuffle-1") + len("actor-0")
+ENTRY = 4 + 4 + 8 + 1 + 4  # output, input, nbytes, memory type, len(meta)
+
+
+WITH_META = encode_header(header(Entry(0, 0, 4, meta=b"dtype")))
 
 
 def patched(frame: bytes, offset: int, fmt: str, *values: Any) -> bytes:
@@ -147,10 +153,15 @@ def test_encode_header_rejects_what_cannot_be_encoded(bad: Header, message: str)
         (patched(VALID, NAMES_END - 1, "<B", 0xC3), "sender is not valid UTF-8"),
         (patched(VALID, NAMES_END + 16, "<B", 9), "entry 0 has unknown memory type code 9"),
         (
-            patched(VALID, NAMES_END + 17, "<II", 3, 0),
+            patched(VALID, NAMES_END + ENTRY, "<II", 3, 0),
             r"entry 1 repeats shard \(output 3, input 0\)",
         ),
         (patched(VALID, NAMES_END + 8, "<Q", 2**63), "exceeds the limit"),
+        (patched(VALID, NAMES_END + 17, "<I", 1), "announce 1 meta bytes, the header carries 0"),
+        (
+            patched(WITH_META, NAMES_END + 17, "<I", 2**31) + b"\0" * 10,
+            "lengths do not add up",
+        ),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )
@@ -339,3 +350,27 @@ def test_fuzz_corrupted_arrow_payloads_only_raise_frame_error(data: st.DataObjec
 def test_fuzz_random_arrow_payloads_only_raise_frame_error(data: bytes) -> None:
     with contextlib.suppress(FrameError):
         buffer_to_table(data)
+
+
+def test_pieces_carry_their_meta_through_the_header() -> None:
+    data = bytearray(b"\1\2\3\4\5\6")
+    message = encode_message(
+        shuffle_id=ShuffleId("s"),
+        run_id=RunId(1),
+        sender="t",
+        shards=[
+            (ShardKey(0, 1), Piece(data, b'{"dtype": "<i2"}', 6)),
+            (ShardKey(1, 1), b"plain"),
+            (ShardKey(2, 1), Piece(bytearray(), b"x" * 300, 0)),
+        ],
+    )
+    decoded = decode_message(message.frames())
+    assert [e.meta for e in decoded.header.entries] == [b'{"dtype": "<i2"}', b"", b"x" * 300]
+    assert [bytes(b) for b in decoded.buffers] == [bytes(data), b"plain", b""]
+    assert decoded.buffers[0].obj is data  # the payload travels unwrapped, not copied
+
+
+def test_too_much_meta_is_refused_on_both_ends() -> None:
+    big = Entry(0, 0, 0, meta=b"x" * (MAX_META_NBYTES + 1))
+    with pytest.raises(ValueError, match="exceeds"):
+        encode_header(header(big))

@@ -1,0 +1,195 @@
+"""Array rechunk geometry: which piece of which input chunk lands where in which output.
+
+A p2p rechunk moves every input chunk of an array, cut by the output chunks it
+overlaps, to the owners of those output chunks. Everything here is arithmetic on the
+two chunkings (dask's ``chunks`` tuples): no arrays are materialised per chunk, no Ray,
+no I/O. Chunks are numbered by their flat, row-major index in the chunk grid, which is
+what the wire header carries (``ShardKey`` holds two u32s); ``RechunkLayout`` converts
+between flat numbers and dask's N-d block indices.
+
+Per axis, an input chunk ``[a0, a1)`` contributes ``[max(a0, b0), min(a1, b1))`` to an
+output chunk ``[b0, b1)`` when that overlap is non-empty. An output chunk of length 0
+along an axis has no overlap; it is given exactly one (empty) contributor, the input
+chunk at its position, so that every output chunk receives at least one piece and the
+receiver learns the dtype from data rather than from a guess.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+import operator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["AxisPiece", "RechunkLayout"]
+
+Chunks = tuple[tuple[int, ...], ...]
+NDIndex = tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AxisPiece:
+    """Along one axis: ``source[in_slice]`` of an input chunk goes to ``out_slice`` of an
+    output chunk."""
+
+    input_chunk: int
+    output_chunk: int
+    in_slice: slice
+    out_slice: slice
+
+
+def _bounds(chunks: Sequence[int]) -> list[int]:
+    return [0, *itertools.accumulate(chunks)]
+
+
+def _axis_pieces(old: Sequence[int], new: Sequence[int]) -> list[AxisPiece]:
+    a, b = _bounds(old), _bounds(new)
+    pieces = []
+    for j in range(len(new)):
+        b0, b1 = b[j], b[j + 1]
+        if b1 == b0:  # empty output chunk: one empty piece from the input chunk at b0
+            i = min(bisect.bisect_right(a, b0) - 1, len(old) - 1)
+            offset = b0 - a[i]
+            pieces.append(AxisPiece(i, j, slice(offset, offset), slice(0, 0)))
+            continue
+        # Input chunks overlapping [b0, b1): from the one holding b0 to the one holding b1-1.
+        first = bisect.bisect_right(a, b0) - 1
+        last = bisect.bisect_left(a, b1) - 1
+        for i in range(first, last + 1):
+            lo, hi = max(a[i], b0), min(a[i + 1], b1)
+            if hi > lo:
+                pieces.append(AxisPiece(i, j, slice(lo - a[i], hi - a[i]), slice(lo - b0, hi - b0)))
+    return pieces
+
+
+@dataclass(frozen=True)
+class RechunkLayout:
+    """The old and new chunking of one array, and the pieces that turn one into the other.
+
+    ``old`` and ``new`` are dask ``chunks`` (one tuple of chunk lengths per axis) of the
+    same shape. Immutable and small: the driver ships it to every actor and transfer.
+    """
+
+    old: Chunks
+    new: Chunks
+    _by_input: tuple[tuple[tuple[AxisPiece, ...], ...], ...] = field(
+        init=False, repr=False, compare=False
+    )
+    _by_output: tuple[tuple[tuple[AxisPiece, ...], ...], ...] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        old, new = _known(self.old, "old"), _known(self.new, "new")
+        object.__setattr__(self, "old", old)
+        object.__setattr__(self, "new", new)
+        if len(old) != len(new):
+            raise ValueError(f"rechunk from {len(old)}-d chunks {old} to {len(new)}-d chunks {new}")
+        for axis, (o, n) in enumerate(zip(old, new, strict=True)):
+            if not o or not n:
+                raise ValueError(f"axis {axis} has no chunks: old {o}, new {n}")
+            if any(c < 0 for c in (*o, *n)):
+                raise ValueError(f"axis {axis}: chunk lengths must be >= 0: {o} -> {n}")
+            if sum(o) != sum(n):
+                raise ValueError(
+                    f"axis {axis}: old chunks {o} sum to {sum(o)}, new chunks {n} to {sum(n)}"
+                )
+        by_input, by_output = [], []
+        for o, n in zip(old, new, strict=True):
+            pieces = _axis_pieces(o, n)
+            by_input.append(tuple(tuple(p for p in pieces if p.input_chunk == i) for i in range(len(o))))
+            by_output.append(tuple(tuple(p for p in pieces if p.output_chunk == j) for j in range(len(n))))
+        object.__setattr__(self, "_by_input", tuple(by_input))
+        object.__setattr__(self, "_by_output", tuple(by_output))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # ship the chunks only; the tables are rebuilt
+        return (RechunkLayout, (self.old, self.new))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.old)
+
+    @property
+    def npartitions_in(self) -> int:
+        return math.prod(len(axis) for axis in self.old)
+
+    @property
+    def npartitions_out(self) -> int:
+        return math.prod(len(axis) for axis in self.new)
+
+    def input_index(self, flat: int) -> NDIndex:
+        return _unravel(flat, self.old, "input")
+
+    def output_index(self, flat: int) -> NDIndex:
+        return _unravel(flat, self.new, "output")
+
+    def flat_input(self, index: Sequence[int]) -> int:
+        return _ravel(index, self.old, "input")
+
+    def flat_output(self, index: Sequence[int]) -> int:
+        return _ravel(index, self.new, "output")
+
+    def input_shape(self, flat: int) -> tuple[int, ...]:
+        return tuple(axis[i] for axis, i in zip(self.old, self.input_index(flat), strict=True))
+
+    def output_shape(self, flat: int) -> tuple[int, ...]:
+        return tuple(axis[i] for axis, i in zip(self.new, self.output_index(flat), strict=True))
+
+    def pieces_of_input(self, flat: int) -> Iterator[tuple[int, tuple[slice, ...]]]:
+        """``(output chunk, slices of the input chunk)`` for every piece it contributes."""
+        index = self.input_index(flat)
+        per_axis = [self._by_input[axis][i] for axis, i in enumerate(index)]
+        for combo in itertools.product(*per_axis):
+            yield (
+                self.flat_output(tuple(p.output_chunk for p in combo)),
+                tuple(p.in_slice for p in combo),
+            )
+
+    def pieces_of_output(self, flat: int) -> Iterator[tuple[int, tuple[slice, ...]]]:
+        """``(input chunk, slices of the output chunk)`` for every piece it receives."""
+        index = self.output_index(flat)
+        per_axis = [self._by_output[axis][j] for axis, j in enumerate(index)]
+        for combo in itertools.product(*per_axis):
+            yield (
+                self.flat_input(tuple(p.input_chunk for p in combo)),
+                tuple(p.out_slice for p in combo),
+            )
+
+    def inputs_of_output(self, flat: int) -> int:
+        """How many pieces output chunk ``flat`` receives."""
+        index = self.output_index(flat)
+        return math.prod(len(self._by_output[axis][j]) for axis, j in enumerate(index))
+
+
+def _known(chunks: Any, what: str) -> Chunks:
+    try:
+        return tuple(tuple(operator.index(c) for c in axis) for axis in chunks)
+    except TypeError:
+        raise ValueError(
+            f"{what} chunks {chunks} are not all known integers; an array with unknown "
+            "chunk sizes (NaN) must get them first (x.compute_chunk_sizes())"
+        ) from None
+
+
+def _unravel(flat: int, chunks: Chunks, what: str) -> NDIndex:
+    sizes = [len(axis) for axis in chunks]
+    if not 0 <= flat < math.prod(sizes):
+        raise ValueError(f"{what} chunk {flat} is out of range for a grid of {sizes} chunks")
+    out = []
+    for size in reversed(sizes):
+        flat, i = divmod(flat, size)
+        out.append(i)
+    return tuple(reversed(out))
+
+
+def _ravel(index: Sequence[int], chunks: Chunks, what: str) -> int:
+    sizes = [len(axis) for axis in chunks]
+    if len(index) != len(sizes) or not all(0 <= i < n for i, n in zip(index, sizes, strict=True)):
+        raise ValueError(f"{what} chunk index {tuple(index)} is not in a grid of {sizes} chunks")
+    flat = 0
+    for i, size in zip(index, sizes, strict=True):
+        flat = flat * size + int(i)
+    return flat

@@ -1,0 +1,100 @@
+"""Array p2p rechunks run through the out-of-band shuffle actors."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ray_oob_sched
+from ray_oob_sched._p2p import p2p_barriers
+from tests.integration.conftest import driver_refs
+
+
+@pytest.fixture
+def p2p(ray_get, ray_session):
+    refs_before = driver_refs(ray_session)
+    with dask.config.set({"array.rechunk.method": "p2p"}):
+        yield
+    service = ray_oob_sched._schedule._shuffle_service
+    if service is not None:
+        assert not service.open_runs(), "rechunk runs left open after the compute"
+        for actor in service.actors():
+            assert ray_session.get(actor.handle.runs.remote()) == []
+    assert driver_refs(ray_session) <= refs_before
+
+
+def test_enable_selects_p2p_rechunks():
+    with ray_oob_sched.enable():
+        assert dask.config.get("array.rechunk.method") == "p2p"
+
+
+@pytest.mark.parametrize(
+    ("shape", "old", "new"),
+    [
+        ((64, 48), (8, 48), (64, 6)),  # rows to columns, one stage
+        ((30, 20), (7, 3), (4, 11)),  # irregular edges on both axes
+        ((12, 10, 8), (12, 1, 8), (2, 10, 4)),  # 3-d, splits and merges per axis
+        ((6, 5, 4, 3), (1, 5, 4, 3), (6, 5, 1, 1)),  # 4-d "time to space"
+        ((10, 10), ((3, 0, 7), 10), (5, (2, 0, 8))),  # zero-length chunks
+    ],
+)
+def test_rechunk_matches_numpy(p2p, shape, old, new):
+    a = np.random.default_rng(0).random(shape)
+    x = da.from_array(a, chunks=old)
+    y = x.rechunk(new)
+    got = y.compute()
+    np.testing.assert_array_equal(got, a)
+    # One run per p2p stage that dask planned (small partials it concatenates).
+    barriers = p2p_barriers(dict(y.__dask_graph__()))
+    assert ray_oob_sched.last_stats().shuffles == len(barriers)
+    if shape == (64, 48):
+        assert barriers
+    # Every output chunk is a separate object with the new chunk's shape.
+    (pers,) = dask.persist(y)
+    blocks = [pers.blocks[i].compute() for i in np.ndindex(pers.numblocks)]
+    assert [b.shape for b in blocks] == [
+        tuple(c[i] for c, i in zip(y.chunks, index, strict=True))
+        for index in np.ndindex(y.numblocks)
+    ]
+
+
+def test_structured_and_datetime_dtypes(p2p):
+    s = np.zeros((16, 6), dtype=[("a", "<i4"), ("b", ">f8", (2,)), ("c", "U2")])
+    s["a"] = np.arange(96).reshape(16, 6)
+    s["b"][..., 1] = 0.5
+    s["c"] = "xy"
+    np.testing.assert_array_equal(da.from_array(s, chunks=(2, 6)).rechunk((16, 1)).compute(), s)
+    t = np.arange(120).astype("M8[s]").reshape(12, 10)
+    np.testing.assert_array_equal(da.from_array(t, chunks=(12, 1)).rechunk((1, 10)).compute(), t)
+
+
+def test_rechunk_inside_a_larger_graph_and_selected_blocks(p2p):
+    a = np.arange(40 * 30, dtype="f4").reshape(40, 30)
+    x = da.from_array(a, chunks=(4, 30))
+    y = (x.rechunk((40, 3)) * 2).sum(axis=0)
+    np.testing.assert_allclose(y.compute(), (a * 2).sum(axis=0))
+    # Selecting one output block still rechunks (a p2p rechunk is all-or-nothing
+    # over its inputs), and gives the right block.
+    block = x.rechunk((40, 3)).blocks[0, 4].compute()
+    np.testing.assert_array_equal(block, a[:, 12:15])
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(st.data())
+def test_random_rechunks_match_numpy(p2p, data):
+    ndim = data.draw(st.integers(1, 3))
+    shape = tuple(data.draw(st.lists(st.integers(1, 9), min_size=ndim, max_size=ndim)))
+    old = tuple(data.draw(st.integers(1, n)) for n in shape)
+    new = tuple(data.draw(st.integers(1, n)) for n in shape)
+    dtype = data.draw(st.sampled_from(["f8", "i2", "u1", "c8", "?"]))
+    a = (np.arange(int(np.prod(shape))) % 7).astype(dtype).reshape(shape)
+    got = da.from_array(a, chunks=old).rechunk(new).compute()
+    np.testing.assert_array_equal(got, a)
