@@ -1,7 +1,7 @@
 """The main job: a real Dask workload on an embedded local Ray, with ray_oob_sched.
 
-Runs an array workload, a dataframe groupby/merge/set_index (their shuffles go
-through the out-of-band shuffle actors), a bag and a delayed graph, persists a
+Runs array workloads (a rechunk among them), a dataframe groupby/merge/set_index
+(the rechunk and the shuffles go through the out-of-band shuffle actors), a bag and a delayed graph, persists a
 collection and drops it again, and prints what each step did: Dask tasks, Ray
 tasks, objects, shuffles, time, and a check against dask's threaded scheduler or
 pandas.
@@ -59,6 +59,11 @@ def main() -> None:
         z = x[::3, 100:].std(axis=0)
         got = z.compute()
         report("array: x[::3, 100:].std(axis=0)", np.allclose(got, z.compute(scheduler="threads")))
+
+        cols = x.rechunk((args.size, 128))  # square blocks to column panels, p2p
+        got = cols.std(axis=0).compute()
+        expected = x.rechunk((args.size, 128), method="tasks").std(axis=0)
+        report("array: rechunk to columns (p2p)", np.allclose(got, expected.compute(scheduler="threads")))
 
         rng = np.random.default_rng(0)
         pdf = pd.DataFrame({"k": rng.integers(0, 10_000, args.rows), "v": rng.random(args.rows)})
