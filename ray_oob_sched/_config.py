@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import dask.config
 import yaml
@@ -96,10 +96,20 @@ def ray_init_kwargs() -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in raw.items() if v is not None}
 
 
+def _memory_limit() -> int | None | Literal["auto"]:
+    value = get("shuffle.memory-limit")
+    if value is None or value == "auto":
+        return value
+    try:
+        return _int("shuffle.memory-limit", minimum=0)
+    except ValueError as e:
+        raise ValueError(f"{e} (or 'auto', or null)") from None
+
+
 @dataclass(frozen=True)
 class ShuffleConfig:
     transport: str
-    memory_limit: int | None
+    memory_limit: int | None | Literal["auto"]
     spill_directory: str | None
     message_bytes: int
     send_buffer_bytes: int | None
@@ -119,9 +129,7 @@ class ShuffleConfig:
             raise ValueError(f"{NAMESPACE}.shuffle.timeout must be > 0, got {timeout!r}")
         return cls(
             transport=transport,
-            memory_limit=None
-            if get("shuffle.memory-limit") is None
-            else _int("shuffle.memory-limit", minimum=0),
+            memory_limit=_memory_limit(),
             spill_directory=get("shuffle.spill-directory"),
             message_bytes=_int("shuffle.message-bytes", minimum=1),
             send_buffer_bytes=None

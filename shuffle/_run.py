@@ -39,7 +39,7 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -89,8 +89,9 @@ class RunOptions:
     """Per-participant knobs of a run; one value is shared by all runs of a manager."""
 
     #: Bytes of received shards held in memory before spilling to disk; ``None`` never
-    #: spills, ``0`` spills everything.
-    memory_limit: int | None = 256 * 2**20
+    #: spills, ``0`` spills everything, ``"auto"`` is a share of the memory of the
+    #: machine the run lives on (``auto_memory_limit``), resolved there.
+    memory_limit: int | None | Literal["auto"] = 256 * 2**20
     #: Where spill directories are created (default: the system's temporary directory).
     spill_directory: str | os.PathLike[str] | None = None
     #: Target size of one message; a single larger shard still travels alone.
@@ -105,8 +106,9 @@ class RunOptions:
     concurrency: int = 4
 
     def __post_init__(self) -> None:
-        if self.memory_limit is not None and self.memory_limit < 0:
-            raise ValueError(f"memory_limit must be >= 0 or None, got {self.memory_limit}")
+        limit = self.memory_limit
+        if limit != "auto" and limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"memory_limit must be >= 0, None or 'auto', got {limit!r}")
         if self.message_bytes < 1 or self.concurrency < 1:
             raise ValueError(
                 f"message_bytes and concurrency must be >= 1, got {self.message_bytes} "
@@ -121,6 +123,24 @@ class RunOptions:
 
 
 DEFAULT_OPTIONS = RunOptions()
+
+#: ``memory_limit="auto"``: this fraction of the machine's physical memory, per run.
+AUTO_MEMORY_FRACTION = 1 / 16
+_AUTO_MEMORY_FLOOR = 64 * 2**20
+
+
+def auto_memory_limit(fraction: float = AUTO_MEMORY_FRACTION) -> int:
+    """``fraction`` of this machine's physical memory, at least 64 MiB.
+
+    A share, not all of it: Ray's object store (30% by default), the workers and
+    other runs live on the same machine, and a run beyond its budget spills rather
+    than fails.
+    """
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        return 256 * 2**20
+    return max(_AUTO_MEMORY_FLOOR, int(total * fraction))
 
 
 @dataclass
@@ -187,7 +207,9 @@ class ShuffleRun:
             name=f"{name}-send",
         )
         self._store = DiskShardStore(
-            memory_limit=options.memory_limit,
+            memory_limit=auto_memory_limit()
+            if options.memory_limit == "auto"
+            else options.memory_limit,
             directory=options.spill_directory,
             name=f"{name}-store",
         )

@@ -8,6 +8,7 @@ import sys
 
 import dask.config
 import jsonschema
+import pandas as pd
 import pytest
 import yaml
 
@@ -107,3 +108,36 @@ def test_shuffle_config_reads_every_key():
     with dask.config.set({"ray-oob-sched.shuffle.transport": "carrier-pigeon"}):
         with pytest.raises(ValueError, match="shuffle.transport"):
             ShuffleConfig.from_dask_config()
+
+
+def test_shuffle_memory_limit_takes_bytes_null_or_auto():
+    from ray_oob_sched._config import ShuffleConfig
+    from shuffle._ids import RunId, ShuffleId
+    from shuffle._run import AUTO_MEMORY_FRACTION, DataFrameShuffleRun, RunOptions
+    from shuffle._run import auto_memory_limit
+    from shuffle._spec import ShuffleRunSpec
+
+    assert ShuffleConfig.from_dask_config().memory_limit == "auto"  # the default
+    for value in (0, 2**20, None):
+        with dask.config.set({"ray-oob-sched.shuffle.memory-limit": value}):
+            assert ShuffleConfig.from_dask_config().memory_limit == value
+    with dask.config.set({"ray-oob-sched.shuffle.memory-limit": "lots"}):
+        with pytest.raises(ValueError, match="memory-limit must be an integer >= 0.*'auto'"):
+            ShuffleConfig.from_dask_config()
+    with pytest.raises(ValueError, match="memory_limit must be >= 0, None or 'auto'"):
+        RunOptions(memory_limit=-1)
+    # "auto" is resolved where the run lives, from that machine's memory.
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert auto_memory_limit() == max(64 * 2**20, int(total * AUTO_MEMORY_FRACTION))
+    assert auto_memory_limit(1e-12) == 64 * 2**20
+    spec = ShuffleRunSpec(
+        shuffle_id=ShuffleId("s"), run_id=RunId(1), npartitions_out=1, participants=("a",)
+    )
+    run = DataFrameShuffleRun(
+        spec=spec,
+        local="a",
+        meta=pd.DataFrame({"_partitions": pd.Series([], dtype="int64")}),
+        send=None,  # never called: nothing is sent
+        options=RunOptions(memory_limit="auto"),
+    )
+    assert run._store._memory_limit == auto_memory_limit()
