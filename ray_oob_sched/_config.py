@@ -106,6 +106,13 @@ def _memory_limit() -> int | None | Literal["auto"]:
         raise ValueError(f"{e} (or 'auto', or null)") from None
 
 
+def _host() -> str | None:
+    value = get("shuffle.host")
+    if value is not None and (not isinstance(value, str) or not value or value.isspace()):
+        raise ValueError(f"{NAMESPACE}.shuffle.host must be a host name or address, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class ShuffleConfig:
     transport: str
@@ -114,6 +121,7 @@ class ShuffleConfig:
     message_bytes: int
     send_buffer_bytes: int | None
     timeout: float
+    host: str | None
 
     @classmethod
     def from_dask_config(cls) -> ShuffleConfig:
@@ -136,4 +144,5 @@ class ShuffleConfig:
             if get("shuffle.send-buffer-bytes") is None
             else _int("shuffle.send-buffer-bytes", minimum=1),
             timeout=float(timeout),
+            host=_host(),
         )

@@ -80,6 +80,7 @@ class RaySchedule:
                     send_buffer_bytes=cfg.send_buffer_bytes,
                 ),
                 timeout=cfg.timeout,
+                host=cfg.host,
             )
         return self._shuffle_service
 

@@ -58,6 +58,9 @@ class ShuffleService:
     ``transport`` is ``"ucx"``, ``"tcp"`` or ``"auto"`` (UCX when the actors can import
     ucxx). ``options`` configures every actor's runs and the senders of every run.
     ``timeout`` bounds each round of actor calls (start, start_run, close_run, close).
+    ``host`` is the address every actor listens on and advertises; ``None`` (the
+    default, and the only choice that works across nodes) is each node's own Ray
+    address, so endpoints never listen on interfaces the cluster does not use.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class ShuffleService:
         transport: TransportName = "auto",
         options: RunOptions = DEFAULT_OPTIONS,
         timeout: float = 60.0,
+        host: str | None = None,
     ) -> None:
         if transport not in ("ucx", "tcp", "auto"):
             raise ValueError(f"transport must be 'ucx', 'tcp' or 'auto', got {transport!r}")
@@ -74,6 +78,7 @@ class ShuffleService:
         self.transport = transport
         self.options = options
         self.timeout = timeout
+        self.host = host
         self._secret = os.urandom(32)
         self._mint_run_id = RunIdMinter()
         self._actors: dict[str, ActorInfo] = {}  # by node id
@@ -115,6 +120,8 @@ class ShuffleService:
         for node_id in set(self._actors) - set(nodes):
             logger.info("node %s left the cluster; dropping its shuffle actor", node_id)
             self._kill(self._actors.pop(node_id).handle)
+        if self.host is not None:
+            nodes = dict.fromkeys(nodes, self.host)
         created = {n: self._create(n, host) for n, host in nodes.items() if n not in self._actors}
 
         def handle_of(node_id: str) -> Any:

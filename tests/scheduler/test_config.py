@@ -141,3 +141,14 @@ def test_shuffle_memory_limit_takes_bytes_null_or_auto():
         options=RunOptions(memory_limit="auto"),
     )
     assert run._store._memory_limit == auto_memory_limit()
+
+
+def test_shuffle_host_is_null_or_a_name():
+    from ray_oob_sched._config import ShuffleConfig
+
+    assert ShuffleConfig.from_dask_config().host is None
+    with dask.config.set({"ray-oob-sched.shuffle.host": "127.0.0.1"}):
+        assert ShuffleConfig.from_dask_config().host == "127.0.0.1"
+    with dask.config.set({"ray-oob-sched.shuffle.host": " "}):
+        with pytest.raises(ValueError, match="shuffle.host must be a host name"):
+            ShuffleConfig.from_dask_config()

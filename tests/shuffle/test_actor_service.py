@@ -375,3 +375,18 @@ def test_two_nodes_one_actor_each() -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "two nodes OK" in result.stdout
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_configured_host_is_where_actors_listen(ray_session: Any, transport: str) -> None:
+    with ShuffleService(transport=transport, host="127.0.0.1", timeout=WAIT) as svc:
+        (actor,) = svc.actors()
+        scheme, _, rest = actor.address.partition("://")
+        assert scheme == transport and rest.rpartition(":")[0] == "127.0.0.1"
+        inputs = make_inputs(seed=5)
+        handle, outputs = run_shuffle(svc, "on-loopback", inputs)
+        assert_outputs(outputs, inputs)
+        svc.close_run(handle)
+        handles = [a.handle for a in svc.actors()]
+    for h in handles:
+        assert_dies(h)
