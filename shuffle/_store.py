@@ -5,7 +5,9 @@ transfer task resends pieces that may already have arrived. When memory exceeds 
 budget, the partition holding the most memory is appended to its own file in a
 private temporary directory: large sequential writes, one file per output partition.
 Reads return the shards of one partition ordered by input partition, so the output
-does not depend on arrival order. ``cleanup()`` deletes the directory; a
+does not depend on arrival order. Device shards (objects exposing
+``__cuda_array_interface__``) are held as they are and never spilled: the budget is
+for host memory, and device memory is the device allocator's (RMM's) to manage. ``cleanup()`` deletes the directory; a
 ``weakref.finalize`` does the same if an owner forgets.
 """
 
@@ -53,11 +55,13 @@ class DiskShardStore:
         self._closed = False
         self._keys: set[ShardKey] = set()
         self._memory: dict[int, list[tuple[int, Any]]] = {}  # partition -> [(input, payload)]
+        self._device: dict[int, list[tuple[int, Any]]] = {}  # the same, device memory
         self._memory_by_partition: dict[int, int] = {}
         self._disk: dict[int, list[tuple[int, int, int]]] = {}  # -> [(input, offset, nbytes)]
         self._file_sizes: dict[int, int] = {}
         self.nbytes_memory = 0
         self.nbytes_disk = 0
+        self.nbytes_device = 0
 
     def __repr__(self) -> str:
         return (
@@ -74,17 +78,22 @@ class DiskShardStore:
     def partitions(self) -> list[int]:
         """Output partitions holding at least one shard, ascending."""
         with self._lock:
-            return sorted(self._memory.keys() | self._disk.keys())
+            return sorted(self._memory.keys() | self._disk.keys() | self._device.keys())
 
     def append(self, key: ShardKey, payload: Any) -> bool:
         """Store ``payload`` (kept by reference, never copied); ``False`` if ``key`` is known."""
-        nbytes = _nbytes(payload)
+        device = hasattr(payload, "__cuda_array_interface__")
+        nbytes = _device_nbytes(payload) if device else _nbytes(payload)
         with self._lock:
             self._raise_if_closed()
             if key in self._keys:
                 return False
             self._keys.add(key)
             partition = key.output_partition
+            if device:
+                self._device.setdefault(partition, []).append((key.input_partition, payload))
+                self.nbytes_device += nbytes
+                return True
             self._memory.setdefault(partition, []).append((key.input_partition, payload))
             self._memory_by_partition[partition] = (
                 self._memory_by_partition.get(partition, 0) + nbytes
@@ -106,6 +115,7 @@ class DiskShardStore:
         with self._lock:
             self._raise_if_closed()
             shards: list[tuple[int, Any]] = list(self._memory.get(partition, ()))
+            shards += self._device.get(partition, ())
             records = self._disk.get(partition)
             if records:
                 assert self._directory is not None
@@ -120,10 +130,11 @@ class DiskShardStore:
             self._closed = True
             self._keys.clear()
             self._memory.clear()
+            self._device.clear()
             self._memory_by_partition.clear()
             self._disk.clear()
             self._file_sizes.clear()
-            self.nbytes_memory = self.nbytes_disk = 0
+            self.nbytes_memory = self.nbytes_disk = self.nbytes_device = 0
             if self._remove_directory is not None:
                 self._remove_directory()
             self._directory = None
@@ -178,3 +189,12 @@ class DiskShardStore:
 def _nbytes(payload: Any) -> int:
     with memoryview(payload) as view:
         return view.nbytes
+
+
+def _device_nbytes(payload: Any) -> int:
+    cai = payload.__cuda_array_interface__
+    itemsize = int(cai["typestr"][2:])
+    count = 1
+    for n in cai["shape"]:
+        count *= int(n)
+    return count * itemsize

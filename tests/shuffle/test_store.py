@@ -171,3 +171,26 @@ def test_store_behaves_like_a_dict_of_sorted_lists(
     finally:
         store.cleanup()
     assert list(tmp_path.iterdir()) == []
+
+
+class FakeDeviceBuffer:
+    """Stands in for a CuPy/RMM buffer: exposes ``__cuda_array_interface__`` only."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,), "typestr": "|u1", "data": (0, False), "version": 3
+        }
+
+
+def test_device_shards_are_held_as_they_are_and_never_spilled(tmp_path: Path) -> None:
+    store = DiskShardStore(memory_limit=0, directory=tmp_path)  # host shards spill at once
+    gpu = FakeDeviceBuffer(1000)
+    assert store.append(ShardKey(0, 1), gpu)
+    assert store.append(ShardKey(0, 0), b"host")
+    assert not store.append(ShardKey(0, 1), FakeDeviceBuffer(5))  # a duplicate
+    assert store.nbytes_device == 1000 and store.nbytes_memory == 0 and store.nbytes_disk == 4
+    first, second = store.read(0)
+    assert bytes(first) == b"host" and second is gpu  # input order, device buffer untouched
+    assert store.partitions == [0]
+    store.cleanup()
+    assert store.nbytes_device == 0 and list(tmp_path.iterdir()) == []
