@@ -42,6 +42,7 @@ import pandas as pd
 import pyarrow as pa
 
 from shuffle._buffer import ShardsBuffer
+from shuffle._device import payload_nbytes, registry_for
 from shuffle._handle import RunHandle
 from shuffle._ids import ShardKey
 from shuffle._limiter import ResourceLimiter
@@ -309,10 +310,17 @@ class ShuffleClient:
         pool = await self._pool(handle.transport, handle.secret)
         pool.retain(handle.addresses.values())
         name = f"{spec.shuffle_id}[{spec.run_id}] input {input_partition}"
+        # Device payloads (frames exposing __cuda_array_interface__) travel as "cuda"
+        # frames unless the run's device mode is host, where they are refused.
+        registry = registry_for(handle.device.mode)
 
         async def send_batch(owner: str, batch: list[tuple[ShardKey, pa.Buffer]]) -> None:
             message = encode_message(
-                shuffle_id=spec.shuffle_id, run_id=spec.run_id, sender=self.name, shards=batch
+                shuffle_id=spec.shuffle_id,
+                run_id=spec.run_id,
+                sender=self.name,
+                shards=batch,
+                registry=registry,
             )
             await pool.send(handle.addresses[owner], message.frames())
 
@@ -323,6 +331,7 @@ class ShuffleClient:
             timeout=options.limiter_timeout,
             concurrency=options.concurrency,
             name=name,
+            nbytes=payload_nbytes(registry),
         )
         try:
             await buffer.write(shards)
