@@ -834,3 +834,24 @@ async def test_gpu_device_to_device_frame_over_ucx() -> None:
     decoded = decode_message(frames, registry=registry)
     out = decode_payload(payload.meta, decoded.buffers[0], memory_type="cuda")
     cupy.testing.assert_array_equal(out, arr)
+
+
+def test_run_handles_carry_the_device_settings_to_senders() -> None:
+    import pickle
+
+    from shuffle._handle import RunHandle
+    from shuffle._spec import ShuffleRunSpec
+
+    spec = ShuffleRunSpec(
+        shuffle_id=ShuffleId("s"), run_id=RunId(1), npartitions_out=2, participants=("a",)
+    )
+    device = DeviceOptions(mode="host", actor_num_gpus=0.5, results="host")
+    handle = RunHandle(
+        spec=spec,
+        meta=pd.DataFrame({"_partitions": []}),
+        addresses={"a": "tcp://h:1"},
+        secret=SECRET,
+        transport="tcp",
+        device=device,
+    )
+    assert pickle.loads(pickle.dumps(handle)).device == device
