@@ -235,8 +235,10 @@ def _is_cudf(obj: Any) -> bool:
 
 def _label(value: Any, what: str) -> Any:
     # JSON keeps these exactly; anything else (tuples, floats, timestamps) it would not.
-    if value is None or isinstance(value, str) or (
-        isinstance(value, int) and not isinstance(value, bool)
+    if (
+        value is None
+        or isinstance(value, str)
+        or (isinstance(value, int) and not isinstance(value, bool))
     ):
         return value
     raise TypeError(
@@ -292,7 +294,7 @@ def encode_cudf(df: Any) -> tuple[bytes, Any]:
     """
     if not _is_cudf(df):
         raise TypeError(f"expected a cudf.DataFrame, got {type(df).__name__}")
-    cudf, plc = _import_cudf()
+    _, plc = _import_cudf()
     info, frame = _frame_info(df)
     table, _ = frame.to_pylibcudf()
     packed_meta, gpu_data = plc.contiguous_split.pack(table).release()
@@ -327,9 +329,7 @@ def decode_cudf(meta: Any, buf: Any) -> Any:
         )
     df = cudf.DataFrame.from_pylibcudf(table, metadata={"columns": [*slots, *columns]})
     if index["kind"] == "range":
-        df.index = cudf.RangeIndex(
-            index["start"], index["stop"], index["step"], name=index["name"]
-        )
+        df.index = cudf.RangeIndex(index["start"], index["stop"], index["step"], name=index["name"])
     else:
         df = df.set_index(slots)
         df.index.names = index["names"]

@@ -119,6 +119,9 @@ class ShuffleService:
         alive = [n for n in ray.nodes() if n["Alive"]]
         nodes = dict(sorted((n["NodeID"], n["NodeManagerAddress"]) for n in alive))
         self._node_gpus = {n["NodeID"]: float(n["Resources"].get("GPU", 0)) for n in alive}
+        for node_id, gpus in self._node_gpus.items():
+            # Refuses (device mode cuda, a node without GPUs) before any actor is created.
+            actor_num_gpus(self.device, node_gpus=gpus, node=node_id)
         for node_id in set(self._actors) - set(nodes):
             logger.info("node %s left the cluster; dropping its shuffle actor", node_id)
             self._kill(self._actors.pop(node_id).handle)

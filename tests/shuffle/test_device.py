@@ -85,7 +85,7 @@ def _cai_of(arr: np.ndarray) -> dict[str, Any]:
 
 
 class FakeDeviceArray:
-    """"Device" memory that is host memory: CAI only, deliberately no buffer protocol."""
+    """Fake device memory: host memory behind CAI only, deliberately no buffer protocol."""
 
     def __init__(self, host: np.ndarray) -> None:
         self.host = host
@@ -147,6 +147,7 @@ def make_fake_cupy() -> types.ModuleType:
         cupy.syncs += 1  # type: ignore[attr-defined]
 
     cupy.asarray = asarray  # type: ignore[attr-defined]
+
     def ascontiguousarray(a: FakeDeviceArray) -> FakeDeviceArray:
         return FakeDeviceArray(np.ascontiguousarray(a.host))
 
@@ -434,7 +435,10 @@ def test_actor_receives_with_the_allocator_of_its_device_mode() -> None:
     from shuffle._actor import ShuffleActor
 
     actor = ShuffleActor(
-        name="a0", secret=SECRET, transport="tcp", host="127.0.0.1",
+        name="a0",
+        secret=SECRET,
+        transport="tcp",
+        host="127.0.0.1",
         device=DeviceOptions(mode="host"),
     )
     assert actor._config.allocator(3, "host") == bytearray(3)
@@ -450,7 +454,10 @@ async def test_cuda_mode_actor_without_a_gpu_fails_at_start() -> None:
     from shuffle._actor import ShuffleActor
 
     actor = ShuffleActor(
-        name="a2", secret=SECRET, transport="tcp", host="127.0.0.1",
+        name="a2",
+        secret=SECRET,
+        transport="tcp",
+        host="127.0.0.1",
         device=DeviceOptions(mode="cuda"),
     )
     try:
@@ -499,6 +506,7 @@ def test_arbitrary_meta_bytes_never_raise_anything_but_frame_error(raw: bytes) -
 
 
 # --------------------------------------------------------------------------- arrays
+
 
 def _has_titles(dtype: np.dtype) -> bool:
     if dtype.subdtype is not None:
@@ -855,3 +863,19 @@ def test_run_handles_carry_the_device_settings_to_senders() -> None:
         device=device,
     )
     assert pickle.loads(pickle.dumps(handle)).device == device
+
+
+@pytest.mark.ray
+def test_on_a_cluster_without_gpus_actors_reserve_none(ray_session: Any) -> None:
+    from shuffle._service import ShuffleService
+
+    if any(n["Resources"].get("GPU", 0) for n in ray_session.nodes() if n["Alive"]):
+        pytest.skip("this Ray cluster has GPUs")
+    with pytest.raises(DeviceUnavailableError, match="has no GPUs.*is cuda"):
+        with ShuffleService(transport="tcp", device=DeviceOptions(mode="cuda")) as service:
+            service.actors()  # refused before any actor is created
+    with ShuffleService(transport="tcp") as service:
+        (actor,) = service.actors()
+        status = ray_session.get(actor.handle.gpu_status.remote(), timeout=60)
+    if not gpu_usable():
+        assert not status.usable and status.backend == "none" and "rmm:" in status.reason
