@@ -297,6 +297,12 @@ def encode_cudf(df: Any) -> tuple[bytes, Any]:
     _, plc = _import_cudf()
     info, frame = _frame_info(df)
     table, _ = frame.to_pylibcudf()
+    if table.num_columns() != len(frame.columns):  # the decoder relies on this layout
+        raise RuntimeError(
+            f"cudf {getattr(sys.modules['cudf'], '__version__', '?')}: to_pylibcudf gave "
+            f"{table.num_columns()} columns for a frame of {len(frame.columns)}; this cuDF "
+            "version is not supported by the device codec"
+        )
     packed_meta, gpu_data = plc.contiguous_split.pack(table).release()
     cupy = sys.modules.get("cupy") or _import_cupy()
     cupy.cuda.runtime.deviceSynchronize()  # pack ran on cuDF's stream; finish before send
