@@ -17,7 +17,8 @@ calls may wait at once, not CPU use (the actor asks for no CPU).
 
 Device memory (``DeviceOptions``, see ``_device``): the listener receives every frame
 into memory of its announced kind, device frames into RMM/CuPy buffers when a GPU is
-usable here (``transport_allocator`` over ``registry``); on a node with GPUs the actor
+usable here (``transport_allocator`` over ``registry``; a device frame it cannot hold
+is drained and refused with the reason, never used); on a node with GPUs the actor
 reserves ``actor_num_gpus`` of one, so Ray sets its ``CUDA_VISIBLE_DEVICES``. A device
 partition returned by ``unpack`` becomes an object in Ray's object store, which holds
 host memory only: Ray pickles it (CuPy and cuDF copy to host when pickled, and back
@@ -44,6 +45,7 @@ from shuffle._device import (
     DeviceUnavailableError,
     GpuStatus,
     gpu_status,
+    refused_reason,
     registry_for,
     transport_allocator,
 )
@@ -118,7 +120,10 @@ class ShuffleActor:
         self.registry: MemoryRegistry = registry_for(device.mode)
         self._config = TransportConfig(
             secret=secret,
-            allocator=transport_allocator(self.registry, where=f"shuffle actor {name}"),
+            # Refused device frames are drained and answered with the reason (_serve).
+            allocator=transport_allocator(
+                self.registry, where=f"shuffle actor {name}", drain_refused=True
+            ),
         )
         self._manager = ShuffleManager(
             local=name, send=_never_send, options=options, accept_any_sender=True
@@ -219,11 +224,16 @@ class ShuffleActor:
             except EndOfStream:
                 return
             try:
+                reason = refused_reason(frames)
+                if reason is not None:
+                    raise DeviceUnavailableError(reason)
                 await self._manager.receive(frames)
             except Exception as e:  # noqa: BLE001 -- reported to the sender; keep serving
-                # Typed refusals (stale runs, closed runs) are expected around restarts.
+                # Typed refusals (stale runs, closed runs) are expected around restarts;
+                # a device frame this actor cannot hold is a set-up problem.
+                expected = isinstance(e, ShuffleError) and not isinstance(e, DeviceUnavailableError)
                 logger.log(
-                    logging.INFO if isinstance(e, ShuffleError) else logging.WARNING,
+                    logging.INFO if expected else logging.WARNING,
                     "%s refused a message from %s: %r",
                     self.name,
                     endpoint.name,

@@ -15,8 +15,10 @@ pure and testable with fake device arrays backed by host memory.
   objects but refuse to send or receive them, naming the setting to change.
 * ``transport_allocator(registry, where=...)``: the ``TransportConfig.allocator`` that
   receives every frame into memory of its announced kind. A device frame at a process
-  that cannot hold device memory fails the connection with a ``ProtocolError`` that
-  says why, instead of being staged through host memory behind the user's back.
+  that cannot hold device memory is never used as data: either the connection fails
+  with a ``ProtocolError`` that says why, or (``drain_refused=True``, what actors use)
+  it is drained into a ``RefusedFrame`` so that the receiver can answer the sender with
+  the reason and the connection stays in step (``refused_reason``).
 * ``actor_num_gpus(...)``: how many GPUs a shuffle actor reserves on a node (pure).
 * ``DeviceOptions``: the device settings of one shuffle service (mode, GPUs per
   actor, what unpack returns for device partitions).
@@ -50,6 +52,7 @@ __all__ = [
     "DeviceOptions",
     "DeviceUnavailableError",
     "GpuStatus",
+    "RefusedFrame",
     "ResultMemory",
     "actor_num_gpus",
     "cai_nbytes",
@@ -59,6 +62,7 @@ __all__ = [
     "gpu_status",
     "is_device_object",
     "payload_nbytes",
+    "refused_reason",
     "refusing_cuda_hooks",
     "registry_for",
     "transport_allocator",
@@ -324,13 +328,37 @@ def device_allocator(allocate: Callable[[int], Any]) -> Callable[[int], Any]:
     return checked
 
 
-def transport_allocator(registry: MemoryRegistry, *, where: str) -> Allocator:
+class RefusedFrame(bytearray):
+    """Host scratch that a refused device frame was drained into; never data.
+
+    Receiving the bytes keeps the connection in step, so the receiver can answer the
+    sender with ``reason`` instead of dropping the connection.
+    """
+
+    def __init__(self, nbytes: int, reason: str) -> None:
+        super().__init__(nbytes)
+        self.reason = reason
+
+
+def refused_reason(frames: Any) -> str | None:
+    """The reason of the first ``RefusedFrame`` among ``frames``, if any."""
+    for frame in frames:
+        if isinstance(frame, RefusedFrame):
+            return frame.reason
+    return None
+
+
+def transport_allocator(
+    registry: MemoryRegistry, *, where: str, drain_refused: bool = False
+) -> Allocator:
     """A ``TransportConfig.allocator`` receiving each frame into its announced memory.
 
-    Host frames become ``bytearray``s (what the transports use by default). A frame
-    whose memory cannot be allocated here raises ``ProtocolError`` naming ``where``:
-    the transport then drops the connection (the message cannot be received, and the
-    sender's retry will fail the same way, so the transfer fails rather than hangs).
+    Host frames become ``bytearray``s (what the transports use by default). For a
+    frame whose memory cannot be allocated here the reason names ``where`` and what to
+    change. By default that raises ``ProtocolError``: the transport drops the
+    connection and the sender sees only a broken connection. With ``drain_refused``
+    the frame is received into a ``RefusedFrame`` (host scratch of its size) instead,
+    for the receiver to turn into a reply (see ``refused_reason``).
     """
 
     def allocate(nbytes: int, memory_type: str) -> Any:
@@ -340,11 +368,14 @@ def transport_allocator(registry: MemoryRegistry, *, where: str) -> Allocator:
             hooks = registry.hooks(memory_type)
             buffer = device_allocator(hooks.allocate)(nbytes)
         except (LookupError, ValueError, TypeError, DeviceUnavailableError) as e:
-            raise ProtocolError(
+            reason = (
                 f"{where} cannot receive a {memory_type!r} frame of {nbytes} bytes: {e}. "
                 "Run the shuffle actors on GPU nodes (they reserve ray-oob-sched.shuffle."
                 "actor-num-gpus there) or send host partitions"
-            ) from None
+            )
+            if drain_refused:
+                return RefusedFrame(nbytes, reason)
+            raise ProtocolError(reason) from None
         return buffer
 
     return allocate

@@ -34,11 +34,13 @@ from shuffle._device import (
     CONFIG_KEY,
     DeviceOptions,
     DeviceUnavailableError,
+    RefusedFrame,
     actor_num_gpus,
     cai_nbytes,
     cuda_hooks,
     cuda_registry,
     payload_nbytes,
+    refused_reason,
     registry_for,
     transport_allocator,
 )
@@ -340,6 +342,17 @@ def test_a_device_frame_at_a_host_only_process_fails_with_a_clear_error() -> Non
         transport_allocator(HOST_REGISTRY, where="x")(1, "cuda")
 
 
+def test_drained_refusals_keep_the_reason_and_are_never_data() -> None:
+    alloc = transport_allocator(registry_for("host"), where="shuffle actor D", drain_refused=True)
+    frame = alloc(32, "cuda")
+    assert isinstance(frame, RefusedFrame) and len(frame) == 32
+    assert refused_reason([b"header", frame]) == frame.reason
+    assert "shuffle actor D cannot receive a 'cuda' frame of 32 bytes" in frame.reason
+    assert refused_reason([b"header", alloc(4, "host")]) is None
+    # A drained frame is not device memory, so a run's decode would refuse it too.
+    assert registry_for("host").memory_type_of(frame) is MemoryType.HOST
+
+
 @pytest.mark.skipif(gpu_usable(), reason="this machine has a GPU")
 def test_without_a_gpu_the_default_device_allocator_says_so() -> None:
     alloc = transport_allocator(cuda_registry(), where="shuffle actor C")
@@ -442,10 +455,59 @@ def test_actor_receives_with_the_allocator_of_its_device_mode() -> None:
         device=DeviceOptions(mode="host"),
     )
     assert actor._config.allocator(3, "host") == bytearray(3)
-    with pytest.raises(ProtocolError, match="shuffle actor a0 cannot receive a 'cuda' frame"):
-        actor._config.allocator(3, "cuda")
+    refused = actor._config.allocator(3, "cuda")
+    assert "shuffle actor a0 cannot receive a 'cuda' frame" in refused_reason([refused])
     auto = ShuffleActor(name="a1", secret=SECRET, transport="tcp", host="127.0.0.1")
     assert auto.registry.memory_type_of(FakeDeviceArray(np.zeros(1))) is MemoryType.CUDA
+
+
+class ScriptedEndpoint:
+    """Hands out given messages, then ends; records what was sent back."""
+
+    name = "scripted"
+
+    def __init__(self, *messages: list[Any]) -> None:
+        self._messages = list(messages)
+        self.sent: list[list[Any]] = []
+
+    async def recv(self) -> list[Any]:
+        from shuffle._transport import EndOfStream
+
+        if not self._messages:
+            raise EndOfStream("done")
+        return self._messages.pop(0)
+
+    async def send(self, frames: list[Any]) -> None:
+        self.sent.append(frames)
+
+
+async def test_actor_answers_a_refused_device_frame_with_the_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("ray")
+    from shuffle._actor import ShuffleActor
+    from shuffle._exceptions import RemoteShuffleError
+    from shuffle._reply import decode_reply
+
+    actor = ShuffleActor(
+        name="a3",
+        secret=SECRET,
+        transport="tcp",
+        host="127.0.0.1",
+        device=DeviceOptions(mode="host"),
+    )
+    frame = actor._config.allocator(8, "cuda")  # what the transport would receive into
+    endpoint = ScriptedEndpoint([b"header", frame], [b"header", frame])
+    try:
+        with caplog.at_level(logging.WARNING, logger="shuffle._actor"):
+            await actor._serve(endpoint)  # type: ignore[arg-type]
+    finally:
+        await actor.close()
+    assert len(endpoint.sent) == 2  # answered each message; the connection kept serving
+    error = decode_reply(endpoint.sent[0], peer="a3")
+    assert isinstance(error, RemoteShuffleError)
+    assert "DeviceUnavailableError" in str(error) and f"{CONFIG_KEY}: host" in str(error)
+    assert any("a3 refused a message" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.skipif(gpu_usable(), reason="this machine has a GPU")
@@ -694,14 +756,16 @@ def test_cudf_meta_from_the_network_is_checked_before_cudf_is_needed() -> None:
 
 
 async def _send_over_ucx(
-    frames: list[Any], receiver_registry: Any
+    frames: list[Any], receiver_registry: Any, *, drain_refused: bool = False
 ) -> tuple[list[Any] | None, BaseException | None]:
     """Send one message client -> listener: what the listener received, or the error the
     sender saw (on sending, or when waiting for a reply the dropped listener never sent)."""
     received: asyncio.Queue[list[Any]] = asyncio.Queue()
     config = TransportConfig(
         secret=SECRET,
-        allocator=transport_allocator(receiver_registry, where="test receiver"),
+        allocator=transport_allocator(
+            receiver_registry, where="test receiver", drain_refused=drain_refused
+        ),
     )
     transport = get_transport("ucx", config=config)
     try:
@@ -766,6 +830,17 @@ async def test_a_device_frame_at_a_host_only_receiver_drops_the_connection_with_
         and f"{CONFIG_KEY}: host" in r.getMessage()
         for r in caplog.records
     ), [r.getMessage() for r in caplog.records]
+
+
+@needs_ucx
+async def test_a_drained_device_frame_reaches_the_receiver_as_a_refusal() -> None:
+    device = FakeDeviceArray(np.arange(256, dtype=np.uint8))
+    frames, error = await _send_over_ucx(
+        [b"header", device], registry_for("host"), drain_refused=True
+    )
+    assert error is None and frames is not None
+    assert isinstance(frames[1], RefusedFrame) and len(frames[1]) == 256
+    assert "test receiver cannot receive a 'cuda' frame of 256 bytes" in str(refused_reason(frames))
 
 
 # --------------------------------------------------------------------------- real GPUs
@@ -871,9 +946,9 @@ def test_on_a_cluster_without_gpus_actors_reserve_none(ray_session: Any) -> None
 
     if any(n["Resources"].get("GPU", 0) for n in ray_session.nodes() if n["Alive"]):
         pytest.skip("this Ray cluster has GPUs")
-    with pytest.raises(DeviceUnavailableError, match="has no GPUs.*is cuda"):
-        with ShuffleService(transport="tcp", device=DeviceOptions(mode="cuda")) as service:
-            service.actors()  # refused before any actor is created
+    cuda_only = ShuffleService(transport="tcp", device=DeviceOptions(mode="cuda"))
+    with cuda_only, pytest.raises(DeviceUnavailableError, match="has no GPUs.*is cuda"):
+        cuda_only.actors()  # refused before any actor is created
     with ShuffleService(transport="tcp") as service:
         (actor,) = service.actors()
         status = ray_session.get(actor.handle.gpu_status.remote(), timeout=60)
