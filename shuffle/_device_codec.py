@@ -281,7 +281,7 @@ def _frame_info(df: Any) -> tuple[dict[str, Any], Any]:
     if set(slots) & set(columns):
         raise TypeError(f"cannot send a cuDF frame with columns named like {slots}")
     frame = df.copy(deep=False)
-    frame.index.names = slots
+    frame.index = index.set_names(slots)  # a new index: the caller's keeps its names
     info["index"] = {"kind": "columns", "names": names, "slots": slots}
     return info, frame.reset_index()
 
@@ -338,11 +338,13 @@ def decode_cudf(meta: Any, buf: Any) -> Any:
         df.index = cudf.RangeIndex(index["start"], index["stop"], index["step"], name=index["name"])
     else:
         df = df.set_index(slots)
-        df.index.names = index["names"]
+        df.index = df.index.set_names(index["names"])
     for label, dtype in zip(columns, dtypes, strict=True):
         if str(df[label].dtype) != dtype:  # e.g. libcudf widens day timestamps
             df[label] = df[label].astype(dtype)
-    df.columns.name = info.get("columns_name")
+    if info.get("columns_name") is not None:
+        # cuDF's ``columns`` is a fresh pandas Index per access: assign, do not mutate.
+        df.columns = df.columns.rename(info["columns_name"])
     return df
 
 
