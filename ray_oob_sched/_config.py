@@ -122,6 +122,9 @@ class ShuffleConfig:
     send_buffer_bytes: int | None
     timeout: float
     host: str | None
+    device: str = "auto"
+    actor_num_gpus: float = 0.01
+    gpu_results: str = "device"
 
     @classmethod
     def from_dask_config(cls) -> ShuffleConfig:
@@ -135,6 +138,23 @@ class ShuffleConfig:
             timeout = float(timeout)
         if not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ValueError(f"{NAMESPACE}.shuffle.timeout must be > 0, got {timeout!r}")
+        device = get("shuffle.device")
+        if device not in ("auto", "host", "cuda"):
+            raise ValueError(
+                f"{NAMESPACE}.shuffle.device must be auto, host or cuda, got {device!r}"
+            )
+        gpu_results = get("shuffle.gpu-results")
+        if gpu_results not in ("device", "host"):
+            raise ValueError(
+                f"{NAMESPACE}.shuffle.gpu-results must be device or host, got {gpu_results!r}"
+            )
+        gpus = get("shuffle.actor-num-gpus")
+        if isinstance(gpus, str):
+            gpus = float(gpus)
+        if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not 0 <= gpus <= 1:
+            raise ValueError(
+                f"{NAMESPACE}.shuffle.actor-num-gpus must be a number in [0, 1], got {gpus!r}"
+            )
         return cls(
             transport=transport,
             memory_limit=_memory_limit(),
@@ -145,4 +165,7 @@ class ShuffleConfig:
             else _int("shuffle.send-buffer-bytes", minimum=1),
             timeout=float(timeout),
             host=_host(),
+            device=device,
+            actor_num_gpus=float(gpus),
+            gpu_results=gpu_results,
         )

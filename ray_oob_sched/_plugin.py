@@ -67,6 +67,7 @@ class RaySchedule:
     def shuffle_service(self) -> Any:
         """The out-of-band shuffle service (actors start on first use)."""
         if self._shuffle_service is None:
+            from shuffle._device import DeviceOptions
             from shuffle._run import RunOptions
             from shuffle._service import ShuffleService
 
@@ -81,6 +82,11 @@ class RaySchedule:
                 ),
                 timeout=cfg.timeout,
                 host=cfg.host,
+                device=DeviceOptions(
+                    mode=cfg.device,  # type: ignore[arg-type]
+                    actor_num_gpus=cfg.actor_num_gpus,
+                    results=cfg.gpu_results,  # type: ignore[arg-type]
+                ),
             )
         return self._shuffle_service
 

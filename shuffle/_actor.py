@@ -14,12 +14,23 @@ loop keeps receiving meanwhile.
 
 Ray runs async actors' methods on one event loop; ``max_concurrency`` bounds how many
 calls may wait at once, not CPU use (the actor asks for no CPU).
+
+Device memory (``DeviceOptions``, see ``_device``): the listener receives every frame
+into memory of its announced kind, device frames into RMM/CuPy buffers when a GPU is
+usable here (``transport_allocator`` over ``registry``; a device frame it cannot hold
+is drained and refused with the reason, never used); on a node with GPUs the actor
+reserves ``actor_num_gpus`` of one, so Ray sets its ``CUDA_VISIBLE_DEVICES``. A device
+partition returned by ``unpack`` becomes an object in Ray's object store, which holds
+host memory only: Ray pickles it (CuPy and cuDF copy to host when pickled, and back
+to the reader's GPU when unpickled), or with ``results="host"`` the actor converts it
+to NumPy/pandas itself, so readers need no GPU.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -28,12 +39,24 @@ import pandas as pd
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from shuffle._device import (
+    DEFAULT_DEVICE_OPTIONS,
+    DeviceOptions,
+    DeviceUnavailableError,
+    GpuStatus,
+    gpu_status,
+    refused_reason,
+    registry_for,
+    transport_allocator,
+)
+from shuffle._device_codec import to_host
 from shuffle._exceptions import ShuffleError
 from shuffle._ids import RunId, ShuffleId
 from shuffle._manager import ShuffleManager
 from shuffle._rechunk import RechunkLayout
 from shuffle._reply import ACK, encode_error
 from shuffle._run import DEFAULT_OPTIONS, RunOptions, RunStats
+from shuffle._serialize import MemoryRegistry
 from shuffle._spec import ShuffleRunSpec
 from shuffle._transport import (
     EndOfStream,
@@ -87,13 +110,28 @@ class ShuffleActor:
         transport: TransportName,
         host: str,
         options: RunOptions = DEFAULT_OPTIONS,
+        device: DeviceOptions = DEFAULT_DEVICE_OPTIONS,
     ) -> None:
         self.name = name
         self._host = host
         self._transport_name = transport
-        self._config = TransportConfig(secret=secret)
+        self._device = device
+        #: Memory types this actor's runs decode shards from (host, and cuda unless the
+        #: mode is host); device hooks import RMM/CuPy only when they first allocate.
+        self.registry: MemoryRegistry = registry_for(device.mode)
+        self._config = TransportConfig(
+            secret=secret,
+            # Refused device frames are drained and answered with the reason (_serve).
+            allocator=transport_allocator(
+                self.registry, where=f"shuffle actor {name}", drain_refused=True
+            ),
+        )
         self._manager = ShuffleManager(
-            local=name, send=_never_send, options=options, accept_any_sender=True
+            local=name,
+            send=_never_send,
+            options=options,
+            accept_any_sender=True,
+            registry=self.registry,
         )
         self._executor = ThreadPoolExecutor(_UNPACK_THREADS, thread_name_prefix=f"{name}-unpack")
         self._transport: Transport | None = None
@@ -109,6 +147,8 @@ class ShuffleActor:
         async with self._start_lock:
             self._check_open()
             if self._listener is None:
+                if self._device.mode == "cuda":
+                    self._require_gpu()
                 transport = get_transport(self._transport_name, config=self._config)
                 try:
                     self._listener = await transport.listen(self._host, 0, self._serve)
@@ -148,7 +188,13 @@ class ShuffleActor:
         partition, which stays in the object store as a driver-owned object.
         """
         df = await self.get_output_partition(shuffle_id, run_id, partition)
+        if self._device.results == "host":
+            df = to_host(df)  # a deliberate copy: readers need no GPU
         return ray.get_runtime_context().get_worker_id(), df
+
+    async def gpu_status(self) -> GpuStatus:
+        """Whether this actor can hold device memory (probes RMM/CuPy once)."""
+        return gpu_status()
 
     async def close_run(self, shuffle_id: ShuffleId, run_id: RunId) -> None:
         """Close the run (and any older one of the shuffle), deleting its spill files."""
@@ -187,11 +233,16 @@ class ShuffleActor:
             except EndOfStream:
                 return
             try:
+                reason = refused_reason(frames)
+                if reason is not None:
+                    raise DeviceUnavailableError(reason)
                 await self._manager.receive(frames)
             except Exception as e:  # noqa: BLE001 -- reported to the sender; keep serving
-                # Typed refusals (stale runs, closed runs) are expected around restarts.
+                # Typed refusals (stale runs, closed runs) are expected around restarts;
+                # a device frame this actor cannot hold is a set-up problem.
+                expected = isinstance(e, ShuffleError) and not isinstance(e, DeviceUnavailableError)
                 logger.log(
-                    logging.INFO if isinstance(e, ShuffleError) else logging.WARNING,
+                    logging.INFO if expected else logging.WARNING,
                     "%s refused a message from %s: %r",
                     self.name,
                     endpoint.name,
@@ -206,6 +257,16 @@ class ShuffleActor:
         if self._closed:
             raise RuntimeError(f"shuffle actor {self.name!r} is closed")
 
+    def _require_gpu(self) -> None:
+        status = gpu_status()
+        if not status.usable:
+            raise DeviceUnavailableError(
+                f"shuffle actor {self.name} has no usable GPU ({status.reason}; "
+                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}), but "
+                "ray-oob-sched.shuffle.device is cuda; check that the node's GPUs are "
+                "registered with Ray (ray start --num-gpus) and actor-num-gpus > 0"
+            )
+
 
 _RemoteShuffleActor = ray.remote(ShuffleActor)
 
@@ -218,17 +279,24 @@ def create_shuffle_actor(
     transport: TransportName,
     host: str,
     options: RunOptions = DEFAULT_OPTIONS,
+    device: DeviceOptions = DEFAULT_DEVICE_OPTIONS,
+    num_gpus: float = 0.0,
 ) -> Any:
     """Create a ``ShuffleActor`` pinned to ``node_id``; returns its ActorHandle.
 
     The actor is owned by the caller (not detached), so it dies with its owner, and it
     is not restarted by Ray: the owner re-creates a dead one (``ShuffleService``).
+    ``num_gpus`` (a share of one GPU, from ``_device.actor_num_gpus``) makes Ray give
+    the actor a GPU and point its ``CUDA_VISIBLE_DEVICES`` at it.
     """
     return _RemoteShuffleActor.options(
         num_cpus=0,  # it waits on I/O; the unpack threads are short
+        num_gpus=num_gpus,
         max_concurrency=MAX_CONCURRENCY,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         runtime_env={"env_vars": dict(ACTOR_ENV)},
         name=None,
         max_restarts=0,
-    ).remote(name=name, secret=secret, transport=transport, host=host, options=options)
+    ).remote(
+        name=name, secret=secret, transport=transport, host=host, options=options, device=device
+    )

@@ -41,6 +41,8 @@ from typing import Any, TypeVar, cast
 import pandas as pd
 
 from shuffle._buffer import ShardsBuffer
+from shuffle._cudf import is_cudf_frame, split_cudf
+from shuffle._device import registry_for
 from shuffle._handle import RunHandle
 from shuffle._ids import ShardKey
 from shuffle._limiter import ResourceLimiter
@@ -196,13 +198,24 @@ def split_for_sending(data: Any, handle: RunHandle, input_partition: int) -> Sha
             for owner, items in pieces.items()
         }
     df = data
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"{where}: expected a pandas DataFrame, got {type(df).__name__}")
+    cudf = is_cudf_frame(df)
+    if not isinstance(df, pd.DataFrame) and not cudf:
+        raise TypeError(
+            f"{where}: expected a pandas or cuDF DataFrame, got {type(df).__name__}"
+        )
     if set(df.columns) != set(handle.meta.columns):
         raise ValueError(
             f"{where}: input partition {input_partition} has columns "
             f"{sorted(map(str, df.columns))}, meta has {sorted(map(str, handle.meta.columns))}"
         )
+    if cudf:  # split on the GPU; the pieces are device buffers
+        pieces = split_cudf(
+            df, column=spec.column, npartitions=spec.npartitions_out, drop_column=spec.drop_column
+        )
+        return {
+            owner: [(ShardKey(p, input_partition), piece) for p, piece in items]
+            for owner, items in group_by_owner(pieces, owner_of=spec.owner_of).items()
+        }
     tables = split_by_partition(
         df, column=spec.column, npartitions=spec.npartitions_out, drop_column=spec.drop_column
     )
@@ -324,10 +337,17 @@ class ShuffleClient:
         pool = await self._pool(handle.transport, handle.secret)
         pool.retain(handle.addresses.values())
         name = f"{spec.shuffle_id}[{spec.run_id}] input {input_partition}"
+        # Device payloads (frames exposing __cuda_array_interface__) travel as "cuda"
+        # frames unless the run's device mode is host, where they are refused.
+        registry = registry_for(handle.device.mode)
 
         async def send_batch(owner: str, batch: list[tuple[ShardKey, Any]]) -> None:
             message = encode_message(
-                shuffle_id=spec.shuffle_id, run_id=spec.run_id, sender=self.name, shards=batch
+                shuffle_id=spec.shuffle_id,
+                run_id=spec.run_id,
+                sender=self.name,
+                shards=batch,
+                registry=registry,
             )
             await pool.send(handle.addresses[owner], message.frames())
 
@@ -337,7 +357,7 @@ class ShuffleClient:
             message_bytes=options.message_bytes,
             timeout=options.limiter_timeout,
             concurrency=options.concurrency,
-            nbytes=payload_nbytes,
+            nbytes=payload_nbytes,  # Pieces carry their size, device data included
             name=name,
         )
         try:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from shuffle._device import DEFAULT_DEVICE_OPTIONS, DeviceOptions
 from shuffle._rechunk import RechunkLayout
 from shuffle._run import DEFAULT_OPTIONS, RunOptions
 from shuffle._spec import ShuffleRunSpec
@@ -35,7 +36,9 @@ class RunHandle:
     an array rechunk (its partitions are flat chunk numbers). ``addresses`` maps each participant name of ``spec`` to its listener address;
     ``transport`` is the transport those addresses belong to (``"tcp"`` or ``"ucx"``,
     never ``"auto"``); ``options`` carries the senders' knobs (message size, send budget,
-    concurrency). ``actors`` (participant name -> ActorHandle) exists on the driver only.
+    concurrency), ``device`` whether device payloads travel (senders pick their memory
+    registry from its mode). ``actors`` (participant name -> ActorHandle) exists on the
+    driver only.
     """
 
     spec: ShuffleRunSpec
@@ -44,6 +47,7 @@ class RunHandle:
     secret: bytes = field(repr=False)
     transport: str
     options: RunOptions = DEFAULT_OPTIONS
+    device: DeviceOptions = DEFAULT_DEVICE_OPTIONS
     actors: Mapping[str, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

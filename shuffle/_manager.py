@@ -44,7 +44,7 @@ from shuffle._run import (
     SendFn,
     ShuffleRun,
 )
-from shuffle._serialize import decode_header
+from shuffle._serialize import HOST_REGISTRY, MemoryRegistry, decode_header
 from shuffle._spec import ShuffleRunSpec
 
 # UnknownRunError lives in _exceptions with the other typed errors; re-exported here.
@@ -58,7 +58,8 @@ class ShuffleManager:
 
     All runs share one send budget (``options.send_buffer_bytes``), so back-pressure
     holds per participant however many shuffles run at once. ``accept_any_sender`` is
-    passed to every run (see ``DataFrameShuffleRun``).
+    passed to every run (see ``DataFrameShuffleRun``), and so is ``registry``, the memory
+    types messages may carry (host only by default; the actor adds CUDA where it can).
     """
 
     def __init__(
@@ -68,8 +69,10 @@ class ShuffleManager:
         send: SendFn,
         options: RunOptions = DEFAULT_OPTIONS,
         accept_any_sender: bool = False,
+        registry: MemoryRegistry = HOST_REGISTRY,
     ) -> None:
         self.local = local
+        self.registry = registry
         self.options = options
         self._send = send
         self._accept_any_sender = accept_any_sender
@@ -129,6 +132,7 @@ class ShuffleManager:
             options=self.options,
             send_limiter=self._send_limiter,
             accept_any_sender=self._accept_any_sender,
+            registry=self.registry,
         )
         run: ShuffleRun
         if isinstance(meta, RechunkLayout):

@@ -14,6 +14,7 @@ by ``shuffle._device_codec``, imported only when such an array is met.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import numpy as np
@@ -30,11 +31,13 @@ def encode_piece(array: Any) -> Piece:
     """``array`` (a numpy or CuPy array) as a ``Piece``; copies only if not C-contiguous."""
     if type(array) is np.ndarray:
         return _encode_numpy(array)
-    if type(array).__module__.partition(".")[0] == "cupy":
+    cupy = sys.modules.get("cupy")  # loaded if a CuPy array exists; never imported here
+    if cupy is not None and isinstance(array, cupy.ndarray):
+        from shuffle._device import cai_nbytes
         from shuffle._device_codec import encode_cupy
 
         meta, data = encode_cupy(array)
-        return Piece(data, _CUPY + meta, int(array.nbytes))
+        return Piece(data, _CUPY + meta, cai_nbytes(data.__cuda_array_interface__))
     raise TypeError(
         f"cannot rechunk a {type(array).__module__}.{type(array).__name__} chunk out of band: "
         "only numpy.ndarray (and cupy.ndarray on GPUs) are supported; masked, sparse and "
@@ -60,7 +63,22 @@ def dtype_to_json(dtype: np.dtype[Any]) -> Any:
             f"cannot send arrays of dtype {dtype} out of band: they hold Python objects; "
             "use x.rechunk(..., method='tasks')"
         )
-    return {"descr": np.lib.format.dtype_to_descr(dtype), "aligned": dtype.isalignedstruct}
+    description = {
+        "descr": np.lib.format.dtype_to_descr(dtype),
+        "aligned": dtype.isalignedstruct,
+    }
+    # The JSON trip must give the dtype back exactly; it cannot for field titles or
+    # dtype metadata, which .npy descriptors cannot express either.
+    try:
+        same = dtype_from_json(json.loads(json.dumps(description))) == dtype
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise TypeError(
+            f"cannot send arrays of dtype {dtype!r} out of band: it has no portable "
+            "description (field titles or dtype metadata); use a plain structured dtype"
+        )
+    return description
 
 
 def dtype_from_json(description: Any) -> np.dtype[Any]:

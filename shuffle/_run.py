@@ -46,6 +46,7 @@ import pandas as pd
 import pyarrow as pa
 
 from shuffle._buffer import ShardsBuffer
+from shuffle._cudf import concat_cudf, is_cudf_frame, split_cudf
 from shuffle._exceptions import BufferClosedError, FrameError, ShuffleClosedError
 from shuffle._ids import RunId, ShardKey, ShuffleId
 from shuffle._limiter import ResourceLimiter
@@ -53,6 +54,8 @@ from shuffle._ndarray import decode_piece, encode_piece
 from shuffle._partition import concat_partition, group_by_owner, split_by_partition
 from shuffle._rechunk import RechunkLayout
 from shuffle._serialize import (
+    HOST_REGISTRY,
+    MemoryRegistry,
     Piece,
     buffer_to_table,
     decode_message,
@@ -183,8 +186,10 @@ class ShuffleRun:
         options: RunOptions = DEFAULT_OPTIONS,
         send_limiter: ResourceLimiter | None = None,
         accept_any_sender: bool = False,
+        registry: MemoryRegistry = HOST_REGISTRY,
     ) -> None:
         self.spec = spec
+        self.registry = registry
         self.local = local
         self.options = options
         self.owned = spec.partitions_of(local)  # raises if local is no participant
@@ -312,7 +317,9 @@ class ShuffleRun:
         rejected message does not fail the run; the sender gets the error.
         """
         self.raise_if_closed()
-        message = decode_message(frames, npartitions_out=self.spec.npartitions_out)
+        message = decode_message(
+            frames, registry=self.registry, npartitions_out=self.spec.npartitions_out
+        )
         header = message.header
         if header.shuffle_id != self.shuffle_id:
             raise FrameError(
@@ -405,7 +412,11 @@ class ShuffleRun:
 
     async def _send_batch(self, destination: str, batch: list[tuple[ShardKey, pa.Buffer]]) -> None:
         message = encode_message(
-            shuffle_id=self.shuffle_id, run_id=self.run_id, sender=self.local, shards=batch
+            shuffle_id=self.shuffle_id,
+            run_id=self.run_id,
+            sender=self.local,
+            shards=batch,
+            registry=self.registry,
         )
         try:
             await self._send(destination, message.frames())
@@ -443,6 +454,7 @@ class DataFrameShuffleRun(ShuffleRun):
         options: RunOptions = DEFAULT_OPTIONS,
         send_limiter: ResourceLimiter | None = None,
         accept_any_sender: bool = False,
+        registry: MemoryRegistry = HOST_REGISTRY,
     ) -> None:
         if spec.column not in meta.columns:
             raise ValueError(
@@ -456,6 +468,7 @@ class DataFrameShuffleRun(ShuffleRun):
             options=options,
             send_limiter=send_limiter,
             accept_any_sender=accept_any_sender,
+            registry=registry,
         )
         self.meta = meta
         self.output_meta = meta.drop(columns=spec.column) if spec.drop_column else meta
@@ -469,6 +482,15 @@ class DataFrameShuffleRun(ShuffleRun):
         """
         self._check_add(input_partition)
         self._validate_input(df, input_partition)
+        if is_cudf_frame(df):  # pieces stay in device memory
+            pieces = split_cudf(
+                df,
+                column=self.spec.column,
+                npartitions=self.spec.npartitions_out,
+                drop_column=self.spec.drop_column,
+            )
+            by_owner = group_by_owner(pieces, owner_of=self.spec.owner_of)
+            return await self._add_shards(by_owner, input_partition)
         tables = split_by_partition(
             df,
             column=self.spec.column,
@@ -483,15 +505,25 @@ class DataFrameShuffleRun(ShuffleRun):
         }
         return await self._add_shards(by_owner, input_partition)
 
-    def get_output_partition(self, partition: int) -> pd.DataFrame:
-        """Output ``partition`` as a frame like ``meta``, rows in input order."""
-        tables = [buffer_to_table(payload) for _, payload, _ in self._read(partition)]
+    def get_output_partition(self, partition: int) -> Any:
+        """Output ``partition`` as a frame like ``meta``, rows in input order.
+
+        Arrow shards (no meta) give a pandas frame; cuDF pieces (``_cudf``) a cuDF one.
+        """
+        shards = self._read(partition)
+        if any(meta for _, _, meta in shards):
+            out = concat_cudf([(meta, payload) for _, payload, meta in shards], meta=self.output_meta)
+        else:
+            tables = [buffer_to_table(payload) for _, payload, _ in shards]
+            out = concat_partition(tables, meta=self.output_meta)
         self.stats.outputs_read += 1
-        return concat_partition(tables, meta=self.output_meta)
+        return out
 
     def _validate_input(self, df: pd.DataFrame, input_partition: int) -> None:
-        if not isinstance(df, pd.DataFrame):
-            raise TypeError(f"{self}: expected a pandas DataFrame, got {type(df).__name__}")
+        if not isinstance(df, pd.DataFrame) and not is_cudf_frame(df):
+            raise TypeError(
+                f"{self}: expected a pandas or cuDF DataFrame, got {type(df).__name__}"
+            )
         if set(df.columns) != set(self.meta.columns):
             raise ValueError(
                 f"{self}: input partition {input_partition} has columns "
@@ -519,6 +551,7 @@ class ArrayRechunkRun(ShuffleRun):
         options: RunOptions = DEFAULT_OPTIONS,
         send_limiter: ResourceLimiter | None = None,
         accept_any_sender: bool = False,
+        registry: MemoryRegistry = HOST_REGISTRY,
     ) -> None:
         if spec.npartitions_out != layout.npartitions_out:
             raise ValueError(
@@ -532,6 +565,7 @@ class ArrayRechunkRun(ShuffleRun):
             options=options,
             send_limiter=send_limiter,
             accept_any_sender=accept_any_sender,
+            registry=registry,
         )
         self.layout = layout
 

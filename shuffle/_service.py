@@ -30,6 +30,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from shuffle._actor import create_shuffle_actor
+from shuffle._device import DEFAULT_DEVICE_OPTIONS, DeviceOptions, actor_num_gpus
 from shuffle._handle import RunHandle
 from shuffle._ids import RunIdMinter, ShuffleId
 from shuffle._rechunk import RechunkLayout
@@ -61,6 +62,8 @@ class ShuffleService:
     ``host`` is the address every actor listens on and advertises; ``None`` (the
     default, and the only choice that works across nodes) is each node's own Ray
     address, so endpoints never listen on interfaces the cluster does not use.
+    ``device`` says whether device (GPU) payloads travel, how much of a GPU each actor
+    on a GPU node reserves, and what unpack returns for device partitions.
     """
 
     def __init__(
@@ -70,20 +73,25 @@ class ShuffleService:
         options: RunOptions = DEFAULT_OPTIONS,
         timeout: float = 60.0,
         host: str | None = None,
+        device: DeviceOptions = DEFAULT_DEVICE_OPTIONS,
     ) -> None:
         if transport not in ("ucx", "tcp", "auto"):
             raise ValueError(f"transport must be 'ucx', 'tcp' or 'auto', got {transport!r}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0, got {timeout!r}")
+        if not isinstance(device, DeviceOptions):
+            raise TypeError(f"device must be a DeviceOptions, got {type(device).__name__}")
         self.transport = transport
         self.options = options
         self.timeout = timeout
         self.host = host
+        self.device = device
         self._secret = os.urandom(32)
         self._mint_run_id = RunIdMinter()
         self._actors: dict[str, ActorInfo] = {}  # by node id
         self._generation = 0  # numbers actor names, so a re-created actor is told apart
         self._runs: dict[ShuffleId, RunHandle] = {}  # the newest open run per shuffle
+        self._node_gpus: dict[str, float] = {}  # by node id, as of the last actors()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -114,9 +122,12 @@ class ShuffleService:
     def actors(self) -> list[ActorInfo]:
         """One started actor per alive node, ordered by node id; creates what is missing."""
         self._check_open()
-        nodes = dict(
-            sorted((n["NodeID"], n["NodeManagerAddress"]) for n in ray.nodes() if n["Alive"])
-        )
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        nodes = dict(sorted((n["NodeID"], n["NodeManagerAddress"]) for n in alive))
+        self._node_gpus = {n["NodeID"]: float(n["Resources"].get("GPU", 0)) for n in alive}
+        for node_id, gpus in self._node_gpus.items():
+            # Refuses (device mode cuda, a node without GPUs) before any actor is created.
+            actor_num_gpus(self.device, node_gpus=gpus, node=node_id)
         for node_id in set(self._actors) - set(nodes):
             logger.info("node %s left the cluster; dropping its shuffle actor", node_id)
             self._kill(self._actors.pop(node_id).handle)
@@ -183,6 +194,7 @@ class ShuffleService:
             secret=self._secret,
             transport=schemes.pop(),
             options=self.options,
+            device=self.device,
             actors={a.name: a.handle for a in actors},
         )
         self._runs[spec.shuffle_id] = handle
@@ -248,9 +260,14 @@ class ShuffleService:
     # ---- internals
 
     def _create(self, node_id: str, host: str) -> tuple[str, Any]:
+        num_gpus = actor_num_gpus(
+            self.device, node_gpus=self._node_gpus.get(node_id, 0.0), node=node_id
+        )
         self._generation += 1
         name = f"shuffle-{node_id[:8]}-{self._generation}"
-        logger.info("creating shuffle actor %s on node %s (%s)", name, node_id, host)
+        logger.info(
+            "creating shuffle actor %s on node %s (%s, %g GPUs)", name, node_id, host, num_gpus
+        )
         handle = create_shuffle_actor(
             node_id=node_id,
             name=name,
@@ -258,6 +275,8 @@ class ShuffleService:
             transport=self.transport,
             host=host,
             options=self.options,
+            device=self.device,
+            num_gpus=num_gpus,
         )
         return name, handle
 

@@ -105,6 +105,7 @@ def test_shuffle_config_reads_every_key():
     with dask.config.set({"ray-oob-sched.shuffle.transport": "tcp", "ray-oob-sched.shuffle.memory-limit": None}):
         cfg = ShuffleConfig.from_dask_config()
     assert cfg.transport == "tcp" and cfg.memory_limit is None and cfg.timeout == 60.0
+    assert (cfg.device, cfg.actor_num_gpus, cfg.gpu_results) == ("auto", 0.01, "device")
     with dask.config.set({"ray-oob-sched.shuffle.transport": "carrier-pigeon"}):
         with pytest.raises(ValueError, match="shuffle.transport"):
             ShuffleConfig.from_dask_config()
@@ -152,3 +153,28 @@ def test_shuffle_host_is_null_or_a_name():
     with dask.config.set({"ray-oob-sched.shuffle.host": " "}):
         with pytest.raises(ValueError, match="shuffle.host must be a host name"):
             ShuffleConfig.from_dask_config()
+@pytest.mark.parametrize(
+    "key, value",
+    [("shuffle.device", "tpu"), ("shuffle.gpu-results", "disk"), ("shuffle.actor-num-gpus", 2)],
+)
+def test_bad_device_settings_name_their_key(key, value):
+    from ray_oob_sched._config import ShuffleConfig
+
+    with dask.config.set({f"ray-oob-sched.{key}": value}):
+        with pytest.raises(ValueError, match=key):
+            ShuffleConfig.from_dask_config()
+
+
+def test_device_settings_reach_the_shuffle_service():
+    from ray_oob_sched._plugin import RaySchedule
+    from shuffle._device import DeviceOptions
+
+    settings = {
+        "ray-oob-sched.shuffle.device": "host",
+        "ray-oob-sched.shuffle.actor-num-gpus": 0.5,
+        "ray-oob-sched.shuffle.gpu-results": "host",
+    }
+    with dask.config.set(settings):
+        service = RaySchedule().shuffle_service()  # starts no actors until used
+    assert service.device == DeviceOptions(mode="host", actor_num_gpus=0.5, results="host")
+    service.close()

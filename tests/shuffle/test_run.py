@@ -754,7 +754,7 @@ async def test_misuse_is_refused_with_a_message(make_network: Callable[..., Netw
         await run.add_partition(inputs[0], -1)
     with pytest.raises(ValueError, match="and below 4"):
         await run.add_partition(inputs[0].assign(**{COLUMN: 4}), 0)
-    with pytest.raises(TypeError, match="expected a pandas DataFrame"):
+    with pytest.raises(TypeError, match="expected a pandas or cuDF DataFrame"):
         await run.add_partition(inputs[0].to_dict(), 0)  # type: ignore[arg-type]
     assert run.exception is None  # bad input is the caller's error, not the run's
     await barrier(runs)

@@ -1,0 +1,958 @@
+"""Device (GPU) payloads: memory hooks, allocators, codecs, wiring.
+
+Every run, without a GPU: the CPU-side logic, with a fake device array type that
+exposes ``__cuda_array_interface__`` over host memory. Such "device" buffers even
+travel through the real UCX transport (UCX sees host pointers), so the memory-type
+path of the wire is exercised end to end. A fake ``cupy`` module built on NumPy
+(installed into ``sys.modules`` per test) drives the CuPy codec. Tests marked ``gpu``
+run the same round trips with real CuPy, RMM, cuDF and CUDA transports, and are
+skipped where CuPy cannot be imported or sees no device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+import logging
+import os
+import sys
+import types
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from shuffle import _device, _device_codec
+from shuffle._device import (
+    CONFIG_KEY,
+    DeviceOptions,
+    DeviceUnavailableError,
+    RefusedFrame,
+    actor_num_gpus,
+    cai_nbytes,
+    cuda_hooks,
+    cuda_registry,
+    payload_nbytes,
+    refused_reason,
+    registry_for,
+    transport_allocator,
+)
+from shuffle._device_codec import (
+    decode_cudf,
+    decode_cupy,
+    decode_numpy,
+    decode_payload,
+    encode_cupy,
+    encode_numpy,
+    encode_payload,
+    pack_meta,
+    to_host,
+    unpack_meta,
+)
+from shuffle._exceptions import FrameError
+from shuffle._ids import RunId, ShardKey, ShuffleId
+from shuffle._serialize import (
+    HOST_REGISTRY,
+    MemoryType,
+    allocate_buffers,
+    decode_message,
+    encode_message,
+)
+from shuffle._transport import BrokenTransportError, ProtocolError, TransportConfig, get_transport
+from shuffle._transport import ucx as ucx_module
+
+SECRET = b"d" * 32
+WAIT = 20.0
+
+
+# --------------------------------------------------------------------------- fakes
+
+
+def _cai_of(arr: np.ndarray) -> dict[str, Any]:
+    return {
+        "version": 3,
+        "shape": arr.shape,
+        "typestr": arr.dtype.str,
+        "data": (arr.ctypes.data if arr.size else 0, not arr.flags.writeable),
+        "strides": None if arr.flags.c_contiguous else arr.strides,
+        "stream": 1,
+    }
+
+
+class FakeDeviceArray:
+    """Fake device memory: host memory behind CAI only, deliberately no buffer protocol."""
+
+    def __init__(self, host: np.ndarray) -> None:
+        self.host = host
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return _cai_of(self.host)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.host.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.host.shape
+
+    def view(self, dtype: Any) -> FakeDeviceArray:
+        return FakeDeviceArray(self.host.view(dtype))
+
+    def reshape(self, *shape: Any) -> FakeDeviceArray:
+        return FakeDeviceArray(self.host.reshape(*shape))
+
+    def __getitem__(self, key: Any) -> FakeDeviceArray:
+        return FakeDeviceArray(self.host[key])
+
+
+def read_device(obj: Any) -> np.ndarray:
+    """The bytes behind any CAI object, read through its pointer (as a GPU library would)."""
+    cai = obj.__cuda_array_interface__
+    nbytes = cai_nbytes(cai)
+    if not nbytes:
+        return np.empty(0, np.uint8)
+    raw = (ctypes.c_uint8 * nbytes).from_address(cai["data"][0])
+    out = np.ctypeslib.as_array(raw)
+    out.flags.writeable = True
+    return out
+
+
+def fake_allocate(nbytes: int) -> FakeDeviceArray:
+    return FakeDeviceArray(np.zeros(nbytes, np.uint8))
+
+
+def make_fake_cupy() -> types.ModuleType:
+    """Enough of CuPy's surface for the codec, on host memory; counts synchronisations."""
+    cupy = types.ModuleType("cupy")
+    cupy.ndarray = FakeDeviceArray  # type: ignore[attr-defined]
+    cupy.uint8 = np.uint8  # type: ignore[attr-defined]
+    cupy.syncs = 0  # type: ignore[attr-defined]
+
+    def asarray(obj: Any) -> FakeDeviceArray:
+        if isinstance(obj, FakeDeviceArray):
+            return obj
+        view = read_device(obj)
+        keep = FakeDeviceArray(view)
+        keep.owner = obj  # type: ignore[attr-defined]  # as CuPy keeps the CAI exporter
+        return keep
+
+    def synchronize() -> None:
+        cupy.syncs += 1  # type: ignore[attr-defined]
+
+    cupy.asarray = asarray  # type: ignore[attr-defined]
+
+    def ascontiguousarray(a: FakeDeviceArray) -> FakeDeviceArray:
+        return FakeDeviceArray(np.ascontiguousarray(a.host))
+
+    def empty(shape: Any, dtype: Any) -> FakeDeviceArray:
+        return FakeDeviceArray(np.empty(shape, dtype))
+
+    cupy.ascontiguousarray = ascontiguousarray  # type: ignore[attr-defined]
+    cupy.empty = empty  # type: ignore[attr-defined]
+    cupy.asnumpy = lambda a: a.host.copy()  # type: ignore[attr-defined]
+    stream = types.SimpleNamespace(synchronize=synchronize)
+    cupy.cuda = types.SimpleNamespace(  # type: ignore[attr-defined]
+        get_current_stream=lambda: stream,
+        runtime=types.SimpleNamespace(deviceSynchronize=synchronize),
+    )
+    return cupy
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    cupy = make_fake_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    return cupy
+
+
+def gpu_usable() -> bool:
+    try:
+        import cupy
+
+        return bool(cupy.cuda.runtime.getDeviceCount() > 0)
+    except Exception:  # noqa: BLE001 -- not importable, no driver, no device
+        return False
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def needs_gpu(test: F) -> F:
+    skip = pytest.mark.skipif(not gpu_usable(), reason="CuPy cannot be imported or sees no GPU")
+    return pytest.mark.gpu(skip(test))  # type: ignore[no-any-return]
+
+
+def needs_ucx(test: F) -> F:
+    skip = pytest.mark.skipif(not ucx_module.is_available(), reason="ucxx cannot be imported")
+    marked = pytest.mark.ucx(pytest.mark.usefixtures("loopback")(skip(test)))
+    return marked  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def loopback() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        if "UCX_NET_DEVICES" not in os.environ:
+            patch.setenv("UCX_NET_DEVICES", "lo")
+        yield
+
+
+# --------------------------------------------------------------------------- CAI and hooks
+
+
+def test_cai_nbytes_accepts_contiguous_and_refuses_strided() -> None:
+    a = np.arange(24, dtype=np.float32).reshape(4, 6)
+    assert cai_nbytes(_cai_of(a)) == 96
+    # Extents of 1 may carry any stride; still contiguous.
+    assert cai_nbytes({**_cai_of(a[:1]), "strides": (999, 4)}) == 24
+    with pytest.raises(ValueError, match="not C-contiguous.*ascontiguousarray"):
+        cai_nbytes(_cai_of(a[:, ::2]))
+    with pytest.raises(ValueError, match="not a valid __cuda_array_interface__"):
+        cai_nbytes({"shape": (3,)})
+    assert cai_nbytes(_cai_of(np.empty((0, 5), np.float64))) == 0
+
+
+def test_cuda_hooks_wrap_as_a_flat_byte_view_that_keeps_its_owner() -> None:
+    hooks = cuda_hooks(allocate=fake_allocate)
+    arr = FakeDeviceArray(np.arange(12, dtype=np.int64).reshape(3, 4))
+    assert hooks.owns(arr) and not hooks.owns(b"bytes") and not hooks.owns(np.zeros(3))
+    pointer = arr.__cuda_array_interface__["data"][0]
+    view = hooks.wrap(arr)
+    cai = view.__cuda_array_interface__
+    assert (cai["shape"], cai["typestr"], cai["data"][0]) == ((96,), "|u1", pointer)
+    assert cai["stream"] == 1  # the producer's stream travels with the view
+    assert hooks.nbytes(view) == hooks.nbytes(arr) == 96
+    owner = weakref.ref(arr)
+    del arr
+    gc.collect()
+    assert owner() is not None  # the view keeps the memory alive
+    assert read_device(view).view(np.int64).tolist() == list(range(12))
+    flat = FakeDeviceArray(np.zeros(5, np.uint8))
+    assert hooks.wrap(flat) is flat  # already flat bytes: nothing to wrap
+
+
+def test_registry_dispatches_by_memory_type() -> None:
+    registry = cuda_registry(allocate=fake_allocate)
+    assert registry.memory_type_of(FakeDeviceArray(np.zeros(2))) is MemoryType.CUDA
+    assert registry.memory_type_of(np.zeros(2)) is MemoryType.HOST
+    assert registry.memory_type_of(b"x") is MemoryType.HOST
+    measure = payload_nbytes(registry)
+    assert measure(FakeDeviceArray(np.zeros(3))) == 24 and measure(b"abcd") == 4
+    with pytest.raises(TypeError, match="neither a host buffer"):
+        registry.memory_type_of(object())
+
+
+def test_messages_carry_device_buffers_with_their_memory_type() -> None:
+    registry = cuda_registry(allocate=fake_allocate)
+    device = FakeDeviceArray(np.arange(10, dtype=np.float32))
+    message = encode_message(
+        shuffle_id=ShuffleId("s"),
+        run_id=RunId(1),
+        sender="transfer",
+        shards=[(ShardKey(0, 1), device), (ShardKey(1, 1), b"host!")],
+        registry=registry,
+    )
+    entries = message.header.entries
+    assert [(e.memory_type, e.nbytes) for e in entries] == [
+        (MemoryType.CUDA, 40),
+        (MemoryType.HOST, 5),
+    ]
+    # The receiving side: allocate per entry, receive into it, validate.
+    buffers = allocate_buffers(message.header, registry)
+    assert isinstance(buffers[0], FakeDeviceArray)
+    read_device(buffers[0])[:] = read_device(message.buffers[0])
+    memoryview(buffers[1])[:] = b"host!"
+    decoded = decode_message([message.frames()[0], *buffers], registry=registry)
+    assert read_device(decoded.buffers[0]).view(np.float32).tolist() == list(range(10))
+    with pytest.raises(FrameError, match="no hooks registered for 'cuda'"):
+        decode_message([message.frames()[0], *buffers])  # host-only registry
+
+
+def test_host_mode_refuses_device_payloads_naming_the_setting() -> None:
+    registry = registry_for("host")
+    device = FakeDeviceArray(np.zeros(4))
+    with pytest.raises(DeviceUnavailableError, match=f"{CONFIG_KEY}: host"):
+        encode_message(
+            shuffle_id=ShuffleId("s"),
+            run_id=RunId(1),
+            sender="t",
+            shards=[(ShardKey(0, 0), device)],
+            registry=registry,
+        )
+    # Host payloads still travel.
+    message = encode_message(
+        shuffle_id=ShuffleId("s"),
+        run_id=RunId(1),
+        sender="t",
+        shards=[(ShardKey(0, 0), b"ok")],
+        registry=registry,
+    )
+    assert message.header.entries[0].memory_type is MemoryType.HOST
+
+
+# --------------------------------------------------------------------------- allocators
+
+
+def test_transport_allocator_receives_each_frame_into_its_memory_type() -> None:
+    calls: list[int] = []
+
+    def allocate(nbytes: int) -> FakeDeviceArray:
+        calls.append(nbytes)
+        return fake_allocate(nbytes)
+
+    alloc = transport_allocator(cuda_registry(allocate=allocate), where="actor A")
+    host = alloc(7, "host")
+    assert isinstance(host, bytearray) and len(host) == 7
+    device = alloc(16, "cuda")
+    assert isinstance(device, FakeDeviceArray) and cai_nbytes(device.__cuda_array_interface__) == 16
+    assert calls == [16]
+
+
+@pytest.mark.parametrize(
+    "allocate, message",
+    [
+        (lambda n: fake_allocate(n + 1), "returned 9 bytes, not 8"),
+        (lambda n: bytearray(n), "does not expose __cuda_array_interface__"),
+    ],
+)
+def test_transport_allocator_checks_what_the_device_allocator_returns(
+    allocate: Any, message: str
+) -> None:
+    alloc = transport_allocator(cuda_registry(allocate=allocate), where="actor A")
+    with pytest.raises(ProtocolError, match=message):
+        alloc(8, "cuda")
+
+
+def test_a_device_frame_at_a_host_only_process_fails_with_a_clear_error() -> None:
+    alloc = transport_allocator(registry_for("host"), where="shuffle actor B")
+    with pytest.raises(ProtocolError) as info:
+        alloc(64, "cuda")
+    text = str(info.value)
+    assert "shuffle actor B cannot receive a 'cuda' frame of 64 bytes" in text
+    assert f"{CONFIG_KEY}: host" in text and "GPU nodes" in text
+    with pytest.raises(ProtocolError, match="no hooks registered"):
+        transport_allocator(HOST_REGISTRY, where="x")(1, "cuda")
+
+
+def test_drained_refusals_keep_the_reason_and_are_never_data() -> None:
+    alloc = transport_allocator(registry_for("host"), where="shuffle actor D", drain_refused=True)
+    frame = alloc(32, "cuda")
+    assert isinstance(frame, RefusedFrame) and len(frame) == 32
+    assert refused_reason([b"header", frame]) == frame.reason
+    assert "shuffle actor D cannot receive a 'cuda' frame of 32 bytes" in frame.reason
+    assert refused_reason([b"header", alloc(4, "host")]) is None
+    # A drained frame is not device memory, so a run's decode would refuse it too.
+    assert registry_for("host").memory_type_of(frame) is MemoryType.HOST
+
+
+@pytest.mark.skipif(gpu_usable(), reason="this machine has a GPU")
+def test_without_a_gpu_the_default_device_allocator_says_so() -> None:
+    alloc = transport_allocator(cuda_registry(), where="shuffle actor C")
+    with pytest.raises(ProtocolError, match="shuffle actor C .* no usable GPU"):
+        alloc(8, "cuda")
+
+
+def test_gpu_probe_prefers_rmm_then_cupy_and_reports_why_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def failing(name: str) -> types.ModuleType:
+        module = types.ModuleType(name)
+
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError(f"{name}: no CUDA driver")
+
+        module.DeviceBuffer = broken  # type: ignore[attr-defined]
+        module.empty = broken  # type: ignore[attr-defined]
+        return module
+
+    monkeypatch.setitem(sys.modules, "rmm", failing("rmm"))
+    monkeypatch.setitem(sys.modules, "cupy", failing("cupy"))
+    status = _device._probe()
+    assert not status.usable and status.backend == "none"
+    assert "rmm: RuntimeError: rmm: no CUDA driver" in status.reason
+    assert "cupy: RuntimeError: cupy: no CUDA driver" in status.reason
+    monkeypatch.setitem(sys.modules, "cupy", make_fake_cupy())
+    assert _device._probe().backend == "cupy"
+    rmm = types.ModuleType("rmm")
+    rmm.DeviceBuffer = lambda size: None  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "rmm", rmm)
+    assert _device._probe().backend == "rmm"
+
+
+# --------------------------------------------------------------------------- options, actors
+
+
+@pytest.mark.parametrize(
+    "mode, node_gpus, expected",
+    [
+        ("auto", 0, 0.0),
+        ("auto", 4, 0.25),
+        ("cuda", 1, 0.25),
+        ("host", 8, 0.0),
+    ],
+)
+def test_actor_num_gpus(mode: Any, node_gpus: float, expected: float) -> None:
+    options = DeviceOptions(mode=mode, actor_num_gpus=0.25)
+    assert actor_num_gpus(options, node_gpus=node_gpus, node="n1") == expected
+
+
+def test_cuda_mode_refuses_nodes_without_gpus() -> None:
+    with pytest.raises(DeviceUnavailableError, match="node n7 has no GPUs.*is cuda"):
+        actor_num_gpus(DeviceOptions(mode="cuda"), node_gpus=0, node="n7")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mode": "tpu"}, "device mode"),
+        ({"results": "disk"}, "device results"),
+        ({"actor_num_gpus": 1.5}, "actor_num_gpus"),
+        ({"actor_num_gpus": True}, "actor_num_gpus"),
+    ],
+)
+def test_device_options_are_validated(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DeviceOptions(**kwargs)
+
+
+def test_service_reserves_gpus_on_gpu_nodes_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("ray")
+    from shuffle import _service
+
+    created: list[dict[str, Any]] = []
+    monkeypatch.setattr(
+        _service, "create_shuffle_actor", lambda **kwargs: created.append(kwargs) or object()
+    )
+    service = _service.ShuffleService(device=DeviceOptions(actor_num_gpus=0.1))
+    service._node_gpus = {"gpu-node": 2.0, "cpu-node": 0.0}
+    service._create("gpu-node", "10.0.0.1")
+    service._create("cpu-node", "10.0.0.2")
+    assert [(c["node_id"], c["num_gpus"]) for c in created] == [
+        ("gpu-node", 0.1),
+        ("cpu-node", 0.0),
+    ]
+    assert all(c["device"] is service.device for c in created)
+    service._closed = True  # nothing was started
+
+
+def test_actor_receives_with_the_allocator_of_its_device_mode() -> None:
+    pytest.importorskip("ray")
+    from shuffle._actor import ShuffleActor
+
+    actor = ShuffleActor(
+        name="a0",
+        secret=SECRET,
+        transport="tcp",
+        host="127.0.0.1",
+        device=DeviceOptions(mode="host"),
+    )
+    assert actor._config.allocator(3, "host") == bytearray(3)
+    refused = actor._config.allocator(3, "cuda")
+    assert "shuffle actor a0 cannot receive a 'cuda' frame" in refused_reason([refused])
+    auto = ShuffleActor(name="a1", secret=SECRET, transport="tcp", host="127.0.0.1")
+    assert auto.registry.memory_type_of(FakeDeviceArray(np.zeros(1))) is MemoryType.CUDA
+
+
+class ScriptedEndpoint:
+    """Hands out given messages, then ends; records what was sent back."""
+
+    name = "scripted"
+
+    def __init__(self, *messages: list[Any]) -> None:
+        self._messages = list(messages)
+        self.sent: list[list[Any]] = []
+
+    async def recv(self) -> list[Any]:
+        from shuffle._transport import EndOfStream
+
+        if not self._messages:
+            raise EndOfStream("done")
+        return self._messages.pop(0)
+
+    async def send(self, frames: list[Any]) -> None:
+        self.sent.append(frames)
+
+
+async def test_actor_answers_a_refused_device_frame_with_the_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("ray")
+    from shuffle._actor import ShuffleActor
+    from shuffle._exceptions import RemoteShuffleError
+    from shuffle._reply import decode_reply
+
+    actor = ShuffleActor(
+        name="a3",
+        secret=SECRET,
+        transport="tcp",
+        host="127.0.0.1",
+        device=DeviceOptions(mode="host"),
+    )
+    frame = actor._config.allocator(8, "cuda")  # what the transport would receive into
+    endpoint = ScriptedEndpoint([b"header", frame], [b"header", frame])
+    try:
+        with caplog.at_level(logging.WARNING, logger="shuffle._actor"):
+            await actor._serve(endpoint)  # type: ignore[arg-type]
+    finally:
+        await actor.close()
+    assert len(endpoint.sent) == 2  # answered each message; the connection kept serving
+    error = decode_reply(endpoint.sent[0], peer="a3")
+    assert isinstance(error, RemoteShuffleError)
+    assert "DeviceUnavailableError" in str(error) and f"{CONFIG_KEY}: host" in str(error)
+    assert any("a3 refused a message" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(gpu_usable(), reason="this machine has a GPU")
+async def test_cuda_mode_actor_without_a_gpu_fails_at_start() -> None:
+    pytest.importorskip("ray")
+    from shuffle._actor import ShuffleActor
+
+    actor = ShuffleActor(
+        name="a2",
+        secret=SECRET,
+        transport="tcp",
+        host="127.0.0.1",
+        device=DeviceOptions(mode="cuda"),
+    )
+    try:
+        with pytest.raises(DeviceUnavailableError, match="shuffle actor a2 has no usable GPU"):
+            await actor.start()
+        assert actor._listener is None  # nothing was started
+    finally:
+        await actor.close()
+
+
+# --------------------------------------------------------------------------- meta
+
+
+def test_meta_round_trip_with_binary_tail() -> None:
+    meta = pack_meta({"codec": "x", "n": [1, 2]}, b"\x00\xfftail")
+    info, tail = unpack_meta(meta)
+    assert info == {"codec": "x", "n": [1, 2]} and bytes(tail) == b"\x00\xfftail"
+    with pytest.raises(ValueError):
+        pack_meta({"codec": "x", "bad": float("nan")})
+
+
+@pytest.mark.parametrize(
+    "meta, match",
+    [
+        (b"RD", "truncated"),
+        (b"XXXX\x00\x00\x00\x00", "magic"),
+        (b"RDC1\xff\x00\x00\x00{}", "announces 255 JSON bytes"),
+        (b"RDC1\x02\x00\x00\x00[]", "names no codec"),
+        (b"RDC1\x03\x00\x00\x00{x}", "not valid JSON"),
+        (b"RDC1\x02\x00\x00\x00\xff\xfe", "not valid JSON"),
+        (object(), "not a byte buffer"),
+    ],
+)
+def test_corrupt_meta_raises_frame_error(meta: Any, match: str) -> None:
+    with pytest.raises(FrameError, match=match):
+        unpack_meta(meta)
+
+
+@given(st.binary(max_size=64))
+def test_arbitrary_meta_bytes_never_raise_anything_but_frame_error(raw: bytes) -> None:
+    for candidate in (raw, b"RDC1" + raw):
+        try:
+            decode_payload(candidate, b"", memory_type="host")
+        except FrameError:
+            pass
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+def _has_titles(dtype: np.dtype) -> bool:
+    if dtype.subdtype is not None:
+        return _has_titles(dtype.subdtype[0])
+    fields = dtype.fields or {}
+    return any(len(f) > 2 or _has_titles(f[0]) for f in fields.values())
+
+
+DTYPES = st.one_of(
+    hnp.scalar_dtypes(),
+    hnp.nested_dtypes(max_itemsize=64).filter(lambda d: not _has_titles(d)),
+    st.sampled_from([np.dtype(">u4"), np.dtype("U4"), np.dtype("S2"), np.dtype("<m8[s]")]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(hnp.arrays(DTYPES, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)))
+def test_numpy_round_trip_for_many_dtypes_and_shapes(arr: np.ndarray) -> None:
+    meta, buf = encode_numpy(arr)
+    out = decode_numpy(meta, bytearray(buf))  # as a transport would receive it
+    assert out.dtype == arr.dtype and out.shape == arr.shape
+    assert out.tobytes() == arr.tobytes()
+
+
+def test_numpy_codec_copies_strided_input_and_refuses_object_dtype() -> None:
+    base = np.arange(20, dtype=np.int16).reshape(4, 5)
+    meta, buf = encode_numpy(base[:, ::2])
+    np.testing.assert_array_equal(decode_numpy(meta, buf), base[:, ::2])
+    with pytest.raises(TypeError, match="dtype object .* hold Python objects"):
+        encode_numpy(np.array([1, "a"], dtype=object))
+    with pytest.raises(TypeError, match="hold Python objects"):
+        encode_numpy(np.zeros(2, dtype=[("a", "i4"), ("o", "O")]))
+    titled = np.dtype({"names": ["a"], "formats": ["<i4"], "titles": ["A title"]})
+    with pytest.raises(TypeError, match="no portable description"):
+        encode_numpy(np.zeros(2, dtype=titled))
+
+
+def test_array_meta_from_the_network_is_checked() -> None:
+    meta, buf = encode_numpy(np.arange(6, dtype=np.float64))
+    with pytest.raises(FrameError, match="holds 40 bytes, its meta describes 48"):
+        decode_numpy(meta, bytes(buf)[:40])
+    bad_shape = pack_meta({"codec": "ndarray", "dtype": {"descr": "<f8"}, "shape": [-1]})
+    with pytest.raises(FrameError, match="invalid shape"):
+        decode_numpy(bad_shape, b"")
+    object_dtype = pack_meta({"codec": "ndarray", "dtype": {"descr": "|O"}, "shape": [1]})
+    with pytest.raises(FrameError, match="holds Python objects"):
+        decode_numpy(object_dtype, bytes(8))
+    bad_dtype = pack_meta({"codec": "ndarray", "dtype": "not a dtype", "shape": []})
+    with pytest.raises(FrameError, match="invalid dtype"):
+        decode_numpy(bad_dtype, b"")
+    with pytest.raises(FrameError, match="expected ndarray payload meta"):
+        decode_numpy(pack_meta({"codec": "cudf"}), b"")
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.arange(30, dtype=np.complex128).reshape(2, 3, 5)[:, ::2],  # strided
+        np.array(True),
+        np.empty((0, 7), dtype=np.int8),
+    ],
+    ids=["2d", "strided", "0d", "empty"],
+)
+def test_cupy_codec_round_trip_through_device_buffers(
+    fake_cupy: types.ModuleType, arr: np.ndarray
+) -> None:
+    device = FakeDeviceArray(arr)
+    payload = encode_payload(device)
+    assert (payload.codec, payload.memory_type) == ("ndarray", MemoryType.CUDA)
+    assert fake_cupy.syncs == 1  # the producer's stream was waited for before sending
+    registry = cuda_registry(allocate=fake_allocate)
+    frame = registry.hooks("cuda").wrap(payload.buffer)
+    # "Receive": allocate a fresh device buffer and copy the bytes in.
+    nbytes = cai_nbytes(frame.__cuda_array_interface__)
+    received = transport_allocator(registry, where="r")(nbytes, "cuda")
+    read_device(received)[:] = read_device(frame)
+    out = decode_payload(payload.meta, received, memory_type="cuda")
+    assert isinstance(out, FakeDeviceArray)
+    assert out.dtype == arr.dtype and out.shape == arr.shape
+    np.testing.assert_array_equal(out.host, arr)
+
+
+def test_cupy_codec_refusals(fake_cupy: types.ModuleType) -> None:
+    with pytest.raises(TypeError, match="CuPy holds numbers only"):
+        encode_cupy(FakeDeviceArray(np.zeros(2, dtype=[("a", "i4")])))
+    with pytest.raises(TypeError, match="expected a cupy.ndarray"):
+        encode_cupy(np.zeros(2))
+    meta, _ = encode_numpy(np.zeros(4, np.float32))
+    with pytest.raises(FrameError, match="needs a device buffer"):
+        decode_cupy(meta, bytearray(16))
+    with pytest.raises(FrameError, match="holds 8 bytes, its meta describes 16"):
+        decode_cupy(meta, fake_allocate(8))
+    structured = pack_meta(
+        {"codec": "ndarray", "dtype": {"descr": [["a", "<i4"]]}, "shape": [1]}
+    )
+    with pytest.raises(FrameError, match="CuPy cannot hold"):
+        decode_cupy(structured, fake_allocate(4))
+
+
+def test_one_meta_two_memories(fake_cupy: types.ModuleType) -> None:
+    """The same ndarray meta decodes to NumPy from host memory, to CuPy from device."""
+    arr = np.arange(8, dtype=np.uint16)
+    meta, buf = encode_numpy(arr)
+    host = decode_payload(meta, bytearray(buf), memory_type="host")
+    device = decode_payload(meta, FakeDeviceArray(arr.view(np.uint8).copy()), memory_type="cuda")
+    assert isinstance(host, np.ndarray) and isinstance(device, FakeDeviceArray)
+    np.testing.assert_array_equal(host, device.host)
+    with pytest.raises(FrameError, match="no payload codec 'cudf' for host memory"):
+        decode_payload(pack_meta({"codec": "cudf"}), b"", memory_type="host")
+    with pytest.raises(TypeError, match="no payload codec for a dict"):
+        encode_payload({})
+
+
+def test_to_host_copies_device_arrays_and_leaves_host_objects(fake_cupy: types.ModuleType) -> None:
+    arr = np.arange(3.0)
+    out = to_host(FakeDeviceArray(arr))
+    assert isinstance(out, np.ndarray) and out.tolist() == [0.0, 1.0, 2.0]
+    frame = pd.DataFrame({"a": [1]})
+    assert to_host(frame) is frame
+
+
+def test_without_cupy_a_device_array_cannot_be_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    meta, _ = encode_numpy(np.zeros(2, np.float32))
+    with pytest.raises(DeviceUnavailableError, match="CuPy cannot be imported here"):
+        decode_cupy(meta, fake_allocate(8))
+
+
+# --------------------------------------------------------------------------- cuDF (CPU side)
+
+
+@pytest.fixture
+def pandas_as_cudf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frame checks use only pandas-compatible API; exercise them on pandas."""
+    cudf = types.ModuleType("cudf")
+    cudf.DataFrame = pd.DataFrame  # type: ignore[attr-defined]
+    cudf.RangeIndex = pd.RangeIndex  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cudf", cudf)
+
+
+def test_cudf_frame_info_keeps_labels_and_index(pandas_as_cudf: None) -> None:
+    df = pd.DataFrame({"a": [1, 2], 5: [0.5, 1.5]}, index=pd.RangeIndex(10, 14, 2, name="r"))
+    df.columns.name = "cols"
+    info, frame = _device_codec._frame_info(df)
+    assert info["columns"] == ["a", 5] and info["columns_name"] == "cols"
+    assert info["index"] == {"kind": "range", "start": 10, "stop": 14, "step": 2, "name": "r"}
+    assert frame is df  # a RangeIndex travels as numbers, not as a column
+    multi = df.set_index([pd.Index(["x", "y"]), pd.Index([7, 8])])
+    multi.index.names = ["k", None]
+    info, frame = _device_codec._frame_info(multi)
+    assert info["index"] == {
+        "kind": "columns",
+        "names": ["k", None],
+        "slots": ["__index_level_0__", "__index_level_1__"],
+    }
+    assert list(frame.columns) == ["__index_level_0__", "__index_level_1__", "a", 5]
+    assert multi.index.names == ["k", None]  # the caller's frame is untouched
+    assert info["dtypes"] == ["int64", "float64"]
+
+
+@pytest.mark.parametrize(
+    "df, match",
+    [
+        (pd.DataFrame({("a", "b"): [1]}), "labels must be str, int or None"),
+        (pd.DataFrame([[1, 2]], columns=["a", "a"]), "duplicate column labels"),
+        (pd.DataFrame({"c": pd.Categorical(["x"])}), "categorical columns"),
+        (pd.DataFrame({"__index_level_0__": [1]}, index=[3]), "columns named like"),
+    ],
+)
+def test_cudf_frame_info_refusals(pandas_as_cudf: None, df: pd.DataFrame, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        _device_codec._frame_info(df)
+
+
+def test_cudf_meta_from_the_network_is_checked_before_cudf_is_needed() -> None:
+    with pytest.raises(FrameError, match="cudf payload meta is malformed"):
+        decode_cudf(pack_meta({"codec": "cudf", "columns": ["a"]}), fake_allocate(1))
+    good = {"codec": "cudf", "columns": [], "dtypes": [], "index": {"kind": "range"}}
+    with pytest.raises(FrameError, match="needs a device buffer"):
+        decode_cudf(pack_meta(good), bytearray(1))
+    with pytest.raises(FrameError, match="expected cudf payload meta"):
+        decode_cudf(pack_meta({"codec": "ndarray"}), fake_allocate(1))
+
+
+# --------------------------------------------------------------------------- over UCX
+
+
+async def _send_over_ucx(
+    frames: list[Any], receiver_registry: Any, *, drain_refused: bool = False
+) -> tuple[list[Any] | None, BaseException | None]:
+    """Send one message client -> listener: what the listener received, or the error the
+    sender saw (on sending, or when waiting for a reply the dropped listener never sent)."""
+    received: asyncio.Queue[list[Any]] = asyncio.Queue()
+    config = TransportConfig(
+        secret=SECRET,
+        allocator=transport_allocator(
+            receiver_registry, where="test receiver", drain_refused=drain_refused
+        ),
+    )
+    transport = get_transport("ucx", config=config)
+    try:
+
+        async def handler(ep: Any) -> None:
+            await received.put(await ep.recv())
+
+        listener = await transport.listen("127.0.0.1", 0, handler)
+        client = await asyncio.wait_for(transport.connect(listener.address), WAIT)
+        try:
+            await asyncio.wait_for(client.send(frames), WAIT)
+            replied = asyncio.ensure_future(client.recv())
+            got = asyncio.ensure_future(received.get())
+            done, _ = await asyncio.wait(
+                {replied, got}, timeout=WAIT, return_when=asyncio.FIRST_COMPLETED
+            )
+            for future in (replied, got):
+                if future not in done:
+                    future.cancel()
+            await asyncio.gather(replied, got, return_exceptions=True)
+            if got in done:
+                return got.result(), None
+            assert replied in done, "neither a delivery nor a failure within the deadline"
+            return None, replied.exception()
+        except BrokenTransportError as e:
+            return None, e
+        finally:
+            client.abort()
+    finally:
+        await asyncio.wait_for(transport.close(), WAIT)
+
+
+@needs_ucx
+async def test_fake_device_frames_travel_over_ucx_into_device_buffers() -> None:
+    arr = np.arange(4096, dtype=np.float64).reshape(64, 64)
+    registry = cuda_registry(allocate=fake_allocate)
+    message = encode_message(
+        shuffle_id=ShuffleId("s"),
+        run_id=RunId(1),
+        sender="t",
+        shards=[(ShardKey(0, 0), FakeDeviceArray(arr)), (ShardKey(1, 0), b"host")],
+        registry=registry,
+    )
+    frames, error = await _send_over_ucx(message.frames(), registry)
+    assert error is None and frames is not None
+    assert isinstance(frames[1], FakeDeviceArray) and isinstance(frames[2], bytearray)
+    decoded = decode_message(frames, registry=registry)
+    assert read_device(decoded.buffers[0]).view(np.float64).tolist() == arr.ravel().tolist()
+
+
+@needs_ucx
+async def test_a_device_frame_at_a_host_only_receiver_drops_the_connection_with_a_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="shuffle.transport")
+    device = FakeDeviceArray(np.zeros(256, np.uint8))
+    frames, error = await _send_over_ucx([b"header", device], registry_for("host"))
+    # The sender sees the dropped connection (on send, or when waiting for its reply).
+    assert frames is None and isinstance(error, BrokenTransportError), (frames, error)
+    assert any(
+        "cannot receive a 'cuda' frame of 256 bytes" in r.getMessage()
+        and f"{CONFIG_KEY}: host" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
+
+
+@needs_ucx
+async def test_a_drained_device_frame_reaches_the_receiver_as_a_refusal() -> None:
+    device = FakeDeviceArray(np.arange(256, dtype=np.uint8))
+    frames, error = await _send_over_ucx(
+        [b"header", device], registry_for("host"), drain_refused=True
+    )
+    assert error is None and frames is not None
+    assert isinstance(frames[1], RefusedFrame) and len(frames[1]) == 256
+    assert "test receiver cannot receive a 'cuda' frame of 256 bytes" in str(refused_reason(frames))
+
+
+# --------------------------------------------------------------------------- real GPUs
+
+
+@pytest.mark.parametrize(
+    "dtype, shape", [("float64", (257, 3)), ("int8", (0, 4)), ("complex64", ()), ("bool", (9,))]
+)
+@needs_gpu
+def test_gpu_cupy_round_trip_through_rmm_buffers(dtype: str, shape: tuple[int, ...]) -> None:
+    import cupy
+
+    arr = (cupy.arange(int(np.prod(shape))) % 7).astype(dtype).reshape(shape)
+    payload = encode_payload(arr)
+    assert payload.memory_type is MemoryType.CUDA
+    frame = cuda_registry().hooks("cuda").wrap(payload.buffer)
+    nbytes = cai_nbytes(frame.__cuda_array_interface__)
+    received = transport_allocator(cuda_registry(), where="r")(nbytes, "cuda")
+    if nbytes:
+        cupy.asarray(received).view(cupy.uint8)[:] = cupy.asarray(frame).view(cupy.uint8)
+    out = decode_payload(payload.meta, received, memory_type="cuda")
+    assert isinstance(out, cupy.ndarray) and out.dtype == arr.dtype and out.shape == arr.shape
+    cupy.testing.assert_array_equal(out, arr)
+    np.testing.assert_array_equal(to_host(out), cupy.asnumpy(arr))
+
+
+@needs_gpu
+@pytest.mark.parametrize("index", ["range", "named", "multi", "empty"])
+def test_gpu_cudf_round_trip(index: str) -> None:
+    cudf = pytest.importorskip("cudf")
+    pdf = pd.DataFrame(
+        {
+            "i": np.arange(6, dtype=np.int32),
+            "f": [0.5, None, 2.5, 3.5, None, 5.5],
+            "s": ["a", "bb", None, "dddd", "", "f"],
+            "t": pd.date_range("2026-01-01", periods=6, freq="h"),
+            3: [True, False] * 3,
+        }
+    )
+    if index == "named":
+        pdf.index = pd.Index(np.arange(6) * 10, name="k")
+    elif index == "multi":
+        pdf = pdf.set_index(["s", "i"], drop=False).rename_axis(["s_idx", None])
+        pdf.columns = [f"c{i}" for i in range(len(pdf.columns))]
+    elif index == "empty":
+        pdf = pdf.iloc[:0]
+    df = cudf.from_pandas(pdf)
+    payload = encode_payload(df)
+    assert (payload.codec, payload.memory_type) == ("cudf", MemoryType.CUDA)
+    frame = cuda_registry().hooks("cuda").wrap(payload.buffer)
+    out = decode_payload(payload.meta, frame, memory_type="cuda")
+    pd.testing.assert_frame_equal(out.to_pandas(), df.to_pandas())
+    pd.testing.assert_frame_equal(to_host(out), df.to_pandas())
+
+
+@needs_gpu
+@needs_ucx
+async def test_gpu_device_to_device_frame_over_ucx() -> None:
+    import cupy
+
+    arr = cupy.arange(1 << 20, dtype=cupy.float32).reshape(1024, 1024)
+    payload = encode_payload(arr)
+    registry = cuda_registry()
+    message = encode_message(
+        shuffle_id=ShuffleId("s"),
+        run_id=RunId(1),
+        sender="t",
+        shards=[(ShardKey(0, 0), payload.buffer)],
+        registry=registry,
+    )
+    frames, error = await _send_over_ucx(message.frames(), registry)
+    assert error is None and frames is not None
+    assert not isinstance(frames[1], (bytes, bytearray, memoryview))  # landed on the device
+    decoded = decode_message(frames, registry=registry)
+    out = decode_payload(payload.meta, decoded.buffers[0], memory_type="cuda")
+    cupy.testing.assert_array_equal(out, arr)
+
+
+def test_run_handles_carry_the_device_settings_to_senders() -> None:
+    import pickle
+
+    from shuffle._handle import RunHandle
+    from shuffle._spec import ShuffleRunSpec
+
+    spec = ShuffleRunSpec(
+        shuffle_id=ShuffleId("s"), run_id=RunId(1), npartitions_out=2, participants=("a",)
+    )
+    device = DeviceOptions(mode="host", actor_num_gpus=0.5, results="host")
+    handle = RunHandle(
+        spec=spec,
+        meta=pd.DataFrame({"_partitions": []}),
+        addresses={"a": "tcp://h:1"},
+        secret=SECRET,
+        transport="tcp",
+        device=device,
+    )
+    assert pickle.loads(pickle.dumps(handle)).device == device
+
+
+@pytest.mark.ray
+def test_on_a_cluster_without_gpus_actors_reserve_none(ray_session: Any) -> None:
+    from shuffle._service import ShuffleService
+
+    if any(n["Resources"].get("GPU", 0) for n in ray_session.nodes() if n["Alive"]):
+        pytest.skip("this Ray cluster has GPUs")
+    cuda_only = ShuffleService(transport="tcp", device=DeviceOptions(mode="cuda"))
+    with cuda_only, pytest.raises(DeviceUnavailableError, match="has no GPUs.*is cuda"):
+        cuda_only.actors()  # refused before any actor is created
+    with ShuffleService(transport="tcp") as service:
+        (actor,) = service.actors()
+        status = ray_session.get(actor.handle.gpu_status.remote(), timeout=60)
+    if not gpu_usable():
+        assert not status.usable and status.backend == "none" and "rmm:" in status.reason
