@@ -49,7 +49,7 @@ from shuffle._limiter import ResourceLimiter
 from shuffle._partition import group_by_owner, split_by_partition
 from shuffle._reply import decode_reply
 from shuffle._rechunk import RechunkLayout
-from shuffle._run import split_chunk
+from shuffle._run import check_input_partition, split_chunk
 from shuffle._serialize import encode_message, payload_nbytes, table_to_buffer
 from shuffle._transport import (
     ClosedResourceError,
@@ -67,7 +67,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Shards = dict[str, list[tuple[ShardKey, Any]]]  # Arrow IPC buffers or array Pieces
-_MAX_PARTITION = (1 << 32) - 1  # the wire header stores partitions as u32
 _SCHEMES = ("ucx", "tcp", "local")
 #: Pools (one per transport and secret, i.e. per shuffle service) kept open; the least
 #: recently used beyond this are closed, so a long-lived worker does not keep the
@@ -190,7 +189,7 @@ def split_for_sending(data: Any, handle: RunHandle, input_partition: int) -> Sha
     """
     spec = handle.spec
     where = f"shuffle {spec.shuffle_id!r} run {spec.run_id}"
-    _check_input_partition(input_partition, where)
+    check_input_partition(input_partition, where=where)
     if isinstance(handle.meta, RechunkLayout):
         pieces = split_chunk(data, handle.meta, input_partition, owner_of=spec.owner_of)
         return {
@@ -223,17 +222,6 @@ def split_for_sending(data: Any, handle: RunHandle, input_partition: int) -> Sha
         owner: [(ShardKey(p, input_partition), table_to_buffer(t)) for p, t in items]
         for owner, items in group_by_owner(tables, owner_of=spec.owner_of).items()
     }
-
-
-def _check_input_partition(input_partition: Any, where: str) -> None:
-    if (
-        isinstance(input_partition, bool)
-        or not isinstance(input_partition, int)
-        or not 0 <= input_partition <= _MAX_PARTITION
-    ):
-        raise ValueError(
-            f"{where}: input partition must be an int in [0, 2**32), got {input_partition!r}"
-        )
 
 
 class ShuffleClient:

@@ -75,6 +75,7 @@ __all__ = [
     "SendFn",
     "ShuffleRun",
     "assemble_chunk",
+    "check_input_partition",
     "split_chunk",
 ]
 
@@ -289,14 +290,7 @@ class ShuffleRun:
                 f"{self}: input partition {input_partition} arrived after flush(); a "
                 "late input needs a new run"
             )
-        if (
-            isinstance(input_partition, bool)
-            or not isinstance(input_partition, int)
-            or not 0 <= input_partition <= _MAX_PARTITION
-        ):
-            raise ValueError(
-                f"{self}: input partition must be an int in [0, 2**32), got {input_partition!r}"
-            )
+        check_input_partition(input_partition, where=str(self))
 
     def _store_shard(self, key: ShardKey, payload: Any, meta: bytes = b"") -> bool:
         if isinstance(payload, Piece):
@@ -444,32 +438,15 @@ class DataFrameShuffleRun(ShuffleRun):
 
     kind = "shuffle"
 
-    def __init__(
-        self,
-        *,
-        spec: ShuffleRunSpec,
-        local: str,
-        meta: pd.DataFrame,
-        send: SendFn,
-        options: RunOptions = DEFAULT_OPTIONS,
-        send_limiter: ResourceLimiter | None = None,
-        accept_any_sender: bool = False,
-        registry: MemoryRegistry = HOST_REGISTRY,
-    ) -> None:
+    def __init__(self, *, meta: pd.DataFrame, **common: Any) -> None:
+        """``common``: ``ShuffleRun``'s keywords (spec, local, send, options, ...)."""
+        spec: ShuffleRunSpec = common["spec"]
         if spec.column not in meta.columns:
             raise ValueError(
                 f"shuffle {spec.shuffle_id!r}: partition column {spec.column!r} is not in "
                 f"meta's columns {list(meta.columns)}"
             )
-        super().__init__(
-            spec=spec,
-            local=local,
-            send=send,
-            options=options,
-            send_limiter=send_limiter,
-            accept_any_sender=accept_any_sender,
-            registry=registry,
-        )
+        super().__init__(**common)
         self.meta = meta
         self.output_meta = meta.drop(columns=spec.column) if spec.drop_column else meta
 
@@ -541,32 +518,15 @@ class ArrayRechunkRun(ShuffleRun):
 
     kind = "rechunk"
 
-    def __init__(
-        self,
-        *,
-        spec: ShuffleRunSpec,
-        local: str,
-        layout: RechunkLayout,
-        send: SendFn,
-        options: RunOptions = DEFAULT_OPTIONS,
-        send_limiter: ResourceLimiter | None = None,
-        accept_any_sender: bool = False,
-        registry: MemoryRegistry = HOST_REGISTRY,
-    ) -> None:
+    def __init__(self, *, layout: RechunkLayout, **common: Any) -> None:
+        """``common``: ``ShuffleRun``'s keywords (spec, local, send, options, ...)."""
+        spec: ShuffleRunSpec = common["spec"]
         if spec.npartitions_out != layout.npartitions_out:
             raise ValueError(
                 f"rechunk {spec.shuffle_id!r}: the spec has {spec.npartitions_out} output "
                 f"partitions, the layout {layout.npartitions_out} output chunks"
             )
-        super().__init__(
-            spec=spec,
-            local=local,
-            send=send,
-            options=options,
-            send_limiter=send_limiter,
-            accept_any_sender=accept_any_sender,
-            registry=registry,
-        )
+        super().__init__(**common)
         self.layout = layout
 
     async def add_partition(self, array: Any, input_partition: int) -> RunId:
@@ -581,6 +541,18 @@ class ArrayRechunkRun(ShuffleRun):
         out = assemble_chunk(pieces, self.layout, partition, where=str(self))
         self.stats.outputs_read += 1
         return out
+
+
+def check_input_partition(input_partition: Any, *, where: str) -> None:
+    """Input partitions travel as u32 in the wire header."""
+    if (
+        isinstance(input_partition, bool)
+        or not isinstance(input_partition, int)
+        or not 0 <= input_partition <= _MAX_PARTITION
+    ):
+        raise ValueError(
+            f"{where}: input partition must be an int in [0, 2**32), got {input_partition!r}"
+        )
 
 
 def split_chunk(
