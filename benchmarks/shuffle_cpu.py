@@ -100,7 +100,7 @@ def main() -> None:
     # The pieces of output partition 0 from every input, as its owner receives them.
     received = []
     for i in range(nin):
-        df = first if i == 0 else make_input(i, rows, args.out, strings=args.strings, seed=args.seed)
+        df = make_input(i, rows, args.out, strings=args.strings, seed=args.seed) if i else first
         piece = split_by_partition(df, column="_partitions", npartitions=args.out).get(0)
         if piece is not None:
             received.append(table_to_buffer(piece))
