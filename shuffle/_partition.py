@@ -45,15 +45,19 @@ def split_by_partition(
     ``[0, npartitions)`` are rejected instead of silently creating extra partitions.
     """
     codes = _partition_codes(df, column, npartitions)
-    if drop_column:
-        df = df.drop(columns=column)
     if not len(codes):
         return {}
     order = np.argsort(codes, kind="stable")
     codes = codes[order]
     starts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
     bounds = np.concatenate(([0], starts, [len(codes)])).tolist()
-    table = pa.Table.from_pandas(df, preserve_index=preserve_index).take(order)
+    # Selecting columns here is cheaper than df.drop; one thread, because pyarrow
+    # otherwise starts a thread pool per call, which costs more than it saves (0.7 ms
+    # instead of 0.26 ms of CPU for a 1 MiB frame) and a transfer task has one CPU.
+    columns = [c for c in df.columns if c != column] if drop_column else None
+    table = pa.Table.from_pandas(
+        df, columns=columns, preserve_index=preserve_index, nthreads=1
+    ).take(order)
     return {
         int(codes[start]): table.slice(start, stop - start)
         for start, stop in itertools.pairwise(bounds)
