@@ -13,6 +13,9 @@ machine) and two actors, each pinned to its own node, as the shuffle actors are:
   Timed from before the put to the call's return (``median_s``), and the receiver's
   wait for the object alone (``get_median_s``); ``put_median_s`` is the put.
 
+``--frames K`` sends each out-of-band message as K equal frames instead of one, as a
+batched shuffle message of K small pieces travels, which shows the per-frame cost.
+
 The actors run with the shuffle actors' environment (``shuffle._actor.ACTOR_ENV``,
 which lets UCX use shared memory). Prints one JSON line per path and size (medians of
 ``--repetitions`` after one warm-up), then one line of ratios per size.
@@ -106,17 +109,19 @@ class Sender:
     """Times sends to the receiver: out of band, or as ObjectRefs."""
 
     async def out_of_band(
-        self, transport: str, secret: bytes, address: str, nbytes: int, reps: int
+        self, transport: str, secret: bytes, address: str, nbytes: int, reps: int, frames: int
     ) -> list[float]:
         from shuffle._transport import get_transport
 
-        frame = memoryview(_payload(nbytes))
+        data = memoryview(_payload(nbytes))
+        bounds = np.linspace(0, nbytes, frames + 1).astype(int).tolist()
+        message = [data[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         async with get_transport(transport, config=_config(secret)) as t:  # type: ignore[arg-type]
             ep = await asyncio.wait_for(t.connect(address), TIMEOUT)
             times = []
             for i in range(reps + 1):  # the first one warms up
                 start = time.perf_counter()
-                await asyncio.wait_for(ep.send([frame]), TIMEOUT)
+                await asyncio.wait_for(ep.send(message), TIMEOUT)
                 await asyncio.wait_for(ep.recv(), TIMEOUT)
                 if i:
                     times.append(time.perf_counter() - start)
@@ -166,11 +171,12 @@ def main() -> None:
     p.add_argument("--sizes", default="1MiB,16MiB,64MiB", help="comma-separated, e.g. 64KiB,1MiB")
     p.add_argument("--repetitions", type=int, default=5)
     p.add_argument("--transports", default="ucx,tcp")
+    p.add_argument("--frames", type=int, default=1, help="frames per out-of-band message")
     p.add_argument("--store-mb", type=int, default=None, help="object store per node, MiB")
     args = p.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",")]
-    if args.repetitions < 1 or not sizes or min(sizes) < 1:
-        p.error("--repetitions and every size must be at least 1")
+    if args.repetitions < 1 or args.frames < 1 or not sizes or min(sizes) < args.frames:
+        p.error("--repetitions and --frames must be at least 1, every size at least --frames")
     # Room for a few objects of the largest size on each node (puts are freed as we go).
     store = (args.store_mb or max(256, 4 * max(sizes) >> 20)) << 20
 
@@ -199,8 +205,10 @@ def main() -> None:
                 continue
             address = ray.get(receiver.listen.remote(name, secret, host_b), timeout=TIMEOUT)
             for nbytes in sizes:
-                call = sender.out_of_band.remote(name, secret, address, nbytes, args.repetitions)
-                rec = _record(name, nbytes, ray.get(call, timeout=TIMEOUT))
+                call = sender.out_of_band.remote(
+                    name, secret, address, nbytes, args.repetitions, args.frames
+                )
+                rec = _record(name, nbytes, ray.get(call, timeout=TIMEOUT), frames=args.frames)
                 results.setdefault(name, {})[nbytes] = rec["GB/s"]
                 print(json.dumps(rec), flush=True)
         for nbytes in sizes:
