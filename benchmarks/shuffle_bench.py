@@ -19,17 +19,34 @@ Prints one JSON line per measurement (median of --repeat runs, after --warmup ru
 then one JSON line of ratios per workload; results are cross-checked between
 competitors (same rows, same distinct-key count, same column sums).
 
+What each line reports besides times, measured while that competitor ran (warm-ups
+included; counts are per run, i.e. divided by the number of runs):
+
+- ``ray_tasks_executed``: tasks and actor calls Ray's workers executed (each raylet's
+  per-worker ``num_executed_tasks``, sampled), ``plasma_objects_created``: objects
+  created in the object stores (small results inlined into their owner are not
+  there), both from the raylets' node stats;
+- ``plasma_peak_mb`` (sampled, all nodes), ``spilled_mb`` and ``restored_mb`` (per run);
+- ``machine_mem_growth_mb``: peak of the machine's used memory (MemTotal -
+  MemAvailable, sampled; shared memory included) above its value at the start, i.e.
+  driver, workers, actors and object store together (only meaningful alone on a machine);
+- ``driver_peak_rss_mb``: the driver process's peak RSS.
+
     python benchmarks/shuffle_bench.py --partitions 64 --partition-mb 16 --out 64 \\
+        --repeat 5
+    python benchmarks/shuffle_bench.py --partitions 256 --partition-mb 1 --out 256 \\
         --repeat 5
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import statistics
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -54,9 +71,13 @@ BYTES_PER_ROW = 8 * len(LEFT)
 
 
 def gen_partition(
-    i: int, rows: int, key_range: int, seed: int, names: Sequence[str]
+    i: int, rows: int, key_range: int, seed: int, names: Sequence[str], run: int = 0
 ) -> pd.DataFrame:
-    """Input partition ``i``: deterministic in (seed, i), made where it runs."""
+    """Input partition ``i``: deterministic in (seed, i), made where it runs.
+
+    ``run`` is unused: a new value gives the graph new keys, so that no scheduler can
+    hand back a result it still holds from the previous run (distributed did).
+    """
     rng = np.random.default_rng([seed, i])
     k, f1, f2, n = names
     return pd.DataFrame(
@@ -103,12 +124,12 @@ class Sizes:
     def frame_bytes(self) -> int:
         return self.partitions * self.rows * BYTES_PER_ROW
 
-    def ddf(self, names: Sequence[str], seed_offset: int = 0) -> dd.DataFrame:
+    def ddf(self, names: Sequence[str], seed_offset: int = 0, run: int = 0) -> dd.DataFrame:
         meta = gen_partition(0, 0, 1, 0, names)
         return dd.from_map(
             gen_partition,
             range(self.partitions),
-            args=(self.rows, self.key_range, self.seed + seed_offset, tuple(names)),
+            args=(self.rows, self.key_range, self.seed + seed_offset, tuple(names), run),
             meta=meta,
             label=f"gen-{names[1]}",
             enforce_metadata=False,
@@ -121,10 +142,10 @@ class Sizes:
         ]
 
 
-def dask_workloads(s: Sizes) -> dict[str, tuple[int, dd.DataFrame]]:
+def dask_workloads(s: Sizes, run: int = 0) -> dict[str, tuple[int, dd.DataFrame]]:
     """workload -> (input bytes, collection of per-output-partition summaries)."""
-    left = s.ddf(LEFT)
-    right = s.ddf(RIGHT, seed_offset=1)
+    left = s.ddf(LEFT, run=run)
+    right = s.ddf(RIGHT, seed_offset=1, run=run)
     shuffled = left.shuffle("k", npartitions=s.out)
     merged = left.merge(right, on="k", how="inner", npartitions=s.out, broadcast=False)
     empty_l, empty_r = gen_partition(0, 0, 1, 0, LEFT), gen_partition(0, 0, 1, 0, RIGHT)
@@ -194,6 +215,99 @@ def _rss_mb(field: str = "VmHWM") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _machine_used_mb() -> float | None:
+    """MemTotal - MemAvailable, MiB (Linux); counts shared memory such as plasma's."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+    except OSError:
+        return None
+    kib = int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])
+    return kib / 1024
+
+
+class Monitor:
+    """Samples memory and, while Ray runs, the raylets' node stats, in a thread.
+
+    Executed tasks are counted per worker (a worker's ``num_executed_tasks`` only
+    grows), keeping each worker's last sample, so workers that exit still count up to
+    their last sample; the driver executes none.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-monitor", daemon=True)
+        self._ray = ray.is_initialized()
+        self._nodes = [
+            (n["NodeManagerAddress"], n["NodeManagerPort"]) for n in ray.nodes() if n["Alive"]
+        ] if self._ray else []
+        self._tasks: dict[bytes, int] = {}  # worker id -> executed tasks, latest sample
+        self._tasks0: dict[bytes, int] = {}
+        self._store0: dict[str, int] = {}
+        self._store: dict[str, int] = {}
+        self.plasma_peak = 0
+        self.mem0 = _machine_used_mb()
+        self.mem_peak = self.mem0
+
+    def _sample(self) -> None:
+        mem = _machine_used_mb()
+        if mem is not None and self.mem_peak is not None:
+            self.mem_peak = max(self.mem_peak, mem)
+        if not self._ray:
+            return
+        from ray._private.internal_api import node_stats
+
+        used, totals = 0, dict.fromkeys(
+            ("spilled_bytes_total", "restored_bytes_total", "cumulative_created_objects"), 0
+        )
+        for address, port in self._nodes:
+            reply = node_stats(address, port, include_memory_info=False)
+            for w in reply.core_workers_stats:
+                seen = self._tasks.get(w.worker_id, 0)
+                self._tasks[w.worker_id] = max(seen, w.num_executed_tasks)
+            used += reply.store_stats.object_store_bytes_used
+            for k in totals:
+                totals[k] += getattr(reply.store_stats, k)
+        self.plasma_peak = max(self.plasma_peak, used)
+        self._store = totals
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._sample()
+            except Exception as e:  # noqa: BLE001 -- a lost sample only blurs the peak
+                print(f"monitor: sample failed: {e!r}", file=sys.stderr)
+
+    def __enter__(self) -> Monitor:
+        self._sample()
+        self._tasks0, self._store0 = dict(self._tasks), dict(self._store)
+        self.plasma_peak = 0
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def report(self, runs: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self._ray:
+            executed = sum(n - self._tasks0.get(w, 0) for w, n in self._tasks.items())
+            delta = {k: v - self._store0.get(k, 0) for k, v in self._store.items()}
+            out |= {
+                "ray_tasks_executed": round(executed / runs, 1),
+                "plasma_objects_created": round(delta["cumulative_created_objects"] / runs, 1),
+                "plasma_peak_mb": round(self.plasma_peak / 2**20, 1),
+                "spilled_mb": round(delta["spilled_bytes_total"] / 2**20 / runs, 1),
+                "restored_mb": round(delta["restored_bytes_total"] / 2**20 / runs, 1),
+            }
+        if self.mem0 is not None and self.mem_peak is not None:
+            out["machine_mem_growth_mb"] = round(self.mem_peak - self.mem0, 1)
+        return out
+
+
 def measure(fn: Callable[[], Any], repeat: int, warmup: int) -> tuple[float, Any, list[float]]:
     result = None
     for _ in range(warmup):  # imports, worker and actor start, function export
@@ -234,9 +348,10 @@ class Bench:
         try:
             exact = _reset_peak_rss()
             rss0 = _rss_mb("VmRSS")
-            t, res, times = measure(fn, a.repeat, a.warmup)
+            with Monitor(a.sample_interval) as monitor:
+                t, res, times = measure(fn, a.repeat, a.warmup)
             rss = _rss_mb()
-            info = extra()
+            info = {**extra(), **monitor.report(a.repeat + a.warmup)}
         except Exception as e:  # report, go on with the others
             self.failed.append(f"{competitor}/{workload}")
             print(json.dumps({
@@ -305,6 +420,14 @@ def _check_same(workload: str, results: dict[str, dict[str, Any]], failed: list[
 # -- competitors ---------------------------------------------------------------
 
 
+_RUNS = itertools.count(1)
+
+
+def fresh(bench: Bench, workload: str) -> dd.DataFrame:
+    """``workload``'s collection with new keys (see ``gen_partition``)."""
+    return dask_workloads(bench.sizes, run=next(_RUNS))[workload][1]
+
+
 def run_ray(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]], skip: set[str]) -> None:
     a = bench.args
     ray.init(
@@ -330,7 +453,8 @@ def run_ray(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]], skip: set[s
 
                     bench.run(
                         "ray_oob_sched", name, nbytes,
-                        lambda coll=coll: coll.compute(scheduler=ray_oob_sched.get), stats,
+                        lambda name=name: fresh(bench, name).compute(scheduler=ray_oob_sched.get),
+                        stats,
                     )
         if "ray_dask_get" not in skip:
             from ray.util.dask import ray_dask_get
@@ -340,8 +464,9 @@ def run_ray(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]], skip: set[s
                     ntasks = graph_len(coll)
                     bench.run(
                         "ray_dask_get", name, nbytes,
-                        lambda coll=coll: coll.compute(scheduler=ray_dask_get),
-                        lambda n=ntasks: {"dask_tasks": n, "ray_tasks": n},
+                        lambda name=name: fresh(bench, name).compute(scheduler=ray_dask_get),
+                        # one Ray task, and one object, per Dask task
+                        lambda n=ntasks: {"dask_tasks": n, "ray_tasks": n, "objects": n},
                     )
     finally:
         ray_oob_sched.shutdown()  # the shuffle actors; never a Ray it did not start
@@ -363,7 +488,7 @@ def run_distributed(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]]) -> 
                 ntasks = graph_len(coll)
                 bench.run(
                     "distributed", name, nbytes,
-                    lambda coll=coll: coll.compute(scheduler=client.get),
+                    lambda name=name: fresh(bench, name).compute(scheduler=client.get),
                     lambda n=ntasks: {"dask_tasks": n},
                 )
 
@@ -393,6 +518,10 @@ def main() -> None:
     p.add_argument("--num-cpus", type=int, default=None)
     p.add_argument("--store-mb", type=int, default=4096, help="Ray object store, MiB")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sample-interval", type=float, default=0.25,
+        help="seconds between memory and task-count samples",
+    )
     p.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=WORKLOADS)
     p.add_argument("--skip", nargs="*", default=[], choices=COMPETITORS, help="competitors to skip")
     args = p.parse_args()

@@ -110,6 +110,21 @@ def test_split_keeps_every_row_once_in_input_order(codes: np.ndarray, drop_colum
         assert ("_partitions" in table.column_names) is not drop_column
 
 
+# The codes are sorted as 8-bit, 16-bit or their own integers depending on the largest.
+@pytest.mark.parametrize("high", [0, 255, 256, 65_535, 65_536, 10**12])
+@pytest.mark.parametrize("dtype", ["int8", "uint16", "int64", "uint64", "Int64", "int64[pyarrow]"])
+def test_split_is_stable_for_every_code_width_and_dtype(high: int, dtype: str) -> None:
+    if np.iinfo(np.dtype(dtype.split("[")[0].lower())).max < high:
+        pytest.skip(f"{dtype} cannot hold {high}")
+    rng = np.random.default_rng(high)
+    values = rng.choice([0, high // 2, high], 500)
+    df = pd.DataFrame({"row": np.arange(500), "p": pd.array(values, dtype=dtype)})
+    parts = split_by_partition(df, column="p", npartitions=high + 1)
+    assert sorted(parts) == sorted(set(values.tolist()))
+    for partition, table in parts.items():
+        assert table.column("row").to_pylist() == np.flatnonzero(values == partition).tolist()
+
+
 def test_split_keeps_the_index_unless_told_not_to() -> None:
     df = pd.DataFrame({"x": [1, 2, 3], "_partitions": [1, 0, 1]}, index=["a", "b", "c"])
     kept = split_by_partition(df, column="_partitions")

@@ -331,6 +331,15 @@ def test_slices_serialise_only_their_rows() -> None:
     assert buffer_to_table(table_to_buffer(table.slice(500, 10))).equals(table.slice(500, 10))
 
 
+def test_corrupt_pandas_metadata_is_a_frame_error_every_time() -> None:
+    good = sample_table()
+    bad = good.replace_schema_metadata({b"pandas": b'{"index_columns": ['})
+    assert buffer_to_table(table_to_buffer(good)).schema.pandas_metadata is not None
+    for _ in range(2):  # the check of known-good metadata is cached, failures are not
+        with pytest.raises(FrameError, match="not a valid Arrow IPC stream"):
+            buffer_to_table(table_to_buffer(bad))
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_fuzz_corrupted_arrow_payloads_only_raise_frame_error(data: st.DataObject) -> None:
