@@ -141,7 +141,8 @@ class Workload:
             x = _gen(self.seed, index, shape, dtype).astype(np.float64)
             w = np.ones(shape)
             for axis, (s, n) in enumerate(zip(start, shape, strict=True)):
-                w = w * _weights(axis, s, s + n).reshape([-1 if a == axis else 1 for a in range(len(shape))])
+                along = [-1 if a == axis else 1 for a in range(len(shape))]
+                w = w * _weights(axis, s, s + n).reshape(along)
             sums, checks = x, x * w
             target = []
             for axis, (s, n) in enumerate(zip(start, shape, strict=True)):
@@ -226,13 +227,25 @@ def graph_len(coll: Any) -> int:
     return len(expr.__dask_graph__())
 
 
-def p2p_stages(coll: Any) -> int:
-    """p2p barriers (one per rechunk stage dask planned) in ``coll``'s graph."""
+def p2p_shape(coll: Any) -> dict[str, int]:
+    """p2p barriers (one per rechunk stage dask planned) and transfer tasks in ``coll``.
+
+    dask merges input chunks into transfers of up to ``array.chunk-size`` bytes
+    ("prechunking"), so there may be fewer transfers than input chunks.
+    """
     try:
         from distributed.shuffle._core import P2PBarrierTask
     except ImportError:
-        return 0
-    return sum(isinstance(v, P2PBarrierTask) for v in dict(coll.__dask_graph__()).values())
+        return {}
+    barriers = [v for v in dict(coll.__dask_graph__()).values() if isinstance(v, P2PBarrierTask)]
+    transfers = sum(len(b.dependencies) for b in barriers)
+    return {"p2p_stages": len(barriers), "p2p_transfers": transfers}
+
+
+def shuffle_settings() -> dict[str, Any]:
+    """The shuffle actors' settings that shape this measurement (spilling, transport)."""
+    cfg = dask.config.get("ray-oob-sched.shuffle")
+    return {"transport": cfg["transport"], "actor_memory_limit": cfg["memory-limit"]}
 
 
 class Bench:
@@ -271,6 +284,7 @@ class Bench:
         print(json.dumps({
             "workload": workload, "competitor": competitor, "median_s": round(t, 4),
             "gb_per_s": round(w.nbytes / t / 1e9, 3), "input_bytes": w.nbytes,
+            "dask_chunk_size": dask.config.get("array.chunk-size"),
             **w.describe(), **info,
             # peak of the whole driver process during this competitor's runs, and
             # how far above its RSS at the start (imports, Ray's core worker) it went
@@ -349,14 +363,14 @@ def run_ray(bench: Bench, skip: set[str]) -> None:
         if "ray_oob_sched" not in skip:
             for name, w in bench.work.items():
                 coll = w.summaries("p2p")
-                ntasks, stages = graph_len(coll), p2p_stages(coll)
+                ntasks, shape = graph_len(coll), p2p_shape(coll)
 
-                def stats(ntasks: int = ntasks, stages: int = stages) -> dict[str, Any]:
+                def stats(ntasks: int = ntasks, shape: dict[str, int] = shape) -> dict[str, Any]:
                     st = ray_oob_sched.last_stats()
                     return {
-                        "method": "p2p", "dask_tasks": ntasks, "p2p_stages": stages,
+                        "method": "p2p", "dask_tasks": ntasks, **shape,
                         "ray_tasks": st.ray_tasks, "objects": st.objects,
-                        "shuffles": st.shuffles,
+                        "shuffles": st.shuffles, **shuffle_settings(),
                     }
 
                 bench.run(
@@ -391,11 +405,11 @@ def run_distributed(bench: Bench) -> None:
     ) as cluster, Client(cluster) as client:
         for name, w in bench.work.items():
             coll = w.summaries("p2p")
-            ntasks, stages = graph_len(coll), p2p_stages(coll)
+            ntasks, shape = graph_len(coll), p2p_shape(coll)
             bench.run(
                 "distributed", name,
                 lambda coll=coll: coll.compute(scheduler=client.get),
-                lambda n=ntasks, s=stages: {"method": "p2p", "dask_tasks": n, "p2p_stages": s},
+                lambda n=ntasks, s=shape: {"method": "p2p", "dask_tasks": n, **s},
             )
 
 
@@ -419,10 +433,17 @@ def main() -> None:
         "--climate", type=int, nargs=4, default=[512, 4, 180, 360], metavar=("T", "L", "Y", "X"),
         help="time_to_space: shape (time, level, lat, lon)",
     )
-    p.add_argument("--time-chunk", type=int, default=1, help="time_to_space: time steps per input chunk")
+    p.add_argument(
+        "--time-chunk", type=int, default=1, help="time_to_space: time steps per input chunk"
+    )
     p.add_argument(
         "--space-chunks", type=int, nargs=2, default=[18, 36], metavar=("Y", "X"),
         help="time_to_space: (lat, lon) of an output chunk (full time and levels)",
+    )
+    p.add_argument(
+        "--dask-chunk-size", default=None,
+        help="dask's array.chunk-size (e.g. 128MiB): bounds the transfers of a p2p rechunk "
+        "and the intermediate chunks of a tasks rechunk (default: dask's)",
     )
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
@@ -437,6 +458,8 @@ def main() -> None:
     if min(args.size, args.chunks, *args.climate, args.time_chunk, *args.space_chunks) < 1:
         p.error("sizes and chunk counts must be at least 1")
 
+    if args.dask_chunk_size is not None:
+        dask.config.set({"array.chunk-size": args.dask_chunk_size})  # before graphs are built
     work = {k: v for k, v in workloads(args).items() if k in args.workloads}
     bench = Bench(args, work)
     skip = set(args.skip)
