@@ -178,8 +178,8 @@ def _group(
 ) -> tuple[tuple[AxisPiece, ...], ...]:
     """``pieces`` grouped by chunk number (``0 <= chunk_of(p) < n``), order kept.
 
-    One pass, not one per chunk: every transfer task and actor rebuilds the tables
-    when it unpickles the layout, and a 8760-step time axis has 8760 pieces.
+    One pass, not one per chunk: k chunks merged into one (or split from one) make k
+    pieces, and k x k comparisons took seconds per layout at k = 10,000.
     """
     groups: list[list[AxisPiece]] = [[] for _ in range(n)]
     for p in pieces:
