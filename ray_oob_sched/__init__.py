@@ -37,8 +37,8 @@ def enable(**config: Any) -> dask.config.set:
 
     Also selects dask's peer-to-peer dataframe shuffle, which ray_oob_sched runs
     through its out-of-band shuffle actors (shuffle, set_index, sort_values,
-    groupby with split_out, hash merge), and the "tasks" rechunk (p2p rechunks
-    are not supported yet). Extra ``config`` keywords are set with it, as
+    groupby with split_out, hash merge), and the p2p array rechunk, which runs
+    through the same actors (``method="tasks"`` per call opts out). Extra ``config`` keywords are set with it, as
     ``dask.config.set`` takes them (``ray_oob_sched__scheduler__fuse__enabled=False``).
     Used as a context manager, everything is restored on exit.
     """

@@ -186,6 +186,21 @@ def test_layout_pickles_small_and_compares_by_chunks() -> None:
     assert clone == layout and list(clone.pieces_of_output(7)) == list(layout.pieces_of_output(7))
 
 
+def test_a_process_unpickles_one_layout_once() -> None:
+    # Every transfer task of a rechunk unpickles the run's layout: the tables (one
+    # entry per chunk along every axis) are built once per process, not per task.
+    import pickle
+
+    import cloudpickle
+
+    layout = RechunkLayout(((1,) * 500, (7, 3)), ((500,), (2, 8)))
+    first = pickle.loads(pickle.dumps(layout))
+    assert pickle.loads(pickle.dumps(layout)) is first
+    assert cloudpickle.loads(cloudpickle.dumps(layout)) is first
+    other = pickle.loads(pickle.dumps(RechunkLayout(((1,) * 500, (7, 3)), ((500,), (5, 5)))))
+    assert other is not first and other != first
+
+
 def test_piece_codec_refuses_what_it_cannot_send() -> None:
     with pytest.raises(TypeError, match="dtype object .* method='tasks'"):
         encode_piece(np.array([None, 1]))
