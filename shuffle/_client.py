@@ -202,7 +202,11 @@ def split_for_sending(df: pd.DataFrame, handle: RunHandle, input_partition: int)
             f"{where}: input partition must be an int in [0, 2**32), got {input_partition!r}"
         )
     tables = split_by_partition(
-        df, column=spec.column, npartitions=spec.npartitions_out, drop_column=spec.drop_column
+        df,
+        column=spec.column,
+        npartitions=spec.npartitions_out,
+        drop_column=spec.drop_column,
+        keep=spec.needed,
     )
     return {
         owner: [(ShardKey(p, input_partition), table_to_buffer(t)) for p, t in items]

@@ -235,6 +235,7 @@ class DataFrameShuffleRun:
             column=self.spec.column,
             npartitions=self.spec.npartitions_out,
             drop_column=self.spec.drop_column,
+            keep=self.spec.needed,
         )
         by_owner = group_by_owner(tables, owner_of=self.spec.owner_of)
         self.stats.inputs_added += 1
