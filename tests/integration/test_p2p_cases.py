@@ -13,7 +13,6 @@ every test ends with ``cleanup_checked``: no open run, no spill file, no driver 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import dask
 import dask.dataframe as dd
@@ -125,6 +124,9 @@ def by_all(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 @pytest.mark.parametrize(("layout", "nout"), CASES)
 def test_shuffle(oob: OOB, layout: str, nout: int, on: str | list[str]) -> None:
     pdf = make_frame(layout)
+    if layout == "empty-parts":
+        sizes = as_dask(pdf, layout).map_partitions(len).compute(scheduler="sync")
+        assert sizes.tolist() == [0, 300, 300, 0, 300, 300]
     shuffled = as_dask(pdf, layout).shuffle(on, npartitions=nout)
     (pers,) = dask.persist(shuffled)
     assert ray_oob_sched.last_stats().shuffles == 1
