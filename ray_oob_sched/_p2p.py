@@ -193,12 +193,18 @@ def rewrite(
                 str(spec.id), npartitions_out=layouts[b].npartitions_out, meta=layouts[b]
             )
         else:
+            # The graph is culled: its unpacks are the outputs this compute needs. With
+            # a selection (``.partitions[...]``) senders drop the other outputs' rows.
+            needed = sorted(
+                {_unpack_partition(nodes[u], shuffle_unpack) for u in dependents.get(b, ())}
+            )
             handle = start_run(
                 str(spec.id),
                 npartitions_out=spec.npartitions,
                 meta=spec.meta,
                 column=spec.column,
                 drop_column=spec.drop_column,
+                needed=None if len(needed) == spec.npartitions else needed,
             )
         out.handles.append(handle)  # the caller closes these, whatever happens next
         handles[str(spec.id)] = handle
@@ -245,6 +251,13 @@ def rewrite(
                     parts.append(TaskRef(key))
                 out.nodes[u] = Task(u, _merge_unpacked, *parts, *rest)
     return out
+
+
+def _unpack_partition(node: Any, shuffle_unpack: Any) -> int:
+    """The output partition a (checked) shuffle or merge unpack task reads."""
+    if node.func is shuffle_unpack:  # shuffle_unpack(id, partition, barrier)
+        return int(node.args[1])
+    return int(node.args[2])  # merge_unpack(id_left, id_right, partition, ...)
 
 
 def _resolve_alias(nodes: Mapping[Key, GraphNode], key: Key) -> GraphNode:

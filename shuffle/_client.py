@@ -209,14 +209,22 @@ def split_for_sending(data: Any, handle: RunHandle, input_partition: int) -> Sha
         )
     if cudf:  # split on the GPU; the pieces are device buffers
         pieces = split_cudf(
-            df, column=spec.column, npartitions=spec.npartitions_out, drop_column=spec.drop_column
+            df,
+            column=spec.column,
+            npartitions=spec.npartitions_out,
+            drop_column=spec.drop_column,
+            keep=spec.needed,
         )
         return {
             owner: [(ShardKey(p, input_partition), piece) for p, piece in items]
             for owner, items in group_by_owner(pieces, owner_of=spec.owner_of).items()
         }
     tables = split_by_partition(
-        df, column=spec.column, npartitions=spec.npartitions_out, drop_column=spec.drop_column
+        df,
+        column=spec.column,
+        npartitions=spec.npartitions_out,
+        drop_column=spec.drop_column,
+        keep=spec.needed,
     )
     return {
         owner: [(ShardKey(p, input_partition), table_to_buffer(t)) for p, t in items]

@@ -30,12 +30,18 @@ def is_cudf_frame(obj: Any) -> bool:
 
 
 def split_cudf(
-    df: Any, *, column: str, npartitions: int, drop_column: bool
+    df: Any,
+    *,
+    column: str,
+    npartitions: int,
+    drop_column: bool,
+    keep: Sequence[int] | None = None,
 ) -> dict[int, Piece]:
     """``{output partition: Piece}`` for the rows of ``df``, by its integer ``column``.
 
     Rows keep their input order inside each piece. Values outside
-    ``[0, npartitions)`` are refused, as on the host path.
+    ``[0, npartitions)`` are refused, as on the host path; with ``keep``, only those
+    partitions' pieces are made.
     """
     from shuffle._device_codec import encode_cudf
 
@@ -57,8 +63,9 @@ def split_cudf(
         return {}
     parts = df.scatter_by_map(column, map_size=npartitions, keep_index=True)
     out = {}
+    wanted = None if keep is None else set(keep)
     for partition, part in enumerate(parts):
-        if not len(part):
+        if not len(part) or (wanted is not None and partition not in wanted):
             continue
         if drop_column:
             part = part.drop(columns=[column])

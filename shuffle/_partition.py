@@ -37,14 +37,20 @@ def split_by_partition(
     npartitions: int | None = None,
     drop_column: bool = True,
     preserve_index: bool = True,
+    keep: Sequence[int] | None = None,
 ) -> dict[int, pa.Table]:
     """Split ``df`` by its integer ``column`` into ``{output_partition: table}``.
 
     Only partitions that receive rows appear. Rows keep their input order inside each
     table, so the result is deterministic. With ``npartitions``, values outside
     ``[0, npartitions)`` are rejected instead of silently creating extra partitions.
+    With ``keep``, the rows of every other partition are dropped (nobody asked for them).
     """
     codes = _partition_codes(df, column, npartitions)
+    if keep is not None:
+        wanted = np.isin(codes, np.asarray(keep, dtype=np.int64))
+        if not wanted.all():
+            df, codes = df[wanted], codes[wanted]
     if not len(codes):
         return {}
     order = np.argsort(codes, kind="stable")

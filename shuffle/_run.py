@@ -465,6 +465,7 @@ class DataFrameShuffleRun(ShuffleRun):
                 column=self.spec.column,
                 npartitions=self.spec.npartitions_out,
                 drop_column=self.spec.drop_column,
+                keep=self.spec.needed,
             )
             by_owner = group_by_owner(pieces, owner_of=self.spec.owner_of)
             return await self._add_shards(by_owner, input_partition)
@@ -473,6 +474,7 @@ class DataFrameShuffleRun(ShuffleRun):
             column=self.spec.column,
             npartitions=self.spec.npartitions_out,
             drop_column=self.spec.drop_column,
+            keep=self.spec.needed,
         )
         # The store holds bytes (it measures and spills them), so own partitions are
         # written as Arrow IPC too.

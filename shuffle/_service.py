@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -165,12 +165,15 @@ class ShuffleService:
         meta: pd.DataFrame | RechunkLayout,
         column: str = DEFAULT_PARTITION_COLUMN,
         drop_column: bool = True,
+        needed: Sequence[int] | None = None,
     ) -> RunHandle:
         """Start a new run of ``shuffle_id`` on every actor and return its handle.
 
         A new run of a shuffle that has a run supersedes it (the old one fails with
         ``StaleRunError`` everywhere). ``meta`` is the input partitions' empty frame,
         partition column included, or for an array rechunk its ``RechunkLayout``.
+        ``needed``: the output partitions that will be asked for, when not all are
+        (``ShuffleRunSpec.needed``).
         """
         actors = self.actors()
         spec = ShuffleRunSpec(
@@ -180,6 +183,7 @@ class ShuffleService:
             participants=tuple(a.name for a in actors),
             column=column,
             drop_column=drop_column,
+            needed=None if needed is None else tuple(needed),
         )
         schemes = {a.address.partition("://")[0] for a in actors}
         if len(schemes) != 1:

@@ -57,6 +57,9 @@ class ShuffleRunSpec:
     participants: tuple[str, ...]
     column: str = DEFAULT_PARTITION_COLUMN
     drop_column: bool = True
+    #: The output partitions the compute asks for (ascending); senders drop the rows of
+    #: the others, so selecting a few outputs moves only their rows. ``None``: all.
+    needed: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence but store a tuple, so the spec stays hashable.
@@ -71,6 +74,14 @@ class ShuffleRunSpec:
             raise ValueError(f"shuffle {self.shuffle_id!r} needs at least one participant")
         if len(set(self.participants)) != len(self.participants):
             raise ValueError(f"participants must be unique, got {self.participants}")
+        if self.needed is not None:
+            needed = tuple(sorted(set(self.needed)))
+            if needed and not (0 <= needed[0] and needed[-1] < self.npartitions_out):
+                raise ValueError(
+                    f"shuffle {self.shuffle_id!r}: needed output partitions {needed} must "
+                    f"lie in [0, {self.npartitions_out})"
+                )
+            object.__setattr__(self, "needed", needed)
 
     def owner_of(self, partition: int) -> str:
         return owner_of(

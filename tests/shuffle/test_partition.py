@@ -125,6 +125,21 @@ def test_split_is_stable_for_every_code_width_and_dtype(high: int, dtype: str) -
         assert table.column("row").to_pylist() == np.flatnonzero(values == partition).tolist()
 
 
+@settings(deadline=None, max_examples=40)
+@given(
+    codes=hnp.arrays(np.int64, st.integers(0, 200), elements=st.integers(0, 9)),
+    keep=st.lists(st.integers(0, 9), max_size=10),
+)
+def test_split_with_keep_drops_the_rows_of_other_partitions(
+    codes: np.ndarray, keep: list[int]
+) -> None:
+    df = pd.DataFrame({"row": np.arange(len(codes)), "_partitions": codes})
+    parts = split_by_partition(df, column="_partitions", npartitions=10, keep=keep)
+    assert sorted(parts) == sorted(set(codes.tolist()) & set(keep))
+    for partition, table in parts.items():
+        assert table.column("row").to_pylist() == np.flatnonzero(codes == partition).tolist()
+
+
 def test_split_keeps_the_index_unless_told_not_to() -> None:
     df = pd.DataFrame({"x": [1, 2, 3], "_partitions": [1, 0, 1]}, index=["a", "b", "c"])
     kept = split_by_partition(df, column="_partitions")

@@ -9,6 +9,7 @@ assertion: no open runs, no bytes held by a send budget, no spill files.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import pickle
 import random
 import tempfile
@@ -401,6 +402,27 @@ async def test_single_skewed_key_lands_in_one_partition(
     assert_outputs(got, expected_outputs(inputs, 6, drop_column=drop_column))
     owner = runs[spec.owner_of(4)]
     assert owner.stats.shards_local + owner.stats.shards_received == 3
+    await network.close()
+
+
+async def test_only_the_needed_outputs_travel_and_are_stored(
+    make_network: Callable[..., Network],
+) -> None:
+    network = make_network(3, message_bytes=1)  # one shard per message
+    inputs = make_inputs([40, 0, 25, 33], npartitions_out=6)
+    spec = dataclasses.replace(make_spec(network, 6), needed=(1, 4))
+    runs = await create_runs(network, spec, inputs[0].iloc[:0])
+    await transfer(network, runs, inputs)
+    await barrier(runs)
+    expected = expected_outputs(inputs, 6)
+    for p in spec.needed:
+        pd.testing.assert_frame_equal(runs[spec.owner_of(p)].get_output_partition(p), expected[p])
+    shards = sum(r.stats.shards_local + r.stats.shards_received for r in runs.values())
+    # One shard per (input, needed output) pair that has rows, none for the others.
+    assert shards == sum(df.loc[df[COLUMN].isin(spec.needed), COLUMN].nunique() for df in inputs)
+    assert shards > 0
+    for p in set(range(6)) - set(spec.needed):  # nothing arrived for the others
+        assert runs[spec.owner_of(p)].get_output_partition(p).empty
     await network.close()
 
 

@@ -131,11 +131,19 @@ def test_spec_methods_agree_with_functions() -> None:
         ({"npartitions_out": 0}, "npartitions_out must be >= 1"),
         ({"participants": ()}, "at least one participant"),
         ({"participants": ("a", "b", "a")}, "participants must be unique"),
+        ({"needed": (3, 10)}, r"needed output partitions \(3, 10\) must lie in \[0, 10\)"),
+        ({"needed": (-1,)}, r"needed output partitions \(-1,\) must lie in"),
     ],
 )
 def test_spec_rejects_invalid_fields(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_spec(**overrides)
+
+
+def test_spec_stores_needed_partitions_sorted_and_unique() -> None:
+    assert make_spec().needed is None
+    assert make_spec(needed=[7, 2, 7]).needed == (2, 7)
+    assert make_spec(needed=()).needed == ()  # nothing asked for: every row is dropped
 
 
 def test_spec_is_frozen() -> None:
