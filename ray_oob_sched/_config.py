@@ -104,6 +104,7 @@ class ShuffleConfig:
     message_bytes: int
     send_buffer_bytes: int | None
     timeout: float
+    max_restarts: int
 
     @classmethod
     def from_dask_config(cls) -> ShuffleConfig:
@@ -128,4 +129,5 @@ class ShuffleConfig:
             if get("shuffle.send-buffer-bytes") is None
             else _int("shuffle.send-buffer-bytes", minimum=1),
             timeout=float(timeout),
+            max_restarts=_int("shuffle.max-restarts", minimum=0),
         )

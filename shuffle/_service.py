@@ -191,6 +191,30 @@ class ShuffleService:
         logger.debug("started %s run %d on %s", shuffle_id, spec.run_id, spec.participants)
         return handle
 
+    def restart_run(self, handle: RunHandle) -> RunHandle:
+        """A new run of ``handle``'s shuffle, on live actors; ``handle``'s run is dropped.
+
+        For a run that lost an actor: the old run is closed first (its data deleted on
+        every actor still alive), then ``start_run`` re-creates dead actors and starts
+        the new run with a newer run id, with the same spec otherwise.
+        """
+        spec = handle.spec
+        try:
+            self.close_run(handle)
+        except Exception as e:  # noqa: BLE001 -- the new run supersedes it anyway
+            logger.warning("closing run %d of %s failed: %r", spec.run_id, spec.shuffle_id, e)
+        new = self.start_run(
+            spec.shuffle_id,
+            npartitions_out=spec.npartitions_out,
+            meta=handle.meta,
+            column=spec.column,
+            drop_column=spec.drop_column,
+        )
+        logger.info(
+            "restarted %s: run %d replaces run %d", spec.shuffle_id, new.spec.run_id, spec.run_id
+        )
+        return new
+
     def close_run(self, handle: RunHandle) -> None:
         """Close ``handle``'s run on every actor, deleting its data; idempotent.
 
