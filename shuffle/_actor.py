@@ -34,6 +34,7 @@ from shuffle._manager import ShuffleManager
 from shuffle._reply import ACK, encode_error
 from shuffle._run import DEFAULT_OPTIONS, RunOptions, RunStats
 from shuffle._spec import ShuffleRunSpec
+from shuffle._store import remove_spill_directories
 from shuffle._transport import (
     EndOfStream,
     Endpoint,
@@ -89,6 +90,7 @@ class ShuffleActor:
     ) -> None:
         self.name = name
         self._host = host
+        self._spill_directory = options.spill_directory
         self._transport_name = transport
         self._config = TransportConfig(secret=secret)
         self._manager = ShuffleManager(
@@ -162,6 +164,13 @@ class ShuffleActor:
             )
             for run in self._manager.runs.values()
         ]
+
+    async def remove_spill_of(self, name: str) -> int:
+        """Delete the spill directories that actor ``name``, dead, left on this node."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, remove_spill_directories, self._spill_directory, name
+        )
 
     async def node_id(self) -> str:
         """The Ray node this actor runs on."""

@@ -51,7 +51,7 @@ from shuffle._serialize import (
     table_to_buffer,
 )
 from shuffle._spec import ShuffleRunSpec
-from shuffle._store import DiskShardStore
+from shuffle._store import DiskShardStore, spill_prefix
 
 __all__ = ["DEFAULT_OPTIONS", "DataFrameShuffleRun", "RunOptions", "RunStats", "SendFn"]
 
@@ -174,6 +174,7 @@ class DataFrameShuffleRun:
             memory_limit=options.memory_limit,
             directory=options.spill_directory,
             name=f"{name}-store",
+            prefix=spill_prefix(local),  # a successor removes what a dead actor left
         )
         self._inputs_done = False
         self._exception: Exception | None = None
