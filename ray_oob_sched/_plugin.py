@@ -442,8 +442,9 @@ class _Compute:
             s for i in instructions if isinstance(i, RestartShuffles) for s in i.shuffle_ids
         ]
         logger.warning(
-            "shuffle actors %s died mid-run; restarting shuffles %s",
+            "shuffle actors %s died mid-run (%s); restarting shuffles %s",
             sorted({a for names in dead.values() for a in names}),
+            type(err).__name__,
             restarted,
         )
         self._apply(instructions)

@@ -177,6 +177,20 @@ def test_only_groups_a_restart_could_rerun_may_restart():
     assert [i for i in range(7) if state.may_restart(i)] == [0, 1, 2, 3, 4, 5]
 
 
+def test_which_errors_may_mean_a_lost_shuffle_actor():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from ray_oob_sched._executor import may_be_actor_loss
+    from shuffle._transport import BrokenTransportError, EndOfStream, TransportUsageError
+
+    assert may_be_actor_loss(ActorDiedError())
+    for cause in (BrokenTransportError("reset"), EndOfStream(), TimeoutError("no ack")):
+        assert may_be_actor_loss(RayTaskError("transfer", "tb", cause))
+    for cause in (KeyError("user"), TransportUsageError("bad address")):
+        assert not may_be_actor_loss(RayTaskError("transfer", "tb", cause))
+    assert not may_be_actor_loss(ValueError("not from Ray"))
+
+
 # ------------------------------------------- the rewrite's view of a real dask graph
 
 
