@@ -107,9 +107,9 @@ class ShuffleLayout:
 
         # May be re-run: feeds or reads a shuffle, or consumes what such a group
         # makes (groups are in plan order, so producers come first).
-        producer = {k: g.index for g in groups for k in g.outputs}
+        producer = {k: g.index for g in groups for k in g.outputs} if shuffles else {}
         risk: set[int] = set()
-        for g in groups:
+        for g in groups if shuffles else ():
             if (
                 g.index in self.feeds
                 or g.index in unpack_of
