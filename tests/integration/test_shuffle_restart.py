@@ -43,7 +43,9 @@ def _dead(actor: Any) -> bool:
     return False
 
 
-def kill_once(df: pd.DataFrame, *, actor: Any, flag: str, first_row: int, after: int) -> pd.DataFrame:
+def kill_once(
+    df: pd.DataFrame, *, actor: Any, flag: str, first_row: int, after: int
+) -> pd.DataFrame:
     """In the partition holding ``first_row``: kill ``actor`` once it has received
     ``after`` messages, and return only once it is dead. Elsewhere: identity."""
     if first_row not in df.index or Path(flag).exists():
