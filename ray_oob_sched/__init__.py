@@ -21,6 +21,7 @@ from ray_oob_sched._options import InvalidOptionsError
 from ray_oob_sched._p2p import UnsupportedGraphError
 from ray_oob_sched._futures import RayFuture
 from ray_oob_sched._plugin import RaySchedule, RunStats
+from ray_oob_sched._restart import ShuffleActorLostError
 
 __version__ = "0.1.0"
 
@@ -81,6 +82,7 @@ __all__ = [
     "RayFuture",
     "RaySchedule",
     "RunStats",
+    "ShuffleActorLostError",
     "UnsupportedGraphError",
     "disable",
     "enable",

@@ -121,6 +121,7 @@ class ShuffleConfig:
     message_bytes: int
     send_buffer_bytes: int | None
     timeout: float
+    max_restarts: int
     host: str | None
     device: str = "auto"
     actor_num_gpus: float = 0.01
@@ -168,4 +169,5 @@ class ShuffleConfig:
             device=device,
             actor_num_gpus=float(gpus),
             gpu_results=gpu_results,
+            max_restarts=_int("shuffle.max-restarts", minimum=0),
         )

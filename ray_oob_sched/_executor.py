@@ -139,8 +139,38 @@ class RayExecutor:
                 pass
 
     @staticmethod
+    def succeeded(status_ref: Any) -> bool:
+        """Whether a finished group succeeded (False: failed, cancelled or not done)."""
+        try:
+            ray.get(status_ref, timeout=0)
+        except Exception:  # noqa: BLE001 -- any failure means "no"
+            return False
+        return True
+
+    @staticmethod
     def fetch(refs: Sequence[Any]) -> list[Any]:
         return ray.get(list(refs))
+
+
+def may_be_actor_loss(err: BaseException) -> bool:
+    """Whether a group's error may come from a shuffle actor that died.
+
+    True for an actor call that failed because its actor died or became
+    unreachable, and for a task whose exception is a transport failure or a
+    timeout (a transfer sending to a dead actor's address; groups downstream of a
+    failed one fail with the same error). The caller confirms with a liveness check
+    before restarting anything: a user's exception never restarts a shuffle.
+    """
+    from shuffle._transport import TransportError, TransportUsageError
+
+    if isinstance(err, ray.exceptions.RayActorError):
+        return True
+    if isinstance(err, ray.exceptions.RayTaskError):
+        cause = err.cause
+        return isinstance(cause, (TransportError, TimeoutError, ConnectionError)) and not (
+            isinstance(cause, TransportUsageError)
+        )
+    return False
 
 
 def user_error(err: BaseException, group: Group) -> BaseException:

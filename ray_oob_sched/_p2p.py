@@ -48,6 +48,19 @@ class P2PRewrite:
     nodes: dict[Key, GraphNode]
     unpacks: dict[Key, Unpack] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)  # runs started: close them after
+    # The current run per shuffle id; transfer tasks read it when they are pickled.
+    runs: dict[str, Any] = field(default_factory=dict)
+    # Per shuffle id: its transfer keys and its barrier key (what a restart re-runs).
+    transfers: dict[str, tuple[Key, ...]] = field(default_factory=dict)
+
+    def replace_run(self, handle: Any) -> None:
+        """Use ``handle``, a new run of its shuffle, for every later submission."""
+        sid = str(handle.spec.shuffle_id)
+        self.runs[sid] = handle
+        self.handles.append(handle)
+        for k, u in self.unpacks.items():
+            if str(u.handle.spec.shuffle_id) == sid:
+                self.unpacks[k] = Unpack(handle, u.partition)
 
 
 StartRun = Callable[..., Any]  # ShuffleService.start_run
@@ -84,7 +97,7 @@ def _unsupported(what: str, key: Key) -> UnsupportedGraphError:
 
 
 def _barrier_done(run_id: int, *transfers: int) -> int:
-    return run_id
+    return run_id  # informative only: unpacks take the run from their handle
 
 
 def _must_be_actor_call(*_: Any) -> Any:
@@ -114,7 +127,7 @@ class _Transfer:
     """Stands in for distributed's ``shuffle_transfer(df, id, input_partition)`` and
     ``rechunk_transfer(chunk, id, block_index)``."""
 
-    handles: Mapping[str, Any]  # shuffle id -> RunHandle
+    handles: Mapping[str, Any]  # shuffle id -> RunHandle: P2PRewrite.runs, kept current
 
     def __call__(self, df: Any, shuffle_id: str, input_partition: int | tuple[int, ...]) -> int:
         from shuffle._transfer import transfer
@@ -185,7 +198,7 @@ def rewrite(
                 raise _unsupported(f"a p2p unpack calling {func!r}", u)
 
     out = P2PRewrite(nodes=dict(nodes))
-    handles: dict[str, Any] = {}
+    handles = out.runs
     for b in barriers:
         spec = nodes[b].spec
         if b in layouts:
@@ -226,6 +239,7 @@ def rewrite(
                     fn = merge_transfer_fns[id(node.func)] = _with_transfer(node.func, transfer_fn)
                 out.nodes[t] = Task(t, fn, *node.args)
         out.nodes[b] = Task(b, _barrier_done, handle.spec.run_id, *(TaskRef(t) for t in transfers))
+        out.transfers[str(barrier.spec.id)] = (*transfers, b)
 
     for b in barriers:
         for u in dependents.get(b, ()):

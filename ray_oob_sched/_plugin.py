@@ -10,6 +10,7 @@ reaches the driver and dropping the collection frees the objects.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from collections.abc import Hashable, Mapping, Sequence
@@ -25,16 +26,25 @@ from dask.sizeof import sizeof
 
 from ray_oob_sched import _graph
 from ray_oob_sched._config import SchedulerConfig, ShuffleConfig
-from ray_oob_sched._executor import RayExecutor, user_error
+from ray_oob_sched._executor import RayExecutor, may_be_actor_loss, user_error
 from ray_oob_sched._fuse import Group, group_size, plan
 from ray_oob_sched._futures import REGISTRY, RayFuture
 from ray_oob_sched._options import options_token, per_key_options
 from ray_oob_sched import _p2p
 from ray_oob_sched._refs import RefTable
 from ray_oob_sched._runtime import RayRuntime
-from ray_oob_sched._state import Release, SchedulerState, Submit
+from ray_oob_sched._restart import RestartLimitError, ShuffleActorLostError, ShuffleTasks
+from ray_oob_sched._state import (
+    Abandon,
+    Instruction,
+    Release,
+    RestartShuffles,
+    SchedulerState,
+    Submit,
+)
 from ray_oob_sched._worker import GroupSpec
 
+logger = logging.getLogger("ray_oob_sched")
 Key = Hashable
 
 # Keywords that other dask schedulers take and that mean nothing here; accepted
@@ -54,6 +64,7 @@ class RunStats:
     from_store: int  # keys already in Ray: persisted results, large data put once
     shuffles: int  # p2p shuffles run through the out-of-band shuffle actors
     seconds: float
+    restarts: int = 0  # shuffle restarts after a shuffle actor died mid-run
 
 
 class RaySchedule:
@@ -176,8 +187,10 @@ class RaySchedule:
         config = SchedulerConfig.from_dask_config(cluster_cpus=cpus)
         refs = RefTable()
         p2p: _p2p.P2PRewrite | None = None
+        max_restarts = 0
         try:
             if has_p2p:
+                max_restarts = ShuffleConfig.from_dask_config().max_restarts
                 p2p = _p2p.rewrite(
                     graph.nodes, graph.dependents, start_run=self.shuffle_service().start_run
                 )
@@ -211,9 +224,15 @@ class RaySchedule:
                 fusable=lambda k: k not in unpacks,
             )
             state = SchedulerState(
-                groups, outputs=graph.outputs, sources=sources, max_in_flight=config.max_in_flight
+                groups,
+                outputs=graph.outputs,
+                sources=sources,
+                max_in_flight=config.max_in_flight,
+                shuffles=_shuffle_tasks(p2p) if p2p is not None else None,
+                max_restarts=max_restarts,
             )
-            run = _Compute(graph, groups, state, refs, executor, callbacks, unpacks)
+            runs = _ShuffleRuns(self.shuffle_service(), p2p) if p2p is not None else None
+            run = _Compute(graph, groups, state, refs, executor, callbacks, unpacks, runs)
             out = run.execute(flat, fetch=result == "values")
         except BaseException as e:
             _clear_ray_frames(e)
@@ -229,12 +248,49 @@ class RaySchedule:
             ray_tasks=len(groups),
             objects=sum(len(g.outputs) for g in groups),
             from_store=len(sources),
-            shuffles=len(p2p.handles) if p2p is not None else 0,
+            shuffles=len(p2p.runs) if p2p is not None else 0,
             seconds=time.perf_counter() - start,
+            restarts=sum(state.restarts.values()),
         )
         if result == "futures":
             out = {k: REGISTRY.register(RayFuture(k, r)) for k, r in out.items()}
         return _nested(keys, out)
+
+
+def _shuffle_tasks(p2p: _p2p.P2PRewrite) -> dict[str, ShuffleTasks]:
+    unpacks: dict[str, list[Key]] = {}
+    for k, u in p2p.unpacks.items():
+        unpacks.setdefault(str(u.handle.spec.shuffle_id), []).append(k)
+    return {
+        sid: ShuffleTasks(transfers=frozenset(keys), unpacks=frozenset(unpacks.get(sid, ())))
+        for sid, keys in p2p.transfers.items()
+    }
+
+
+class _ShuffleRuns:
+    """The Ray side of one compute's shuffle restarts: liveness checks and new runs."""
+
+    def __init__(self, service: Any, p2p: _p2p.P2PRewrite) -> None:
+        self.service = service  # shuffle._service.ShuffleService
+        self.p2p = p2p
+
+    def run_id(self, shuffle_id: str) -> int:
+        return int(self.p2p.runs[shuffle_id].spec.run_id)
+
+    def dead_actors(self, shuffle_ids: Sequence[str]) -> dict[str, list[str]]:
+        """Per shuffle, its run's participants that are dead (re-created by now)."""
+        if not shuffle_ids:
+            return {}
+        alive = {a.name for a in self.service.actors()}  # re-creates dead actors
+        found = {}
+        for sid in shuffle_ids:
+            dead = sorted(set(self.p2p.runs[sid].spec.participants) - alive)
+            if dead:
+                found[sid] = dead
+        return found
+
+    def restart(self, shuffle_id: str) -> None:
+        self.p2p.replace_run(self.service.restart_run(self.p2p.runs[shuffle_id]))
 
 
 class _Compute:
@@ -249,9 +305,11 @@ class _Compute:
         executor: RayExecutor,
         callbacks: Any,
         unpacks: Mapping[Key, _p2p.Unpack],
+        runs: _ShuffleRuns | None = None,
     ) -> None:
         self.graph = graph
-        self.unpacks = unpacks
+        self.unpacks = unpacks  # replaced entries after a restart: read at submission
+        self.runs = runs
         self.groups = groups
         self.state = state
         self.refs = refs
@@ -290,11 +348,19 @@ class _Compute:
                     if cb[4]:
                         cb[4](dsk, view, not succeeded)
 
-    def _apply(self, instructions: list[Submit | Release]) -> None:
+    def _apply(self, instructions: list[Instruction]) -> None:
         dsk, view = self.graph.nodes, self.state.view
         for ins in instructions:
             if isinstance(ins, Release):
                 self.refs.release(ins.keys)
+                continue
+            if isinstance(ins, RestartShuffles):
+                assert self.runs is not None
+                for sid in ins.shuffle_ids:
+                    self.runs.restart(sid)
+                continue
+            if isinstance(ins, Abandon):
+                self._abandon(ins.groups)
                 continue
             g = ins.group
             for key in g.keys:
@@ -320,27 +386,85 @@ class _Compute:
         try:
             statuses = self.executor.statuses(done)
         except ray.exceptions.RayError:
-            self._raise_first_failure(done)
-            raise
-        dsk, view = self.graph.nodes, self.state.view
+            self._on_failures(done)
+            return
         for ref, status in zip(done, statuses, strict=True):
-            g = self.groups[self.in_flight.pop(ref)]
-            # Values stay in Ray: callbacks get None, not data nor refs (a kept
-            # ref would outlive the compute).
-            for key in g.keys:
-                for f in self._posttask:
-                    f(key, None, dsk, view, status)
-            self._apply(self.state.group_finished(g.index))
+            self._finish(ref, status)
 
-    def _raise_first_failure(self, done: Sequence[Any]) -> None:
-        """Find which finished group failed and raise its error with its keys."""
+    def _finish(self, ref: Any, status: Any) -> None:
+        dsk, view = self.graph.nodes, self.state.view
+        g = self.groups[self.in_flight.pop(ref)]
+        # Values stay in Ray: callbacks get None, not data nor refs (a kept
+        # ref would outlive the compute).
+        for key in g.keys:
+            for f in self._posttask:
+                f(key, None, dsk, view, status)
+        self._apply(self.state.group_finished(g.index))
+
+    def _on_failures(self, done: Sequence[Any]) -> None:
+        """Some of ``done`` failed: restart the shuffles that lost an actor, or raise
+        the first failure with its keys; then finish the groups that succeeded."""
+        succeeded = []
         for ref in done:
+            if ref not in self.in_flight:
+                continue  # abandoned by a restart meanwhile
             try:
-                self.executor.statuses([ref])
+                (status,) = self.executor.statuses([ref])
             except ray.exceptions.RayError as e:
-                group = self.groups[self.in_flight.pop(ref)]
-                self._observe_outputs([group])
-                raise user_error(e, group) from e
+                if not self._restart_for(e, ref):
+                    group = self.groups[self.in_flight.pop(ref)]
+                    self._observe_outputs([group])
+                    raise user_error(e, group) from e
+            else:
+                succeeded.append((ref, status))
+        for ref, status in succeeded:
+            if ref in self.in_flight:
+                self._finish(ref, status)
+
+    def _restart_for(self, err: BaseException, ref: Any) -> bool:
+        """Restart the shuffles that lost an actor if ``err`` comes from that.
+
+        True if the failed group will run again. The restart is decided by a
+        liveness check of the actors of the compute's incomplete shuffles, never by
+        the error alone; past ``max-restarts`` raises ``ShuffleActorLostError``.
+        """
+        if (
+            self.runs is None
+            or not self.state.may_restart(self.in_flight[ref])
+            or not may_be_actor_loss(err)
+        ):
+            return False
+        dead = self.runs.dead_actors(self.state.incomplete_shuffles())
+        if not dead:
+            return False
+        try:
+            instructions = self.state.restart(sorted(dead))
+        except RestartLimitError as limit:
+            sid = limit.shuffle_id
+            actors = dead.get(sid) or sorted({a for names in dead.values() for a in names})
+            raise ShuffleActorLostError(
+                sid, self.runs.run_id(sid), actors, limit.restarts, self.state.max_restarts
+            ) from err
+        restarted = [
+            s for i in instructions if isinstance(i, RestartShuffles) for s in i.shuffle_ids
+        ]
+        logger.warning(
+            "shuffle actors %s died mid-run (%s); restarting shuffles %s",
+            sorted({a for names in dead.values() for a in names}),
+            type(err).__name__,
+            restarted,
+        )
+        self._apply(instructions)
+        return ref not in self.in_flight
+
+    def _abandon(self, indices: Sequence[int]) -> None:
+        """Cancel groups a restart re-runs; their results and errors no longer count."""
+        wanted = set(indices)
+        stale = {ref: self.groups[i] for ref, i in self.in_flight.items() if i in wanted}
+        for ref in stale:
+            del self.in_flight[ref]
+        self.executor.cancel(list(stale))
+        self._observe_outputs([g for ref, g in stale.items() if not self.executor.succeeded(ref)])
 
     def _cancel_in_flight(self) -> None:
         left = [self.groups[i] for i in self.in_flight.values()]

@@ -9,8 +9,14 @@ keeps the running frontier close to dask.order's memory-friendly order.
 
 Ownership: the shell keeps one ObjectRef per live key. A key is released (its ref
 dropped) right after the last group that consumes it has been submitted, unless it
-is a requested output. Ray's reference counting keeps the object alive for the
-submitted consumers and frees it when they are done.
+is a requested output or a group that a shuffle restart may re-run still holds it
+(``_restart``). Ray's reference counting keeps the object alive for the submitted
+consumers and frees it when they are done.
+
+Shuffle restarts (``restart``): the shell reports shuffles that lost an actor; the
+machine answers ``RestartShuffles`` (start new runs), ``Abandon`` (stop these
+groups in flight, ignore their results), then ``Submit``s of the groups to run
+again, in plan order, ahead of the groups never submitted.
 
 ``view`` is the dict that dask's local callbacks (ProgressBar, Profiler, Cache)
 read: the same keys as ``dask.local``'s state, with ``ready`` always empty because
@@ -19,11 +25,18 @@ readiness is Ray's business here.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+import heapq
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ray_oob_sched._fuse import Group
+from ray_oob_sched._restart import (
+    RestartLimitError,
+    ShuffleLayout,
+    ShuffleTasks,
+    plan_restart,
+)
 
 Key = Hashable
 
@@ -38,10 +51,28 @@ class Release:
     keys: tuple[Key, ...]
 
 
-Instruction = Submit | Release
+@dataclass(frozen=True, slots=True)
+class RestartShuffles:
+    """Start a new run of each shuffle, superseding (and dropping) its current one."""
+
+    shuffle_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Abandon:
+    """Cancel these groups in flight; their results no longer count."""
+
+    groups: tuple[int, ...]
+
+
+Instruction = Submit | Release | RestartShuffles | Abandon
 
 
 class SchedulerState:
+    """The state of one compute. ``shuffles`` (shuffle id -> its keys) and
+    ``max_restarts`` (per shuffle) enable shuffle restarts; without them nothing
+    is held and ``restart`` always raises ``RestartLimitError``."""
+
     def __init__(
         self,
         groups: Sequence[Group],
@@ -49,24 +80,34 @@ class SchedulerState:
         outputs: Iterable[Key],
         sources: Iterable[Key] = (),
         max_in_flight: int,
+        shuffles: Mapping[str, ShuffleTasks] | None = None,
+        max_restarts: int = 0,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        if max_restarts < 0:
+            raise ValueError(f"max_restarts must be at least 0, got {max_restarts}")
         self._groups = groups
         self._max_in_flight = max_in_flight
-        self._next = 0
+        self._outputs = frozenset(outputs)
+        self._pending = list(range(len(groups)))  # a heap of group indices: plan order
         self._in_flight: set[int] = set()
-        self._finished = 0
-        outputs = set(outputs)
-        # Index of the last consuming group, per key; keys released after it.
-        last_use: dict[Key, int] = {}
+        self._finished: set[int] = set()
+        self._unsubmitted: dict[Key, int] = {}  # consumers not submitted, per key
         for g in groups:
             for k in g.inputs:
-                last_use[k] = g.index
-        self._release_after: dict[int, list[Key]] = {}
-        for k, i in last_use.items():
-            if k not in outputs:
-                self._release_after.setdefault(i, []).append(k)
+                self._unsubmitted[k] = self._unsubmitted.get(k, 0) + 1
+        self._released: set[Key] = set()
+        self.layout = ShuffleLayout(groups, shuffles or {})
+        self.max_restarts = max_restarts
+        self._retain = max_restarts > 0  # hold inputs of groups a restart may re-run
+        self._held: dict[Key, int] = {}  # holding groups, per key
+        self._holding: set[int] = set()
+        #: restarts so far, per shuffle id
+        self.restarts: dict[str, int] = {}
+        self._left: dict[frozenset[str], set[int]] = {
+            c: set(gs) for c, gs in self.layout.component_groups.items()
+        }
         self.view: dict[str, Any] = {
             "waiting": {k for g in groups for k in g.keys},
             "ready": set(),
@@ -77,7 +118,7 @@ class SchedulerState:
 
     @property
     def done(self) -> bool:
-        return self._finished == len(self._groups)
+        return len(self._finished) == len(self._groups)
 
     @property
     def in_flight(self) -> frozenset[int]:
@@ -90,24 +131,122 @@ class SchedulerState:
         if index not in self._in_flight:
             raise RuntimeError(f"group {index} finished but was not in flight")
         self._in_flight.remove(index)
-        self._finished += 1
+        self._finished.add(index)
         keys = self._groups[index].keys
         self.view["running"].difference_update(keys)
         self.view["finished"].update(keys)
-        return self._fill()
+        freed: list[Key] = []
+        if index in self._holding and index not in self.layout.feeds:
+            freed += self._unhold(index)
+        comp = self.layout.component_of_group(index)
+        if comp is not None:
+            left = self._left[comp]
+            left.discard(index)
+            if not left:  # complete: no restart can re-run its feeding groups now
+                for i in sorted(self.layout.component_groups[comp]):
+                    if i in self._holding:
+                        freed += self._unhold(i)
+        out: list[Instruction] = [self._release(freed)] if freed else []
+        return out + self._fill()
+
+    def may_restart(self, index: int) -> bool:
+        """Whether a shuffle restart could re-run group ``index`` (so its failure
+        may come from a lost shuffle actor)."""
+        return index in self.layout.at_risk
+
+    def incomplete_shuffles(self) -> list[str]:
+        """Shuffles a restart could still help: their component is not complete."""
+        return sorted(s for comp, left in self._left.items() if left for s in comp)
+
+    def restart(self, shuffle_ids: Iterable[str]) -> list[Instruction]:
+        """Restart ``shuffle_ids`` (and their components): see the module docstring.
+
+        Raises ``RestartLimitError``, changing nothing, if one of them was restarted
+        ``max_restarts`` times already.
+        """
+        shuffles, redo = plan_restart(
+            self.layout,
+            self._groups,
+            shuffle_ids,
+            in_flight=self._in_flight,
+            finished=self._finished,
+        )
+        for s in sorted(shuffles):
+            if self.restarts.get(s, 0) >= self.max_restarts:
+                raise RestartLimitError(s, self.restarts.get(s, 0))
+        for i in redo:
+            for k in self._groups[i].inputs:
+                if k in self._released:  # a hold should have prevented this
+                    raise RuntimeError(
+                        f"cannot re-run group {i} for a shuffle restart: its input "
+                        f"{k!r} was released"
+                    )
+        for s in shuffles:
+            self.restarts[s] = self.restarts.get(s, 0) + 1
+        out: list[Instruction] = [RestartShuffles(tuple(sorted(shuffles)))]
+        abandoned = tuple(i for i in redo if i in self._in_flight)
+        if abandoned:
+            out.append(Abandon(abandoned))
+        for i in redo:
+            g = self._groups[i]
+            self._in_flight.discard(i)
+            self._finished.discard(i)
+            heapq.heappush(self._pending, i)
+            for k in g.inputs:
+                self._unsubmitted[k] += 1
+            if i in self._holding:
+                self._unhold(i)  # frees nothing: the inputs are unsubmitted again
+            comp = self.layout.component_of_group(i)
+            if comp is not None:
+                self._left[comp].add(i)
+            self.view["running"].difference_update(g.keys)
+            self.view["finished"].difference_update(g.keys)
+            self.view["waiting"].update(g.keys)
+        return out + self._fill()
 
     def _fill(self) -> list[Instruction]:
         out: list[Instruction] = []
         view = self.view
-        while self._next < len(self._groups) and len(self._in_flight) < self._max_in_flight:
-            g = self._groups[self._next]
-            self._next += 1
+        while self._pending and len(self._in_flight) < self._max_in_flight:
+            g = self._groups[heapq.heappop(self._pending)]
             self._in_flight.add(g.index)
             view["waiting"].difference_update(g.keys)
             view["running"].update(g.keys)
             out.append(Submit(g))
-            released = self._release_after.pop(g.index, None)
-            if released:
-                view["released"].update(released)
-                out.append(Release(tuple(released)))
+            self._released.difference_update(g.outputs)  # re-run: fresh refs
+            if self._retain and g.index in self.layout.at_risk:
+                self._holding.add(g.index)
+                for k in g.inputs:
+                    self._held[k] = self._held.get(k, 0) + 1
+            freed = []
+            for k in g.inputs:
+                self._unsubmitted[k] -= 1
+                if self._releasable(k):
+                    freed.append(k)
+            # A re-run group's outputs may have no consumer left to submit.
+            freed += [k for k in g.outputs if self._releasable(k)]
+            if freed:
+                out.append(self._release(freed))
         return out
+
+    def _unhold(self, index: int) -> list[Key]:
+        self._holding.remove(index)
+        freed = []
+        for k in self._groups[index].inputs:
+            self._held[k] -= 1
+            if self._releasable(k):
+                freed.append(k)
+        return freed
+
+    def _releasable(self, key: Key) -> bool:
+        return (
+            key not in self._outputs
+            and key not in self._released
+            and self._unsubmitted.get(key, 0) == 0
+            and self._held.get(key, 0) == 0
+        )
+
+    def _release(self, keys: list[Key]) -> Release:
+        self._released.update(keys)
+        self.view["released"].update(keys)
+        return Release(tuple(keys))

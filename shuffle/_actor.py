@@ -58,6 +58,7 @@ from shuffle._reply import ACK, encode_error
 from shuffle._run import DEFAULT_OPTIONS, RunOptions, RunStats
 from shuffle._serialize import MemoryRegistry
 from shuffle._spec import ShuffleRunSpec
+from shuffle._store import remove_spill_directories
 from shuffle._transport import (
     EndOfStream,
     Endpoint,
@@ -114,6 +115,7 @@ class ShuffleActor:
     ) -> None:
         self.name = name
         self._host = host
+        self._spill_directory = options.spill_directory
         self._transport_name = transport
         self._device = device
         #: Memory types this actor's runs decode shards from (host, and cuda unless the
@@ -213,6 +215,13 @@ class ShuffleActor:
             )
             for run in self._manager.runs.values()
         ]
+
+    async def remove_spill_of(self, name: str) -> int:
+        """Delete the spill directories that actor ``name``, dead, left on this node."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, remove_spill_directories, self._spill_directory, name
+        )
 
     async def node_id(self) -> str:
         """The Ray node this actor runs on."""

@@ -64,7 +64,7 @@ from shuffle._serialize import (
     table_to_buffer,
 )
 from shuffle._spec import ShuffleRunSpec
-from shuffle._store import DiskShardStore
+from shuffle._store import DiskShardStore, spill_prefix
 
 __all__ = [
     "DEFAULT_OPTIONS",
@@ -218,6 +218,7 @@ class ShuffleRun:
             else options.memory_limit,
             directory=options.spill_directory,
             name=f"{name}-store",
+            prefix=spill_prefix(local),  # a successor removes what a dead actor left
         )
         self._metas: dict[ShardKey, bytes] = {}  # shards' header meta, where not empty
         self._inputs_done = False

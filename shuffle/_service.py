@@ -5,7 +5,9 @@ computes) and must be closed by it. It keeps one ``ShuffleActor`` per alive Ray 
 created on first use, pinned to its node, owned by the driver (so the actors die with
 it) and reused by later shuffles. Every ``actors()`` call, hence every ``start_run``,
 asks each actor for its address: that doubles as a liveness check, and an actor found
-dead is re-created once; actors on nodes that left the cluster are dropped.
+dead is re-created once (the successor deletes the spill files the dead one left);
+actors on nodes that left the cluster are dropped. ``restart_run`` replaces a run
+that lost an actor with a new run of the same shuffle.
 
 The shared secret of the out-of-band transport is minted here (``os.urandom``) and
 reaches actors and transfer tasks only as actor/task arguments, i.e. over Ray's own
@@ -153,8 +155,17 @@ class ShuffleService:
             for _, handle in created.values():
                 self._kill(handle)
             raise
+        gone = {n: self._actors[n].name for n in dead if n in self._actors}
         for node_id, (name, handle) in created.items():
             self._actors[node_id] = ActorInfo(name, node_id, results[node_id], handle)
+        if gone:  # a killed actor could not delete its spill files: its successor does
+            refs = {
+                self._actors[n].name: self._actors[n].handle.remove_spill_of.remote(old)
+                for n, old in gone.items()
+            }
+            for name, result in self._gather(refs, "remove_spill_of").items():
+                if isinstance(result, Exception):
+                    logger.warning("%s: removing spill files of a dead actor: %r", name, result)
         return [self._actors[n] for n in nodes]
 
     def start_run(
@@ -214,6 +225,31 @@ class ShuffleService:
             raise
         logger.debug("started %s run %d on %s", shuffle_id, spec.run_id, spec.participants)
         return handle
+
+    def restart_run(self, handle: RunHandle) -> RunHandle:
+        """A new run of ``handle``'s shuffle, on live actors; ``handle``'s run is dropped.
+
+        For a run that lost an actor: the old run is closed first (its data deleted on
+        every actor still alive), then ``start_run`` re-creates dead actors and starts
+        the new run with a newer run id, with the same spec otherwise.
+        """
+        spec = handle.spec
+        try:
+            self.close_run(handle)
+        except Exception as e:  # noqa: BLE001 -- the new run supersedes it anyway
+            logger.warning("closing run %d of %s failed: %r", spec.run_id, spec.shuffle_id, e)
+        new = self.start_run(
+            spec.shuffle_id,
+            npartitions_out=spec.npartitions_out,
+            meta=handle.meta,
+            column=spec.column,
+            drop_column=spec.drop_column,
+            needed=spec.needed,
+        )
+        logger.info(
+            "restarted %s: run %d replaces run %d", spec.shuffle_id, new.spec.run_id, spec.run_id
+        )
+        return new
 
     def close_run(self, handle: RunHandle) -> None:
         """Close ``handle``'s run on every actor, deleting its data; idempotent.

@@ -14,7 +14,9 @@ for host memory, and device memory is the device allocator's (RMM's) to manage. 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -26,7 +28,23 @@ from typing import Any
 from shuffle._exceptions import BufferClosedError
 from shuffle._ids import ShardKey
 
-__all__ = ["DiskShardStore"]
+__all__ = ["DiskShardStore", "remove_spill_directories", "spill_prefix"]
+
+
+def spill_prefix(owner: str) -> str:
+    """The name prefix of ``owner``'s spill directories, so that a successor on the same
+    node can find what a dead owner left (``remove_spill_directories``)."""
+    return f"shuffle-{re.sub(r'[^A-Za-z0-9_.-]', '_', owner)}@"
+
+
+def remove_spill_directories(parent: str | os.PathLike[str] | None, owner: str) -> int:
+    """Delete the spill directories of ``owner`` (a dead process) under ``parent``
+    (default: the system's temp dir); returns how many there were."""
+    base = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    found = [p for p in base.glob(glob.escape(spill_prefix(owner)) + "*") if p.is_dir()]
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(found)
 
 
 class DiskShardStore:
@@ -43,12 +61,14 @@ class DiskShardStore:
         memory_limit: int | None,
         directory: str | os.PathLike[str] | None = None,
         name: str = "shard-store",
+        prefix: str = "shuffle-",
     ) -> None:
         if memory_limit is not None and memory_limit < 0:
             raise ValueError(f"store {name!r}: memory_limit must be >= 0, got {memory_limit}")
         self.name = name
         self._memory_limit = memory_limit
         self._parent = directory
+        self._prefix = prefix
         self._directory: Path | None = None
         self._remove_directory: weakref.finalize[Any, Any] | None = None
         self._lock = threading.Lock()
@@ -175,7 +195,7 @@ class DiskShardStore:
 
     def _spill_directory(self) -> Path:
         if self._directory is None:
-            self._directory = Path(tempfile.mkdtemp(prefix="shuffle-", dir=self._parent))
+            self._directory = Path(tempfile.mkdtemp(prefix=self._prefix, dir=self._parent))
             self._remove_directory = weakref.finalize(
                 self, shutil.rmtree, self._directory, ignore_errors=True
             )

@@ -314,6 +314,27 @@ def test_run_handle_pickles_without_actor_handles(service: tuple[ShuffleService,
     assert_clean(svc, spill)
 
 
+def test_restart_run_replaces_a_run_that_lost_its_actor(
+    service: tuple[ShuffleService, Path],
+) -> None:
+    svc, spill = service
+    inputs = make_inputs(seed=6)
+    old = start(svc, "restarted", inputs)
+    assert transfer_all(old, inputs[:2]) == [0, 1]
+    (victim,) = svc.actors()
+    ray.kill(victim.handle, no_restart=True)
+    assert_dies(victim.handle)
+    new = svc.restart_run(old)
+    assert new.spec.run_id > old.spec.run_id and new.spec.shuffle_id == old.spec.shuffle_id
+    assert victim.name not in new.spec.participants
+    assert new.spec.npartitions_out == old.spec.npartitions_out
+    assert svc.open_runs() == [new]
+    assert transfer_all(new, inputs) == list(range(NIN))
+    assert_outputs(unpack(new), inputs)
+    svc.close_run(new)
+    assert_clean(svc, spill)
+
+
 # ------------------------------------------------------------------------ two nodes
 
 
