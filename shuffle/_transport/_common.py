@@ -63,6 +63,48 @@ _MEMTYPE_CODES: dict[MemoryType, int] = {"host": 0, "cuda": 1}
 _MEMTYPE_NAMES: tuple[MemoryType, ...] = ("host", "cuda")
 
 
+#: Host frames up to this size travel coalesced with their neighbours (see
+#: ``coalesce_groups``); UCX costs ~17 us per tag message here, a memcpy of 64 KiB ~5.
+COALESCE_FRAME_BYTES = 64 * 2**10
+#: At most this many bytes in one coalesced wire buffer.
+COALESCE_GROUP_BYTES = 4 * 2**20
+
+
+def coalesce_groups(
+    sizes: Sequence[int],
+    memtypes: Sequence[MemoryType],
+    *,
+    frame_bytes: int = COALESCE_FRAME_BYTES,
+    group_bytes: int = COALESCE_GROUP_BYTES,
+) -> list[tuple[int, ...]]:
+    """Which frames travel together, in order: runs of small host frames become one
+    wire buffer, every other non-empty frame travels alone; empty frames not at all.
+
+    Pure and deterministic, so sender and receiver derive the same plan from the
+    header alone; the wire format does not change.
+    """
+    groups: list[tuple[int, ...]] = []
+    run: list[int] = []
+    total = 0
+    for i, (size, memtype) in enumerate(zip(sizes, memtypes, strict=True)):
+        if not size:
+            continue
+        if memtype == "host" and size <= frame_bytes:
+            if run and total + size > group_bytes:
+                groups.append(tuple(run))
+                run, total = [], 0
+            run.append(i)
+            total += size
+            continue
+        if run:
+            groups.append(tuple(run))
+            run, total = [], 0
+        groups.append((i,))
+    if run:
+        groups.append(tuple(run))
+    return groups
+
+
 def header_nbytes(nframes: int) -> int:
     return PREFIX.size + 9 * nframes
 

