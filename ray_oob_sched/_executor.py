@@ -22,6 +22,9 @@ from ray_oob_sched._options import InvalidOptionsError
 from ray_oob_sched._worker import GroupSpec, GroupStatus, run_group
 
 logger = logging.getLogger("ray_oob_sched")
+
+#: How long cancel() first waits for tasks that are about to finish (seconds).
+_SETTLE_S = 0.2
 Key = Hashable
 
 
@@ -106,8 +109,22 @@ class RayExecutor:
         running after ``grace_s`` are force-cancelled (their worker process is
         killed); tasks still not ended at ``deadline_s`` are logged.
         """
-        pending = list(status_refs)
+        if not status_refs:
+            return
         start = time.monotonic()
+        # Let tasks that are finishing right now finish first: a cancel that races
+        # with a task's reply can crash the driver in Ray 2.60 ("Check failed: it !=
+        # submissible_tasks_.end() Tried to complete task that was not pending",
+        # ray-project/ray PRs 54527, 54798), and after a failure many fused groups
+        # tend to end at once. Only tasks still running after this short wait are
+        # cancelled, and never one whose result has arrived.
+        done, pending = ray.wait(
+            list(status_refs),
+            num_returns=len(status_refs),
+            timeout=_SETTLE_S,
+            fetch_local=False,
+        )
+        cls.observe(done)
         force = False
         while pending:
             for ref in pending:
