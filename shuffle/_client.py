@@ -38,19 +38,15 @@ from collections.abc import Collection, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-import pandas as pd
-
 from shuffle._buffer import ShardsBuffer
-from shuffle._cudf import is_cudf_frame, split_cudf
 from shuffle._device import registry_for
 from shuffle._handle import RunHandle
 from shuffle._ids import ShardKey
 from shuffle._limiter import ResourceLimiter
-from shuffle._partition import group_by_owner, split_by_partition
 from shuffle._reply import decode_reply
 from shuffle._rechunk import RechunkLayout
-from shuffle._run import check_input_partition, split_chunk
-from shuffle._serialize import encode_message, payload_nbytes, table_to_buffer
+from shuffle._run import check_frame, check_input_partition, shard_frame, split_chunk
+from shuffle._serialize import encode_message, payload_nbytes
 from shuffle._transport import (
     ClosedResourceError,
     Endpoint,
@@ -191,46 +187,14 @@ def split_for_sending(data: Any, handle: RunHandle, input_partition: int) -> Sha
     where = f"shuffle {spec.shuffle_id!r} run {spec.run_id}"
     check_input_partition(input_partition, where=where)
     if isinstance(handle.meta, RechunkLayout):
-        pieces = split_chunk(data, handle.meta, input_partition, owner_of=spec.owner_of)
-        return {
-            owner: [(ShardKey(p, input_partition), piece) for p, piece in items]
-            for owner, items in pieces.items()
-        }
-    df = data
-    cudf = is_cudf_frame(df)
-    if not isinstance(df, pd.DataFrame) and not cudf:
-        raise TypeError(
-            f"{where}: expected a pandas or cuDF DataFrame, got {type(df).__name__}"
-        )
-    if set(df.columns) != set(handle.meta.columns):
-        raise ValueError(
-            f"{where}: input partition {input_partition} has columns "
-            f"{sorted(map(str, df.columns))}, meta has {sorted(map(str, handle.meta.columns))}"
-        )
-    if cudf:  # split on the GPU; the pieces are device buffers
-        pieces = split_cudf(
-            df,
-            column=spec.column,
-            npartitions=spec.npartitions_out,
-            drop_column=spec.drop_column,
-            keep=spec.needed,
-        )
-        return {
-            owner: [(ShardKey(p, input_partition), piece) for p, piece in items]
-            for owner, items in group_by_owner(pieces, owner_of=spec.owner_of).items()
-        }
-    tables = split_by_partition(
-        df,
-        column=spec.column,
-        npartitions=spec.npartitions_out,
-        drop_column=spec.drop_column,
-        keep=spec.needed,
-    )
+        by_owner = split_chunk(data, handle.meta, input_partition, owner_of=spec.owner_of)
+    else:
+        check_frame(data, handle.meta, input_partition, where=where)
+        by_owner = shard_frame(data, spec)
     return {
-        owner: [(ShardKey(p, input_partition), table_to_buffer(t)) for p, t in items]
-        for owner, items in group_by_owner(tables, owner_of=spec.owner_of).items()
+        owner: [(ShardKey(p, input_partition), payload) for p, payload in items]
+        for owner, items in by_owner.items()
     }
-
 
 class ShuffleClient:
     """One process's sender: a loop thread, transports and endpoint pools (module doc).

@@ -33,6 +33,7 @@ Failure semantics follow ``distributed``: the first failure (a failed send, or
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import os
@@ -75,7 +76,9 @@ __all__ = [
     "SendFn",
     "ShuffleRun",
     "assemble_chunk",
+    "check_frame",
     "check_input_partition",
+    "shard_frame",
     "split_chunk",
 ]
 
@@ -164,7 +167,7 @@ class RunStats:
     outputs_read: int = 0
 
 
-class ShuffleRun:
+class ShuffleRun(abc.ABC):
     """This participant's state for one run: send buffer, receive store, first failure.
 
     The base of the two kinds of run, which differ in how an input is split and how an
@@ -358,13 +361,13 @@ class ShuffleRun:
         await self._buffer.flush()
         self.raise_if_closed()
 
+    @abc.abstractmethod
     def get_output_partition(self, partition: int) -> Any:
         """Output ``partition`` (owned here), rebuilt from its shards in input order.
 
         Valid once every participant's ``flush`` has returned; the run cannot check the
         others, it checks only its own. May be called again (a retried unpack task).
         """
-        raise NotImplementedError
 
     def _read(self, partition: int) -> list[tuple[int, Any, bytes]]:
         """``(input partition, payload, meta)`` of every shard of owned ``partition``."""
@@ -459,31 +462,9 @@ class DataFrameShuffleRun(ShuffleRun):
         drop the pieces they already hold.
         """
         self._check_add(input_partition)
-        self._validate_input(df, input_partition)
-        if is_cudf_frame(df):  # pieces stay in device memory
-            pieces = split_cudf(
-                df,
-                column=self.spec.column,
-                npartitions=self.spec.npartitions_out,
-                drop_column=self.spec.drop_column,
-                keep=self.spec.needed,
-            )
-            by_owner = group_by_owner(pieces, owner_of=self.spec.owner_of)
-            return await self._add_shards(by_owner, input_partition)
-        tables = split_by_partition(
-            df,
-            column=self.spec.column,
-            npartitions=self.spec.npartitions_out,
-            drop_column=self.spec.drop_column,
-            keep=self.spec.needed,
-        )
-        # The store holds bytes (it measures and spills them), so own partitions are
-        # written as Arrow IPC too.
-        by_owner = {
-            owner: [(p, table_to_buffer(t)) for p, t in items]
-            for owner, items in group_by_owner(tables, owner_of=self.spec.owner_of).items()
-        }
-        return await self._add_shards(by_owner, input_partition)
+        check_frame(df, self.meta, input_partition, where=str(self))
+        # Own partitions are encoded too: the store measures and spills bytes.
+        return await self._add_shards(shard_frame(df, self.spec), input_partition)
 
     def get_output_partition(self, partition: int) -> Any:
         """Output ``partition`` as a frame like ``meta``, rows in input order.
@@ -498,17 +479,6 @@ class DataFrameShuffleRun(ShuffleRun):
             out = concat_partition(tables, meta=self.output_meta)
         self.stats.outputs_read += 1
         return out
-
-    def _validate_input(self, df: pd.DataFrame, input_partition: int) -> None:
-        if not isinstance(df, pd.DataFrame) and not is_cudf_frame(df):
-            raise TypeError(
-                f"{self}: expected a pandas or cuDF DataFrame, got {type(df).__name__}"
-            )
-        if set(df.columns) != set(self.meta.columns):
-            raise ValueError(
-                f"{self}: input partition {input_partition} has columns "
-                f"{sorted(map(str, df.columns))}, meta has {sorted(map(str, self.meta.columns))}"
-            )
 
 
 class ArrayRechunkRun(ShuffleRun):
@@ -544,6 +514,37 @@ class ArrayRechunkRun(ShuffleRun):
         out = assemble_chunk(pieces, self.layout, partition, where=str(self))
         self.stats.outputs_read += 1
         return out
+
+
+def check_frame(df: Any, meta: Any, input_partition: int, *, where: str) -> None:
+    """A dataframe input partition must be a pandas or cuDF frame with meta's columns."""
+    if not isinstance(df, pd.DataFrame) and not is_cudf_frame(df):
+        raise TypeError(f"{where}: expected a pandas or cuDF DataFrame, got {type(df).__name__}")
+    if set(df.columns) != set(meta.columns):
+        raise ValueError(
+            f"{where}: input partition {input_partition} has columns "
+            f"{sorted(map(str, df.columns))}, meta has {sorted(map(str, meta.columns))}"
+        )
+
+
+def shard_frame(df: Any, spec: ShuffleRunSpec) -> dict[str, list[tuple[int, Any]]]:
+    """A dataframe partition as ``{owner: [(output partition, payload)]}``.
+
+    Payloads are Arrow IPC buffers, or for a cuDF frame device ``Piece``s split on the
+    GPU; only the partitions in ``spec.needed`` (if set) are made.
+    """
+    options = dict(
+        column=spec.column,
+        npartitions=spec.npartitions_out,
+        drop_column=spec.drop_column,
+        keep=spec.needed,
+    )
+    shards: dict[int, Any]
+    if is_cudf_frame(df):
+        shards = split_cudf(df, **options)
+    else:
+        shards = {p: table_to_buffer(t) for p, t in split_by_partition(df, **options).items()}
+    return group_by_owner(shards, owner_of=spec.owner_of)
 
 
 def check_input_partition(input_partition: Any, *, where: str) -> None:
