@@ -44,22 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shuffle._actor import ACTOR_ENV  # noqa: E402
 
-_UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import transport_bandwidth  # noqa: E402
+from transport_bandwidth import _config, parse_size  # noqa: E402
+
+# The actors call _config; ship it by value, workers need not import this folder.
+ray.cloudpickle.register_pickle_by_value(transport_bandwidth)
+
 TIMEOUT = 300.0
-
-
-def parse_size(text: str) -> int:
-    lowered = text.strip().lower()
-    for unit in ("gib", "mib", "kib", "b"):
-        if lowered.endswith(unit):
-            return int(float(lowered[: -len(unit)]) * _UNITS[unit])
-    return int(lowered)
-
-
-def _config(secret: bytes) -> Any:
-    from shuffle._transport import FrameLimits, TransportConfig
-
-    return TransportConfig(secret=secret, limits=FrameLimits(max_frame_bytes=1 << 34))
 
 
 def _payload(nbytes: int) -> np.ndarray:

@@ -35,10 +35,8 @@ import bisect
 import itertools
 import json
 import math
-import re
 import statistics
 import sys
-import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +46,9 @@ import dask
 import dask.array as da
 import numpy as np
 import ray
+
+# Driver-side measuring helpers, shared with the shuffle benchmark (same folder).
+from shuffle_bench import _reset_peak_rss, _rss_mb, graph_len, measure
 
 COMPETITORS = ("ray_oob_sched", "ray_dask_get", "distributed", "threads")
 WORKLOADS = ("rows_to_cols", "time_to_space")
@@ -181,50 +182,6 @@ def workloads(args: argparse.Namespace) -> dict[str, Workload]:
 
 
 # -- measuring -----------------------------------------------------------------
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (Linux: VmHWM, and with it ru_maxrss)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_mb(field: str = "VmHWM") -> float:
-    """This process's peak (VmHWM) or current (VmRSS) resident set size, MiB."""
-    try:
-        with open("/proc/self/status") as f:
-            m = re.search(rf"{field}:\s+(\d+) kB", f.read())
-        if m:
-            return int(m.group(1)) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def measure(fn: Callable[[], Any], repeat: int, warmup: int) -> tuple[float, Any, list[float]]:
-    result = None
-    for _ in range(warmup):  # imports, worker and actor start, function export
-        result = fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result, times
-
-
-def graph_len(coll: Any) -> int:
-    """Tasks in the graph dask hands the scheduler (under the current config)."""
-    from dask._expr import FinalizeCompute
-
-    expr = FinalizeCompute(dask.base.collections_to_expr([coll])).optimize()
-    return len(expr.__dask_graph__())
 
 
 def p2p_shape(coll: Any) -> dict[str, int]:
