@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import dask
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
 
-from ray_oob_sched import _graph, _p2p
+from ray_oob_sched import _p2p
 from ray_oob_sched._fuse import Group
 from ray_oob_sched._restart import RestartLimitError, ShuffleTasks
 from ray_oob_sched._state import Abandon, Release, RestartShuffles, SchedulerState, Submit
+from tests.scheduler.test_p2p import FakeHandle, FakeService, FakeSpec, _graph_of
 
 
 def _g(index, keys, inputs=(), outputs=None):
@@ -194,41 +192,8 @@ def test_which_errors_may_mean_a_lost_shuffle_actor():
 # ------------------------------------------- the rewrite's view of a real dask graph
 
 
-@dataclass(frozen=True)
-class FakeSpec:
-    shuffle_id: str
-    run_id: int
-
-
-@dataclass(frozen=True)
-class FakeHandle:
-    spec: FakeSpec
-
-
-class FakeService:
-    def __init__(self):
-        self.started = []
-
-    def start_run(self, shuffle_id, **_):
-        self.started.append(FakeHandle(FakeSpec(shuffle_id, len(self.started) + 1)))
-        return self.started[-1]
-
-
-class _Stop(Exception):
-    pass
-
-
 def _rewrite(collection):
-    seen = {}
-
-    def record(dsk, keys, **kwargs):
-        seen["nodes"], _ = _graph.materialize(dsk)
-        seen["keys"] = keys
-        raise _Stop
-
-    with pytest.raises(_Stop):
-        dask.persist(collection, scheduler=record)
-    g = _graph.build(seen["nodes"], seen["keys"])
+    g = _graph_of(collection)
     service = FakeService()
     return _p2p.rewrite(g.nodes, g.dependents, start_run=service.start_run), service
 
@@ -241,7 +206,7 @@ def test_rewrite_names_each_shuffles_tasks_and_replace_run_swaps_the_handle():
     (barrier,) = [k for k, n in rw.nodes.items() if getattr(n, "func", None) is _p2p._barrier_done]
     assert rw.transfers[sid][-1] == barrier
     assert set(rw.transfers[sid][:-1]) == set(rw.nodes[barrier].dependencies)
-    new = FakeHandle(FakeSpec(sid, 9))
+    new = FakeHandle(FakeSpec(sid, 9), old.npartitions_out, old.column)
     rw.replace_run(new)
     assert rw.runs == {sid: new} and rw.handles == [old, new]  # both closed at the end
     assert {u.handle for u in rw.unpacks.values()} == {new}
