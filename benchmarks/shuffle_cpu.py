@@ -4,12 +4,13 @@ No Ray, no transport: the functions a transfer task and a shuffle actor run on t
 bytes, measured with ``time.process_time`` (CPU seconds of this process, all its
 threads), which a shared machine distorts far less than wall time. Stages:
 
-- ``split``: ``split_by_partition`` of one input partition (sort by the partition
-  column, one gather, zero-copy slices);
-- ``encode``: ``table_to_buffer`` of every piece (Arrow IPC, the one copy);
-  ``split + encode`` is what ``split_for_sending`` costs a transfer task;
-- ``decode``: ``buffer_to_table`` of the pieces one output partition receives, one per
-  input partition (with the receiver's validation);
+- ``split``: ``sort_by_partition`` of one input partition (sort by the partition
+  column, one gather);
+- ``encode``: ``encode_slices`` of every piece (an Arrow record batch each, sharing
+  one schema: the one copy); ``split + encode`` is what ``split_for_sending`` costs a
+  transfer task;
+- ``decode``: ``pieces_to_tables`` of the pieces one output partition receives, one
+  per input partition (with the receiver's validation);
 - ``concat``: ``concat_partition`` of those tables into the output frame, as the
   actor's ``get_output_partition`` does;
 - ``store``: ``DiskShardStore`` append and read of those pieces, in memory.
@@ -41,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dask.dataframe.shuffle import partitioning_index  # noqa: E402
 
+from shuffle._arrow import encode_slices, pieces_to_tables  # noqa: E402
 from shuffle._ids import ShardKey  # noqa: E402
-from shuffle._partition import concat_partition, split_by_partition  # noqa: E402
-from shuffle._serialize import buffer_to_table, table_to_buffer  # noqa: E402
+from shuffle._partition import concat_partition, sort_by_partition  # noqa: E402
 from shuffle._store import DiskShardStore  # noqa: E402
 
 BYTES_PER_ROW = 32  # the four numeric columns, as in shuffle_bench.py
@@ -98,26 +99,26 @@ def main() -> None:
     first = make_input(0, rows, args.out, strings=args.strings, seed=args.seed)
     meta = first.iloc[:0].drop(columns="_partitions")
     # The pieces of output partition 0 from every input, as its owner receives them.
-    received = []
+    received = []  # (meta, payload)
     for i in range(nin):
         df = make_input(i, rows, args.out, strings=args.strings, seed=args.seed) if i else first
-        piece = split_by_partition(df, column="_partitions", npartitions=args.out).get(0)
+        piece = encode_slices(*sort_by_partition(df, column="_partitions", npartitions=args.out)).get(0)
         if piece is not None:
-            received.append(table_to_buffer(piece))
-    in_rows = sum(buffer_to_table(b).num_rows for b in received)
+            received.append((getattr(piece, "meta", b""), getattr(piece, "data", piece)))
+    in_rows = sum(t.num_rows for t in pieces_to_tables(received))
 
     def store() -> list[Any]:
         with DiskShardStore(memory_limit=None) as s:
-            for i, buf in enumerate(received):
+            for i, (_, buf) in enumerate(received):
                 s.append(ShardKey(0, i), buf)
             return s.read(0)
 
-    split_ms, tables = cpu_ms(
-        lambda: split_by_partition(first, column="_partitions", npartitions=args.out),
+    split_ms, (table, bounds) = cpu_ms(
+        lambda: sort_by_partition(first, column="_partitions", npartitions=args.out),
         args.repeat,
     )
-    encode_ms, _ = cpu_ms(lambda: [table_to_buffer(t) for t in tables.values()], args.repeat)
-    decode_ms, decoded = cpu_ms(lambda: [buffer_to_table(b) for b in received], args.repeat)
+    encode_ms, _ = cpu_ms(lambda: encode_slices(table, bounds), args.repeat)
+    decode_ms, decoded = cpu_ms(lambda: pieces_to_tables(received), args.repeat)
     concat_ms, out = cpu_ms(lambda: concat_partition(decoded, meta=meta), args.repeat)
     store_ms, _ = cpu_ms(store, args.repeat)
     assert len(out) == in_rows, (len(out), in_rows)
@@ -135,7 +136,7 @@ def main() -> None:
     }
     for stage, ms in (("split", split_ms), ("encode", encode_ms), ("decode", decode_ms),
                       ("concat", concat_ms), ("store", store_ms)):
-        pieces = len(tables) if stage in ("split", "encode") else len(received)
+        pieces = len(bounds) if stage in ("split", "encode") else len(received)
         print(json.dumps({
             "stage": stage, "cpu_ms": round(ms, 3), "pieces": pieces,
             "cpu_s_per_gib": round(per_gib[stage] / 1e3, 3), **common,

@@ -47,22 +47,21 @@ import pandas as pd
 import pyarrow as pa
 
 from shuffle._buffer import ShardsBuffer
-from shuffle._cudf import concat_cudf, is_cudf_frame, split_cudf
+from shuffle._arrow import encode_slices, pieces_to_tables
+from shuffle._cudf import CUDF_TAG, concat_cudf, is_cudf_frame, split_cudf
 from shuffle._exceptions import BufferClosedError, FrameError, ShuffleClosedError
 from shuffle._ids import RunId, ShardKey, ShuffleId
 from shuffle._limiter import ResourceLimiter
 from shuffle._ndarray import decode_piece, encode_piece
-from shuffle._partition import concat_partition, group_by_owner, split_by_partition
+from shuffle._partition import concat_partition, group_by_owner, sort_by_partition
 from shuffle._rechunk import RechunkLayout
 from shuffle._serialize import (
     HOST_REGISTRY,
     MemoryRegistry,
     Piece,
-    buffer_to_table,
     decode_message,
     encode_message,
     payload_nbytes,
-    table_to_buffer,
 )
 from shuffle._spec import ShuffleRunSpec
 from shuffle._store import DiskShardStore, spill_prefix
@@ -437,7 +436,7 @@ class DataFrameShuffleRun(ShuffleRun):
     """A dataframe shuffle: rows move by dask's partition column.
 
     ``meta`` is dask's empty frame for the input partitions, partition column included.
-    Shards are Arrow IPC streams.
+    Shards are Arrow record batches, or IPC streams for dictionary columns (``_arrow``).
     """
 
     kind = "shuffle"
@@ -469,13 +468,13 @@ class DataFrameShuffleRun(ShuffleRun):
     def get_output_partition(self, partition: int) -> Any:
         """Output ``partition`` as a frame like ``meta``, rows in input order.
 
-        Arrow shards (no meta) give a pandas frame; cuDF pieces (``_cudf``) a cuDF one.
+        Arrow pieces give a pandas frame; cuDF pieces (``_cudf``) a cuDF one.
         """
         shards = self._read(partition)
-        if any(meta for _, _, meta in shards):
+        if any(meta.startswith(CUDF_TAG) for _, _, meta in shards):
             out = concat_cudf([(meta, payload) for _, payload, meta in shards], meta=self.output_meta)
         else:
-            tables = [buffer_to_table(payload) for _, payload, _ in shards]
+            tables = pieces_to_tables([(meta, payload) for _, payload, meta in shards])
             out = concat_partition(tables, meta=self.output_meta)
         self.stats.outputs_read += 1
         return out
@@ -530,8 +529,9 @@ def check_frame(df: Any, meta: Any, input_partition: int, *, where: str) -> None
 def shard_frame(df: Any, spec: ShuffleRunSpec) -> dict[str, list[tuple[int, Any]]]:
     """A dataframe partition as ``{owner: [(output partition, payload)]}``.
 
-    Payloads are Arrow IPC buffers, or for a cuDF frame device ``Piece``s split on the
-    GPU; only the partitions in ``spec.needed`` (if set) are made.
+    Payloads are Arrow record-batch ``Piece``s sharing one schema (``shuffle._arrow``),
+    or for a cuDF frame device ``Piece``s split on the GPU; only the partitions in
+    ``spec.needed`` (if set) are made.
     """
     options = dict(
         column=spec.column,
@@ -543,7 +543,7 @@ def shard_frame(df: Any, spec: ShuffleRunSpec) -> dict[str, list[tuple[int, Any]
     if is_cudf_frame(df):
         shards = split_cudf(df, **options)
     else:
-        shards = {p: table_to_buffer(t) for p, t in split_by_partition(df, **options).items()}
+        shards = encode_slices(*sort_by_partition(df, **options))
     return group_by_owner(shards, owner_of=spec.owner_of)
 
 

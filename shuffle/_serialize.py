@@ -7,12 +7,15 @@ present before it trusts it. Layout (little endian)::
     magic "RSHF" | version u16 | run_id u64 | n_entries u32 | len(shuffle_id) u16
     | len(sender) u16 | shuffle_id utf-8 | sender utf-8
     | n_entries x (output_partition u32 | input_partition u32 | nbytes u64 | memory u8
-                   | len(meta) u32)
-    | the entries' meta bytes, concatenated
+                   | meta u32)
+    | n_metas u32 | n_metas x len(meta) u32 | the distinct metas' bytes, concatenated
 
-``meta`` is a shard's small host-side description, empty for dataframe shards (Arrow
-IPC describes itself) and e.g. dtype and shape for array shards, whose payload is raw
-memory that may live on a device. Buffers travel as separate frames so that a transport can receive each one straight
+``meta`` is a shard's small host-side description: empty for Arrow IPC streams
+(which describe themselves), the schema for Arrow record batches (``shuffle._arrow``),
+dtype and shape for array shards, whose payload is raw memory that may live on a
+device. Each distinct meta travels once per message and entries refer to it by
+number (0: none, k: the k-th), because the pieces of one sender share one schema:
+256 pieces of one message would otherwise repeat ~1 KB of schema each. Buffers travel as separate frames so that a transport can receive each one straight
 into memory of the right kind. Which kinds exist is a ``MemoryRegistry`` of hooks:
 host memory is built in, and device memory (CuPy, RMM) plugs in by adding hooks.
 Payloads are Arrow IPC streams; decoding them aliases the received memory.
@@ -54,14 +57,15 @@ __all__ = [
 ]
 
 MAGIC = b"RSHF"
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 DEFAULT_MAX_MESSAGE_NBYTES = 1 << 31
 #: Bound on the meta bytes of one message, so a hostile header cannot announce absurd ones.
 MAX_META_NBYTES = 16 << 20
 
 _START = struct.Struct("<4sH")  # magic, version: read first, before trusting the rest
 _COUNTS = struct.Struct("<QIHH")  # run_id, n_entries, len(shuffle_id), len(sender)
-_ENTRY = struct.Struct("<IIQBI")
+_ENTRY = struct.Struct("<IIQBI")  # output, input, nbytes, memory type, meta number
+_U32_ARRAY = struct.Struct("<I")
 _FIXED = _START.size + _COUNTS.size
 _U16, _U32, _U64 = (1 << 16) - 1, (1 << 32) - 1, (1 << 64) - 1
 
@@ -174,7 +178,7 @@ def payload_nbytes(payload: Any) -> int:
         return view.nbytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """Header entry describing the buffer at the same position in the message."""
 
@@ -258,22 +262,27 @@ def encode_header(header: Header) -> bytes:
         shuffle_id,
         sender,
     ]
+    numbers: dict[bytes, int] = {}  # distinct meta -> its number (1-based)
     for e in header.entries:
         if not (0 <= e.output_partition <= _U32 and 0 <= e.input_partition <= _U32):
             raise ValueError(f"partitions must lie in [0, 2**32), got {e}")
+        number = numbers.setdefault(e.meta, len(numbers) + 1) if e.meta else 0
         parts.append(
             _ENTRY.pack(
                 e.output_partition,
                 e.input_partition,
                 e.nbytes,
                 _CODES[MemoryType(e.memory_type)],
-                len(e.meta),
+                number,
             )
         )
-    meta_nbytes = sum(len(e.meta) for e in header.entries)
+    metas = list(numbers)
+    meta_nbytes = sum(map(len, metas))
     if meta_nbytes > MAX_META_NBYTES:
         raise ValueError(f"shard meta of {meta_nbytes} bytes exceeds {MAX_META_NBYTES}")
-    parts += [e.meta for e in header.entries]
+    parts.append(_U32_ARRAY.pack(len(metas)))
+    parts += [_U32_ARRAY.pack(len(m)) for m in metas]
+    parts += metas
     return b"".join(parts)
 
 
@@ -330,26 +339,17 @@ def _utf8(raw: memoryview, what: str) -> str:
 
 
 def _decode_entries(
-    raw: memoryview, metas: memoryview, max_message_nbytes: int, npartitions_out: int | None
+    raw: memoryview, tail: memoryview, max_message_nbytes: int, npartitions_out: int | None
 ) -> tuple[Entry, ...]:
-    rows = list(_ENTRY.iter_unpack(raw))
-    meta_nbytes = sum(row[4] for row in rows)
-    if meta_nbytes != len(metas):
-        raise FrameError(
-            f"lengths do not add up: the entries announce {meta_nbytes} meta bytes, the "
-            f"header carries {len(metas)}"
-        )
-    if meta_nbytes > MAX_META_NBYTES:
-        raise FrameError(f"shard meta of {meta_nbytes} bytes exceeds {MAX_META_NBYTES}")
+    metas = _decode_metas(tail)
     entries = []
     seen: set[tuple[int, int]] = set()
     total = 0
-    offset = 0
-    for i, (out, inp, nbytes, code, meta_len) in enumerate(rows):
-        meta = bytes(metas[offset : offset + meta_len])
-        offset += meta_len
+    for i, (out, inp, nbytes, code, number) in enumerate(_ENTRY.iter_unpack(raw)):
         if code not in _TYPES:
             raise FrameError(f"entry {i} has unknown memory type code {code}")
+        if number > len(metas):
+            raise FrameError(f"entry {i} refers to meta {number}, the header carries {len(metas)}")
         if npartitions_out is not None and out >= npartitions_out:
             raise FrameError(
                 f"entry {i} targets output partition {out}, but the run has {npartitions_out}"
@@ -362,8 +362,38 @@ def _decode_entries(
             raise FrameError(
                 f"payload of at least {total} bytes exceeds the limit of {max_message_nbytes}"
             )
-        entries.append(Entry(out, inp, nbytes, _TYPES[code], meta))
+        # Entries that share a meta share one bytes object (and its cached hash).
+        entries.append(Entry(out, inp, nbytes, _TYPES[code], metas[number - 1] if number else b""))
     return tuple(entries)
+
+
+def _decode_metas(tail: memoryview) -> list[bytes]:
+    """The distinct metas after the entries: a count, their lengths, their bytes."""
+    size = _U32_ARRAY.size
+    if len(tail) < size:
+        raise FrameError("header is truncated: the meta count is missing")
+    (count,) = _U32_ARRAY.unpack_from(tail)
+    if len(tail) < size * (1 + count):
+        raise FrameError(
+            f"lengths do not add up: {count} metas announced, the header has room for "
+            f"{len(tail) // size - 1} lengths"
+        )
+    lengths = [n for (n,) in _U32_ARRAY.iter_unpack(tail[size : size * (1 + count)])]
+    data = tail[size * (1 + count) :]
+    meta_nbytes = sum(lengths)
+    if meta_nbytes != len(data):
+        raise FrameError(
+            f"lengths do not add up: the header announces {meta_nbytes} meta bytes, it "
+            f"carries {len(data)}"
+        )
+    if meta_nbytes > MAX_META_NBYTES:
+        raise FrameError(f"shard meta of {meta_nbytes} bytes exceeds {MAX_META_NBYTES}")
+    metas = []
+    offset = 0
+    for n in lengths:
+        metas.append(bytes(data[offset : offset + n]))
+        offset += n
+    return metas
 
 
 def allocate_buffers(header: Header, registry: MemoryRegistry = HOST_REGISTRY) -> list[Any]:

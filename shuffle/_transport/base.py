@@ -202,6 +202,10 @@ class Endpoint(AsyncResource):
     async def recv(self) -> list[Any]:
         """Receive the next whole message as a list of freshly allocated frames.
 
+        Frames are writable: device frames come from ``TransportConfig.allocator``,
+        host frames from it too or from the transport's own receive buffers (UCX
+        receives all-host messages of several frames into ucxx's numpy arrays).
+
         Raises ``EndOfStream`` after the peer closed gracefully, ``ClosedResourceError``
         if this side closed, ``BrokenTransportError`` (or ``ProtocolError``) otherwise.
         """

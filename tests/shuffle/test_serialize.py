@@ -56,7 +56,7 @@ def header(*entries: Entry, run_id: int = 7) -> Header:
 VALID = encode_header(header(Entry(3, 0, 10), Entry(1, 2, 0), Entry(3, 1, 5, MemoryType.CUDA)))
 FIXED = 6 + 16  # magic + version, then run_id, n_entries, two name lengths
 NAMES_END = FIXED + len("shuffle-1") + len("actor-0")
-ENTRY = 4 + 4 + 8 + 1 + 4  # output, input, nbytes, memory type, len(meta)
+ENTRY = 4 + 4 + 8 + 1 + 4  # output, input, nbytes, memory type, meta number
 
 
 WITH_META = encode_header(header(Entry(0, 0, 4, meta=b"dtype")))
@@ -143,8 +143,8 @@ def test_encode_header_rejects_what_cannot_be_encoded(bad: Header, message: str)
             f"protocol version {PROTOCOL_VERSION + 1}",
         ),
         (VALID[: FIXED - 1], f"truncated: {FIXED - 1} bytes, the fixed part"),
-        (VALID[:-1], "lengths do not add up"),
-        (VALID + b"\0", "lengths do not add up"),
+        (VALID[:-1], "the meta count is missing"),
+        (VALID + b"\0", "announces 0 meta bytes, it carries 1"),
         (patched(VALID, 14, "<I", 4), "lengths do not add up"),
         (patched(VALID, 14, "<I", 2**32 - 1), "lengths do not add up"),
         (patched(VALID, 18, "<H", 2**16 - 1), "lengths do not add up"),
@@ -157,11 +157,9 @@ def test_encode_header_rejects_what_cannot_be_encoded(bad: Header, message: str)
             r"entry 1 repeats shard \(output 3, input 0\)",
         ),
         (patched(VALID, NAMES_END + 8, "<Q", 2**63), "exceeds the limit"),
-        (patched(VALID, NAMES_END + 17, "<I", 1), "announce 1 meta bytes, the header carries 0"),
-        (
-            patched(WITH_META, NAMES_END + 17, "<I", 2**31) + b"\0" * 10,
-            "lengths do not add up",
-        ),
+        (patched(VALID, NAMES_END + 17, "<I", 1), "entry 0 refers to meta 1, the header carries 0"),
+        (patched(WITH_META, NAMES_END + ENTRY, "<I", 2**32 - 1), "4294967295 metas announced"),
+        (patched(WITH_META, NAMES_END + ENTRY + 4, "<I", 2**31), "announces 2147483648 meta bytes"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )
@@ -377,6 +375,16 @@ def test_pieces_carry_their_meta_through_the_header() -> None:
     assert [e.meta for e in decoded.header.entries] == [b'{"dtype": "<i2"}', b"", b"x" * 300]
     assert [bytes(b) for b in decoded.buffers] == [bytes(data), b"plain", b""]
     assert decoded.buffers[0].obj is data  # the payload travels unwrapped, not copied
+
+
+def test_a_meta_shared_by_entries_travels_once() -> None:
+    schema = b"s" * 1000
+    entries = [Entry(p, 0, 1, meta=schema) for p in range(50)] + [Entry(50, 0, 1, meta=b"x")]
+    frame = encode_header(header(*entries))
+    assert len(frame) < NAMES_END + 51 * ENTRY + 4 + 2 * 4 + 1001 + 1
+    decoded = decode_header(frame)
+    assert [e.meta for e in decoded.entries] == [e.meta for e in entries]
+    assert len({id(e.meta) for e in decoded.entries[:50]}) == 1  # one object, one hash
 
 
 def test_too_much_meta_is_refused_on_both_ends() -> None:

@@ -188,14 +188,20 @@ def test_roundtrip_multi_frame_messages(kind: str) -> None:
                 [],
                 [b""],
                 [os.urandom(200_000)] * 3,
+                # large frames alone, runs of small ones coalesced, empty ones: UCX
+                # sends these wire buffers under one multi-buffer request
+                [b"head", os.urandom(100_000), b"ab", b"", b"cd" * 1000, os.urandom(70_000), b""],
             ]
             for message in messages:
                 await w(ep.send(message))
                 echoed = await w(ep.recv())
                 assert as_bytes(echoed) == as_bytes(message)
-                assert all(isinstance(f, bytearray) for f in echoed)
+                # freshly allocated, writable host memory: bytearrays, or for UCX's
+                # multi-buffer messages the numpy arrays ucxx received them into
+                assert all(isinstance(f, (bytearray, np.ndarray)) for f in echoed)
+                assert all(not memoryview(f).readonly for f in echoed)
             assert np.array_equal(
-                np.frombuffer(echoed[0], dtype=np.uint8), np.frombuffer(messages[-1][0], np.uint8)
+                np.frombuffer(echoed[1], dtype=np.uint8), np.frombuffer(messages[-1][1], np.uint8)
             )
 
     run(main)
@@ -237,7 +243,7 @@ def test_ordering_and_atomicity_with_concurrent_senders(kind: str) -> None:
             tasks = [asyncio.create_task(sender(i)) for i in range(senders)]
             last = dict.fromkeys(range(senders), -1)
             for _ in range(senders * per_sender):
-                head, body, tail = await w(server.recv())
+                head, body, tail = as_bytes(await w(server.recv()))
                 sid, seq = struct.unpack("<II", head)
                 assert seq == last[sid] + 1, "messages of one sender arrive in order"
                 last[sid] = seq
@@ -830,3 +836,42 @@ def test_coalescing_plan_groups_runs_of_small_host_frames_in_order() -> None:
     ]
     assert coalesce_groups([], []) == []
     assert coalesce_groups([0, 0], ["host", "host"]) == []
+
+
+@pytest.mark.ucx
+@skip_without_ucx
+def test_ucx_sends_an_all_host_message_as_two_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    requests: list[tuple[str, int]] = []
+    endpoint = ucx_module._UcxEndpoint
+    post_send, post_multi = endpoint._post_send, endpoint._post_send_multi
+
+    async def counting_send(self: Any, buffer: Any) -> None:
+        requests.append(("send", memoryview(buffer).nbytes))
+        await post_send(self, buffer)
+
+    async def counting_multi(self: Any, buffers: list[Any]) -> None:
+        requests.append(("multi", len(buffers)))
+        await post_multi(self, buffers)
+
+    monkeypatch.setattr(endpoint, "_post_send", counting_send)
+    monkeypatch.setattr(endpoint, "_post_send_multi", counting_multi)
+    big = [os.urandom(100_000 + i) for i in range(64)]
+
+    async def main() -> None:
+        async with harness("ucx") as h:
+            client, server = await h.pair()
+            requests.clear()
+            # concurrently: UCX completes a large send once the receive is posted
+            _, frames = await w(
+                asyncio.gather(client.send([b"small", *big, b"", b"tail"]), server.recv())
+            )
+            assert as_bytes(frames) == [b"small", *big, b"", b"tail"]
+            # the header, then 66 wire buffers (64 large frames, two small ones alone
+            # between them) in one multi request instead of 66 UCX messages
+            assert requests[0][0] == "send" and requests[1:] == [("multi", 66)]
+            requests.clear()
+            await w(client.send([b"a", b"b"]))  # one coalesced buffer: no multi request
+            assert as_bytes(await w(server.recv())) == [b"a", b"b"]
+            assert [kind for kind, _ in requests] == ["send", "send"]
+
+    run(main)
