@@ -202,7 +202,11 @@ def p2p_shape(coll: Any) -> dict[str, int]:
 def shuffle_settings() -> dict[str, Any]:
     """The shuffle actors' settings that shape this measurement (spilling, transport)."""
     cfg = dask.config.get("ray-oob-sched.shuffle")
-    return {"transport": cfg["transport"], "actor_memory_limit": cfg["memory-limit"]}
+    return {
+        "transport": cfg["transport"],
+        "actors_per_node": cfg["actors-per-node"],
+        "actor_memory_limit": cfg["memory-limit"],
+    }
 
 
 class Bench:

@@ -106,6 +106,16 @@ def _memory_limit() -> int | None | Literal["auto"]:
         raise ValueError(f"{e} (or 'auto', or null)") from None
 
 
+def _actors_per_node() -> int | Literal["auto"]:
+    value = get("shuffle.actors-per-node")
+    if value == "auto":
+        return value
+    try:
+        return _int("shuffle.actors-per-node", minimum=1)
+    except ValueError as e:
+        raise ValueError(f"{e} (or 'auto')") from None
+
+
 def _host() -> str | None:
     value = get("shuffle.host")
     if value is not None and (not isinstance(value, str) or not value or value.isspace()):
@@ -126,6 +136,7 @@ class ShuffleConfig:
     device: str = "auto"
     actor_num_gpus: float = 0.01
     gpu_results: str = "device"
+    actors_per_node: int | Literal["auto"] = "auto"
 
     @classmethod
     def from_dask_config(cls) -> ShuffleConfig:
@@ -170,4 +181,5 @@ class ShuffleConfig:
             actor_num_gpus=float(gpus),
             gpu_results=gpu_results,
             max_restarts=_int("shuffle.max-restarts", minimum=0),
+            actors_per_node=_actors_per_node(),
         )

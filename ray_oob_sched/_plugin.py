@@ -98,6 +98,7 @@ class RaySchedule:
                     actor_num_gpus=cfg.actor_num_gpus,
                     results=cfg.gpu_results,  # type: ignore[arg-type]
                 ),
+                actors_per_node=cfg.actors_per_node,
             )
         return self._shuffle_service
 

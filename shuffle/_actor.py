@@ -1,6 +1,7 @@
 """``ShuffleActor``: the thin async Ray shell around one participant's ``ShuffleManager``.
 
-One actor per node receives the shards of the output partitions it owns. It never
+A node runs one or several actors (``ShuffleService``'s ``actors_per_node``); each
+receives the shards of the output partitions it owns. It never
 sends: transfer tasks send to it directly (``_client``), so its manager accepts
 messages from any authenticated sender, and a run's "inputs done" is simply declared
 when the first output partition is asked for (after the driver's barrier).
@@ -11,6 +12,10 @@ keep serving; a refused message never closes the connection or affects other run
 Output partitions leave as the return value of ``get_output_partition``, so they
 become ObjectRefs owned by the caller. The concatenation runs in a thread, so the
 loop keeps receiving meanwhile.
+
+``memory_limit="auto"`` is resolved here, once, from this node's memory: the node's
+auto budget (``AUTO_MEMORY_FRACTION`` of its memory per run) is shared by the
+``actors_on_node`` actors on it, so more actors per node never raise the node's total.
 
 Ray runs async actors' methods on one event loop; ``max_concurrency`` bounds how many
 calls may wait at once, not CPU use (the actor asks for no CPU).
@@ -29,6 +34,7 @@ to NumPy/pandas itself, so readers need no GPU.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +61,13 @@ from shuffle._ids import RunId, ShuffleId
 from shuffle._manager import ShuffleManager
 from shuffle._rechunk import RechunkLayout
 from shuffle._reply import ACK, encode_error
-from shuffle._run import DEFAULT_OPTIONS, RunOptions, RunStats
+from shuffle._run import (
+    AUTO_MEMORY_FRACTION,
+    DEFAULT_OPTIONS,
+    RunOptions,
+    RunStats,
+    auto_memory_limit,
+)
 from shuffle._serialize import MemoryRegistry
 from shuffle._spec import ShuffleRunSpec
 from shuffle._store import remove_spill_directories
@@ -69,7 +81,14 @@ from shuffle._transport import (
     get_transport,
 )
 
-__all__ = ["ACTOR_ENV", "MAX_CONCURRENCY", "RunInfo", "ShuffleActor", "create_shuffle_actor"]
+__all__ = [
+    "ACTOR_ENV",
+    "MAX_CONCURRENCY",
+    "RunInfo",
+    "ShuffleActor",
+    "create_shuffle_actor",
+    "resolve_memory_limit",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +131,12 @@ class ShuffleActor:
         host: str,
         options: RunOptions = DEFAULT_OPTIONS,
         device: DeviceOptions = DEFAULT_DEVICE_OPTIONS,
+        actors_on_node: int = 1,
     ) -> None:
+        options = resolve_memory_limit(options, actors_on_node=actors_on_node)
         self.name = name
+        #: The runs' options, memory limit resolved (never "auto").
+        self.options = options
         self._host = host
         self._spill_directory = options.spill_directory
         self._transport_name = transport
@@ -277,6 +300,17 @@ class ShuffleActor:
             )
 
 
+def resolve_memory_limit(options: RunOptions, *, actors_on_node: int) -> RunOptions:
+    """``options`` with an ``"auto"`` memory limit resolved to this actor's share of the
+    node's auto budget (this machine's memory, see ``auto_memory_limit``)."""
+    if type(actors_on_node) is not int or actors_on_node < 1:
+        raise ValueError(f"actors_on_node must be an int >= 1, got {actors_on_node!r}")
+    if options.memory_limit != "auto":
+        return options
+    share = auto_memory_limit(AUTO_MEMORY_FRACTION / actors_on_node)
+    return dataclasses.replace(options, memory_limit=share)
+
+
 _RemoteShuffleActor = ray.remote(ShuffleActor)
 
 
@@ -290,13 +324,16 @@ def create_shuffle_actor(
     options: RunOptions = DEFAULT_OPTIONS,
     device: DeviceOptions = DEFAULT_DEVICE_OPTIONS,
     num_gpus: float = 0.0,
+    actors_on_node: int = 1,
 ) -> Any:
     """Create a ``ShuffleActor`` pinned to ``node_id``; returns its ActorHandle.
 
     The actor is owned by the caller (not detached), so it dies with its owner, and it
     is not restarted by Ray: the owner re-creates a dead one (``ShuffleService``).
     ``num_gpus`` (a share of one GPU, from ``_device.actor_num_gpus``) makes Ray give
-    the actor a GPU and point its ``CUDA_VISIBLE_DEVICES`` at it.
+    the actor a GPU and point its ``CUDA_VISIBLE_DEVICES`` at it. ``actors_on_node``:
+    how many shuffle actors the owner runs on that node (they share its auto memory
+    budget).
     """
     return _RemoteShuffleActor.options(
         num_cpus=0,  # it waits on I/O; the unpack threads are short
@@ -307,5 +344,11 @@ def create_shuffle_actor(
         name=None,
         max_restarts=0,
     ).remote(
-        name=name, secret=secret, transport=transport, host=host, options=options, device=device
+        name=name,
+        secret=secret,
+        transport=transport,
+        host=host,
+        options=options,
+        device=device,
+        actors_on_node=actors_on_node,
     )

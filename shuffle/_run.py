@@ -130,7 +130,8 @@ class RunOptions:
 
 DEFAULT_OPTIONS = RunOptions()
 
-#: ``memory_limit="auto"``: this fraction of the machine's physical memory, per run.
+#: ``memory_limit="auto"``: this fraction of the machine's physical memory, per run
+#: (the shuffle actors of one node split it: ``_actor.resolve_memory_limit``).
 AUTO_MEMORY_FRACTION = 1 / 16
 _AUTO_MEMORY_FLOOR = 64 * 2**20
 

@@ -1,13 +1,18 @@
 """The driver side of the shuffle service: shuffle actors and the runs started on them.
 
 A ``ShuffleService`` belongs to whoever creates it (the scheduler, for one or many
-computes) and must be closed by it. It keeps one ``ShuffleActor`` per alive Ray node,
+computes) and must be closed by it. It keeps ``actors_per_node`` ``ShuffleActor``s per
+alive Ray node (``_placement``: a number, or ``"auto"``, the node's CPUs up to 4), each
 created on first use, pinned to its node, owned by the driver (so the actors die with
 it) and reused by later shuffles. Every ``actors()`` call, hence every ``start_run``,
 asks each actor for its address: that doubles as a liveness check, and an actor found
-dead is re-created once (the successor deletes the spill files the dead one left);
-actors on nodes that left the cluster are dropped. ``restart_run`` replaces a run
-that lost an actor with a new run of the same shuffle.
+dead is re-created once (its successor in the same slot deletes the spill files the
+dead one left); actors on nodes that left the cluster are dropped. Every actor gets a
+name never used before (``shuffle-<node>-<n>``, ``n`` counting every actor this
+service created), so a re-created actor is told apart from its predecessor. Runs list
+the actors by node, then slot index: each actor owns a contiguous block of output
+partitions. ``restart_run`` replaces a run that lost an actor with a new run of the
+same shuffle.
 
 The shared secret of the out-of-band transport is minted here (``os.urandom``) and
 reaches actors and transfer tasks only as actor/task arguments, i.e. over Ray's own
@@ -35,6 +40,7 @@ from shuffle._actor import create_shuffle_actor
 from shuffle._device import DEFAULT_DEVICE_OPTIONS, DeviceOptions, actor_num_gpus
 from shuffle._handle import RunHandle
 from shuffle._ids import RunIdMinter, ShuffleId
+from shuffle._placement import ActorsPerNode, Slot, actors_on_node, check_actors_per_node, slots
 from shuffle._rechunk import RechunkLayout
 from shuffle._run import DEFAULT_OPTIONS, RunOptions
 from shuffle._spec import DEFAULT_PARTITION_COLUMN, ShuffleRunSpec
@@ -47,16 +53,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ActorInfo:
-    """One live shuffle actor: its participant name, node, address and handle."""
+    """One live shuffle actor: its participant name, node, slot on the node, address and
+    handle."""
 
     name: str
     node_id: str
+    index: int  # 0 .. actors on the node - 1
     address: str
     handle: Any = dataclasses.field(repr=False, compare=False)
 
 
 class ShuffleService:
-    """Shuffle actors, one per node, and the runs started on them (module docstring).
+    """Shuffle actors, some per node, and the runs started on them (module docstring).
 
     ``transport`` is ``"ucx"``, ``"tcp"`` or ``"auto"`` (UCX when the actors can import
     ucxx). ``options`` configures every actor's runs and the senders of every run.
@@ -66,6 +74,9 @@ class ShuffleService:
     address, so endpoints never listen on interfaces the cluster does not use.
     ``device`` says whether device (GPU) payloads travel, how much of a GPU each actor
     on a GPU node reserves, and what unpack returns for device partitions.
+    ``actors_per_node`` is the number of actors on every node, or ``"auto"``: the node's
+    CPU count (Ray's ``CPU`` resource) clamped to [1, 4]. A node's actors share its
+    ``memory_limit="auto"`` budget.
     """
 
     def __init__(
@@ -76,6 +87,7 @@ class ShuffleService:
         timeout: float = 60.0,
         host: str | None = None,
         device: DeviceOptions = DEFAULT_DEVICE_OPTIONS,
+        actors_per_node: ActorsPerNode = "auto",
     ) -> None:
         if transport not in ("ucx", "tcp", "auto"):
             raise ValueError(f"transport must be 'ucx', 'tcp' or 'auto', got {transport!r}")
@@ -88,12 +100,15 @@ class ShuffleService:
         self.timeout = timeout
         self.host = host
         self.device = device
+        self.actors_per_node = check_actors_per_node(actors_per_node)
         self._secret = os.urandom(32)
         self._mint_run_id = RunIdMinter()
-        self._actors: dict[str, ActorInfo] = {}  # by node id
+        self._actors: dict[Slot, ActorInfo] = {}  # by (node id, index)
         self._generation = 0  # numbers actor names, so a re-created actor is told apart
         self._runs: dict[ShuffleId, RunHandle] = {}  # the newest open run per shuffle
-        self._node_gpus: dict[str, float] = {}  # by node id, as of the last actors()
+        # By node id, as of the last actors():
+        self._node_gpus: dict[str, float] = {}
+        self._node_actors: dict[str, int] = {}
         self._closed = False
 
     def __repr__(self) -> str:
@@ -122,51 +137,76 @@ class ShuffleService:
         return list(self._runs.values())
 
     def actors(self) -> list[ActorInfo]:
-        """One started actor per alive node, ordered by node id; creates what is missing."""
+        """The started actors of every alive node, ordered by node id, then index on
+        the node; creates what is missing, re-creates what died."""
         self._check_open()
         alive = [n for n in ray.nodes() if n["Alive"]]
-        nodes = dict(sorted((n["NodeID"], n["NodeManagerAddress"]) for n in alive))
+        hosts = dict(sorted((n["NodeID"], n["NodeManagerAddress"]) for n in alive))
+        if self.host is not None:
+            hosts = dict.fromkeys(hosts, self.host)
         self._node_gpus = {n["NodeID"]: float(n["Resources"].get("GPU", 0)) for n in alive}
         for node_id, gpus in self._node_gpus.items():
             # Refuses (device mode cuda, a node without GPUs) before any actor is created.
             actor_num_gpus(self.device, node_gpus=gpus, node=node_id)
-        for node_id in set(self._actors) - set(nodes):
-            logger.info("node %s left the cluster; dropping its shuffle actor", node_id)
-            self._kill(self._actors.pop(node_id).handle)
-        if self.host is not None:
-            nodes = dict.fromkeys(nodes, self.host)
-        created = {n: self._create(n, host) for n, host in nodes.items() if n not in self._actors}
+        self._node_actors = {
+            n["NodeID"]: actors_on_node(
+                self.actors_per_node, node_cpus=float(n["Resources"].get("CPU", 0))
+            )
+            for n in alive
+        }
+        wanted = slots(self._node_actors)
+        for slot in sorted(set(self._actors) - set(wanted)):
+            info = self._actors.pop(slot)
+            if slot[0] in hosts:  # its CPU count changed
+                why = f"node {slot[0]} now runs {self._node_actors[slot[0]]} shuffle actors"
+            else:
+                why = f"node {slot[0]} left the cluster"
+            logger.info("%s; dropping shuffle actor %s", why, info.name)
+            self._kill(info.handle)
+        created = {s: self._create(s[0], hosts[s[0]]) for s in wanted if s not in self._actors}
 
-        def handle_of(node_id: str) -> Any:
-            return created[node_id][1] if node_id in created else self._actors[node_id].handle
+        def actor_of(slot: Slot) -> tuple[str, Any]:  # (name, handle)
+            if slot in created:
+                return created[slot]
+            return self._actors[slot].name, self._actors[slot].handle
 
-        try:
+        def start(targets: Sequence[Slot]) -> dict[Slot, Any]:
             # start() is idempotent: for running actors it is the liveness check.
-            results = self._gather({n: handle_of(n).start.remote() for n in nodes}, "start")
-            dead = sorted(n for n, r in results.items() if isinstance(r, RayActorError))
+            names = {slot: actor_of(slot)[0] for slot in targets}
+            got = self._gather({names[t]: actor_of(t)[1].start.remote() for t in targets}, "start")
+            return {t: got[names[t]] for t in targets}
+
+        dead: list[Slot] = []
+        try:
+            results = start(wanted)
+            dead = [slot for slot in wanted if isinstance(results[slot], RayActorError)]
             if dead:
-                logger.warning("shuffle actors on nodes %s died; re-creating them", dead)
-                for n in dead:
-                    self._kill(handle_of(n))  # unreachable rather than dead: make sure
-                created |= {n: self._create(n, nodes[n]) for n in dead}
-                results |= self._gather({n: handle_of(n).start.remote() for n in dead}, "start")
-            self._raise_failures(results, "start")
+                logger.warning(
+                    "shuffle actors %s died; re-creating them", [actor_of(d)[0] for d in dead]
+                )
+                for slot in dead:
+                    self._kill(actor_of(slot)[1])  # unreachable rather than dead: make sure
+                created |= {slot: self._create(slot[0], hosts[slot[0]]) for slot in dead}
+                results |= start(dead)
+            self._raise_failures({actor_of(t)[0]: r for t, r in results.items()}, "start")
         except BaseException:
             for _, handle in created.values():
                 self._kill(handle)
             raise
-        gone = {n: self._actors[n].name for n in dead if n in self._actors}
-        for node_id, (name, handle) in created.items():
-            self._actors[node_id] = ActorInfo(name, node_id, results[node_id], handle)
+        gone = {slot: self._actors[slot].name for slot in dead if slot in self._actors}
+        for (node_id, index), (name, handle) in created.items():
+            self._actors[node_id, index] = ActorInfo(
+                name, node_id, index, results[node_id, index], handle
+            )
         if gone:  # a killed actor could not delete its spill files: its successor does
             refs = {
-                self._actors[n].name: self._actors[n].handle.remove_spill_of.remote(old)
-                for n, old in gone.items()
+                self._actors[slot].name: self._actors[slot].handle.remove_spill_of.remote(old)
+                for slot, old in gone.items()
             }
             for name, result in self._gather(refs, "remove_spill_of").items():
                 if isinstance(result, Exception):
                     logger.warning("%s: removing spill files of a dead actor: %r", name, result)
-        return [self._actors[n] for n in nodes]
+        return [self._actors[slot] for slot in wanted]
 
     def start_run(
         self,
@@ -191,7 +231,7 @@ class ShuffleService:
             shuffle_id=ShuffleId(shuffle_id),
             run_id=self._mint_run_id(),
             npartitions_out=npartitions_out,
-            participants=tuple(a.name for a in actors),
+            participants=tuple(a.name for a in actors),  # by node, then index
             column=column,
             drop_column=drop_column,
             needed=None if needed is None else tuple(needed),
@@ -303,7 +343,7 @@ class ShuffleService:
         num_gpus = actor_num_gpus(
             self.device, node_gpus=self._node_gpus.get(node_id, 0.0), node=node_id
         )
-        self._generation += 1
+        self._generation += 1  # never reused, also by a re-created actor of the same slot
         name = f"shuffle-{node_id[:8]}-{self._generation}"
         logger.info(
             "creating shuffle actor %s on node %s (%s, %g GPUs)", name, node_id, host, num_gpus
@@ -317,6 +357,7 @@ class ShuffleService:
             options=self.options,
             device=self.device,
             num_gpus=num_gpus,
+            actors_on_node=self._node_actors.get(node_id, 1),
         )
         return name, handle
 

@@ -33,7 +33,10 @@ ROWS = 1_800
 def module_oob(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OOB]:
     spill = tmp_path_factory.mktemp("p2p-cases-spill")
     # 24 KiB per run and actor: a 1,800-row frame is ~100 KiB of Arrow, so runs spill.
-    with configured_service(spill, memory_limit=24 * 2**10, message_bytes=8 * 2**10) as oob:
+    # One actor: the tests read each run's statistics as the only participant's.
+    with configured_service(
+        spill, memory_limit=24 * 2**10, message_bytes=8 * 2**10, actors_per_node=1
+    ) as oob:
         yield oob
 
 

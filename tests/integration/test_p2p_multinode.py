@@ -1,7 +1,8 @@
 """p2p shuffles through ``enable()`` on a 3-node ``ray.cluster_utils.Cluster``.
 
-Three raylets with their own object stores (1 CPU, 80 MiB each) and one shuffle actor
-per node: a shuffle and a hash merge match pandas, every actor receives and spills
+Three raylets with their own object stores (1 CPU, 80 MiB each) and
+``ACTORS_PER_NODE`` shuffle actors on each (set explicitly, not from the CPUs): a
+shuffle and a hash merge match pandas, every actor receives and spills
 its share, a 64 x 64 shuffle runs O(N + M) Ray tasks and actor calls cluster-wide
 (counted with ``ray.util.state``), and nothing is left afterwards (no run, spill file
 or driver reference; the actors die with the service).
@@ -40,6 +41,8 @@ from tests.integration.p2p_support import (
 pytestmark = pytest.mark.ray
 
 NODES = 3
+ACTORS_PER_NODE = 2
+ACTORS = NODES * ACTORS_PER_NODE
 
 
 def frames(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -65,10 +68,14 @@ def frames(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def check_actors(oob: OOB) -> None:
     actors = oob.service.actors()
-    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    assert len(nodes) == NODES and {a.node_id for a in actors} == nodes, actors
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    assert len(nodes) == NODES, nodes
+    # By node, then index: each node's actors are adjacent in every run's participants.
+    expected = [(n, i) for n in nodes for i in range(ACTORS_PER_NODE)]
+    assert [(a.node_id, a.index) for a in actors] == expected, actors
+    assert len({a.name for a in actors}) == ACTORS
     placed = ray.get([a.handle.node_id.remote() for a in actors], timeout=WAIT)
-    assert placed == [a.node_id for a in actors]  # each actor runs on its own raylet
+    assert placed == [a.node_id for a in actors]  # each actor runs where it is pinned
 
 
 def check_task_counts(oob: OOB, address: str) -> str:
@@ -135,12 +142,14 @@ def check_shuffle_and_merge(oob: OOB) -> None:
         expected.sort_values(order).reset_index(drop=True),
     )
     infos = probe.infos
-    assert infos is not None and len(infos) == 2 * NODES  # both sides' runs on every actor
-    assert len({i.participant for i in infos}) == NODES
+    assert infos is not None and len(infos) == 2 * ACTORS  # both sides' runs on every actor
+    assert len({i.participant for i in infos}) == ACTORS
     for info in infos:
-        assert info.stats.shards_received > 0 and info.stats.outputs_read == 2  # 6 / 3
-    big = [i for i in infos if i.stats.bytes_received > 4 * SPILL_BUDGET]
-    assert len(big) == NODES and all(i.spill_directory is not None for i in big)
+        # 6 output partitions over the actors, an equal block each.
+        assert info.stats.shards_received > 0 and info.stats.outputs_read == 6 // ACTORS
+    # More received than the budget must have spilled: the left side's runs.
+    big = [i for i in infos if i.stats.bytes_received > SPILL_BUDGET]
+    assert len(big) == ACTORS and all(i.spill_directory is not None for i in big)
 
 
 SPILL_BUDGET = 8 * 2**10
@@ -187,7 +196,9 @@ def three_node_scenario() -> None:
         ray.init(address=cluster.address, log_to_driver=False)
         with tempfile.TemporaryDirectory() as tmp, ray_oob_sched.enable():
             spill = Path(tmp)
-            with configured_service(spill, memory_limit=SPILL_BUDGET) as oob:
+            with configured_service(
+                spill, memory_limit=SPILL_BUDGET, actors_per_node=ACTORS_PER_NODE
+            ) as oob:
                 with cleanup_checked(oob):
                     check_actors(oob)
                     counts = check_task_counts(oob, cluster.address)

@@ -31,7 +31,10 @@ MESSAGE_BYTES = 16 * 2**10  # pieces are batched into messages of about this siz
 @pytest.fixture(scope="module")
 def module_oob(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OOB]:
     spill = tmp_path_factory.mktemp("p2p-scale-spill")
-    with configured_service(spill, memory_limit=BUDGET, message_bytes=MESSAGE_BYTES) as oob:
+    # One actor: the tests read its run's statistics and its budget as the node's.
+    with configured_service(
+        spill, memory_limit=BUDGET, message_bytes=MESSAGE_BYTES, actors_per_node=1
+    ) as oob:
         yield oob
 
 

@@ -4,6 +4,8 @@ The kill happens inside the task computing one input partition of the shuffle, o
 the actor has received messages from other transfers, and that partition is handed
 on only after the actor is dead: the old run cannot complete, whatever the timing.
 A flag file makes the kill happen once (the task runs again after the restart).
+Each test gets a fresh service with an explicit number of actors per node (one, unless
+the test asks for two through ``p2p``'s parameter).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ray.exceptions import RayActorError, RayError
 
 import ray_oob_sched
 from tests.integration.conftest import driver_refs
+from tests.integration.p2p_support import configured_service
 
 NPARTS = 8
 ROWS = 4_000
@@ -94,17 +97,23 @@ def _assert_nothing_left(before_refs: set[Any]) -> None:
 
 
 @pytest.fixture
-def p2p(ray_get, tmp_path):
+def p2p(ray_get, tmp_path, request):
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    per_node = getattr(request, "param", 1)
     # Small groups, so that the partition waiting for the kill never holds back the
     # transfers it waits for.
-    with dask.config.set(
+    with configured_service(spill, actors_per_node=per_node), dask.config.set(
         {"dataframe.shuffle.method": "p2p", "ray-oob-sched.scheduler.fuse.max-tasks": 2}
     ):
         yield tmp_path
 
 
-def _killing(ddf: dd.DataFrame, flag: Path, after: int = 2) -> tuple[dd.DataFrame, str]:
-    (actor,) = _service().actors()
+def _killing(
+    ddf: dd.DataFrame, flag: Path, after: int = 2, victim: int = 0
+) -> tuple[dd.DataFrame, str]:
+    """``ddf`` with a step that kills actor ``victim`` (of ``actors()``) mid-shuffle."""
+    actor = _service().actors()[victim]
     last = ddf.divisions[NPARTS - 1]
     doomed = ddf.map_partitions(
         kill_once, actor=actor.handle, flag=str(flag), first_row=last, after=after, meta=ddf._meta
@@ -206,3 +215,25 @@ def test_user_error_in_a_transfer_is_not_a_restart(p2p):
         bad.shuffle("k", npartitions=4).compute()
     assert _service().actors() == [actor]  # same actor: nothing was restarted
     assert not _service().open_runs()
+
+
+@pytest.mark.parametrize("p2p", [2], indirect=True)
+def test_one_of_two_actors_killed_restarts_the_run_on_a_successor(p2p):
+    """Two actors on the node, the second (owning the last outputs) killed mid-run:
+    only it is re-created, in its slot; the shuffle restarts once and completes."""
+    pdf, ddf = _frame()
+    gc.collect()
+    before = driver_refs(ray)
+    first, second = _service().actors()
+    doomed, victim = _killing(ddf, p2p / "killed", victim=1)
+    assert victim == second.name
+    got = doomed.shuffle("k", npartitions=5).compute()
+    assert (p2p / "killed").exists()
+    stats = ray_oob_sched.last_stats()
+    assert stats.shuffles == 1 and stats.restarts == 1
+    pd.testing.assert_frame_equal(_sorted(got, ["k", "v"]), _sorted(pdf, ["k", "v"]))
+    survivor, successor = _service().actors()
+    assert survivor == first  # not re-created: same name, same address
+    assert (successor.node_id, successor.index) == (second.node_id, 1)
+    assert successor.name not in (first.name, victim)
+    _assert_nothing_left(before)

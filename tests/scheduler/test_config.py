@@ -178,3 +178,42 @@ def test_device_settings_reach_the_shuffle_service():
         service = RaySchedule().shuffle_service()  # starts no actors until used
     assert service.device == DeviceOptions(mode="host", actor_num_gpus=0.5, results="host")
     service.close()
+
+
+def test_shuffle_actors_per_node_takes_a_positive_int_or_auto():
+    from ray_oob_sched._config import ShuffleConfig
+
+    assert ShuffleConfig.from_dask_config().actors_per_node == "auto"  # the default
+    for value in (1, 3):
+        with dask.config.set({"ray-oob-sched.shuffle.actors-per-node": value}):
+            assert ShuffleConfig.from_dask_config().actors_per_node == value
+    for bad in (0, -1, 1.5, "many", True, None):
+        with dask.config.set({"ray-oob-sched.shuffle.actors-per-node": bad}):
+            with pytest.raises(
+                ValueError, match=r"shuffle\.actors-per-node must be an integer >= 1.*'auto'"
+            ):
+                ShuffleConfig.from_dask_config()
+
+
+@pytest.mark.parametrize("value, expected", [("2", 2), ("auto", "auto")])
+def test_actors_per_node_from_the_environment(value, expected):
+    code = (
+        "import ray_oob_sched._config as c; "
+        "print(repr(c.ShuffleConfig.from_dask_config().actors_per_node))"
+    )
+    env = {**os.environ, "DASK_RAY_OOB_SCHED__SHUFFLE__ACTORS_PER_NODE": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == repr(expected)
+
+
+def test_actors_per_node_reaches_the_shuffle_service():
+    from ray_oob_sched._plugin import RaySchedule
+
+    with dask.config.set({"ray-oob-sched.shuffle.actors-per-node": 3}):
+        service = RaySchedule().shuffle_service()  # starts no actors until used
+    assert service.actors_per_node == 3
+    service.close()
+    default = RaySchedule().shuffle_service()
+    assert default.actors_per_node == "auto"
+    default.close()

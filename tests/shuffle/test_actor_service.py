@@ -3,7 +3,8 @@
 Transfer tasks (``ray.remote(transfer)``) send input partitions straight to the shuffle
 actor owning each output partition; after they return, actor calls hand the outputs
 back as driver-owned ObjectRefs. Single-node tests share the session's Ray
-(``ray_session``) and one ``ShuffleService`` per transport; the two-node test runs a
+(``ray_session``) and one ``ShuffleService`` per transport with one actor, and a
+service with two actors on the node has its own test; the two-node test runs a
 ``ray.cluster_utils.Cluster`` in a subprocess, because one process can hold only one
 Ray connection and the session's is in use. Every test ends with a cleanup assertion:
 no runs on any actor, no spill files; the fixture checks that the actors are gone.
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,9 @@ from shuffle._client import ClientConfig, ShuffleClient
 from shuffle._exceptions import ShuffleClosedError, StaleRunError, UnknownRunError
 from shuffle._handle import RunHandle
 from shuffle._ids import RunId, ShuffleId
+from shuffle._placement import slots
 from shuffle._run import RunOptions
+from shuffle._store import spill_prefix
 from shuffle._transport import AuthenticationError, TransportName
 from shuffle._transport import ucx as ucx_module
 
@@ -177,7 +181,9 @@ def service(
         message_bytes=4 * 2**10,  # several messages per owner
         limiter_timeout=WAIT,
     )
-    service = ShuffleService(transport=request.param, options=options, timeout=WAIT)
+    service = ShuffleService(
+        transport=request.param, options=options, timeout=WAIT, actors_per_node=1
+    )
     try:
         yield service, spill
         handles = [a.handle for a in service.actors()]
@@ -335,6 +341,77 @@ def test_restart_run_replaces_a_run_that_lost_its_actor(
     assert_clean(svc, spill)
 
 
+def test_two_actors_per_node_own_blocks_and_one_is_recreated_alone(
+    ray_session: Any, tmp_path: Path
+) -> None:
+    options = RunOptions(
+        memory_limit=0,  # every shard spills: a killed actor surely leaves files behind
+        spill_directory=tmp_path,
+        message_bytes=4 * 2**10,
+        limiter_timeout=WAIT,
+    )
+    with ShuffleService(transport="tcp", options=options, timeout=WAIT, actors_per_node=2) as svc:
+        first, second = svc.actors()
+        (node,) = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert [(a.node_id, a.index) for a in (first, second)] == [(node, 0), (node, 1)]
+        assert first.name != second.name and first.address != second.address
+        placed = ray.get([a.handle.node_id.remote() for a in (first, second)], timeout=WAIT)
+        assert placed == [node, node]
+
+        # Each actor owns, receives and unpacks one contiguous block of the outputs.
+        inputs = make_inputs(seed=7)
+        handle, outputs = run_shuffle(svc, "two-actors", inputs)
+        assert_outputs(outputs, inputs)
+        assert handle.spec.participants == (first.name, second.name)
+        blocks = {a.name: handle.spec.partitions_of(a.name) for a in (first, second)}
+        assert blocks == {first.name: range(0, 3), second.name: range(3, NOUT)}
+        infos = {i.participant: i for i in run_infos(svc)}
+        assert set(infos) == set(blocks)
+        for name, block in blocks.items():
+            owned = [df[COLUMN][df[COLUMN].isin(block)] for df in inputs]
+            assert infos[name].stats.shards_received == sum(c.nunique() for c in owned)
+            assert infos[name].stats.outputs_read == len(block)
+            assert infos[name].spill_directory is not None
+        svc.close_run(handle)
+
+        # Fewer outputs than actors: the second owns nothing and the run still works.
+        ones = [df.assign(**{COLUMN: 0}) for df in inputs]
+        single = svc.start_run("one-output", npartitions_out=1, meta=ones[0], column=COLUMN)
+        assert single.spec.partitions_of(second.name) == range(0)
+        assert transfer_all(single, ones) == list(range(NIN))
+        got = ray.get(
+            first.handle.get_output_partition.remote("one-output", single.spec.run_id, 0),
+            timeout=WAIT,
+        )
+        pd.testing.assert_frame_equal(got, pd.concat(ones).drop(columns=COLUMN))
+        svc.close_run(single)
+        assert_clean(svc, tmp_path)
+
+        # One of the two dies mid-run: only its slot gets a new actor, which removes
+        # the spill files its predecessor left; the restarted run completes.
+        old = start(svc, "lost-one", inputs)
+        assert transfer_all(old, inputs[:3]) == [0, 1, 2]
+        left = [p for p in tmp_path.iterdir() if p.name.startswith(spill_prefix(second.name))]
+        assert left, "the victim spilled nothing"
+        ray.kill(second.handle, no_restart=True)
+        assert_dies(second.handle)
+        new = svc.restart_run(old)
+        survivor, successor = svc.actors()
+        assert survivor == first  # same actor, same address
+        assert (successor.node_id, successor.index) == (node, 1)
+        assert successor.name not in (first.name, second.name)
+        assert new.spec.participants == (first.name, successor.name)
+        assert not any(p.exists() for p in left)
+        assert transfer_all(new, inputs) == list(range(NIN))
+        assert_outputs(unpack(new), inputs)
+        svc.close_run(new)
+        assert_clean(svc, tmp_path)
+        handles = [a.handle for a in svc.actors()]
+    for h in handles:
+        assert_dies(h)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------ two nodes
 
 
@@ -351,24 +428,28 @@ def two_node_scenario() -> None:
         head_node_args={"num_cpus": 1, "object_store_memory": store, "include_dashboard": False},
     )
     try:
-        cluster.add_node(num_cpus=1, object_store_memory=store)
+        cluster.add_node(num_cpus=2, object_store_memory=store)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         with tempfile.TemporaryDirectory() as spill:
             options = RunOptions(memory_limit=8 * 2**10, spill_directory=spill, message_bytes=4096)
+            # actors_per_node="auto": as many actors as each node has CPUs (1 and 2).
             with ShuffleService(transport=transport, options=options, timeout=WAIT) as service:
                 actors = service.actors()
-                nodes = {a.node_id for a in actors}
-                assert len(actors) == 2 and len(nodes) == 2, actors
+                alive = [n for n in ray.nodes() if n["Alive"]]
+                cpus = {n["NodeID"]: int(n["Resources"]["CPU"]) for n in alive}
+                assert sorted(cpus.values()) == [1, 2], cpus
+                assert Counter(a.node_id for a in actors) == cpus, actors
+                assert [(a.node_id, a.index) for a in actors] == slots(cpus)
                 placed = ray.get([a.handle.node_id.remote() for a in actors], timeout=WAIT)
-                assert set(placed) == nodes
+                assert placed == [a.node_id for a in actors]
                 inputs = make_inputs(seed=5)
                 handle, outputs = run_shuffle(
                     service, "two-nodes", inputs, scheduling_strategy="SPREAD"
                 )
                 assert_outputs(outputs, inputs)
                 infos = run_infos(service)
-                assert len(infos) == 2 and all(i.stats.shards_received > 0 for i in infos)
+                assert len(infos) == 3 and all(i.stats.shards_received > 0 for i in infos)
                 service.close_run(handle)
                 assert_clean(service, Path(spill))
         print(f"two nodes OK over {transport}", flush=True)
@@ -378,7 +459,7 @@ def two_node_scenario() -> None:
 
 
 @pytest.mark.slow
-def test_two_nodes_one_actor_each() -> None:
+def test_two_nodes_run_as_many_actors_as_they_have_cpus() -> None:
     here = Path(__file__).resolve().parent
     code = (
         f"import sys; sys.path.insert(0, {str(here)!r}); "
@@ -400,7 +481,9 @@ def test_two_nodes_one_actor_each() -> None:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_configured_host_is_where_actors_listen(ray_session: Any, transport: str) -> None:
-    with ShuffleService(transport=transport, host="127.0.0.1", timeout=WAIT) as svc:
+    with ShuffleService(
+        transport=transport, host="127.0.0.1", timeout=WAIT, actors_per_node=1
+    ) as svc:
         (actor,) = svc.actors()
         scheme, _, rest = actor.address.partition("://")
         assert scheme == transport and rest.rpartition(":")[0] == "127.0.0.1"

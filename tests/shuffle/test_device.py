@@ -951,7 +951,7 @@ def test_on_a_cluster_without_gpus_actors_reserve_none(ray_session: Any) -> None
     cuda_only = ShuffleService(transport="tcp", device=DeviceOptions(mode="cuda"))
     with cuda_only, pytest.raises(DeviceUnavailableError, match="has no GPUs.*is cuda"):
         cuda_only.actors()  # refused before any actor is created
-    with ShuffleService(transport="tcp") as service:
+    with ShuffleService(transport="tcp", actors_per_node=1) as service:
         (actor,) = service.actors()
         status = ray_session.get(actor.handle.gpu_status.remote(), timeout=60)
     if not gpu_usable():

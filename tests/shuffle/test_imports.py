@@ -8,7 +8,7 @@ import shuffle
 
 ROOT = Path(shuffle.__file__).resolve().parents[1]
 
-PURE = ["_ids", "_exceptions", "_spec", "_limiter", "_buffer", "_store"]
+PURE = ["_ids", "_exceptions", "_spec", "_placement", "_limiter", "_buffer", "_store"]
 DATA = ["_partition", "_serialize", "_run", "_manager", "_device", "_device_codec"]
 
 
