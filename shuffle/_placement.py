@@ -2,10 +2,14 @@
 
 One actor per node makes its process the serial bottleneck of a node's shuffles: it
 receives, stores, concatenates and serialises every output partition the node owns.
-Several actors per node spread that work over processes. ``actors_per_node`` is a
-positive int, or ``"auto"``: the node's CPU count (Ray's ``CPU`` resource), clamped to
-``[1, AUTO_MAX_ACTORS_PER_NODE]``: beyond a few, more actors cost a process and a
-listener each and shrink every actor's memory budget without adding parallelism.
+Several actors per node spread that work over processes, but each costs a process,
+a listener and its own messages: every transfer sends one message per actor. On the
+project's 2-core VM two actors were slower than one (64 x 16 MiB: 3.2-3.6 s against
+3.1-3.5 s; 256 x 1 MiB: 6.0-6.6 s against 4.0-4.6 s), because the senders already
+keep both cores busy. ``actors_per_node`` is a positive int, or ``"auto"``: one actor
+per ``AUTO_CPUS_PER_ACTOR`` CPUs of the node (Ray's ``CPU`` resource), clamped to
+``[1, AUTO_MAX_ACTORS_PER_NODE]``: a node needs more receivers only when it has many
+more senders than one receiving process keeps up with (not measured beyond 2 cores).
 
 A node's actors are its *slots* ``(node id, index)``, ``index`` in ``0 .. k-1``. Runs
 list participants in slot order (by node, then index), so range sharding
@@ -20,6 +24,7 @@ from collections.abc import Mapping
 from typing import Literal, TypeAlias
 
 __all__ = [
+    "AUTO_CPUS_PER_ACTOR",
     "AUTO_MAX_ACTORS_PER_NODE",
     "ActorsPerNode",
     "Slot",
@@ -31,6 +36,8 @@ __all__ = [
 ActorsPerNode: TypeAlias = int | Literal["auto"]
 #: ``(node id, index on that node)``: one shuffle actor's place.
 Slot: TypeAlias = tuple[str, int]
+#: ``"auto"`` runs one actor per this many CPUs of a node (at least one).
+AUTO_CPUS_PER_ACTOR = 8
 #: ``"auto"`` runs at most this many actors on a node, whatever its CPU count.
 AUTO_MAX_ACTORS_PER_NODE = 4
 
@@ -49,7 +56,7 @@ def actors_on_node(setting: ActorsPerNode, *, node_cpus: float) -> int:
     if setting != "auto":
         return check_actors_per_node(setting)  # type: ignore[return-value]
     cpus = math.floor(node_cpus) if math.isfinite(node_cpus) else 1
-    return min(AUTO_MAX_ACTORS_PER_NODE, max(1, cpus))
+    return min(AUTO_MAX_ACTORS_PER_NODE, max(1, cpus // AUTO_CPUS_PER_ACTOR))
 
 
 def slots(counts: Mapping[str, int]) -> list[Slot]:

@@ -74,8 +74,8 @@ class ShuffleService:
     address, so endpoints never listen on interfaces the cluster does not use.
     ``device`` says whether device (GPU) payloads travel, how much of a GPU each actor
     on a GPU node reserves, and what unpack returns for device partitions.
-    ``actors_per_node`` is the number of actors on every node, or ``"auto"``: the node's
-    CPU count (Ray's ``CPU`` resource) clamped to [1, 4]. A node's actors share its
+    ``actors_per_node`` is the number of actors on every node, or ``"auto"``: one per 8
+    of the node's CPUs (Ray's ``CPU`` resource), clamped to [1, 4] (``_placement``). A node's actors share its
     ``memory_limit="auto"`` budget.
     """
 

@@ -30,7 +30,7 @@ from shuffle._client import ClientConfig, ShuffleClient
 from shuffle._exceptions import ShuffleClosedError, StaleRunError, UnknownRunError
 from shuffle._handle import RunHandle
 from shuffle._ids import RunId, ShuffleId
-from shuffle._placement import slots
+from shuffle._placement import actors_on_node, slots
 from shuffle._run import RunOptions
 from shuffle._store import spill_prefix
 from shuffle._transport import AuthenticationError, TransportName
@@ -428,19 +428,21 @@ def two_node_scenario() -> None:
         head_node_args={"num_cpus": 1, "object_store_memory": store, "include_dashboard": False},
     )
     try:
-        cluster.add_node(num_cpus=2, object_store_memory=store)
+        cluster.add_node(num_cpus=16, object_store_memory=store)  # declared, not real
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         with tempfile.TemporaryDirectory() as spill:
             options = RunOptions(memory_limit=8 * 2**10, spill_directory=spill, message_bytes=4096)
-            # actors_per_node="auto": as many actors as each node has CPUs (1 and 2).
+            # actors_per_node="auto": one actor per 8 CPUs, at least one (1 and 2).
             with ShuffleService(transport=transport, options=options, timeout=WAIT) as service:
                 actors = service.actors()
                 alive = [n for n in ray.nodes() if n["Alive"]]
                 cpus = {n["NodeID"]: int(n["Resources"]["CPU"]) for n in alive}
-                assert sorted(cpus.values()) == [1, 2], cpus
-                assert Counter(a.node_id for a in actors) == cpus, actors
-                assert [(a.node_id, a.index) for a in actors] == slots(cpus)
+                assert sorted(cpus.values()) == [1, 16], cpus
+                counts = {n: actors_on_node("auto", node_cpus=c) for n, c in cpus.items()}
+                assert sorted(counts.values()) == [1, 2]
+                assert Counter(a.node_id for a in actors) == counts, actors
+                assert [(a.node_id, a.index) for a in actors] == slots(counts)
                 placed = ray.get([a.handle.node_id.remote() for a in actors], timeout=WAIT)
                 assert placed == [a.node_id for a in actors]
                 inputs = make_inputs(seed=5)
@@ -459,7 +461,7 @@ def two_node_scenario() -> None:
 
 
 @pytest.mark.slow
-def test_two_nodes_run_as_many_actors_as_they_have_cpus() -> None:
+def test_two_nodes_run_one_actor_per_8_cpus() -> None:
     here = Path(__file__).resolve().parent
     code = (
         f"import sys; sys.path.insert(0, {str(here)!r}); "

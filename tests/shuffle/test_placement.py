@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shuffle._placement import (
+    AUTO_CPUS_PER_ACTOR,
     AUTO_MAX_ACTORS_PER_NODE,
     actors_on_node,
     check_actors_per_node,
@@ -20,10 +21,10 @@ from shuffle._spec import partitions_of
 
 @pytest.mark.parametrize(
     ("cpus", "expected"),
-    [(0, 1), (0.5, 1), (1, 1), (1.9, 1), (2, 2), (3, 3), (4, 4), (5, 4), (64, 4)],
+    [(0, 1), (0.5, 1), (2, 1), (15.9, 1), (16, 2), (24, 3), (32, 4), (40, 4), (256, 4)],
 )
-def test_auto_is_the_node_cpus_clamped_to_one_to_four(cpus: float, expected: int) -> None:
-    assert AUTO_MAX_ACTORS_PER_NODE == 4
+def test_auto_is_one_actor_per_8_cpus_clamped_to_one_to_four(cpus: float, expected: int) -> None:
+    assert (AUTO_CPUS_PER_ACTOR, AUTO_MAX_ACTORS_PER_NODE) == (8, 4)
     assert actors_on_node("auto", node_cpus=cpus) == expected
 
 
