@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -98,6 +99,7 @@ ACTOR_ENV = {"UCX_MM_ERROR_HANDLING": "y", "UCX_WARN_UNUSED_ENV_VARS": "n"}
 MAX_CONCURRENCY = 1000
 #: Threads concatenating output partitions; a few, so the loop is never starved of CPU.
 _UNPACK_THREADS = 2
+_GC_GEN0_THRESHOLD = 100_000
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,12 @@ class ShuffleActor:
             registry=self.registry,
         )
         self._executor = ThreadPoolExecutor(_UNPACK_THREADS, thread_name_prefix=f"{name}-unpack")
+        # This process is ours alone, and a run keeps one small tracked object per
+        # shard (65,536 in a 256 x 256 shuffle): with the default threshold of 700,
+        # collections took a third of receiving (measured in one process: 1.3 against
+        # 0.9 ms of CPU per message of 256 pieces). Cycles are rare here.
+        gen0, gen1, gen2 = gc.get_threshold()
+        gc.set_threshold(max(gen0, _GC_GEN0_THRESHOLD), gen1, gen2)
         self._transport: Transport | None = None
         self._listener: Listener | None = None
         self._start_lock = asyncio.Lock()

@@ -223,7 +223,8 @@ class ShuffleRun(abc.ABC):
             name=f"{name}-store",
             prefix=spill_prefix(local),  # a successor removes what a dead actor left
         )
-        self._metas: dict[ShardKey, bytes] = {}  # shards' header meta, where not empty
+        # shards' header meta where not empty: output partition -> input -> meta
+        self._metas: dict[int, dict[int, bytes]] = {}
         self._inputs_done = False
         self._exception: Exception | None = None
         self._closed = False
@@ -302,7 +303,7 @@ class ShuffleRun(abc.ABC):
         if not self._store.append(key, payload):
             return False
         if meta:
-            self._metas[key] = meta
+            self._metas.setdefault(key.output_partition, {})[key.input_partition] = meta
         return True
 
     async def receive(self, frames: Sequence[Any]) -> None:
@@ -384,8 +385,8 @@ class ShuffleRun(abc.ABC):
         except BufferClosedError:
             self.raise_if_closed()  # closed from the event loop while a thread read
             raise
-        metas = self._metas
-        return [(i, p, metas.get(ShardKey(partition, i), b"")) for i, p in items]
+        metas = self._metas.get(partition, {})
+        return [(i, p, metas.get(i, b"")) for i, p in items]
 
     async def fail(self, exc: Exception) -> None:
         """Record ``exc`` as the failure, unless one came first, and close."""
