@@ -58,6 +58,7 @@ from shuffle._rechunk import RechunkLayout
 from shuffle._serialize import (
     HOST_REGISTRY,
     MemoryRegistry,
+    MemoryType,
     Piece,
     decode_message,
     encode_message,
@@ -337,12 +338,24 @@ class ShuffleRun(abc.ABC):
                 f"{header.sender!r}, but owns only {self.owned}"
             )
         self.stats.messages_received += 1
-        for entry, payload in zip(header.entries, message.buffers, strict=True):
-            if self._store_shard(entry.key, payload, entry.meta):
-                self.stats.shards_received += 1
-                self.stats.bytes_received += entry.nbytes
-            else:
+        entries = header.entries
+        host = [i for i, e in enumerate(entries) if e.memory_type is MemoryType.HOST]
+        added = dict.fromkeys(range(len(entries)), False)
+        # Host shards in one batch (one lock, no per-shard measuring); device ones alone.
+        batch = [(entries[i].key, message.buffers[i], entries[i].nbytes) for i in host]
+        added.update(zip(host, self._store.append_many(batch), strict=True))
+        for i, entry in enumerate(entries):
+            if entry.memory_type is not MemoryType.HOST:
+                added[i] = self._store.append(entry.key, message.buffers[i])
+        metas = self._metas
+        for i, entry in enumerate(entries):
+            if not added[i]:
                 self.stats.duplicates_ignored += 1
+                continue
+            if entry.meta:
+                metas.setdefault(entry.output_partition, {})[entry.input_partition] = entry.meta
+            self.stats.shards_received += 1
+            self.stats.bytes_received += entry.nbytes
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "%s: %d shards (%d bytes) from %s",

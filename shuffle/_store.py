@@ -23,6 +23,7 @@ import threading
 import weakref
 from pathlib import Path
 from types import TracebackType
+from collections.abc import Sequence
 from typing import Any
 
 from shuffle._exceptions import BufferClosedError
@@ -125,6 +126,29 @@ class DiskShardStore:
                     max(self._memory_by_partition, key=self._memory_by_partition.__getitem__)
                 )
             return True
+
+    def append_many(self, shards: Sequence[tuple[ShardKey, Any, int]]) -> list[bool]:
+        """``append`` for ``(key, payload, nbytes)`` triples of host shards, one lock for
+        all: the receive path of a message of 256 small pieces. ``nbytes`` is the
+        payload's size, already checked by the caller (the message decoder)."""
+        added = []
+        with self._lock:
+            self._raise_if_closed()
+            keys, memory, by_partition = self._keys, self._memory, self._memory_by_partition
+            for key, payload, nbytes in shards:
+                if key in keys:
+                    added.append(False)
+                    continue
+                keys.add(key)
+                partition = key.output_partition
+                memory.setdefault(partition, []).append((key.input_partition, payload))
+                by_partition[partition] = by_partition.get(partition, 0) + nbytes
+                self.nbytes_memory += nbytes
+                added.append(True)
+            limit = self._memory_limit
+            while limit is not None and self.nbytes_memory > limit:
+                self._spill(max(by_partition, key=by_partition.__getitem__))
+        return added
 
     def read(self, partition: int) -> list[Any]:
         """The shards of ``partition``, ordered by input partition; ``[]`` if none arrived."""

@@ -73,6 +73,30 @@ def test_duplicate_keys_are_dropped(spill_root: Path) -> None:
         assert store.nbytes_disk == 5
 
 
+@pytest.mark.parametrize("memory_limit", [None, 0, 25, 1000])
+def test_append_many_matches_one_append_per_shard(
+    spill_root: Path, memory_limit: int | None
+) -> None:
+    keys = [ShardKey(p, i) for i in (1, 0) for p in (0, 3, 5)] + [ShardKey(3, 1)]  # one repeat
+    with (
+        DiskShardStore(memory_limit=memory_limit, directory=spill_root) as batched,
+        DiskShardStore(memory_limit=memory_limit, directory=spill_root) as single,
+    ):
+        added = batched.append_many([(k, payload(k, 8), 8) for k in keys])
+        assert added == [single.append(k, payload(k, 8)) for k in keys]
+        assert added == [True] * 6 + [False]
+        for p in (0, 3, 5):
+            assert [bytes(b) for b in batched.read(p)] == [bytes(b) for b in single.read(p)]
+        assert (batched.nbytes_memory, batched.nbytes_disk) == (
+            single.nbytes_memory,
+            single.nbytes_disk,
+        )
+        assert batched.nbytes_memory <= (memory_limit if memory_limit is not None else 48)
+    batched.cleanup()
+    with pytest.raises(BufferClosedError):
+        batched.append_many([(ShardKey(0, 9), b"x", 1)])
+
+
 def test_memory_shards_are_kept_by_reference() -> None:
     data = bytearray(b"zero-copy")
     with DiskShardStore(memory_limit=None) as store:
