@@ -48,7 +48,7 @@ import numpy as np
 import ray
 
 # Driver-side measuring helpers, shared with the shuffle benchmark (same folder).
-from shuffle_bench import _reset_peak_rss, _rss_mb, graph_len, measure
+from shuffle_bench import _reset_peak_rss, _rss_mb, graph_len, measure, shuffle_settings
 
 COMPETITORS = ("ray_oob_sched", "ray_dask_get", "distributed", "threads")
 WORKLOADS = ("rows_to_cols", "time_to_space")
@@ -197,16 +197,6 @@ def p2p_shape(coll: Any) -> dict[str, int]:
     barriers = [v for v in dict(coll.__dask_graph__()).values() if isinstance(v, P2PBarrierTask)]
     transfers = sum(len(b.dependencies) for b in barriers)
     return {"p2p_stages": len(barriers), "p2p_transfers": transfers}
-
-
-def shuffle_settings() -> dict[str, Any]:
-    """The shuffle actors' settings that shape this measurement (spilling, transport)."""
-    cfg = dask.config.get("ray-oob-sched.shuffle")
-    return {
-        "transport": cfg["transport"],
-        "actors_per_node": cfg["actors-per-node"],
-        "actor_memory_limit": cfg["memory-limit"],
-    }
 
 
 class Bench:

@@ -329,6 +329,16 @@ def measure(fn: Callable[[], Any], repeat: int, warmup: int) -> tuple[float, Any
     return statistics.median(times), result, times
 
 
+def shuffle_settings() -> dict[str, Any]:
+    """The shuffle actors' settings that shape this measurement (spilling, transport)."""
+    cfg = dask.config.get("ray-oob-sched.shuffle")
+    return {
+        "transport": cfg["transport"],
+        "actors_per_node": cfg["actors-per-node"],
+        "actor_memory_limit": cfg["memory-limit"],
+    }
+
+
 def graph_len(coll: Any) -> int:
     """Tasks in the graph dask hands the scheduler (under the current config)."""
     from dask._expr import FinalizeCompute
@@ -460,6 +470,7 @@ def run_ray(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]], skip: set[s
                         return {
                             "dask_tasks": ntasks, "ray_tasks": st.ray_tasks,
                             "objects": st.objects, "shuffles": st.shuffles,
+                            **shuffle_settings(),
                         }
 
                     bench.run(
