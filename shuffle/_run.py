@@ -58,7 +58,6 @@ from shuffle._rechunk import RechunkLayout
 from shuffle._serialize import (
     HOST_REGISTRY,
     MemoryRegistry,
-    MemoryType,
     Piece,
     decode_message,
     encode_message,
@@ -339,17 +338,13 @@ class ShuffleRun(abc.ABC):
             )
         self.stats.messages_received += 1
         entries = header.entries
-        host = [i for i, e in enumerate(entries) if e.memory_type is MemoryType.HOST]
-        added = dict.fromkeys(range(len(entries)), False)
-        # Host shards in one batch (one lock, no per-shard measuring); device ones alone.
-        batch = [(entries[i].key, message.buffers[i], entries[i].nbytes) for i in host]
-        added.update(zip(host, self._store.append_many(batch), strict=True))
-        for i, entry in enumerate(entries):
-            if entry.memory_type is not MemoryType.HOST:
-                added[i] = self._store.append(entry.key, message.buffers[i])
+        # One batch, one lock; sizes come from the header, which decoding checked.
+        added = self._store.append_many(
+            [(e.key, b, e.nbytes) for e, b in zip(entries, message.buffers, strict=True)]
+        )
         metas = self._metas
-        for i, entry in enumerate(entries):
-            if not added[i]:
+        for entry, new in zip(entries, added, strict=True):
+            if not new:
                 self.stats.duplicates_ignored += 1
                 continue
             if entry.meta:

@@ -105,32 +105,12 @@ class DiskShardStore:
         """Store ``payload`` (kept by reference, never copied); ``False`` if ``key`` is known."""
         device = hasattr(payload, "__cuda_array_interface__")
         nbytes = _device_nbytes(payload) if device else _nbytes(payload)
-        with self._lock:
-            self._raise_if_closed()
-            if key in self._keys:
-                return False
-            self._keys.add(key)
-            partition = key.output_partition
-            if device:
-                self._device.setdefault(partition, []).append((key.input_partition, payload))
-                self.nbytes_device += nbytes
-                return True
-            self._memory.setdefault(partition, []).append((key.input_partition, payload))
-            self._memory_by_partition[partition] = (
-                self._memory_by_partition.get(partition, 0) + nbytes
-            )
-            self.nbytes_memory += nbytes
-            limit = self._memory_limit
-            while limit is not None and self.nbytes_memory > limit:
-                self._spill(
-                    max(self._memory_by_partition, key=self._memory_by_partition.__getitem__)
-                )
-            return True
+        return self.append_many([(key, payload, nbytes)])[0]
 
     def append_many(self, shards: Sequence[tuple[ShardKey, Any, int]]) -> list[bool]:
-        """``append`` for ``(key, payload, nbytes)`` triples of host shards, one lock for
-        all: the receive path of a message of 256 small pieces. ``nbytes`` is the
-        payload's size, already checked by the caller (the message decoder)."""
+        """``append`` for ``(key, payload, nbytes)`` triples under one lock: the receive
+        path of a message of 256 small pieces. ``nbytes`` is the payload's size,
+        already checked by the caller (the message decoder)."""
         added = []
         with self._lock:
             self._raise_if_closed()
@@ -140,11 +120,15 @@ class DiskShardStore:
                     added.append(False)
                     continue
                 keys.add(key)
+                added.append(True)
                 partition = key.output_partition
+                if hasattr(payload, "__cuda_array_interface__"):
+                    self._device.setdefault(partition, []).append((key.input_partition, payload))
+                    self.nbytes_device += nbytes
+                    continue
                 memory.setdefault(partition, []).append((key.input_partition, payload))
                 by_partition[partition] = by_partition.get(partition, 0) + nbytes
                 self.nbytes_memory += nbytes
-                added.append(True)
             limit = self._memory_limit
             while limit is not None and self.nbytes_memory > limit:
                 self._spill(max(by_partition, key=by_partition.__getitem__))
