@@ -6,12 +6,14 @@ less. Running a run of consecutive tasks of the topological order as one Ray tas
 pays that overhead once, and the values that never leave the group never enter
 Ray's object store.
 
-Groups are contiguous intervals of the order, so every edge between groups points
-forward and the groups form a DAG whatever the graph. The interval length is set
+Groups are intervals of the order (less the unfusable keys moved ahead, below), so
+every edge between groups points forward and the groups form a DAG whatever the
+graph. The interval length is set
 so that there are at least ``tasks_per_cpu`` groups per cluster CPU (expensive
 tasks keep spreading over the cluster) and at most ``max_tasks`` Dask tasks per
-group. Tasks with different Ray options, and tasks marked unfusable (e.g. shuffle
-barriers), never share a group.
+group. Tasks with different Ray options never share a group; a task marked
+unfusable (a shuffle's unpack, an actor call) runs alone, and, when it needs
+nothing from the interval being filled, is placed before it instead of cutting it.
 """
 
 from __future__ import annotations
@@ -48,23 +50,37 @@ def plan(
     options_of: Mapping[Key, Hashable],
     fusable: Callable[[Key], bool] = lambda k: True,
 ) -> list[Group]:
-    """Groups covering every key of ``graph`` except ``sources`` (already in Ray)."""
+    """Groups covering every key of ``graph`` except ``sources`` (already in Ray).
+
+    An unfusable key that needs nothing from the open interval becomes its group
+    *before* that interval closes, so it does not cut it. In dask's order a shuffle's
+    unpacks interleave with their consumers (unpack 0, its getitem, unpack 1, ...):
+    without this, every consumer would be a Ray task of its own (256 of them in a
+    256-partition shuffle) instead of a few groups of ``size``.
+    """
     chunks: list[list[Key]] = []
     current: list[Key] = []
+    members: set[Key] = set()  # of current
     current_opts: Hashable = None
     for k in graph.order:
         if k in sources:
             continue
         opts = options_of.get(k, ())
-        alone = not fusable(k)
-        if current and (len(current) >= size or opts != current_opts or alone):
+        if not fusable(k):
+            if members.isdisjoint(graph.dependencies[k]):
+                chunks.append([k])  # ahead of the open interval; every edge still points forward
+                continue
+            if current:
+                chunks.append(current)
+            chunks.append([k])
+            current, members = [], set()
+            continue
+        if current and (len(current) >= size or opts != current_opts):
             chunks.append(current)
-            current = []
+            current, members = [], set()
         current.append(k)
+        members.add(k)
         current_opts = opts
-        if alone:
-            chunks.append(current)
-            current = []
     if current:
         chunks.append(current)
     return [_make_group(i, keys, graph, options_of) for i, keys in enumerate(chunks)]

@@ -51,6 +51,40 @@ def test_plan_covers_every_key_once_and_is_acyclic(seed, n, size):
     assert all(len(g.keys) <= size for g in groups)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 120),
+    size=st.integers(1, 20),
+    unfusable_every=st.integers(1, 5),
+)
+def test_plan_with_unfusable_keys_stays_acyclic(seed, n, size, unfusable_every):
+    dsk = _random_dag(seed, n)
+    graph = build(to_task_spec(dsk), [f"t{n - 1}"])
+    alone = {k for i, k in enumerate(graph.order) if i % unfusable_every == 0}
+    groups = plan(graph, sources=frozenset(), size=size, options_of={}, fusable=lambda k: k not in alone)
+    _check_plan(graph, groups)
+    for g in groups:
+        assert len(g.keys) == 1 or alone.isdisjoint(g.keys)
+
+
+def test_unfusable_keys_needing_nothing_open_do_not_cut_the_interval():
+    # A shuffle's shape in dask's order: barrier, then unpack i and its consumer c i in
+    # turn. The unpacks go ahead; the consumers share groups of ``size``.
+    dsk = {"b": 0}
+    for i in range(6):
+        dsk[f"u{i}"] = (abs, "b")
+        dsk[f"c{i}"] = (abs, f"u{i}")
+    graph = build(to_task_spec(dsk), [f"c{i}" for i in range(6)])
+    unpacks = {f"u{i}" for i in range(6)}
+    groups = plan(graph, sources=frozenset(), size=3, options_of={}, fusable=lambda k: k not in unpacks)
+    _check_plan(graph, groups)
+    consumers = [set(g.keys) for g in groups if not unpacks & set(g.keys) and "b" not in g.keys]
+    assert [len(c) for c in consumers] == [3, 3]  # not six groups of one
+    assert set().union(*consumers) == {f"c{i}" for i in range(6)}
+    assert sum(1 for g in groups if unpacks & set(g.keys)) == 6
+
+
 def test_sources_are_not_planned():
     graph = build(to_task_spec(_random_dag(1, 30)), ["t29"])
     sources = frozenset(k for k in graph.nodes if not graph.dependencies[k])
