@@ -137,6 +137,7 @@ class ShuffleConfig:
     actor_num_gpus: float = 0.01
     gpu_results: str = "device"
     actors_per_node: int | Literal["auto"] = "auto"
+    combine_bytes: int = 16 * 2**20
 
     @classmethod
     def from_dask_config(cls) -> ShuffleConfig:
@@ -182,4 +183,5 @@ class ShuffleConfig:
             gpu_results=gpu_results,
             max_restarts=_int("shuffle.max-restarts", minimum=0),
             actors_per_node=_actors_per_node(),
+            combine_bytes=_int("shuffle.combine-bytes", minimum=0),
         )

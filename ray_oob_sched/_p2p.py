@@ -28,6 +28,8 @@ from typing import Any
 
 from dask._task_spec import Alias, GraphNode, Task, TaskRef
 
+from ray_oob_sched._worker import current_scope
+
 Key = Hashable
 
 
@@ -130,9 +132,23 @@ class _Transfer:
     handles: Mapping[str, Any]  # shuffle id -> RunHandle: P2PRewrite.runs, kept current
 
     def __call__(self, df: Any, shuffle_id: str, input_partition: int | tuple[int, ...]) -> int:
-        from shuffle._transfer import transfer
+        from shuffle._rechunk import RechunkLayout
+        from shuffle._transfer import InputBatch, transfer
 
-        return transfer(df, self.handles[shuffle_id], input_partition)
+        handle = self.handles[shuffle_id]
+        scope = current_scope()
+        if (
+            scope is None
+            or isinstance(handle.meta, RechunkLayout)
+            or not handle.options.combine_bytes
+            or isinstance(input_partition, tuple)
+        ):
+            return transfer(df, handle, input_partition)
+        # The inputs of one run that this group computes are sent combined, at the
+        # latest when the group ends (``_worker``), before any marker leaves it.
+        token = ("shuffle-transfer", handle.spec.shuffle_id, handle.spec.run_id)
+        batch: InputBatch = scope.deferred(token, lambda: InputBatch(handle))
+        return batch.add(df, input_partition)
 
 
 def _known_functions() -> tuple[Any, Any, Any, Any]:

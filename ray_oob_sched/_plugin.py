@@ -90,6 +90,7 @@ class RaySchedule:
                     spill_directory=cfg.spill_directory,
                     message_bytes=cfg.message_bytes,
                     send_buffer_bytes=cfg.send_buffer_bytes,
+                    combine_bytes=cfg.combine_bytes,
                 ),
                 timeout=cfg.timeout,
                 host=cfg.host,

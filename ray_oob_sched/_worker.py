@@ -2,15 +2,22 @@
 
 Imported by Ray workers; keeps to the standard library and dask so that the
 function pickled into every task stays small.
+
+A task of the group may leave work to the group's end through ``current_scope()``:
+a shuffle transfer stages its input there, and the transfers of one run are sent
+together (``shuffle._transfer.InputBatch``). The group's values leave the worker
+only when ``run_group`` returns, after every deferred ``finish``; a task inside the
+group that reads a deferred key first finishes what is pending.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import socket
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from dask._task_spec import GraphNode
 
@@ -35,12 +42,61 @@ class GroupStatus:
 _WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
+class Deferred(Protocol):
+    def finish(self) -> None:
+        """Complete the deferred work; raise if it failed."""
+
+
+class GroupScope:
+    """Work left by the tasks of one group to its end, by token, in first-use order."""
+
+    def __init__(self) -> None:
+        self.key: Key = None  # the key being computed
+        self._pending: dict[Hashable, tuple[Deferred, list[Key]]] = {}
+        self._keys: set[Key] = set()
+
+    def deferred(self, token: Hashable, factory: Callable[[], Deferred]) -> Any:
+        """The pending item of ``token`` (made by ``factory`` on first use); the key
+        being computed counts as deferred until the item finishes."""
+        entry = self._pending.get(token)
+        if entry is None:
+            entry = self._pending[token] = (factory(), [])
+        entry[1].append(self.key)
+        self._keys.add(self.key)
+        return entry[0]
+
+    def needs_finish(self, dependencies: Any) -> bool:
+        return bool(self._keys) and not self._keys.isdisjoint(dependencies)
+
+    def finish(self) -> None:
+        """Finish every pending item in order; a failure names the keys it held."""
+        pending, self._pending, self._keys = self._pending, {}, set()
+        for item, keys in pending.values():
+            try:
+                item.finish()
+            except BaseException as e:
+                shown = ", ".join(map(repr, keys[:5])) + (", ..." if len(keys) > 5 else "")
+                e.add_note(f"ray_oob_sched: raised while finishing dask keys {shown}")
+                raise
+
+
+_SCOPE: contextvars.ContextVar[GroupScope | None] = contextvars.ContextVar(
+    "ray_oob_sched_group_scope", default=None
+)
+
+
+def current_scope() -> GroupScope | None:
+    """The scope of the group running in this thread, if any."""
+    return _SCOPE.get()
+
+
 def run_group(spec: GroupSpec, args: Sequence[Any]) -> tuple[Any, ...]:
     """Compute ``spec.keys`` in order; return ``(status, *outputs)``.
 
     In-group intermediates are dropped right after their last in-group use, so a
     long group holds no more than a sequential scheduler would. A failing task's
-    exception is re-raised unchanged, with a note naming its key.
+    exception is re-raised unchanged, with a note naming its key. Deferred work
+    (module docstring) is finished before the outputs leave.
     """
     values: dict[Key, Any] = dict(zip(spec.inputs, args, strict=True))
     keep = set(spec.outputs)
@@ -48,14 +104,23 @@ def run_group(spec: GroupSpec, args: Sequence[Any]) -> tuple[Any, ...]:
     for node in spec.nodes:
         for d in node.dependencies:
             uses[d] = uses.get(d, 0) + 1
-    for key, node in zip(spec.keys, spec.nodes):
-        try:
-            values[key] = node(values)
-        except BaseException as e:
-            e.add_note(f"ray_oob_sched: raised while computing dask key {key!r}")
-            raise
-        for d in node.dependencies:
-            uses[d] -= 1
-            if uses[d] == 0 and d not in keep:
-                del values[d]
+    scope = GroupScope()
+    token = _SCOPE.set(scope)
+    try:
+        for key, node in zip(spec.keys, spec.nodes):
+            if scope.needs_finish(node.dependencies):
+                scope.finish()
+            scope.key = key
+            try:
+                values[key] = node(values)
+            except BaseException as e:
+                e.add_note(f"ray_oob_sched: raised while computing dask key {key!r}")
+                raise
+            for d in node.dependencies:
+                uses[d] -= 1
+                if uses[d] == 0 and d not in keep:
+                    del values[d]
+        scope.finish()
+    finally:
+        _SCOPE.reset(token)
     return (GroupStatus(worker=_WORKER_ID), *(values[k] for k in spec.outputs))

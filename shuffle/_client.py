@@ -57,7 +57,14 @@ from shuffle._transport import (
     get_transport,
 )
 
-__all__ = ["ClientConfig", "EndpointPool", "ShuffleClient", "get_client", "split_for_sending"]
+__all__ = [
+    "ClientConfig",
+    "EndpointPool",
+    "ShuffleClient",
+    "check_input",
+    "get_client",
+    "split_for_sending",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -177,24 +184,39 @@ class EndpointPool:
         await self._transport.close()
 
 
-def split_for_sending(data: Any, handle: RunHandle, input_partition: int) -> Shards:
+def split_for_sending(
+    data: Any, handle: RunHandle, input_partition: int, *, checked: bool = False
+) -> Shards:
     """Input partition ``input_partition`` as ``{owner: [(ShardKey, payload)]}``.
 
-    Payloads are Arrow IPC bytes (dataframe shuffles) or ``Piece``s (array rechunks).
-    CPU work (sort, gather, encoding): runs in the calling thread, not on the loop.
+    Payloads are Arrow record-batch ``Piece``s (dataframe shuffles) or array
+    ``Piece``s (rechunks). CPU work (sort, gather, encoding) runs in the calling
+    thread, not on the loop. ``checked``: the caller already validated the input
+    (``check_input``); a combined input (``_combine``) is named by its first one.
     """
     spec = handle.spec
-    where = f"shuffle {spec.shuffle_id!r} run {spec.run_id}"
-    check_input_partition(input_partition, where=where)
     if isinstance(handle.meta, RechunkLayout):
+        check_input_partition(input_partition, where=_where(handle))
         by_owner = split_chunk(data, handle.meta, input_partition, owner_of=spec.owner_of)
     else:
-        check_frame(data, handle.meta, input_partition, where=where)
+        if not checked:
+            check_input(data, handle, input_partition)
         by_owner = shard_frame(data, spec)
     return {
         owner: [(ShardKey(p, input_partition), payload) for p, payload in items]
         for owner, items in by_owner.items()
     }
+
+def check_input(df: Any, handle: RunHandle, input_partition: int) -> None:
+    """What every dataframe input partition must be before it is split."""
+    where = _where(handle)
+    check_input_partition(input_partition, where=where)
+    check_frame(df, handle.meta, input_partition, where=where)
+
+
+def _where(handle: RunHandle) -> str:
+    return f"shuffle {handle.spec.shuffle_id!r} run {handle.spec.run_id}"
+
 
 class ShuffleClient:
     """One process's sender: a loop thread, transports and endpoint pools (module doc).
@@ -234,12 +256,21 @@ class ShuffleClient:
         Returns once every owner acknowledged every piece; raises the first failure
         (a peer's typed error such as ``StaleRunError``, a transport error, a timeout).
         """
-        shards = split_for_sending(data, handle, input_partition)
+        self.shuffle_many([(input_partition, data)], handle)
+
+    def shuffle_many(
+        self, inputs: Sequence[tuple[int, Any]], handle: RunHandle, *, checked: bool = False
+    ) -> None:
+        """``shuffle`` for several ``(input partition, data)`` items at once: their
+        pieces share messages. ``checked``: as for ``split_for_sending``."""
+        shards: Shards = {}
+        for input_partition, data in inputs:
+            split = split_for_sending(data, handle, input_partition, checked=checked)
+            for owner, items in split.items():
+                shards.setdefault(owner, []).extend(items)
         if shards:
-            self._call(
-                self._send_shards(handle, input_partition, shards),
-                self.config.transfer_timeout,
-            )
+            name = ", ".join(str(i) for i, _ in inputs[:4]) + (", ..." if len(inputs) > 4 else "")
+            self._call(self._send_shards(handle, name, shards), self.config.transfer_timeout)
 
     def close(self, *, graceful: bool = True) -> None:
         """Close every pool and stop the loop thread; idempotent, bounded in time.
@@ -292,11 +323,11 @@ class ShuffleClient:
         pool = await self._pool(address.partition("://")[0], secret)
         await pool.send(address, frames)
 
-    async def _send_shards(self, handle: RunHandle, input_partition: int, shards: Shards) -> None:
+    async def _send_shards(self, handle: RunHandle, inputs: str, shards: Shards) -> None:
         spec, options = handle.spec, handle.options
         pool = await self._pool(handle.transport, handle.secret)
         pool.retain(handle.addresses.values())
-        name = f"{spec.shuffle_id}[{spec.run_id}] input {input_partition}"
+        name = f"{spec.shuffle_id}[{spec.run_id}] inputs {inputs}"
         # Device payloads (frames exposing __cuda_array_interface__) travel as "cuda"
         # frames unless the run's device mode is host, where they are refused.
         registry = registry_for(handle.device.mode)

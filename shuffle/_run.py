@@ -110,6 +110,10 @@ class RunOptions:
     limiter_timeout: float | None = 300.0
     #: Messages in flight at once, over all destinations of one run.
     concurrency: int = 4
+    #: A transfer task sends the dataframe inputs it computes in a row as one
+    #: combined input once they reach this many bytes (``shuffle._combine``); ``0``
+    #: sends every input on its own.
+    combine_bytes: int = 16 * 2**20
 
     def __post_init__(self) -> None:
         limit = self.memory_limit
@@ -126,6 +130,8 @@ class RunOptions:
             )
         if self.limiter_timeout is not None and self.limiter_timeout <= 0:
             raise ValueError(f"limiter_timeout must be > 0 or None, got {self.limiter_timeout}")
+        if isinstance(self.combine_bytes, bool) or self.combine_bytes < 0:
+            raise ValueError(f"combine_bytes must be >= 0, got {self.combine_bytes!r}")
 
 
 DEFAULT_OPTIONS = RunOptions()

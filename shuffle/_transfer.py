@@ -1,20 +1,30 @@
-"""The function a Ray transfer task runs: send one input partition out of band.
+"""What a Ray transfer task runs: send input partitions out of band.
 
 It runs synchronously inside an ordinary Ray worker process (the scheduler calls it
-from its grouped tasks). The process's ``ShuffleClient`` does the work and returns
-once every owner acknowledged every piece, so the returned marker, on which the
-barrier depends, means "this input partition is stored at its owners".
+from its grouped tasks). ``transfer`` sends one input partition: the process's
+``ShuffleClient`` does the work and returns once every owner acknowledged every
+piece, so the returned marker, on which the barrier depends, means "this input
+partition is stored at its owners".
+
+``InputBatch`` is for a task that computes several inputs of one run: it stages
+dataframe inputs and sends them joined into one frame (``shuffle._combine``) once
+``RunOptions.combine_bytes`` are staged, and the rest at ``flush``. Its markers
+hold the same promise only once ``flush`` returned, so whoever uses it must not let
+them out before (the scheduler's group runner flushes before a group returns).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from shuffle._client import get_client
+from dask.sizeof import sizeof
+
+from shuffle._client import ShuffleClient, check_input, get_client
+from shuffle._combine import combine, runs_to_combine
 from shuffle._handle import RunHandle
 from shuffle._rechunk import RechunkLayout
 
-__all__ = ["transfer"]
+__all__ = ["InputBatch", "transfer"]
 
 
 def transfer(data: Any, handle: RunHandle, input_partition: int | tuple[int, ...]) -> int:
@@ -33,3 +43,50 @@ def transfer(data: Any, handle: RunHandle, input_partition: int | tuple[int, ...
         input_partition = handle.meta.flat_input(input_partition)
     get_client().shuffle(data, handle, input_partition)
     return input_partition
+
+
+class InputBatch:
+    """Dataframe input partitions of one run, sent combined (module docstring)."""
+
+    def __init__(self, handle: RunHandle, *, client: ShuffleClient | None = None) -> None:
+        if isinstance(handle.meta, RechunkLayout):
+            raise TypeError(
+                f"shuffle {handle.spec.shuffle_id!r}: an InputBatch combines dataframe "
+                "inputs; send array chunks with transfer()"
+            )
+        self.handle = handle
+        self._client = client
+        self._limit = handle.options.combine_bytes
+        self._staged: list[tuple[int, Any]] = []
+        self._nbytes = 0
+
+    def __repr__(self) -> str:
+        spec = self.handle.spec
+        return f"<InputBatch {spec.shuffle_id!r}[{spec.run_id}] staged={len(self._staged)}>"
+
+    @property
+    def staged(self) -> list[int]:
+        """The input partitions staged and not sent yet."""
+        return [i for i, _ in self._staged]
+
+    def add(self, df: Any, input_partition: int) -> int:
+        """Stage input ``input_partition`` (checked now); send what is staged once it
+        reaches the run's ``combine_bytes``. Returns the marker, as ``transfer``."""
+        check_input(df, self.handle, input_partition)
+        self._staged.append((input_partition, df))
+        self._nbytes += sizeof(df)
+        if self._nbytes >= self._limit:
+            self.flush()
+        return input_partition
+
+    def finish(self) -> None:
+        """``flush``, by the name a scheduler's group runner calls at a group's end."""
+        self.flush()
+
+    def flush(self) -> None:
+        """Send every staged input; return once all are acknowledged."""
+        staged, self._staged, self._nbytes = self._staged, [], 0
+        if staged:
+            client = self._client if self._client is not None else get_client()
+            parts = [combine(run) for run in runs_to_combine(staged)]
+            client.shuffle_many(parts, self.handle, checked=True)

@@ -1,6 +1,7 @@
 """p2p shuffles through ``enable()`` at the edges: many partitions, more data than budget.
 
-- A 64 x 64 shuffle costs O(N + M) Ray tasks, actor calls and messages, not N x M.
+- A 64 x 64 shuffle costs O(N + M) Ray tasks, actor calls and messages, not N x M,
+  and its transfer tasks join their inputs into fewer pieces.
 - A shuffle of 4x an actor's memory budget (``ray-oob-sched.shuffle.memory-limit``)
   completes, really spills (the spill files are counted while the run is open), and
   leaves no spill file behind.
@@ -68,9 +69,10 @@ def test_64_by_64_shuffle_costs_o_of_n_plus_m_tasks_and_calls(oob: OOB) -> None:
     assert stats.ray_tasks <= 3 * (n + m) + 8, stats
     (info,) = probe.infos  # one node, one actor
     assert info.stats.outputs_read == m  # one unpack call per output partition
-    # Pieces are batched: about one message per input and MESSAGE_BYTES, not one per
-    # (input, output) pair.
-    assert info.stats.shards_received > 16 * n
+    # A transfer task sends the inputs it computed joined (shuffle._combine): on the
+    # session's 2 CPUs fusion puts several in each, so there are far fewer pieces than
+    # (input, output) pairs, and about one message per task and MESSAGE_BYTES.
+    assert m <= info.stats.shards_received <= n * m // 4
     assert info.stats.messages_received <= n + info.stats.bytes_received // MESSAGE_BYTES
 
 

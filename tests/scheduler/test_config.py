@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from ray_oob_sched import _config
+from shuffle._run import RunOptions
 from ray_oob_sched._config import SchedulerConfig, ray_init_kwargs
 
 
@@ -193,6 +194,23 @@ def test_shuffle_actors_per_node_takes_a_positive_int_or_auto():
                 ValueError, match=r"shuffle\.actors-per-node must be an integer >= 1.*'auto'"
             ):
                 ShuffleConfig.from_dask_config()
+
+
+def test_shuffle_combine_bytes_reaches_the_service_and_refuses_bad_values():
+    from ray_oob_sched._config import ShuffleConfig
+    from ray_oob_sched._plugin import RaySchedule
+
+    assert ShuffleConfig.from_dask_config().combine_bytes == 16 * 2**20  # the default
+    with dask.config.set({"ray-oob-sched.shuffle.combine-bytes": 0}):
+        service = RaySchedule().shuffle_service()  # starts no actors until used
+    assert service.options.combine_bytes == 0  # 0: every input on its own
+    service.close()
+    for bad in (-1, 1.5, "big", True, None):
+        with dask.config.set({"ray-oob-sched.shuffle.combine-bytes": bad}):
+            with pytest.raises(ValueError, match=r"shuffle\.combine-bytes must be an integer >= 0"):
+                ShuffleConfig.from_dask_config()
+    with pytest.raises(ValueError, match="combine_bytes must be >= 0"):
+        RunOptions(combine_bytes=-1)
 
 
 @pytest.mark.parametrize("value, expected", [("2", 2), ("auto", "auto")])

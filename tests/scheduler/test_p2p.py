@@ -171,3 +171,57 @@ def test_unknown_p2p_shapes_are_refused_before_any_run_starts():
     with pytest.raises(_p2p.UnsupportedGraphError, match="transfer calling .*distributed 20"):
         _p2p.rewrite(nodes, g.dependents, start_run=service.start_run)
     assert not service.started
+
+
+@dataclass(eq=False)
+class RoutedHandle:
+    spec: FakeSpec
+    meta: object
+    options: object
+
+
+@pytest.mark.parametrize(
+    "in_group, combine_bytes, meta, index, expected",
+    [
+        (True, 1 << 20, pd.DataFrame({"k": []}), 3, "batch"),
+        (False, 1 << 20, pd.DataFrame({"k": []}), 3, "alone"),  # no group, no one to flush
+        (True, 0, pd.DataFrame({"k": []}), 3, "alone"),  # combining switched off
+        (True, 1 << 20, RechunkLayout(((2, 2),), ((4,),)), (1,), "alone"),  # array chunks
+    ],
+)
+def test_transfers_in_a_group_are_staged_for_its_end_unless_they_cannot_be(
+    monkeypatch, in_group, combine_bytes, meta, index, expected
+):
+    import shuffle._transfer as transfer_module
+    from ray_oob_sched._worker import GroupSpec, run_group
+    from shuffle._run import RunOptions
+
+    calls: list = []
+
+    class FakeBatch:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def add(self, df, i):
+            calls.append(("batch", i))
+            return i
+
+        def finish(self):
+            calls.append(("finish",))
+
+    monkeypatch.setattr(transfer_module, "InputBatch", FakeBatch)
+    monkeypatch.setattr(
+        transfer_module, "transfer", lambda df, h, i: calls.append(("alone", i)) or 7
+    )
+    handle = RoutedHandle(FakeSpec("s", 1), meta, RunOptions(combine_bytes=combine_bytes))
+    call = _p2p._Transfer({"s": handle})
+    if in_group:
+        from dask._task_spec import Task
+
+        spec = GroupSpec(("t",), (Task("t", call, "df", "s", index),), (), ("t",))
+        run_group(spec, ())
+    else:
+        call("df", "s", index)
+    assert calls[0][0] == expected
+    if expected == "batch":
+        assert calls == [("batch", 3), ("finish",)]  # finished at the group's end

@@ -9,7 +9,7 @@ import pytest
 
 from ray_oob_sched._fuse import plan
 from ray_oob_sched._graph import build, to_task_spec
-from ray_oob_sched._worker import GroupSpec, GroupStatus, run_group
+from ray_oob_sched._worker import GroupSpec, GroupStatus, current_scope, run_group
 
 
 def _spec(dsk, outputs, size=100):
@@ -65,3 +65,69 @@ def test_failing_task_keeps_its_type_and_names_its_key():
     with pytest.raises(LookupError, match="bad value") as info:
         run_group(spec, ())
     assert any("('boom', 3)" in n for n in info.value.__notes__)
+
+
+class Staged:
+    """A deferred item that records when it is finished."""
+
+    def __init__(self, log: list, fail: bool = False) -> None:
+        self.log, self.fail, self.items = log, fail, []
+
+    def finish(self) -> None:
+        self.log.append(("finish", tuple(self.items)))
+        if self.fail:
+            raise ConnectionError("peer went away")
+
+
+def _in_order(dsk, outputs):
+    """A group running ``dsk``'s keys in the order written (dask.order may reorder)."""
+    graph = build(to_task_spec(dsk), outputs)
+    keys = tuple(dsk)
+    return GroupSpec(keys, tuple(graph.nodes[k] for k in keys), (), tuple(outputs))
+
+
+def _stage(log: list, token: str, fail: bool = False):
+    def task(x):
+        item = current_scope().deferred(token, lambda: Staged(log, fail))
+        item.items.append(x)
+        log.append(("staged", x))
+        return x
+
+    return task
+
+
+def test_deferred_work_finishes_before_the_group_returns_and_before_readers():
+    log: list = []
+    stage = _stage(log, "run-1")
+
+    def read(*xs):
+        log.append(("read", xs))
+        return sum(xs)
+
+    dsk = {"a": (stage, 1), "b": (stage, 2), "c": (read, "a", "b"), "d": (stage, 3)}
+    _, c, d = run_group(_in_order(dsk, ["c", "d"]), ())
+    assert (c, d) == (3, 3)
+    # "c" reads deferred keys: what was pending finishes first; "d" at the group's end.
+    assert log == [
+        ("staged", 1),
+        ("staged", 2),
+        ("finish", (1, 2)),
+        ("read", (1, 2)),
+        ("staged", 3),
+        ("finish", (3,)),
+    ]
+    assert current_scope() is None  # only inside run_group
+
+
+def test_one_item_per_token_and_a_failing_finish_names_its_keys():
+    log: list = []
+    dsk = {
+        ("t", 0): (_stage(log, "x"), 0),
+        ("t", 1): (_stage(log, "y", fail=True), 1),
+        ("t", 2): (_stage(log, "x"), 2),
+    }
+    with pytest.raises(ConnectionError, match="peer went away") as info:
+        run_group(_in_order(dsk, [("t", 0), ("t", 1), ("t", 2)]), ())
+    assert ("finish", (0, 2)) in log  # the first token's item finished, with both
+    assert any("finishing dask keys ('t', 1)" in n for n in info.value.__notes__)
+    assert current_scope() is None

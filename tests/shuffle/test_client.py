@@ -8,6 +8,7 @@ thread (as a transfer task would). Also the reply codec, which is pure.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -33,8 +34,10 @@ from shuffle._exceptions import (
 from shuffle._handle import RunHandle
 from shuffle._ids import RunId, ShuffleId
 from shuffle._reply import ACK, decode_reply, encode_error
+from shuffle._rechunk import RechunkLayout
 from shuffle._run import RunOptions
 from shuffle._spec import ShuffleRunSpec
+from shuffle._transfer import InputBatch
 from shuffle._transport import Endpoint, TransportConfig, get_transport
 
 T = TypeVar("T")
@@ -184,6 +187,72 @@ def test_client_shuffles_to_actors_and_survives_a_dropped_connection(
     for actor, _ in actors.values():
         loop.run(actor.close_run(newer.spec.shuffle_id, newer.spec.run_id))
         assert loop.run(actor.runs()) == []
+
+
+def _stats(loop: LoopThread, actors: dict[str, tuple[ShuffleActor, str]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for actor, _ in actors.values():
+        for info in loop.run(actor.runs()):
+            for field, value in vars(info.stats).items():
+                total[field] = total.get(field, 0) + value
+    return total
+
+
+def test_an_input_batch_sends_staged_inputs_joined_and_a_retry_is_dropped(
+    loop: LoopThread, actors: dict[str, tuple[ShuffleActor, str]], client: ShuffleClient
+) -> None:
+    inputs = {i: make_input(i, n) for i, n in enumerate([30, 0, 25, 40])}
+    handle = dataclasses.replace(start_run(loop, actors, run_id=1), options=RunOptions())
+    batch = InputBatch(handle, client=client)
+    for i in (2, 0, 3, 1):  # the order a group happens to compute them in
+        assert batch.add(inputs[i], i) == i
+    assert sorted(batch.staged) == [0, 1, 2, 3]
+    assert _stats(loop, actors)["shards_received"] == 0  # nothing left before flush
+    batch.finish()
+    assert batch.staged == []
+    whole = pd.concat(inputs[i] for i in range(4))
+    got = outputs(loop, actors, handle)
+    for p in range(NOUT):
+        expected = whole[whole["_partitions"] == p].drop(columns="_partitions")
+        pd.testing.assert_frame_equal(got[p], expected)  # one joined piece: input order
+    # One piece per output partition with rows, not one per input and output.
+    assert _stats(loop, actors)["shards_received"] == sum(
+        1 for p in range(NOUT) if (whole["_partitions"] == p).any()
+    )
+    retry = InputBatch(handle, client=client)  # a retried task stages the same inputs
+    for i in (0, 1, 2, 3):
+        retry.add(inputs[i], i)
+    retry.flush()
+    assert _stats(loop, actors)["duplicates_ignored"] > 0
+    for p, frame in enumerate(outputs(loop, actors, handle)):
+        pd.testing.assert_frame_equal(frame, got[p])
+
+
+def test_an_input_batch_sends_once_it_holds_combine_bytes(
+    loop: LoopThread, actors: dict[str, tuple[ShuffleActor, str]], client: ShuffleClient
+) -> None:
+    handle = start_run(loop, actors, run_id=1)
+    small = dataclasses.replace(handle, options=RunOptions(combine_bytes=1))
+    batch = InputBatch(small, client=client)
+    batch.add(make_input(0, 30), 0)
+    assert batch.staged == []  # over the limit at once: sent before add returned
+    assert _stats(loop, actors)["shards_received"] > 0
+
+
+def test_an_input_batch_checks_each_input_when_it_is_added(
+    loop: LoopThread, actors: dict[str, tuple[ShuffleActor, str]], client: ShuffleClient
+) -> None:
+    handle = start_run(loop, actors, run_id=1)
+    batch = InputBatch(handle, client=client)
+    with pytest.raises(ValueError, match="input partition 5 has columns"):
+        batch.add(make_input(5, 3).rename(columns={"x": "y"}), 5)
+    with pytest.raises(ValueError, match="input partition must be an int"):
+        batch.add(make_input(6, 3), -1)
+    assert batch.staged == []
+    layout = RechunkLayout(((2, 2),), ((4,),))
+    array_handle = dataclasses.replace(handle, meta=layout)
+    with pytest.raises(TypeError, match="send array chunks with transfer"):
+        InputBatch(array_handle, client=client)
 
 
 def test_a_request_without_an_ack_times_out(loop: LoopThread) -> None:

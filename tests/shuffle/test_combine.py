@@ -1,0 +1,60 @@
+"""Tier 1: which staged inputs a transfer task joins into one frame (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shuffle._combine import combine, runs_to_combine
+
+
+def frame(i: int, n: int = 3, **extra: object) -> pd.DataFrame:
+    data = {"x": np.arange(n, dtype=np.int64) + 10 * i, "_partitions": np.zeros(n, np.int64)}
+    return pd.DataFrame({**data, **extra}, index=pd.RangeIndex(100 * i, 100 * i + n))
+
+
+def test_frames_alike_form_one_run_in_input_order_whatever_the_staging_order():
+    staged = [(i, frame(i)) for i in (7, 2, 5, 3)]
+    (run,) = runs_to_combine(staged)
+    assert [i for i, _ in run] == [2, 3, 5, 7]
+    first, joined = combine(run)
+    assert first == 2
+    pd.testing.assert_frame_equal(joined, pd.concat([frame(i) for i in (2, 3, 5, 7)]))
+
+
+def test_different_dtypes_or_columns_or_categories_never_share_a_run():
+    cat_a = pd.Categorical(["a"] * 3)
+    cat_b = pd.Categorical(["b"] * 3)
+    staged = [
+        (0, frame(0)),
+        (1, frame(1).astype({"x": "float64"})),
+        (2, frame(2, c=cat_a)),
+        (3, frame(3, c=cat_b)),  # same columns, other categories
+        (4, frame(4)),
+        (5, frame(5)[["_partitions", "x"]]),  # other column order
+    ]
+    runs = [[i for i, _ in run] for run in runs_to_combine(staged)]
+    assert runs == [[0, 4], [1], [2], [3], [5]]
+    # Each run's frames join without changing a dtype.
+    for run in runs_to_combine(staged):
+        _, joined = combine(run)
+        assert list(joined.dtypes) == list(run[0][1].dtypes)
+
+
+def test_non_pandas_frames_stay_alone():
+    class Other:
+        pass
+
+    staged = [(0, frame(0)), (1, Other()), (2, Other()), (3, frame(3))]
+    runs = [[i for i, _ in run] for run in runs_to_combine(staged)]
+    assert runs == [[0, 3], [1], [2]]
+    single = runs_to_combine(staged)[1]
+    assert combine(single) == (1, single[0][1])  # a run of one is passed through
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 2, 0)])
+def test_runs_are_the_same_for_the_same_staged_set(order):
+    # A retried task stages the same inputs: it must cut the same runs (same names).
+    staged = [(i, frame(i) if i != 1 else frame(i).astype({"x": "int32"})) for i in order]
+    assert [[i for i, _ in r] for r in runs_to_combine(staged)] == [[0, 2], [1]]
