@@ -17,10 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dask.sizeof import sizeof
-
 from shuffle._client import ShuffleClient, check_input, get_client
-from shuffle._combine import combine, runs_to_combine
+from shuffle._combine import combine, frame_nbytes, runs_to_combine
 from shuffle._handle import RunHandle
 from shuffle._rechunk import RechunkLayout
 
@@ -74,7 +72,7 @@ class InputBatch:
         reaches the run's ``combine_bytes``. Returns the marker, as ``transfer``."""
         check_input(df, self.handle, input_partition)
         self._staged.append((input_partition, df))
-        self._nbytes += sizeof(df)
+        self._nbytes += frame_nbytes(df)
         if self._nbytes >= self._limit:
             self.flush()
         return input_partition

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shuffle._combine import combine, runs_to_combine
+from shuffle._combine import combine, frame_nbytes, runs_to_combine
 
 
 def frame(i: int, n: int = 3, **extra: object) -> pd.DataFrame:
@@ -58,3 +58,19 @@ def test_runs_are_the_same_for_the_same_staged_set(order):
     # A retried task stages the same inputs: it must cut the same runs (same names).
     staged = [(i, frame(i) if i != 1 else frame(i).astype({"x": "int32"})) for i in order]
     assert [[i for i, _ in r] for r in runs_to_combine(staged)] == [[0, 2], [1]]
+
+
+def test_frame_nbytes_is_deterministic_and_counts_object_values():
+    rng = np.random.default_rng(0)
+    values = ["x" * int(n) for n in rng.integers(1, 200, 5000)]
+    words = pd.DataFrame({"w": pd.Series(values, dtype=object)})
+    assert words.dtypes["w"] == object
+    sizes = {frame_nbytes(words) for _ in range(20)}
+    assert len(sizes) == 1  # dask's sizeof samples at random: a retry could cut other sets
+    (size,) = sizes
+    assert size > words.memory_usage(deep=False).sum() + 5000 * 49  # the strings count
+    numbers = frame(0, n=1000)
+    assert frame_nbytes(numbers) == numbers.memory_usage(index=True, deep=False).sum()
+    assert frame_nbytes(words.iloc[:0]) == words.iloc[:0].memory_usage(deep=False).sum()
+    text = words.astype("string[pyarrow]")  # Arrow strings know their bytes
+    assert frame_nbytes(text) == text.memory_usage(index=True, deep=False).sum() > 5000 * 49
