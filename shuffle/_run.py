@@ -482,7 +482,8 @@ class DataFrameShuffleRun(ShuffleRun):
         return await self._add_shards(shard_frame(df, self.spec), input_partition)
 
     def get_output_partition(self, partition: int) -> Any:
-        """Output ``partition`` as a frame like ``meta``, rows in input order.
+        """Output ``partition`` as a frame like ``meta``, pieces in input partition order
+        (a joined piece, ``shuffle._combine``, sorts by its smallest input).
 
         Arrow pieces give a pandas frame; cuDF pieces (``_cudf``) a cuDF one.
         """
