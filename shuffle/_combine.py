@@ -26,6 +26,7 @@ import sys
 from collections.abc import Hashable, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 __all__ = ["combine", "frame_nbytes", "runs_to_combine"]
@@ -43,8 +44,12 @@ def frame_nbytes(frame: Any) -> int:
     """
     if type(frame) is not pd.DataFrame:
         return int(frame.memory_usage(deep=True).sum())  # cuDF: exact, and cheap
+    dtypes = list(frame.dtypes)
+    if all(isinstance(d, np.dtype) and d != object for d in dtypes):
+        # memory_usage costs ~0.25 ms per call; numpy columns are rows x itemsize.
+        return len(frame) * sum(d.itemsize for d in dtypes) + int(frame.index.nbytes)
     total = int(frame.memory_usage(index=True, deep=False).sum())
-    for position, dtype in enumerate(frame.dtypes):
+    for position, dtype in enumerate(dtypes):
         if dtype == object and len(frame):
             head = frame.iloc[:_SAMPLE, position].tolist()
             total += len(frame) * sum(map(sys.getsizeof, head)) // len(head)
