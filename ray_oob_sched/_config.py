@@ -60,6 +60,7 @@ class FuseConfig:
     enabled: bool
     max_tasks: int
     tasks_per_cpu: int
+    max_hoisted: int = 8
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class SchedulerConfig:
                 enabled=_bool("scheduler.fuse.enabled"),
                 max_tasks=_int("scheduler.fuse.max-tasks", minimum=1),
                 tasks_per_cpu=_int("scheduler.fuse.tasks-per-cpu", minimum=1),
+                max_hoisted=_int("scheduler.fuse.max-hoisted", minimum=0),
             ),
         )
 

@@ -49,6 +49,7 @@ def plan(
     size: int,
     options_of: Mapping[Key, Hashable],
     fusable: Callable[[Key], bool] = lambda k: True,
+    max_hoisted: int = 8,
 ) -> list[Group]:
     """Groups covering every key of ``graph`` except ``sources`` (already in Ray).
 
@@ -56,28 +57,34 @@ def plan(
     *before* that interval closes, so it does not cut it. In dask's order a shuffle's
     unpacks interleave with their consumers (unpack 0, its getitem, unpack 1, ...):
     without this, every consumer would be a Ray task of its own (256 of them in a
-    256-partition shuffle) instead of a few groups of ``size``.
+    256-partition shuffle) instead of a few groups of ``size``. About
+    ``max_hoisted`` keys at most go ahead of one interval: Ray fetches all of a group's
+    arguments before it starts, and each is a whole output partition.
     """
     chunks: list[list[Key]] = []
     current: list[Key] = []
     members: set[Key] = set()  # of current
+    hoisted = 0  # keys placed ahead of current
     current_opts: Hashable = None
     for k in graph.order:
         if k in sources:
             continue
         opts = options_of.get(k, ())
         if not fusable(k):
-            if members.isdisjoint(graph.dependencies[k]):
+            if hoisted < max_hoisted and members.isdisjoint(graph.dependencies[k]):
                 chunks.append([k])  # ahead of the open interval; every edge still points forward
+                hoisted += 1
                 continue
             if current:
                 chunks.append(current)
             chunks.append([k])
             current, members = [], set()
+            hoisted = 1 if max_hoisted else 0  # k feeds the next interval as if hoisted
             continue
         if current and (len(current) >= size or opts != current_opts):
             chunks.append(current)
             current, members = [], set()
+            hoisted = 0
         current.append(k)
         members.add(k)
         current_opts = opts

@@ -224,6 +224,7 @@ class RaySchedule:
                 size=size,
                 options_of=options_of,
                 fusable=lambda k: k not in unpacks,
+                max_hoisted=config.fuse.max_hoisted if config.fuse.enabled else 0,
             )
             state = SchedulerState(
                 groups,

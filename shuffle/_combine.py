@@ -31,7 +31,7 @@ import pandas as pd
 
 __all__ = ["combine", "frame_nbytes", "runs_to_combine"]
 
-#: Values of an object column whose sizes stand for all of its values.
+#: Evenly spaced values of a Python-object column whose sizes stand for all of them.
 _SAMPLE = 32
 
 
@@ -40,20 +40,34 @@ def frame_nbytes(frame: Any) -> int:
 
     Where a task sends staged inputs depends on this, and a retry must cut the same
     sets (module docstring): dask's ``sizeof`` samples object columns at random, so
-    it cannot be used. Object columns count their first values' sizes for all.
+    it cannot be used. Columns (and an index) of Python objects count the sizes of
+    evenly spaced values for all of theirs.
     """
     if type(frame) is not pd.DataFrame:
         return int(frame.memory_usage(deep=True).sum())  # cuDF: exact, and cheap
     dtypes = list(frame.dtypes)
-    if all(isinstance(d, np.dtype) and d != object for d in dtypes):
+    index = frame.index
+    if index.dtype != object and all(isinstance(d, np.dtype) and d != object for d in dtypes):
         # memory_usage costs ~0.25 ms per call; numpy columns are rows x itemsize.
-        return len(frame) * sum(d.itemsize for d in dtypes) + int(frame.index.nbytes)
+        return len(frame) * sum(d.itemsize for d in dtypes) + int(index.nbytes)
     total = int(frame.memory_usage(index=True, deep=False).sum())
-    for position, dtype in enumerate(dtypes):
-        if dtype == object and len(frame):
-            head = frame.iloc[:_SAMPLE, position].tolist()
-            total += len(frame) * sum(map(sys.getsizeof, head)) // len(head)
+    if len(frame):
+        step = max(1, len(frame) // _SAMPLE)
+        for position, dtype in enumerate(dtypes):
+            if _holds_objects(dtype):
+                total += _objects_nbytes(frame.iloc[::step, position].tolist(), len(frame))
+        if _holds_objects(index.dtype):
+            total += _objects_nbytes(index[::step].tolist(), len(frame))
     return total
+
+
+def _holds_objects(dtype: Any) -> bool:
+    # memory_usage(deep=False) counts these as one pointer per value.
+    return dtype == object or (isinstance(dtype, pd.StringDtype) and dtype.storage == "python")
+
+
+def _objects_nbytes(sample: list[Any], n: int) -> int:
+    return n * sum(map(sys.getsizeof, sample)) // len(sample)
 
 
 def runs_to_combine(staged: Sequence[tuple[int, Any]]) -> list[list[tuple[int, Any]]]:

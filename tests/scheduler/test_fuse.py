@@ -85,6 +85,29 @@ def test_unfusable_keys_needing_nothing_open_do_not_cut_the_interval():
     assert sum(1 for g in groups if unpacks & set(g.keys)) == 6
 
 
+@pytest.mark.parametrize("max_hoisted", [0, 1, 2, 3])
+def test_hoisting_is_capped_so_a_group_fetches_few_partitions(max_hoisted):
+    dsk = {"b": 0}
+    for i in range(12):
+        dsk[f"u{i}"] = (abs, "b")
+        dsk[f"c{i}"] = (abs, f"u{i}")
+    graph = build(to_task_spec(dsk), [f"c{i}" for i in range(12)])
+    unpacks = {f"u{i}" for i in range(12)}
+    groups = plan(
+        graph,
+        sources=frozenset(),
+        size=100,
+        options_of={},
+        fusable=lambda k: k not in unpacks,
+        max_hoisted=max_hoisted,
+    )
+    _check_plan(graph, groups)
+    consumers = [g for g in groups if not unpacks & set(g.keys) and "b" not in g.keys]
+    fetched = [len(unpacks & set(g.inputs)) for g in consumers]
+    assert max(fetched) <= max(1, max_hoisted)  # 0: every unpack cuts, as before hoisting
+    assert sum(fetched) == 12
+
+
 def test_sources_are_not_planned():
     graph = build(to_task_spec(_random_dag(1, 30)), ["t29"])
     sources = frozenset(k for k in graph.nodes if not graph.dependencies[k])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -74,3 +76,15 @@ def test_frame_nbytes_is_deterministic_and_counts_object_values():
     assert frame_nbytes(words.iloc[:0]) == words.iloc[:0].memory_usage(deep=False).sum()
     text = words.astype("string[pyarrow]")  # Arrow strings know their bytes
     assert frame_nbytes(text) == text.memory_usage(index=True, deep=False).sum() > 5000 * 49
+
+
+def test_frame_nbytes_samples_objects_evenly_and_counts_object_indexes():
+    # Short values first, long ones after: the first values alone would say 20x less.
+    values = ["ab"] * 100 + ["x" * 1000] * 3900
+    expected = sum(map(sys.getsizeof, values))
+    for frame_ in (
+        pd.DataFrame({"w": pd.Series(values, dtype=object)}),
+        pd.DataFrame({"w": pd.array(values, dtype="string[python]")}),
+        pd.DataFrame({"v": np.zeros(len(values))}, index=pd.Index(values, dtype=object)),
+    ):
+        assert 0.8 * expected < frame_nbytes(frame_) < 1.3 * expected + frame_.memory_usage().sum()
