@@ -46,7 +46,8 @@ from shuffle._limiter import ResourceLimiter
 from shuffle._reply import decode_reply
 from shuffle._rechunk import RechunkLayout
 from shuffle._run import check_frame, check_input_partition, shard_frame, split_chunk
-from shuffle._serialize import encode_message, payload_nbytes
+from shuffle._combine import joined_meta
+from shuffle._serialize import Piece, encode_message, payload_nbytes
 from shuffle._transport import (
     ClosedResourceError,
     Endpoint,
@@ -185,14 +186,20 @@ class EndpointPool:
 
 
 def split_for_sending(
-    data: Any, handle: RunHandle, input_partition: int, *, checked: bool = False
+    data: Any,
+    handle: RunHandle,
+    input_partition: int,
+    *,
+    checked: bool = False,
+    covers: Sequence[int] = (),
 ) -> Shards:
     """Input partition ``input_partition`` as ``{owner: [(ShardKey, payload)]}``.
 
     Payloads are Arrow record-batch ``Piece``s (dataframe shuffles) or array
     ``Piece``s (rechunks). CPU work (sort, gather, encoding) runs in the calling
     thread, not on the loop. ``checked``: the caller already validated the input
-    (``check_input``); a combined input (``_combine``) is named by its first one.
+    (``check_input``). ``covers``: the inputs joined into ``data`` (``_combine``),
+    named by the first, ``input_partition``; their pieces' metas say so.
     """
     spec = handle.spec
     if isinstance(handle.meta, RechunkLayout):
@@ -202,10 +209,32 @@ def split_for_sending(
         if not checked:
             check_input(data, handle, input_partition)
         by_owner = shard_frame(data, spec)
+        if len(covers) > 1:
+            by_owner = _mark_joined(by_owner, covers)
     return {
         owner: [(ShardKey(p, input_partition), payload) for p, payload in items]
         for owner, items in by_owner.items()
     }
+
+
+def _mark_joined(
+    by_owner: dict[str, list[tuple[int, Any]]], covers: Sequence[int]
+) -> dict[str, list[tuple[int, Any]]]:
+    metas: dict[bytes, bytes] = {}  # one joined meta per own meta: messages carry it once
+
+    def mark(payload: Any) -> Piece:
+        data, meta, nbytes = (
+            (payload.data, payload.meta, payload.nbytes)
+            if isinstance(payload, Piece)
+            else (payload, b"", payload_nbytes(payload))  # an IPC stream: no meta
+        )
+        joined = metas.get(meta)
+        if joined is None:
+            joined = metas[meta] = joined_meta(covers, meta)
+        return Piece(data, joined, nbytes)
+
+    return {owner: [(p, mark(x)) for p, x in items] for owner, items in by_owner.items()}
+
 
 def check_input(df: Any, handle: RunHandle, input_partition: int) -> None:
     """What every dataframe input partition must be before it is split."""
@@ -256,20 +285,30 @@ class ShuffleClient:
         Returns once every owner acknowledged every piece; raises the first failure
         (a peer's typed error such as ``StaleRunError``, a transport error, a timeout).
         """
-        self.shuffle_many([(input_partition, data)], handle)
+        self.shuffle_many([(input_partition, data, (input_partition,))], handle)
 
     def shuffle_many(
-        self, inputs: Sequence[tuple[int, Any]], handle: RunHandle, *, checked: bool = False
+        self,
+        inputs: Sequence[tuple[int, Any, Sequence[int]]],
+        handle: RunHandle,
+        *,
+        checked: bool = False,
     ) -> None:
-        """``shuffle`` for several ``(input partition, data)`` items at once: their
-        pieces share messages. ``checked``: as for ``split_for_sending``."""
+        """``shuffle`` for several ``(input partition, data, covers)`` items at once:
+        their pieces share messages. ``checked``, ``covers``: as for
+        ``split_for_sending``."""
         shards: Shards = {}
-        for input_partition, data in inputs:
-            split = split_for_sending(data, handle, input_partition, checked=checked)
+        for input_partition, data, covers in inputs:
+            split = split_for_sending(
+                data, handle, input_partition, checked=checked, covers=covers
+            )
             for owner, items in split.items():
                 shards.setdefault(owner, []).extend(items)
         if shards:
-            name = ", ".join(str(i) for i, _ in inputs[:4]) + (", ..." if len(inputs) > 4 else "")
+            covered = sorted(i for _, _, c in inputs for i in (c or ()))
+            shown = covered or [i for i, _, _ in inputs]
+            more = f", ... ({len(shown)} in all)" if len(shown) > 4 else ""
+            name = ", ".join(map(str, shown[:4])) + more
             self._call(self._send_shards(handle, name, shards), self.config.transfer_timeout)
 
     def close(self, *, graceful: bool = True) -> None:

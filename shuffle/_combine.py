@@ -9,8 +9,14 @@ frame, split once, whose pieces are named by its smallest input partition.
 
 What stays true: receivers drop a piece they already hold under the same name (a
 retried task resends), and the sets never overlap, so names stay unique; the sets
-depend only on what the task staged, never on timing, so a retry cuts the same
-ones. What changes: an output partition's rows come ordered by piece name, and a
+depend only on what the task staged, never on timing, so a retry of deterministic
+inputs cuts the same ones. A retry whose inputs came out different (a random
+source, data that changed) could cut other sets, which name-based dedupe would
+turn into lost or doubled rows; so a joined piece's meta lists the inputs it
+covers (``joined_meta``), and ``Coverage`` refuses a piece whose set overlaps
+another one (``InconsistentInputsError``): the compute fails, loudly, instead.
+
+What changes: an output partition's rows come ordered by piece name, and a
 joined piece keeps its inputs' rows in input order; inputs of different pieces may
 interleave. Dask promises no row order across inputs for its p2p methods
 (distributed's P2P concatenates shards in arrival order).
@@ -22,14 +28,31 @@ of their own keep every category (``_partition.concat_partition``).
 
 from __future__ import annotations
 
+import functools
+import struct
 import sys
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["combine", "frame_nbytes", "runs_to_combine"]
+from shuffle._exceptions import FrameError, InconsistentInputsError
+
+__all__ = [
+    "JOINED_TAG",
+    "Coverage",
+    "combine",
+    "frame_nbytes",
+    "joined_meta",
+    "runs_to_combine",
+    "split_joined",
+]
+
+#: Leads the meta of a piece cut from joined inputs: u32 count, the inputs as u32,
+#: then the piece's own meta (``shuffle._arrow``'s, or empty for an IPC stream).
+JOINED_TAG = b"joined\0"
+_U32 = struct.Struct("<I")
 
 #: Evenly spaced values of a Python-object column whose sizes stand for all of them.
 _SAMPLE = 32
@@ -92,12 +115,13 @@ def runs_to_combine(staged: Sequence[tuple[int, Any]]) -> list[list[tuple[int, A
     return runs
 
 
-def combine(run: Sequence[tuple[int, Any]]) -> tuple[int, Any]:
-    """One run as ``(its first input partition, one frame)``: rows in input order."""
-    first = run[0][0]
+def combine(run: Sequence[tuple[int, Any]]) -> tuple[int, Any, tuple[int, ...]]:
+    """One run as ``(its first input partition, one frame, the inputs it covers)``:
+    rows in input order."""
+    inputs = tuple(i for i, _ in run)
     if len(run) == 1:
-        return first, run[0][1]
-    return first, pd.concat([frame for _, frame in run])
+        return inputs[0], run[0][1], inputs
+    return inputs[0], pd.concat([frame for _, frame in run]), inputs
 
 
 def _signature(frame: Any) -> Hashable | None:
@@ -110,3 +134,77 @@ def _signature(frame: Any) -> Hashable | None:
     except TypeError:  # an extension dtype that does not hash: never joined
         return None
     return signature
+
+
+def joined_meta(inputs: Sequence[int], meta: bytes) -> bytes:
+    """The meta of a piece covering ``inputs`` (sorted, the first names the piece)."""
+    count = len(inputs)
+    return b"".join([JOINED_TAG, _U32.pack(count), struct.pack(f"<{count}I", *inputs), meta])
+
+
+@functools.lru_cache(maxsize=4096)
+def split_joined(meta: bytes) -> tuple[tuple[int, ...] | None, bytes]:
+    """``(inputs covered, own meta)`` of a piece; ``(None, meta)`` if not joined.
+
+    Cached: every piece of one joined frame carries the same meta.
+    """
+    if not meta.startswith(JOINED_TAG):
+        return None, meta
+    start = len(JOINED_TAG)
+    if len(meta) < start + 4:
+        raise FrameError("a joined piece's meta is truncated")
+    (count,) = _U32.unpack_from(meta, start)
+    end = start + 4 + 4 * count
+    if count < 2 or len(meta) < end:
+        raise FrameError(f"a joined piece's meta is malformed (count {count}, {len(meta)} bytes)")
+    inputs = struct.unpack_from(f"<{count}I", meta, start + 4)
+    if list(inputs) != sorted(set(inputs)):
+        raise FrameError(f"a joined piece's inputs {inputs[:8]} are not sorted and distinct")
+    return inputs, meta[end:]
+
+
+class Coverage:
+    """Which inputs the stored pieces of each output partition cover (module doc)."""
+
+    def __init__(self) -> None:
+        self._by_partition: dict[int, dict[int, tuple[int, ...]]] = {}  # input -> its set
+
+    def admit(self, pieces: Iterable[tuple[int, int, bytes]]) -> None:
+        """Check ``(output, input, meta)`` of one message's pieces and record them.
+
+        A piece whose set equals the stored one of its name is a duplicate (fine);
+        one overlapping another set raises ``InconsistentInputsError`` and records
+        nothing; a malformed one ``FrameError``.
+        """
+        new: dict[int, dict[int, tuple[int, ...]]] = {}
+        for output, name, meta in pieces:
+            joined, _ = split_joined(meta)
+            inputs = (name,) if joined is None else joined
+            if inputs[0] != name:
+                raise FrameError(
+                    f"a joined piece of output {output} is named {name}, not by its first "
+                    f"input {inputs[0]}"
+                )
+            stored = self._by_partition.get(output, {})
+            fresh = new.setdefault(output, {})
+            known = stored.get(name) or fresh.get(name)
+            if known == inputs:
+                continue  # a resent piece
+            for i in inputs:
+                if i in stored or i in fresh:
+                    other = stored.get(i) or fresh[i]
+                    raise InconsistentInputsError(
+                        f"output partition {output}: a piece covering input partitions "
+                        f"{_show(inputs)} overlaps one covering {_show(other)}. A retried "
+                        "transfer task computed different inputs than its first attempt "
+                        "(a nondeterministic source?); make the inputs deterministic, or "
+                        "set ray-oob-sched.shuffle.combine-bytes to 0"
+                    )
+            for i in inputs:
+                fresh[i] = inputs
+        for output, covered in new.items():
+            self._by_partition.setdefault(output, {}).update(covered)
+
+
+def _show(inputs: Sequence[int]) -> str:
+    return str(list(inputs[:6]))[:-1] + (", ...]" if len(inputs) > 6 else "]")

@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "BufferClosedError",
     "FrameError",
+    "InconsistentInputsError",
     "LimiterTimeoutError",
     "RemoteShuffleError",
     "ShuffleClosedError",
@@ -88,6 +89,12 @@ class FrameError(ShuffleError, ValueError):
             f"malformed shuffle frame: {self.reason}; both ends must run the same "
             "shuffle protocol version, and nothing else may write to shuffle endpoints"
         )
+
+
+class InconsistentInputsError(ShuffleError, ValueError):
+    """Pieces of one run cover overlapping sets of input partitions: a retried
+    transfer task computed other inputs than its first attempt, so keeping either
+    would lose or double rows (``shuffle._combine``)."""
 
 
 class LimiterTimeoutError(ShuffleError, TimeoutError):

@@ -19,6 +19,7 @@ from typing import Any
 from shuffle._exceptions import (
     BufferClosedError,
     FrameError,
+    InconsistentInputsError,
     LimiterTimeoutError,
     RemoteShuffleError,
     ShuffleClosedError,
@@ -41,6 +42,7 @@ _TYPED: dict[str, type[ShuffleError]] = {
         UnknownRunError,
         ShuffleClosedError,
         FrameError,
+        InconsistentInputsError,
         BufferClosedError,
         LimiterTimeoutError,
     )

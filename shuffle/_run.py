@@ -47,6 +47,7 @@ import pandas as pd
 import pyarrow as pa
 
 from shuffle._buffer import ShardsBuffer
+from shuffle._combine import Coverage, split_joined
 from shuffle._arrow import encode_slices, pieces_to_tables
 from shuffle._cudf import CUDF_TAG, concat_cudf, is_cudf_frame, split_cudf
 from shuffle._exceptions import BufferClosedError, FrameError, ShuffleClosedError
@@ -342,8 +343,9 @@ class ShuffleRun(abc.ABC):
                 f"{self} received shards of output partitions {foreign} from "
                 f"{header.sender!r}, but owns only {self.owned}"
             )
-        self.stats.messages_received += 1
         entries = header.entries
+        self._admit(entries)
+        self.stats.messages_received += 1
         # One batch, one lock; sizes come from the header, which decoding checked.
         added = self._store.append_many(
             [(e.key, b, e.nbytes) for e, b in zip(entries, message.buffers, strict=True)]
@@ -375,6 +377,10 @@ class ShuffleRun(abc.ABC):
         self._inputs_done = True
         await self._buffer.flush()
         self.raise_if_closed()
+
+    def _admit(self, entries: Sequence[Any]) -> None:
+        """Refuse (raise) a message whose entries contradict what is stored; the
+        dataframe run checks joined pieces' coverage."""
 
     @abc.abstractmethod
     def get_output_partition(self, partition: int) -> Any:
@@ -468,6 +474,12 @@ class DataFrameShuffleRun(ShuffleRun):
         super().__init__(**common)
         self.meta = meta
         self.output_meta = meta.drop(columns=spec.column) if spec.drop_column else meta
+        self._coverage = Coverage()
+
+    def _admit(self, entries: Sequence[Any]) -> None:
+        # Joined pieces (shuffle._combine) must not overlap: a name-based dedupe
+        # would lose or double rows of a retry that computed different inputs.
+        self._coverage.admit((e.output_partition, e.input_partition, e.meta) for e in entries)
 
     async def add_partition(self, df: pd.DataFrame, input_partition: int) -> RunId:
         """Shard input partition ``input_partition`` to the owners of its rows.
@@ -487,7 +499,7 @@ class DataFrameShuffleRun(ShuffleRun):
 
         Arrow pieces give a pandas frame; cuDF pieces (``_cudf``) a cuDF one.
         """
-        shards = self._read(partition)
+        shards = [(i, payload, split_joined(meta)[1]) for i, payload, meta in self._read(partition)]
         if any(meta.startswith(CUDF_TAG) for _, _, meta in shards):
             out = concat_cudf([(meta, payload) for _, payload, meta in shards], meta=self.output_meta)
         else:

@@ -293,7 +293,11 @@ def test_selected_partitions_move_only_their_rows(
 
     with RunsAtFinish(oob) as probe:
         got = pick(op(left, right, nout), chosen, how)
-    pd.testing.assert_frame_equal(got, expected)
+    # The same rows; their order inside a partition follows the transfer tasks'
+    # joined inputs (shuffle._combine), which depend on each compute's fusion plan.
+    rows, want = got.reset_index(), expected.reset_index()
+    columns = list(rows.columns)
+    pd.testing.assert_frame_equal(by_all(rows, columns), by_all(want, columns))
     assert probe.infos is not None and len(probe.infos) == len(inputs)  # one actor here
     for info, ninputs in zip(sorted(probe.infos, key=lambda i: -i.stats.shards_received), inputs):
         # Every input is read, but only the chosen outputs are unpacked ...

@@ -62,7 +62,9 @@ def test_plan_with_unfusable_keys_stays_acyclic(seed, n, size, unfusable_every):
     dsk = _random_dag(seed, n)
     graph = build(to_task_spec(dsk), [f"t{n - 1}"])
     alone = {k for i, k in enumerate(graph.order) if i % unfusable_every == 0}
-    groups = plan(graph, sources=frozenset(), size=size, options_of={}, fusable=lambda k: k not in alone)
+    groups = plan(
+        graph, sources=frozenset(), size=size, options_of={}, fusable=lambda k: k not in alone
+    )
     _check_plan(graph, groups)
     for g in groups:
         assert len(g.keys) == 1 or alone.isdisjoint(g.keys)
@@ -77,7 +79,9 @@ def test_unfusable_keys_needing_nothing_open_do_not_cut_the_interval():
         dsk[f"c{i}"] = (abs, f"u{i}")
     graph = build(to_task_spec(dsk), [f"c{i}" for i in range(6)])
     unpacks = {f"u{i}" for i in range(6)}
-    groups = plan(graph, sources=frozenset(), size=3, options_of={}, fusable=lambda k: k not in unpacks)
+    groups = plan(
+        graph, sources=frozenset(), size=3, options_of={}, fusable=lambda k: k not in unpacks
+    )
     _check_plan(graph, groups)
     consumers = [set(g.keys) for g in groups if not unpacks & set(g.keys) and "b" not in g.keys]
     assert [len(c) for c in consumers] == [3, 3]  # not six groups of one

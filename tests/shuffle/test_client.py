@@ -25,6 +25,7 @@ from shuffle._client import ClientConfig, ShuffleClient
 from shuffle._exceptions import (
     BufferClosedError,
     FrameError,
+    InconsistentInputsError,
     LimiterTimeoutError,
     RemoteShuffleError,
     ShuffleClosedError,
@@ -56,6 +57,7 @@ NOUT = 4
         UnknownRunError("s", 3, "actor-0"),
         ShuffleClosedError("s", 1, "already closed on 'a'"),
         FrameError("bad magic"),
+        InconsistentInputsError("output partition 3: a piece covering [0, 1] overlaps"),
         BufferClosedError("store"),
         LimiterTimeoutError("send", 1.5, 10, 5),
     ],
@@ -226,6 +228,27 @@ def test_an_input_batch_sends_staged_inputs_joined_and_a_retry_is_dropped(
     assert _stats(loop, actors)["duplicates_ignored"] > 0
     for p, frame in enumerate(outputs(loop, actors, handle)):
         pd.testing.assert_frame_equal(frame, got[p])
+
+
+def test_a_retry_that_cuts_other_sets_is_refused_not_merged(
+    loop: LoopThread, actors: dict[str, tuple[ShuffleActor, str]], client: ShuffleClient
+) -> None:
+    inputs = {i: make_input(i, 30) for i in range(3)}
+    handle = start_run(loop, actors, run_id=1)
+    first = InputBatch(handle, client=client)
+    for i in (0, 1):
+        first.add(inputs[i], i)
+    first.flush()
+    got = outputs(loop, actors, handle)
+    # The retry computed more (say, a random source said otherwise): {0, 1, 2} under
+    # the name 0 would be dropped as a duplicate, and input 2's rows lost.
+    retry = InputBatch(handle, client=client)
+    for i in (0, 1, 2):
+        retry.add(inputs[i], i)
+    with pytest.raises(InconsistentInputsError, match=r"overlaps one covering \[0, 1\]"):
+        retry.flush()
+    for p, frame in enumerate(outputs(loop, actors, handle)):
+        pd.testing.assert_frame_equal(frame, got[p])  # nothing of the refused message
 
 
 def test_an_input_batch_sends_once_it_holds_combine_bytes(
