@@ -1,0 +1,103 @@
+"""Where a shuffle's CPU goes: CPU seconds per process kind for one compute.
+
+Runs ``shuffle_bench``'s shuffle workload on an embedded Ray with ray_oob_sched
+(p2p method), and prints, per timed run, the wall time and the CPU seconds each kind
+of process used during it (the driver, Ray's workers, the shuffle actor, the raylet,
+...), read from ``/proc`` through psutil before and after the compute. On a machine
+with few cores the total against ``cores x wall`` tells how busy it was.
+
+    .venv/bin/python benchmarks/process_cpu.py --partitions 256 --partition-mb 1 --out 256
+
+Set ``DASK_RAY_OOB_SCHED__SHUFFLE__...`` variables to compare settings (e.g.
+``..._TRANSPORT=tcp`` or ``..._COMBINE_BYTES=0``); run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+import dask
+import psutil
+import ray
+import ray.cloudpickle
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import shuffle_bench  # noqa: E402
+
+# Workers cannot import this directory: ship the data functions by value.
+ray.cloudpickle.register_pickle_by_value(shuffle_bench)
+
+
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """pid -> (kind, CPU seconds so far) for this process and all its descendants."""
+    me = psutil.Process()
+    out: dict[int, tuple[str, float]] = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            kind = "driver" if p.pid == me.pid else p.name()
+            times = p.cpu_times()
+            out[p.pid] = (kind, times.user + times.system)
+        except psutil.Error:  # gone meanwhile
+            continue
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--partitions", type=int, default=256)
+    parser.add_argument("--partition-mb", type=float, default=1.0)
+    parser.add_argument("--out", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--store-mb", type=int, default=2048)
+    a = parser.parse_args()
+    sizes = shuffle_bench.Sizes(
+        a.partitions, int(a.partition_mb * 2**20) // shuffle_bench.BYTES_PER_ROW, a.out, 0
+    )
+    ray.init(
+        num_cpus=a.num_cpus,
+        object_store_memory=a.store_mb * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    import ray_oob_sched
+
+    try:
+        for run in range(a.warmup + a.repeat):
+            with dask.config.set({"dataframe.shuffle.method": "p2p"}):
+                coll = shuffle_bench.dask_workloads(sizes, run=run)["shuffle"][1]
+                before = process_cpu()
+                start = time.perf_counter()
+                coll.compute(scheduler=ray_oob_sched.get)
+                wall = time.perf_counter() - start
+                after = process_cpu()
+            if run < a.warmup:
+                continue
+            by_kind: collections.Counter[str] = collections.Counter()
+            for pid, (kind, cpu) in after.items():
+                by_kind[kind] += cpu - before.get(pid, (kind, 0.0))[1]
+            print(
+                json.dumps(
+                    {
+                        "wall_s": round(wall, 3),
+                        "cpu_s": round(sum(by_kind.values()), 2),
+                        "by_process": {k: round(v, 2) for k, v in by_kind.most_common() if v >= 0.01},
+                        **shuffle_bench.shuffle_settings(),
+                    }
+                )
+            )
+    finally:
+        ray_oob_sched.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
