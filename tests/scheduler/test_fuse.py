@@ -70,15 +70,19 @@ def test_plan_with_unfusable_keys_stays_acyclic(seed, n, size, unfusable_every):
         assert len(g.keys) == 1 or alone.isdisjoint(g.keys)
 
 
-def test_unfusable_keys_needing_nothing_open_do_not_cut_the_interval():
-    # A shuffle's shape in dask's order: barrier, then unpack i and its consumer c i in
-    # turn. The unpacks go ahead; the consumers share groups of ``size``.
+def _shuffle_shaped(n):
+    """A shuffle's shape in dask's order: barrier b, then unpack u i and its consumer
+    c i in turn; returns the graph and the unpacks."""
     dsk = {"b": 0}
-    for i in range(6):
+    for i in range(n):
         dsk[f"u{i}"] = (abs, "b")
         dsk[f"c{i}"] = (abs, f"u{i}")
-    graph = build(to_task_spec(dsk), [f"c{i}" for i in range(6)])
-    unpacks = {f"u{i}" for i in range(6)}
+    return build(to_task_spec(dsk), [f"c{i}" for i in range(n)]), {f"u{i}" for i in range(n)}
+
+
+def test_unfusable_keys_needing_nothing_open_do_not_cut_the_interval():
+    # The unpacks go ahead; the consumers share groups of ``size``.
+    graph, unpacks = _shuffle_shaped(6)
     groups = plan(
         graph, sources=frozenset(), size=3, options_of={}, fusable=lambda k: k not in unpacks
     )
@@ -91,12 +95,7 @@ def test_unfusable_keys_needing_nothing_open_do_not_cut_the_interval():
 
 @pytest.mark.parametrize("max_hoisted", [0, 1, 2, 3])
 def test_hoisting_is_capped_so_a_group_fetches_few_partitions(max_hoisted):
-    dsk = {"b": 0}
-    for i in range(12):
-        dsk[f"u{i}"] = (abs, "b")
-        dsk[f"c{i}"] = (abs, f"u{i}")
-    graph = build(to_task_spec(dsk), [f"c{i}" for i in range(12)])
-    unpacks = {f"u{i}" for i in range(12)}
+    graph, unpacks = _shuffle_shaped(12)
     groups = plan(
         graph,
         sources=frozenset(),
