@@ -62,12 +62,7 @@ def main() -> None:
     sizes = shuffle_bench.Sizes(
         a.partitions, int(a.partition_mb * 2**20) // shuffle_bench.BYTES_PER_ROW, a.out, 0
     )
-    ray.init(
-        num_cpus=a.num_cpus,
-        object_store_memory=a.store_mb * 2**20,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
+    shuffle_bench.init_ray(a.num_cpus, a.store_mb)
     import ray_oob_sched
 
     try:

@@ -35,7 +35,6 @@ import bisect
 import itertools
 import json
 import math
-import statistics
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -48,7 +47,14 @@ import numpy as np
 import ray
 
 # Driver-side measuring helpers, shared with the shuffle benchmark (same folder).
-from shuffle_bench import _reset_peak_rss, _rss_mb, graph_len, measure, shuffle_settings
+from shuffle_bench import (
+    _reset_peak_rss,
+    _rss_mb,
+    graph_len,
+    init_ray,
+    measure,
+    shuffle_settings,
+)
 
 COMPETITORS = ("ray_oob_sched", "ray_dask_get", "distributed", "threads")
 WORKLOADS = ("rows_to_cols", "time_to_space")
@@ -302,12 +308,7 @@ def _max_rel_error(got: np.ndarray, expected: np.ndarray) -> float | None:
 
 def run_ray(bench: Bench, skip: set[str]) -> None:
     a = bench.args
-    ray.init(
-        num_cpus=a.num_cpus,
-        object_store_memory=a.store_mb * 2**20,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
+    init_ray(a.num_cpus, a.store_mb)
     import ray_oob_sched
 
     try:

@@ -449,14 +449,19 @@ def fresh(bench: Bench, workload: str) -> dd.DataFrame:
     return dask_workloads(bench.sizes, run=next(_RUNS))[workload][1]
 
 
-def run_ray(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]], skip: set[str]) -> None:
-    a = bench.args
+def init_ray(num_cpus: int, store_mb: int) -> None:
+    """The embedded Ray every benchmark here measures on."""
     ray.init(
-        num_cpus=a.num_cpus,
-        object_store_memory=a.store_mb * 2**20,
+        num_cpus=num_cpus,
+        object_store_memory=store_mb * 2**20,
         include_dashboard=False,
         log_to_driver=False,
     )
+
+
+def run_ray(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]], skip: set[str]) -> None:
+    a = bench.args
+    init_ray(a.num_cpus, a.store_mb)
     import ray_oob_sched
 
     try:

@@ -305,10 +305,9 @@ class ShuffleClient:
             for owner, items in split.items():
                 shards.setdefault(owner, []).extend(items)
         if shards:
-            covered = sorted(i for _, _, c in inputs for i in (c or ()))
-            shown = covered or [i for i, _, _ in inputs]
-            more = f", ... ({len(shown)} in all)" if len(shown) > 4 else ""
-            name = ", ".join(map(str, shown[:4])) + more
+            covered = sorted(i for _, _, c in inputs for i in c)
+            more = f", ... ({len(covered)} in all)" if len(covered) > 4 else ""
+            name = ", ".join(map(str, covered[:4])) + more
             self._call(self._send_shards(handle, name, shards), self.config.transfer_timeout)
 
     def close(self, *, graceful: bool = True) -> None:

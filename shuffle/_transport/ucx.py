@@ -267,21 +267,26 @@ class _UcxEndpoint(FramedEndpoint):
             return ProtocolError(f"message larger than announced or allowed: {error}")
         return ConnectionLost(f"{type(error).__name__}: {error}")
 
-    async def _post_send(self, buffer: Any) -> None:
+    async def _post(self, request: str, *args: Any) -> Any:
+        """One ucxx request, ``self._ep.<request>(*args)``, its errors translated."""
         if self._torn_down:  # checked just before ucxx touches its endpoint
             raise ConnectionLost("closed")
         try:
-            await self._ep.send(buffer)
+            return await getattr(self._ep, request)(*args)
         except self.io_errors as e:
             raise self._detach(e) from None
 
+    async def _post_send(self, buffer: Any) -> None:
+        await self._post("send", buffer)
+
     async def _post_recv(self, buffer: Any) -> None:
-        if self._torn_down:
-            raise ConnectionLost("closed")
-        try:
-            await self._ep.recv(buffer)
-        except self.io_errors as e:
-            raise self._detach(e) from None
+        await self._post("recv", buffer)
+
+    async def _post_send_multi(self, buffers: list[Any]) -> None:
+        await self._post("send_multi", buffers)
+
+    async def _post_recv_multi(self) -> list[Any]:
+        return list(await self._post("recv_multi"))
 
     @staticmethod
     async def _all(operations: list[Any]) -> None:
@@ -294,21 +299,6 @@ class _UcxEndpoint(FramedEndpoint):
             if isinstance(result, BaseException):
                 raise result
 
-    async def _post_send_multi(self, buffers: list[Any]) -> None:
-        if self._torn_down:
-            raise ConnectionLost("closed")
-        try:
-            await self._ep.send_multi(buffers)
-        except self.io_errors as e:
-            raise self._detach(e) from None
-
-    async def _post_recv_multi(self) -> list[Any]:
-        if self._torn_down:
-            raise ConnectionLost("closed")
-        try:
-            return list(await self._ep.recv_multi())
-        except self.io_errors as e:
-            raise self._detach(e) from None
 
     async def _send_message(self, kind: int, frames: list[OutFrame]) -> None:
         sizes, memtypes = [f.nbytes for f in frames], [f.memory_type for f in frames]
