@@ -16,7 +16,7 @@ machine) and two actors, each pinned to its own node, as the shuffle actors are:
 ``--frames K`` sends each out-of-band message as K equal frames instead of one, as a
 batched shuffle message of K small pieces travels, which shows the per-frame cost.
 
-The actors run with the shuffle actors' environment (``shuffle._actor.ACTOR_ENV``,
+The actors run with the shuffle actors' environment (``shuffle.shell._actor.ACTOR_ENV``,
 which lets UCX use shared memory). Prints one JSON line per path and size (medians of
 ``--repetitions`` after one warm-up), then one line of ratios per size.
 
@@ -42,7 +42,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shuffle._actor import ACTOR_ENV  # noqa: E402
+from shuffle.shell._actor import ACTOR_ENV  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transport_bandwidth  # noqa: E402

@@ -42,10 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dask.dataframe.shuffle import partitioning_index  # noqa: E402
 
-from shuffle._arrow import encode_slices, pieces_to_tables  # noqa: E402
 from shuffle._ids import ShardKey  # noqa: E402
 from shuffle._partition import concat_partition, sort_by_partition  # noqa: E402
 from shuffle._store import DiskShardStore  # noqa: E402
+from shuffle.wire._arrow import encode_slices, pieces_to_tables  # noqa: E402
 
 BYTES_PER_ROW = 32  # the four numeric columns, as in shuffle_bench.py
 

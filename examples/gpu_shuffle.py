@@ -5,7 +5,7 @@ project's setup installs); exits with a message saying what is missing otherwise
 Not part of CI. Steps, each checked against dask's threaded scheduler:
 
 1. device-to-device self-check: one CuPy array and one cuDF frame are encoded
-   (``shuffle._device_codec``) and sent over the UCX transport between two endpoints
+   (``shuffle.device._codec``) and sent over the UCX transport between two endpoints
    of this process into RMM buffers, then decoded and compared;
 2. a dask_cudf ``shuffle(on="key")`` through ``ray_oob_sched.enable()`` (p2p, so the
    pieces go through the shuffle actors out of band);
@@ -61,9 +61,10 @@ async def self_check() -> None:
     import cudf
     import cupy
 
-    from shuffle._device import cuda_registry, transport_allocator
-    from shuffle._device_codec import decode_payload, encode_payload
     from shuffle._transport import TransportConfig, get_transport
+    from shuffle.device._allocator import transport_allocator
+    from shuffle.device._codec import decode_payload, encode_payload
+    from shuffle.device._cuda import cuda_registry
 
     registry = cuda_registry()
     config = TransportConfig(

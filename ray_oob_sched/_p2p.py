@@ -7,7 +7,7 @@ and ``method="p2p"`` array rechunks (one shuffle per "partial" that dask plans).
 names. Their functions call into a distributed worker, so this module rewrites
 our own copy of the graph (dask itself is never patched):
 
-- a transfer becomes a plain task calling ``shuffle._transfer.transfer``, which
+- a transfer becomes a plain task calling ``shuffle.shell._transfer.transfer``, which
   splits the partition and sends the pieces out-of-band to the shuffle actors;
 - the barrier becomes a cheap task that depends on every transfer;
 - an unpack becomes an *actor call* (``Unpack``): the owning actor returns the
@@ -41,7 +41,7 @@ class UnsupportedGraphError(ValueError):
 class Unpack:
     """Run as ``actor.unpack(shuffle_id, run_id, partition, barrier)``."""
 
-    handle: Any  # shuffle._service.RunHandle
+    handle: Any  # shuffle.shell._service.RunHandle
     partition: int
 
 
@@ -133,7 +133,7 @@ class _Transfer:
 
     def __call__(self, df: Any, shuffle_id: str, input_partition: int | tuple[int, ...]) -> int:
         from shuffle._rechunk import RechunkLayout
-        from shuffle._transfer import InputBatch, transfer
+        from shuffle.shell._transfer import InputBatch, transfer
 
         handle = self.handles[shuffle_id]
         scope = current_scope()

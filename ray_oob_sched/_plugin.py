@@ -73,14 +73,14 @@ class RaySchedule:
     def __init__(self) -> None:
         self.runtime = RayRuntime()
         self.last_stats: RunStats | None = None
-        self._shuffle_service: Any = None  # shuffle._service.ShuffleService, on first use
+        self._shuffle_service: Any = None  # shuffle.shell._service.ShuffleService, on first use
 
     def shuffle_service(self) -> Any:
         """The out-of-band shuffle service (actors start on first use)."""
         if self._shuffle_service is None:
-            from shuffle._device import DeviceOptions
+            from shuffle.device._options import DeviceOptions
             from shuffle._run import RunOptions
-            from shuffle._service import ShuffleService
+            from shuffle.shell._service import ShuffleService
 
             cfg = ShuffleConfig.from_dask_config()
             self._shuffle_service = ShuffleService(
@@ -274,7 +274,7 @@ class _ShuffleRuns:
     """The Ray side of one compute's shuffle restarts: liveness checks and new runs."""
 
     def __init__(self, service: Any, p2p: _p2p.P2PRewrite) -> None:
-        self.service = service  # shuffle._service.ShuffleService
+        self.service = service  # shuffle.shell._service.ShuffleService
         self.p2p = p2p
 
     def run_id(self, shuffle_id: str) -> int:

@@ -5,7 +5,7 @@ function pickled into every task stays small.
 
 A task of the group may leave work to the group's end through ``current_scope()``:
 a shuffle transfer stages its input there, and the transfers of one run are sent
-together (``shuffle._transfer.InputBatch``). The group's values leave the worker
+together (``shuffle.shell._transfer.InputBatch``). The group's values leave the worker
 only when ``run_group`` returns, after every deferred ``finish``; a task inside the
 group that reads a deferred key first finishes what is pending.
 """

@@ -1,14 +1,15 @@
 """Out-of-band shuffle service: pieces of partitions move between Ray actors.
 
-Layered as docs/architecture.md describes. The pure layer (run specs and ids,
-partition splitting, rechunk geometry, the frame and piece codecs, the byte
-limiter, send buffers, the spilling receive store, runs and their manager) imports
-neither Ray nor UCX (nor CuPy/cuDF, which device code imports on first use), and
-neither does this package's import. The Ray I/O shell is imported
-from its modules: ``shuffle._service`` (``ShuffleService``, driver side),
-``shuffle._transfer`` (``transfer``, run by transfer tasks), ``shuffle._handle``
-(``RunHandle``), ``shuffle._actor`` (``ShuffleActor``) and ``shuffle._client``
-(the per-process sender).
+Layered in folders, as docs/architecture.md describes. The core (this folder: run
+specs and ids, splitting and partitioning, rechunk geometry, the byte limiter, send
+buffers, the spilling receive store, runs and their manager), ``wire/`` (the message
+codec and the pieces it carries) and ``_transport/`` import neither Ray nor the GPU
+libraries, and neither does this package's import; ``device/`` imports CuPy, RMM and
+cuDF on first use only; only ``_transport/ucx.py`` imports ucxx. The Ray shell,
+``shell/``, is imported from its modules: ``shuffle.shell._service``
+(``ShuffleService``, driver side), ``shuffle.shell._transfer`` (``transfer``, run by
+transfer tasks), ``shuffle.shell._handle`` (``RunHandle``), ``shuffle.shell._actor``
+(``ShuffleActor``) and ``shuffle.shell._client`` (the per-process sender).
 """
 
 from __future__ import annotations

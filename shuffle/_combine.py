@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 #: Leads the meta of a piece cut from joined inputs: u32 count, the inputs as u32,
-#: then the piece's own meta (``shuffle._arrow``'s, or empty for an IPC stream).
+#: then the piece's own meta (``shuffle.wire._arrow``'s, or empty for an IPC stream).
 JOINED_TAG = b"joined\0"
 _U32 = struct.Struct("<I")
 

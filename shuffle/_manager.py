@@ -44,8 +44,9 @@ from shuffle._run import (
     SendFn,
     ShuffleRun,
 )
-from shuffle._serialize import HOST_REGISTRY, MemoryRegistry, decode_header
 from shuffle._spec import ShuffleRunSpec
+from shuffle.wire._memory import HOST_REGISTRY, MemoryRegistry
+from shuffle.wire._message import decode_header
 
 # UnknownRunError lives in _exceptions with the other typed errors; re-exported here.
 __all__ = ["ShuffleManager", "UnknownRunError"]

@@ -48,24 +48,19 @@ import pyarrow as pa
 
 from shuffle._buffer import ShardsBuffer
 from shuffle._combine import Coverage, split_joined
-from shuffle._arrow import encode_slices, pieces_to_tables
-from shuffle._cudf import CUDF_TAG, concat_cudf, is_cudf_frame, split_cudf
 from shuffle._exceptions import BufferClosedError, FrameError, ShuffleClosedError
 from shuffle._ids import RunId, ShardKey, ShuffleId
 from shuffle._limiter import ResourceLimiter
-from shuffle._ndarray import decode_piece, encode_piece
-from shuffle._partition import concat_partition, group_by_owner, sort_by_partition
+from shuffle._partition import concat_partition
 from shuffle._rechunk import RechunkLayout
-from shuffle._serialize import (
-    HOST_REGISTRY,
-    MemoryRegistry,
-    Piece,
-    decode_message,
-    encode_message,
-    payload_nbytes,
-)
 from shuffle._spec import ShuffleRunSpec
+from shuffle._split import check_frame, check_input_partition, shard_frame, split_chunk
 from shuffle._store import DiskShardStore, spill_prefix
+from shuffle.device._cudf import CUDF_TAG, concat_cudf
+from shuffle.wire._arrow import pieces_to_tables
+from shuffle.wire._memory import HOST_REGISTRY, MemoryRegistry
+from shuffle.wire._message import Piece, decode_message, encode_message, payload_nbytes
+from shuffle.wire._ndarray import decode_piece
 
 __all__ = [
     "DEFAULT_OPTIONS",
@@ -76,10 +71,6 @@ __all__ = [
     "SendFn",
     "ShuffleRun",
     "assemble_chunk",
-    "check_frame",
-    "check_input_partition",
-    "shard_frame",
-    "split_chunk",
 ]
 
 logger = logging.getLogger(__name__)
@@ -87,9 +78,6 @@ logger = logging.getLogger(__name__)
 #: Delivers one encoded message (``[header, *buffers]``) to a participant and returns
 #: once that participant has accepted it; raises if it did not.
 SendFn = Callable[[str, list[Any]], Awaitable[None]]
-
-_MAX_PARTITION = (1 << 32) - 1  # the wire header stores partitions as u32
-
 
 @dataclass(frozen=True, kw_only=True)
 class RunOptions:
@@ -514,7 +502,7 @@ class ArrayRechunkRun(ShuffleRun):
 
     Partitions are flat chunk numbers of ``layout`` (``shuffle._rechunk``); the spec's
     ``npartitions_out`` must be the layout's. Shards are ``Piece``s: raw array memory
-    with dtype and shape in the header (``shuffle._ndarray``).
+    with dtype and shape in the header (``shuffle.wire._ndarray``).
     """
 
     kind = "rechunk"
@@ -542,66 +530,6 @@ class ArrayRechunkRun(ShuffleRun):
         out = assemble_chunk(pieces, self.layout, partition, where=str(self))
         self.stats.outputs_read += 1
         return out
-
-
-def check_frame(df: Any, meta: Any, input_partition: int, *, where: str) -> None:
-    """A dataframe input partition must be a pandas or cuDF frame with meta's columns."""
-    if not isinstance(df, pd.DataFrame) and not is_cudf_frame(df):
-        raise TypeError(f"{where}: expected a pandas or cuDF DataFrame, got {type(df).__name__}")
-    if set(df.columns) != set(meta.columns):
-        raise ValueError(
-            f"{where}: input partition {input_partition} has columns "
-            f"{sorted(map(str, df.columns))}, meta has {sorted(map(str, meta.columns))}"
-        )
-
-
-def shard_frame(df: Any, spec: ShuffleRunSpec) -> dict[str, list[tuple[int, Any]]]:
-    """A dataframe partition as ``{owner: [(output partition, payload)]}``.
-
-    Payloads are Arrow record-batch ``Piece``s sharing one schema (``shuffle._arrow``),
-    or for a cuDF frame device ``Piece``s split on the GPU; only the partitions in
-    ``spec.needed`` (if set) are made.
-    """
-    options = dict(
-        column=spec.column,
-        npartitions=spec.npartitions_out,
-        drop_column=spec.drop_column,
-        keep=spec.needed,
-    )
-    shards: dict[int, Any]
-    if is_cudf_frame(df):
-        shards = split_cudf(df, **options)
-    else:
-        shards = encode_slices(*sort_by_partition(df, **options))
-    return group_by_owner(shards, owner_of=spec.owner_of)
-
-
-def check_input_partition(input_partition: Any, *, where: str) -> None:
-    """Input partitions travel as u32 in the wire header."""
-    if (
-        isinstance(input_partition, bool)
-        or not isinstance(input_partition, int)
-        or not 0 <= input_partition <= _MAX_PARTITION
-    ):
-        raise ValueError(
-            f"{where}: input partition must be an int in [0, 2**32), got {input_partition!r}"
-        )
-
-
-def split_chunk(
-    array: Any, layout: RechunkLayout, input_partition: int, *, owner_of: Callable[[int], str]
-) -> dict[str, list[tuple[int, Piece]]]:
-    """Input chunk ``input_partition`` as ``{owner: [(output chunk, Piece)]}``."""
-    shape = layout.input_shape(input_partition)
-    if tuple(getattr(array, "shape", ())) != shape:
-        raise ValueError(
-            f"input chunk {layout.input_index(input_partition)} has shape "
-            f"{getattr(array, 'shape', None)}, the rechunk expects {shape}"
-        )
-    out: dict[str, list[tuple[int, Piece]]] = {}
-    for partition, slices in layout.pieces_of_input(input_partition):
-        out.setdefault(owner_of(partition), []).append((partition, encode_piece(array[slices])))
-    return out
 
 
 def assemble_chunk(

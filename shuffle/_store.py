@@ -21,9 +21,9 @@ import shutil
 import tempfile
 import threading
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from collections.abc import Sequence
 from typing import Any
 
 from shuffle._exceptions import BufferClosedError

@@ -16,18 +16,12 @@ import logging
 from collections import deque
 from typing import Any
 
-from ._common import (
-    KIND_GOODBYE,
-    BaseTransport,
-    ConnectionLost,
-    FramedEndpoint,
-    OutFrame,
-    ServingListener,
-    check_sizes,
-    format_address,
-    parse_address,
-)
+from ._address import format_address, parse_address
+from ._endpoint import ConnectionLost, FramedEndpoint
 from ._errors import BrokenTransportError, TransportUsageError
+from ._framed import BaseTransport
+from ._frames import KIND_GOODBYE, OutFrame, check_sizes
+from ._listener import ServingListener
 from .base import Handler, MemoryType, TransportConfig, host_allocator
 
 __all__ = ["LocalNetwork", "LocalTransport"]

@@ -28,20 +28,12 @@ import socket
 import struct
 from typing import Any
 
-from ._common import (
-    PREFIX,
-    BaseTransport,
-    ConnectionLost,
-    FramedEndpoint,
-    OutFrame,
-    ServingListener,
-    decode_prefix,
-    decode_sizes,
-    encode_header,
-    format_address,
-    parse_address,
-)
+from ._address import format_address, parse_address
+from ._endpoint import ConnectionLost, FramedEndpoint
 from ._errors import BrokenTransportError, ProtocolError, TransportUsageError
+from ._framed import BaseTransport
+from ._frames import PREFIX, OutFrame, decode_prefix, decode_sizes, encode_header
+from ._listener import ServingListener
 from .base import Handler, TransportConfig
 
 __all__ = ["TcpTransport"]

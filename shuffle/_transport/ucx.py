@@ -64,22 +64,20 @@ import weakref
 from types import ModuleType
 from typing import Any
 
-from ._common import (
+from ._address import format_address, parse_address
+from ._endpoint import ConnectionLost, FramedEndpoint
+from ._errors import BrokenTransportError, ProtocolError, TransportUsageError
+from ._framed import BaseTransport
+from ._frames import (
     PREFIX,
-    BaseTransport,
-    ConnectionLost,
-    FramedEndpoint,
     OutFrame,
-    ServingListener,
+    coalesce_groups,
     decode_prefix,
     decode_sizes,
-    coalesce_groups,
     encode_header,
-    format_address,
     header_nbytes,
-    parse_address,
 )
-from ._errors import BrokenTransportError, ProtocolError, TransportUsageError
+from ._listener import ServingListener
 from .base import Handler, TransportConfig
 
 __all__ = ["UcxTransport", "is_available"]

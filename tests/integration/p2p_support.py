@@ -30,7 +30,7 @@ WAIT = 60.0  # bound on every ray.get of an actor call
 class OOB:
     """The shuffle service a test module runs against, and its spill directory."""
 
-    service: Any  # shuffle._service.ShuffleService
+    service: Any  # shuffle.shell._service.ShuffleService
     spill: Path
 
 
@@ -54,7 +54,7 @@ def configured_service(spill: Path, **settings: Any) -> Iterator[OOB]:
 
 
 def run_infos(service: Any) -> list[Any]:
-    """Every open run on every actor (``shuffle._actor.RunInfo``)."""
+    """Every open run on every actor (``shuffle.shell._actor.RunInfo``)."""
     refs = [a.handle.runs.remote() for a in service.actors()]
     return [info for infos in ray.get(refs, timeout=WAIT) for info in infos]
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from ray_oob_sched import _config
-from shuffle._run import RunOptions
 from ray_oob_sched._config import SchedulerConfig, ray_init_kwargs
+from shuffle._run import RunOptions
 
 
 def _load(path):
@@ -115,8 +115,12 @@ def test_shuffle_config_reads_every_key():
 def test_shuffle_memory_limit_takes_bytes_null_or_auto():
     from ray_oob_sched._config import ShuffleConfig
     from shuffle._ids import RunId, ShuffleId
-    from shuffle._run import AUTO_MEMORY_FRACTION, DataFrameShuffleRun, RunOptions
-    from shuffle._run import auto_memory_limit
+    from shuffle._run import (
+        AUTO_MEMORY_FRACTION,
+        DataFrameShuffleRun,
+        RunOptions,
+        auto_memory_limit,
+    )
     from shuffle._spec import ShuffleRunSpec
 
     assert ShuffleConfig.from_dask_config().memory_limit == "auto"  # the default
@@ -168,7 +172,7 @@ def test_bad_device_settings_name_their_key(key, value):
 
 def test_device_settings_reach_the_shuffle_service():
     from ray_oob_sched._plugin import RaySchedule
-    from shuffle._device import DeviceOptions
+    from shuffle.device._options import DeviceOptions
 
     settings = {
         "ray-oob-sched.shuffle.device": "host",

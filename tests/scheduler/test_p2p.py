@@ -192,7 +192,7 @@ class RoutedHandle:
 def test_transfers_in_a_group_are_staged_for_its_end_unless_they_cannot_be(
     monkeypatch, in_group, combine_bytes, meta, index, expected
 ):
-    import shuffle._transfer as transfer_module
+    import shuffle.shell._transfer as transfer_module
     from ray_oob_sched._worker import GroupSpec, run_group
     from shuffle._run import RunOptions
 

@@ -26,22 +26,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shuffle._client import ClientConfig, ShuffleClient
 from shuffle._exceptions import ShuffleClosedError, StaleRunError, UnknownRunError
-from shuffle._handle import RunHandle
 from shuffle._ids import RunId, ShuffleId
-from shuffle._placement import actors_on_node, slots
 from shuffle._run import RunOptions
 from shuffle._store import spill_prefix
 from shuffle._transport import AuthenticationError, TransportName
 from shuffle._transport import ucx as ucx_module
+from shuffle.shell._client import ClientConfig, ShuffleClient
+from shuffle.shell._handle import RunHandle
+from shuffle.shell._placement import actors_on_node, slots
 
 ray = pytest.importorskip("ray")
 
 from ray.exceptions import RayActorError
 
-from shuffle._service import ShuffleService
-from shuffle._transfer import transfer
+from shuffle.shell._service import ShuffleService
+from shuffle.shell._transfer import transfer
 
 pytestmark = pytest.mark.ray
 

@@ -7,11 +7,17 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from shuffle._arrow import ARROW_TAG, encode_slices, pieces_to_tables, schema_of
 from shuffle._exceptions import FrameError
 from shuffle._ids import RunId, ShardKey, ShuffleId
 from shuffle._partition import concat_partition, sort_by_partition, split_by_partition
-from shuffle._serialize import Piece, decode_message, encode_message, table_to_buffer
+from shuffle.wire._arrow import (
+    ARROW_TAG,
+    encode_slices,
+    pieces_to_tables,
+    schema_of,
+    table_to_buffer,
+)
+from shuffle.wire._message import Piece, decode_message, encode_message
 
 
 def frame(rows: int = 1000, seed: int = 0) -> pd.DataFrame:

@@ -20,8 +20,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shuffle._actor import ShuffleActor
-from shuffle._client import ClientConfig, ShuffleClient
 from shuffle._exceptions import (
     BufferClosedError,
     FrameError,
@@ -32,14 +30,16 @@ from shuffle._exceptions import (
     StaleRunError,
     UnknownRunError,
 )
-from shuffle._handle import RunHandle
 from shuffle._ids import RunId, ShuffleId
-from shuffle._reply import ACK, decode_reply, encode_error
 from shuffle._rechunk import RechunkLayout
 from shuffle._run import RunOptions
 from shuffle._spec import ShuffleRunSpec
-from shuffle._transfer import InputBatch
 from shuffle._transport import Endpoint, TransportConfig, get_transport
+from shuffle.shell._actor import ShuffleActor
+from shuffle.shell._client import ClientConfig, ShuffleClient
+from shuffle.shell._handle import RunHandle
+from shuffle.shell._transfer import InputBatch
+from shuffle.wire._reply import ACK, decode_reply, encode_error
 
 T = TypeVar("T")
 SECRET = b"k" * 32
@@ -306,7 +306,7 @@ def test_a_process_using_the_client_exits_without_closing_it(loop: LoopThread) -
 
     listener = loop.run(transport.listen("127.0.0.1", 0, ack))
     code = (
-        "from shuffle._client import get_client\n"
+        "from shuffle.shell._process import get_client\n"
         f"get_client().send({listener.address!r}, [b'x'], secret={SECRET!r})\n"
         "print('sent', flush=True)\n"
     )

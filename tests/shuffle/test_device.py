@@ -29,22 +29,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from shuffle import _device, _device_codec
-from shuffle._device import (
-    CONFIG_KEY,
-    DeviceOptions,
-    DeviceUnavailableError,
-    RefusedFrame,
-    actor_num_gpus,
-    cai_nbytes,
-    cuda_hooks,
-    cuda_registry,
-    payload_nbytes,
-    refused_reason,
-    registry_for,
-    transport_allocator,
-)
-from shuffle._device_codec import (
+from shuffle._exceptions import FrameError
+from shuffle._ids import RunId, ShardKey, ShuffleId
+from shuffle._transport import BrokenTransportError, ProtocolError, TransportConfig, get_transport
+from shuffle._transport import ucx as ucx_module
+from shuffle.device import _codec, _cuda
+from shuffle.device._allocator import RefusedFrame, refused_reason, transport_allocator
+from shuffle.device._codec import (
     decode_cudf,
     decode_cupy,
     decode_numpy,
@@ -56,17 +47,15 @@ from shuffle._device_codec import (
     to_host,
     unpack_meta,
 )
-from shuffle._exceptions import FrameError
-from shuffle._ids import RunId, ShardKey, ShuffleId
-from shuffle._serialize import (
-    HOST_REGISTRY,
-    MemoryType,
-    allocate_buffers,
-    decode_message,
-    encode_message,
+from shuffle.device._cuda import cai_nbytes, cuda_hooks, cuda_registry, payload_nbytes, registry_for
+from shuffle.device._options import (
+    CONFIG_KEY,
+    DeviceOptions,
+    DeviceUnavailableError,
+    actor_num_gpus,
 )
-from shuffle._transport import BrokenTransportError, ProtocolError, TransportConfig, get_transport
-from shuffle._transport import ucx as ucx_module
+from shuffle.wire._memory import HOST_REGISTRY, MemoryType
+from shuffle.wire._message import allocate_buffers, decode_message, encode_message
 
 SECRET = b"d" * 32
 WAIT = 20.0
@@ -375,16 +364,16 @@ def test_gpu_probe_prefers_rmm_then_cupy_and_reports_why_not(
 
     monkeypatch.setitem(sys.modules, "rmm", failing("rmm"))
     monkeypatch.setitem(sys.modules, "cupy", failing("cupy"))
-    status = _device._probe()
+    status = _cuda._probe()
     assert not status.usable and status.backend == "none"
     assert "rmm: RuntimeError: rmm: no CUDA driver" in status.reason
     assert "cupy: RuntimeError: cupy: no CUDA driver" in status.reason
     monkeypatch.setitem(sys.modules, "cupy", make_fake_cupy())
-    assert _device._probe().backend == "cupy"
+    assert _cuda._probe().backend == "cupy"
     rmm = types.ModuleType("rmm")
     rmm.DeviceBuffer = lambda size: None  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "rmm", rmm)
-    assert _device._probe().backend == "rmm"
+    assert _cuda._probe().backend == "rmm"
 
 
 # --------------------------------------------------------------------------- options, actors
@@ -425,7 +414,7 @@ def test_device_options_are_validated(kwargs: dict[str, Any], match: str) -> Non
 
 def test_service_reserves_gpus_on_gpu_nodes_only(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("ray")
-    from shuffle import _service
+    from shuffle.shell import _service
 
     created: list[dict[str, Any]] = []
     monkeypatch.setattr(
@@ -445,7 +434,7 @@ def test_service_reserves_gpus_on_gpu_nodes_only(monkeypatch: pytest.MonkeyPatch
 
 def test_actor_receives_with_the_allocator_of_its_device_mode() -> None:
     pytest.importorskip("ray")
-    from shuffle._actor import ShuffleActor
+    from shuffle.shell._actor import ShuffleActor
 
     actor = ShuffleActor(
         name="a0",
@@ -485,9 +474,9 @@ async def test_actor_answers_a_refused_device_frame_with_the_reason(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     pytest.importorskip("ray")
-    from shuffle._actor import ShuffleActor
     from shuffle._exceptions import RemoteShuffleError
-    from shuffle._reply import decode_reply
+    from shuffle.shell._actor import ShuffleActor
+    from shuffle.wire._reply import decode_reply
 
     actor = ShuffleActor(
         name="a3",
@@ -499,7 +488,7 @@ async def test_actor_answers_a_refused_device_frame_with_the_reason(
     frame = actor._config.allocator(8, "cuda")  # what the transport would receive into
     endpoint = ScriptedEndpoint([b"header", frame], [b"header", frame])
     try:
-        with caplog.at_level(logging.WARNING, logger="shuffle._actor"):
+        with caplog.at_level(logging.WARNING, logger="shuffle.shell._actor"):
             await actor._serve(endpoint)  # type: ignore[arg-type]
     finally:
         await actor.close()
@@ -513,7 +502,7 @@ async def test_actor_answers_a_refused_device_frame_with_the_reason(
 @pytest.mark.skipif(gpu_usable(), reason="this machine has a GPU")
 async def test_cuda_mode_actor_without_a_gpu_fails_at_start() -> None:
     pytest.importorskip("ray")
-    from shuffle._actor import ShuffleActor
+    from shuffle.shell._actor import ShuffleActor
 
     actor = ShuffleActor(
         name="a2",
@@ -713,13 +702,13 @@ def pandas_as_cudf(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cudf_frame_info_keeps_labels_and_index(pandas_as_cudf: None) -> None:
     df = pd.DataFrame({"a": [1, 2], 5: [0.5, 1.5]}, index=pd.RangeIndex(10, 14, 2, name="r"))
     df.columns.name = "cols"
-    info, frame = _device_codec._frame_info(df)
+    info, frame = _codec._frame_info(df)
     assert info["columns"] == ["a", 5] and info["columns_name"] == "cols"
     assert info["index"] == {"kind": "range", "start": 10, "stop": 14, "step": 2, "name": "r"}
     assert frame is df  # a RangeIndex travels as numbers, not as a column
     multi = df.set_index([pd.Index(["x", "y"]), pd.Index([7, 8])])
     multi.index.names = ["k", None]
-    info, frame = _device_codec._frame_info(multi)
+    info, frame = _codec._frame_info(multi)
     assert info["index"] == {
         "kind": "columns",
         "names": ["k", None],
@@ -741,7 +730,7 @@ def test_cudf_frame_info_keeps_labels_and_index(pandas_as_cudf: None) -> None:
 )
 def test_cudf_frame_info_refusals(pandas_as_cudf: None, df: pd.DataFrame, match: str) -> None:
     with pytest.raises(TypeError, match=match):
-        _device_codec._frame_info(df)
+        _codec._frame_info(df)
 
 
 def test_cudf_meta_from_the_network_is_checked_before_cudf_is_needed() -> None:
@@ -924,8 +913,8 @@ async def test_gpu_device_to_device_frame_over_ucx() -> None:
 def test_run_handles_carry_the_device_settings_to_senders() -> None:
     import pickle
 
-    from shuffle._handle import RunHandle
     from shuffle._spec import ShuffleRunSpec
+    from shuffle.shell._handle import RunHandle
 
     spec = ShuffleRunSpec(
         shuffle_id=ShuffleId("s"), run_id=RunId(1), npartitions_out=2, participants=("a",)
@@ -944,7 +933,7 @@ def test_run_handles_carry_the_device_settings_to_senders() -> None:
 
 @pytest.mark.ray
 def test_on_a_cluster_without_gpus_actors_reserve_none(ray_session: Any) -> None:
-    from shuffle._service import ShuffleService
+    from shuffle.shell._service import ShuffleService
 
     if any(n["Resources"].get("GPU", 0) for n in ray_session.nodes() if n["Alive"]):
         pytest.skip("this Ray cluster has GPUs")

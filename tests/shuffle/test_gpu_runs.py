@@ -14,14 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shuffle._cudf import is_cudf_frame
-from shuffle._device import registry_for
 from shuffle._ids import RunId, ShuffleId
 from shuffle._manager import ShuffleManager
-from shuffle._ndarray import decode_piece, encode_piece
 from shuffle._rechunk import RechunkLayout
 from shuffle._run import RunOptions
 from shuffle._spec import ShuffleRunSpec
+from shuffle.device._cuda import registry_for
+from shuffle.device._cudf import is_cudf_frame
+from shuffle.wire._ndarray import decode_piece, encode_piece
 from tests.shuffle.test_device import FakeDeviceArray, fake_cupy, needs_gpu
 
 __all__ = ["fake_cupy"]  # a fixture, used by name

@@ -8,15 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shuffle._placement import (
+from shuffle._run import AUTO_MEMORY_FRACTION, RunOptions, auto_memory_limit
+from shuffle._spec import partitions_of
+from shuffle.shell._placement import (
     AUTO_CPUS_PER_ACTOR,
     AUTO_MAX_ACTORS_PER_NODE,
     actors_on_node,
     check_actors_per_node,
     slots,
 )
-from shuffle._run import AUTO_MEMORY_FRACTION, RunOptions, auto_memory_limit
-from shuffle._spec import partitions_of
 
 
 @pytest.mark.parametrize(
@@ -68,7 +68,7 @@ def test_every_actor_and_every_node_owns_one_contiguous_block(
 
 def test_an_auto_memory_limit_is_split_among_the_actors_of_a_node() -> None:
     pytest.importorskip("ray")
-    from shuffle._actor import ShuffleActor, resolve_memory_limit
+    from shuffle.shell._actor import ShuffleActor, resolve_memory_limit
 
     auto = RunOptions(memory_limit="auto", message_bytes=1000)
     for k in (1, 2, 4):
@@ -97,7 +97,7 @@ def test_the_service_tells_each_actor_how_many_share_its_node(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pytest.importorskip("ray")
-    from shuffle import _service
+    from shuffle.shell import _service
 
     created: list[dict[str, Any]] = []
     monkeypatch.setattr(
@@ -115,7 +115,7 @@ def test_the_service_tells_each_actor_how_many_share_its_node(
 @pytest.mark.parametrize("bad", [0, "2", 2.0, "lots"])
 def test_the_service_refuses_a_bad_actors_per_node(bad: Any) -> None:
     pytest.importorskip("ray")
-    from shuffle._service import ShuffleService
+    from shuffle.shell._service import ShuffleService
 
     with pytest.raises(ValueError, match="actors_per_node must be an integer >= 1 or 'auto'"):
         ShuffleService(actors_per_node=bad)

@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from shuffle._exceptions import FrameError
 from shuffle._ids import RunId, ShardKey, ShuffleId
 from shuffle._manager import ShuffleManager
-from shuffle._ndarray import decode_piece, encode_piece
 from shuffle._rechunk import RechunkLayout
 from shuffle._run import ArrayRechunkRun, RunOptions, assemble_chunk, split_chunk
-from shuffle._serialize import decode_message, encode_message
 from shuffle._spec import ShuffleRunSpec
+from shuffle.wire._message import decode_message, encode_message
+from shuffle.wire._ndarray import decode_piece, encode_piece
 
 DTYPES = [
     np.dtype("f8"),

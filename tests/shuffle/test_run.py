@@ -34,8 +34,9 @@ from shuffle._exceptions import (
 from shuffle._ids import RunId, ShardKey, ShuffleId
 from shuffle._manager import ShuffleManager, UnknownRunError
 from shuffle._run import DataFrameShuffleRun, RunOptions
-from shuffle._serialize import encode_message, table_to_buffer
 from shuffle._spec import ShuffleRunSpec
+from shuffle.wire._arrow import table_to_buffer
+from shuffle.wire._message import encode_message
 
 Mode = Literal["direct", "delay", "chaos"]
 COLORS = pd.CategoricalDtype(["red", "green", "blue"])

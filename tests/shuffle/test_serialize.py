@@ -13,23 +13,20 @@ from hypothesis import strategies as st
 
 from shuffle._exceptions import FrameError
 from shuffle._ids import RunId, ShardKey, ShuffleId
-from shuffle._serialize import (
-    HOST_REGISTRY,
+from shuffle.wire._arrow import buffer_to_table, table_to_buffer
+from shuffle.wire._memory import HOST_REGISTRY, MemoryHooks, MemoryType
+from shuffle.wire._message import (
     MAGIC,
     MAX_META_NBYTES,
     PROTOCOL_VERSION,
-    Piece,
     Entry,
     Header,
-    MemoryHooks,
-    MemoryType,
+    Piece,
     allocate_buffers,
-    buffer_to_table,
     decode_header,
     decode_message,
     encode_header,
     encode_message,
-    table_to_buffer,
 )
 
 

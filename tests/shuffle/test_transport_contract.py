@@ -39,7 +39,7 @@ from shuffle._transport import (
     get_transport,
 )
 from shuffle._transport import ucx as ucx_module
-from shuffle._transport._common import KIND_DATA, MAGIC, PREFIX, VERSION, prepare_frames
+from shuffle._transport._frames import KIND_DATA, MAGIC, PREFIX, VERSION, prepare_frames
 from shuffle._transport.local import LocalTransport
 from shuffle._transport.tcp import TcpTransport
 
@@ -824,7 +824,7 @@ def test_auto_prefers_ucx() -> None:
 
 
 def test_coalescing_plan_groups_runs_of_small_host_frames_in_order() -> None:
-    from shuffle._transport._common import coalesce_groups
+    from shuffle._transport._frames import coalesce_groups
 
     k = 2**10
     sizes = [10, 0, 20, 100 * k, 30, 40, 5, 7, 9]

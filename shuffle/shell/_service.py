@@ -36,15 +36,21 @@ import pandas as pd
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from shuffle._actor import create_shuffle_actor
-from shuffle._device import DEFAULT_DEVICE_OPTIONS, DeviceOptions, actor_num_gpus
-from shuffle._handle import RunHandle
 from shuffle._ids import RunIdMinter, ShuffleId
-from shuffle._placement import ActorsPerNode, Slot, actors_on_node, check_actors_per_node, slots
 from shuffle._rechunk import RechunkLayout
 from shuffle._run import DEFAULT_OPTIONS, RunOptions
 from shuffle._spec import DEFAULT_PARTITION_COLUMN, ShuffleRunSpec
 from shuffle._transport import TransportName
+from shuffle.device._options import DEFAULT_DEVICE_OPTIONS, DeviceOptions, actor_num_gpus
+from shuffle.shell._actor import create_shuffle_actor
+from shuffle.shell._handle import RunHandle
+from shuffle.shell._placement import (
+    ActorsPerNode,
+    Slot,
+    actors_on_node,
+    check_actors_per_node,
+    slots,
+)
 
 __all__ = ["ActorInfo", "ShuffleService"]
 

@@ -11,49 +11,46 @@ present before it trusts it. Layout (little endian)::
     | n_metas u32 | n_metas x len(meta) u32 | the distinct metas' bytes, concatenated
 
 ``meta`` is a shard's small host-side description: empty for Arrow IPC streams
-(which describe themselves), the schema for Arrow record batches (``shuffle._arrow``),
+(which describe themselves), the schema for Arrow record batches (``shuffle.wire._arrow``),
 dtype and shape for array shards, whose payload is raw memory that may live on a
 device. Each distinct meta travels once per message and entries refer to it by
 number (0: none, k: the k-th), because the pieces of one sender share one schema:
 256 pieces of one message would otherwise repeat ~1 KB of schema each. Buffers travel as separate frames so that a transport can receive each one straight
-into memory of the right kind. Which kinds exist is a ``MemoryRegistry`` of hooks:
-host memory is built in, and device memory (CuPy, RMM) plugs in by adding hooks.
-Payloads are Arrow IPC streams; decoding them aliases the received memory.
+into memory of the right kind; which kinds exist is a ``MemoryRegistry`` of hooks
+(``shuffle.wire._memory``).
 """
 
 from __future__ import annotations
 
-import enum
-import functools
-import json
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import pyarrow as pa
 
 from shuffle._exceptions import FrameError
 from shuffle._ids import RunId, ShardKey, ShuffleId
+from shuffle.wire._memory import (
+    HOST_HOOKS,
+    HOST_REGISTRY,
+    MemoryHooks,
+    MemoryRegistry,
+    MemoryType,
+    host_view_nbytes,
+)
 
 __all__ = [
-    "HOST_HOOKS",
-    "HOST_REGISTRY",
     "Entry",
     "Header",
-    "MemoryHooks",
-    "MemoryRegistry",
-    "MemoryType",
     "Message",
     "Piece",
     "allocate_buffers",
-    "buffer_to_table",
     "decode_header",
     "decode_message",
     "encode_header",
     "encode_message",
-    "table_to_buffer",
+    "payload_nbytes",
 ]
 
 MAGIC = b"RSHF"
@@ -69,100 +66,9 @@ _U32_ARRAY = struct.Struct("<I")
 _FIXED = _START.size + _COUNTS.size
 _U16, _U32, _U64 = (1 << 16) - 1, (1 << 32) - 1, (1 << 64) - 1
 
-
-class MemoryType(str, enum.Enum):
-    HOST = "host"
-    CUDA = "cuda"
-
-
+# Memory types as the header spells them (u8).
 _CODES = {MemoryType.HOST: 0, MemoryType.CUDA: 1}
 _TYPES = {code: memory_type for memory_type, code in _CODES.items()}
-
-
-@dataclass(frozen=True)
-class MemoryHooks:
-    """How one kind of memory is recognised, sent, measured and received into."""
-
-    owns: Callable[[Any], bool]  # does this object live in this kind of memory?
-    wrap: Callable[[Any], Any]  # object -> buffer a transport can send, without copying
-    nbytes: Callable[[Any], int]
-    allocate: Callable[[int], Any]  # an uninitialised receive buffer of n bytes
-
-
-def _host_owns(obj: Any) -> bool:
-    try:
-        memoryview(obj).release()
-    except TypeError:
-        return False
-    return True
-
-
-def _host_wrap(obj: Any) -> memoryview:
-    view = memoryview(obj)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
-def _host_nbytes(obj: Any) -> int:
-    with memoryview(obj) as view:
-        return view.nbytes
-
-
-def _host_view_nbytes(obj: Any) -> int | None:
-    try:
-        with memoryview(obj) as view:
-            return view.nbytes
-    except TypeError:
-        return None
-
-
-HOST_HOOKS = MemoryHooks(
-    owns=_host_owns,
-    wrap=_host_wrap,
-    nbytes=_host_nbytes,
-    allocate=lambda n: memoryview(bytearray(n)),
-)
-
-
-class MemoryRegistry:
-    """Immutable map from memory type to hooks; ``with_hooks`` returns an extended copy.
-
-    Immutability lets ``HOST_REGISTRY`` be shared safely: plugging in device memory
-    builds a new registry that its owner passes on, instead of mutating a global.
-    """
-
-    def __init__(self, hooks: Mapping[MemoryType, MemoryHooks]) -> None:
-        if MemoryType.HOST not in hooks:
-            raise ValueError("a memory registry needs host hooks")
-        self._hooks = MappingProxyType(dict(hooks))
-
-    # Plain strings ("host", "cuda", as the transports spell them) are accepted too.
-    def with_hooks(self, memory_type: MemoryType | str, hooks: MemoryHooks) -> MemoryRegistry:
-        return MemoryRegistry({**self._hooks, MemoryType(memory_type): hooks})
-
-    def hooks(self, memory_type: MemoryType | str) -> MemoryHooks:
-        memory_type = MemoryType(memory_type)
-        try:
-            return self._hooks[memory_type]
-        except KeyError:
-            raise LookupError(
-                f"no hooks registered for {memory_type.value!r} memory; build the "
-                "registry with MemoryRegistry.with_hooks to support it"
-            ) from None
-
-    def memory_type_of(self, obj: Any) -> MemoryType:
-        """Device types are asked first, since device arrays may also be host-viewable."""
-        for memory_type, hooks in self._hooks.items():
-            if memory_type is not MemoryType.HOST and hooks.owns(obj):
-                return memory_type
-        if self._hooks[MemoryType.HOST].owns(obj):
-            return MemoryType.HOST
-        raise TypeError(
-            f"cannot send a {type(obj).__name__}: it is neither a host buffer nor owned "
-            f"by a registered memory type ({', '.join(m.value for m in self._hooks)})"
-        )
-
-
-HOST_REGISTRY = MemoryRegistry({MemoryType.HOST: HOST_HOOKS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,7 +344,7 @@ def decode_message(
     builtin_host = registry.hooks(MemoryType.HOST) is HOST_HOOKS
     for i, (entry, buffer) in enumerate(zip(header.entries, buffers, strict=True)):
         if builtin_host and entry.memory_type is MemoryType.HOST:
-            nbytes = _host_view_nbytes(buffer)  # owns + nbytes with one memoryview
+            nbytes = host_view_nbytes(buffer)  # owns + nbytes with one memoryview
             if nbytes is None:
                 raise FrameError(f"buffer {i} is a {type(buffer).__name__}, not host memory")
         else:
@@ -459,47 +365,3 @@ def _hooks_for(registry: MemoryRegistry, entry: Entry, i: int) -> MemoryHooks:
         return registry.hooks(entry.memory_type)
     except LookupError as e:
         raise FrameError(f"entry {i}: {e}") from None
-
-
-# Built once: without options pyarrow reads two environment variables per stream,
-# a third of the cost of encoding a small piece.
-_WRITE_OPTIONS = pa.ipc.IpcWriteOptions()
-
-
-def table_to_buffer(table: pa.Table) -> pa.Buffer:
-    """Arrow IPC stream bytes for ``table``; the one copy is the write into the stream."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema, options=_WRITE_OPTIONS) as writer:
-        writer.write_table(table)
-    return sink.getvalue()
-
-
-def buffer_to_table(data: Any, *, validate: bool = True) -> pa.Table:
-    """Read an Arrow IPC stream; the table aliases ``data``, which must stay unmodified.
-
-    ``validate`` runs Arrow's full validation, so corrupt offsets from the network raise
-    ``FrameError`` here instead of crashing whatever reads the table later.
-    """
-    try:
-        with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
-            table = reader.read_all()
-        if validate:
-            table.validate(full=True)
-            metadata = table.schema.metadata
-            if metadata and b"pandas" in metadata:
-                _check_json(metadata[b"pandas"])
-    # Arrow reports some bad streams as OSError; corrupt metadata fails as ValueError.
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise FrameError(f"payload is not a valid Arrow IPC stream ({e})") from None
-    return table
-
-
-@functools.lru_cache(maxsize=64)
-def _check_json(raw: bytes) -> None:
-    """Raise ``ValueError`` unless ``raw`` is JSON (what pandas' metadata must be).
-
-    Every piece of one shuffle carries the same pandas metadata, so it is parsed once
-    per distinct value instead of once per piece (5 us each, a third of decoding a
-    small piece); failures are not cached.
-    """
-    json.loads(raw)

@@ -46,22 +46,10 @@ import pandas as pd
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from shuffle._device import (
-    DEFAULT_DEVICE_OPTIONS,
-    DeviceOptions,
-    DeviceUnavailableError,
-    GpuStatus,
-    gpu_status,
-    refused_reason,
-    registry_for,
-    transport_allocator,
-)
-from shuffle._device_codec import to_host
 from shuffle._exceptions import ShuffleError
 from shuffle._ids import RunId, ShuffleId
 from shuffle._manager import ShuffleManager
 from shuffle._rechunk import RechunkLayout
-from shuffle._reply import ACK, encode_error
 from shuffle._run import (
     AUTO_MEMORY_FRACTION,
     DEFAULT_OPTIONS,
@@ -69,7 +57,6 @@ from shuffle._run import (
     RunStats,
     auto_memory_limit,
 )
-from shuffle._serialize import MemoryRegistry
 from shuffle._spec import ShuffleRunSpec
 from shuffle._store import remove_spill_directories
 from shuffle._transport import (
@@ -81,6 +68,12 @@ from shuffle._transport import (
     TransportName,
     get_transport,
 )
+from shuffle.device._allocator import refused_reason, transport_allocator
+from shuffle.device._codec import to_host
+from shuffle.device._cuda import GpuStatus, gpu_status, registry_for
+from shuffle.device._options import DEFAULT_DEVICE_OPTIONS, DeviceOptions, DeviceUnavailableError
+from shuffle.wire._memory import MemoryRegistry
+from shuffle.wire._reply import ACK, encode_error
 
 __all__ = [
     "ACTOR_ENV",
@@ -117,7 +110,7 @@ class RunInfo:
 async def _never_send(destination: str, frames: list[Any]) -> None:
     raise RuntimeError(
         f"a shuffle actor tried to send to {destination!r}; actors only receive, transfer "
-        "tasks send (shuffle._client)"
+        "tasks send (shuffle.shell._client)"
     )
 
 

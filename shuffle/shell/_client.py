@@ -1,7 +1,7 @@
 """The sending side of the shuffle, as it runs inside Ray transfer tasks.
 
 Transfer tasks run synchronously in ordinary Ray worker processes, which Ray reuses
-across tasks. Each process gets one ``ShuffleClient`` (``get_client``, created on first
+across tasks. Each process gets one ``ShuffleClient`` (``_process.get_client``, created on first
 use and closed at interpreter exit) that owns:
 
 * one background thread running an asyncio loop, where every transport operation
@@ -27,50 +27,36 @@ connection, and a resent shard is dropped by its ``ShardKey`` if it had arrived.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
 import logging
 import os
 import socket
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from shuffle._buffer import ShardsBuffer
-from shuffle._device import registry_for
-from shuffle._handle import RunHandle
 from shuffle._ids import ShardKey
 from shuffle._limiter import ResourceLimiter
-from shuffle._reply import decode_reply
-from shuffle._rechunk import RechunkLayout
-from shuffle._run import check_frame, check_input_partition, shard_frame, split_chunk
-from shuffle._combine import joined_meta
-from shuffle._serialize import Piece, encode_message, payload_nbytes
+from shuffle._split import Shards, split_input
 from shuffle._transport import (
     ClosedResourceError,
-    Endpoint,
-    Transport,
     TransportConfig,
-    TransportError,
     TransportName,
     get_transport,
 )
+from shuffle.device._cuda import registry_for
+from shuffle.shell._handle import RunHandle
+from shuffle.shell._pool import EndpointPool
+from shuffle.wire._message import encode_message, payload_nbytes
 
-__all__ = [
-    "ClientConfig",
-    "EndpointPool",
-    "ShuffleClient",
-    "check_input",
-    "get_client",
-    "split_for_sending",
-]
+__all__ = ["ClientConfig", "ShuffleClient"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Shards = dict[str, list[tuple[ShardKey, Any]]]  # Arrow IPC buffers or array Pieces
 _SCHEMES = ("ucx", "tcp", "local")
 #: Pools (one per transport and secret, i.e. per shuffle service) kept open; the least
 #: recently used beyond this are closed, so a long-lived worker does not keep the
@@ -93,158 +79,6 @@ class ClientConfig:
         for name in ("request_timeout", "transfer_timeout", "close_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-
-
-class EndpointPool:
-    """Authenticated endpoints of one transport, one per address, used as request/response.
-
-    Use from one event loop. One request at a time per endpoint (a lock), so replies
-    pair with requests by order alone.
-    """
-
-    def __init__(self, transport: Transport, *, request_timeout: float) -> None:
-        self._transport = transport
-        self._request_timeout = request_timeout
-        self._endpoints: dict[str, Endpoint] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._closed = False
-
-    def __repr__(self) -> str:
-        return f"<EndpointPool {self._transport.scheme} endpoints={sorted(self._endpoints)}>"
-
-    @property
-    def addresses(self) -> list[str]:
-        """Addresses with an open pooled endpoint."""
-        return sorted(self._endpoints)
-
-    def retain(self, addresses: Collection[str]) -> None:
-        """Drop the endpoints to every other address (actors that were replaced)."""
-        for address in set(self._endpoints) - set(addresses):
-            lock = self._locks.get(address)
-            if lock is None or not lock.locked():
-                self._discard(address, self._endpoints[address])
-                self._locks.pop(address, None)
-
-    async def send(self, address: str, frames: Sequence[Any]) -> None:
-        """Send one message to ``address`` and wait for its ack; raise the peer's error."""
-        if self._closed:
-            raise ClosedResourceError(f"{self!r} is closed")
-        lock = self._locks.setdefault(address, asyncio.Lock())
-        deadline = asyncio.timeout(self._request_timeout)
-        try:
-            async with deadline, lock:
-                reply = await self._exchange(address, frames)
-        except TimeoutError:
-            if not deadline.expired():
-                raise
-            raise TimeoutError(
-                f"{address} did not acknowledge a shuffle message within "
-                f"{self._request_timeout:g} s (ClientConfig.request_timeout)"
-            ) from None
-        error = decode_reply(reply, peer=address)
-        if error is not None:
-            error.add_note(f"reported by the shuffle actor at {address}")
-            raise error
-
-    async def _exchange(self, address: str, frames: Sequence[Any]) -> list[Any]:
-        endpoint = self._endpoints.get(address)
-        if endpoint is not None:
-            try:
-                return await self._request(address, endpoint, frames)
-            except TransportError as e:
-                logger.info("%s: pooled connection failed (%s); reconnecting", address, e)
-        endpoint = await self._transport.connect(address)
-        self._endpoints[address] = endpoint
-        return await self._request(address, endpoint, frames)
-
-    async def _request(self, address: str, endpoint: Endpoint, frames: Sequence[Any]) -> list[Any]:
-        try:
-            await endpoint.send(frames)
-            return await endpoint.recv()
-        except BaseException:
-            # Cancelled, timed out or broken half-way: a reply may still be in flight,
-            # so this connection can no longer pair replies with requests.
-            self._discard(address, endpoint)
-            raise
-
-    def _discard(self, address: str, endpoint: Endpoint) -> None:
-        endpoint.abort()
-        if self._endpoints.get(address) is endpoint:
-            del self._endpoints[address]
-
-    async def close(self, *, graceful: bool = True) -> None:
-        """Close every endpoint (``graceful=False``: abort them) and the transport."""
-        self._closed = True
-        endpoints = list(self._endpoints.values())
-        self._endpoints.clear()
-        if graceful:
-            await asyncio.gather(*(ep.close() for ep in endpoints), return_exceptions=True)
-        else:
-            for endpoint in endpoints:
-                endpoint.abort()
-        await self._transport.close()
-
-
-def split_for_sending(
-    data: Any,
-    handle: RunHandle,
-    input_partition: int,
-    *,
-    checked: bool = False,
-    covers: Sequence[int] = (),
-) -> Shards:
-    """Input partition ``input_partition`` as ``{owner: [(ShardKey, payload)]}``.
-
-    Payloads are Arrow record-batch ``Piece``s (dataframe shuffles) or array
-    ``Piece``s (rechunks). CPU work (sort, gather, encoding) runs in the calling
-    thread, not on the loop. ``checked``: the caller already validated the input
-    (``check_input``). ``covers``: the inputs joined into ``data`` (``_combine``),
-    named by the first, ``input_partition``; their pieces' metas say so.
-    """
-    spec = handle.spec
-    if isinstance(handle.meta, RechunkLayout):
-        check_input_partition(input_partition, where=_where(handle))
-        by_owner = split_chunk(data, handle.meta, input_partition, owner_of=spec.owner_of)
-    else:
-        if not checked:
-            check_input(data, handle, input_partition)
-        by_owner = shard_frame(data, spec)
-        if len(covers) > 1:
-            by_owner = _mark_joined(by_owner, covers)
-    return {
-        owner: [(ShardKey(p, input_partition), payload) for p, payload in items]
-        for owner, items in by_owner.items()
-    }
-
-
-def _mark_joined(
-    by_owner: dict[str, list[tuple[int, Any]]], covers: Sequence[int]
-) -> dict[str, list[tuple[int, Any]]]:
-    metas: dict[bytes, bytes] = {}  # one joined meta per own meta: messages carry it once
-
-    def mark(payload: Any) -> Piece:
-        data, meta, nbytes = (
-            (payload.data, payload.meta, payload.nbytes)
-            if isinstance(payload, Piece)
-            else (payload, b"", payload_nbytes(payload))  # an IPC stream: no meta
-        )
-        joined = metas.get(meta)
-        if joined is None:
-            joined = metas[meta] = joined_meta(covers, meta)
-        return Piece(data, joined, nbytes)
-
-    return {owner: [(p, mark(x)) for p, x in items] for owner, items in by_owner.items()}
-
-
-def check_input(df: Any, handle: RunHandle, input_partition: int) -> None:
-    """What every dataframe input partition must be before it is split."""
-    where = _where(handle)
-    check_input_partition(input_partition, where=where)
-    check_frame(df, handle.meta, input_partition, where=where)
-
-
-def _where(handle: RunHandle) -> str:
-    return f"shuffle {handle.spec.shuffle_id!r} run {handle.spec.run_id}"
 
 
 class ShuffleClient:
@@ -296,11 +130,16 @@ class ShuffleClient:
     ) -> None:
         """``shuffle`` for several ``(input partition, data, covers)`` items at once:
         their pieces share messages. ``checked``, ``covers``: as for
-        ``split_for_sending``."""
+        ``shuffle._split.split_input``."""
         shards: Shards = {}
         for input_partition, data, covers in inputs:
-            split = split_for_sending(
-                data, handle, input_partition, checked=checked, covers=covers
+            split = split_input(
+                data,
+                spec=handle.spec,
+                meta=handle.meta,
+                input_partition=input_partition,
+                checked=checked,
+                covers=covers,
             )
             for owner, items in split.items():
                 shards.setdefault(owner, []).extend(items)
@@ -456,44 +295,3 @@ async def _with_deadline(coro: Coroutine[Any, Any, T], timeout: float) -> T:
         raise TimeoutError(f"shuffle client call did not finish within {timeout:g} s") from None
 
 
-class _PerProcess:
-    """Holds the one ``ShuffleClient`` of this process.
-
-    A transfer task is a plain function in a reused worker process: the only place a
-    client can outlive one task is process-wide state. This holder is that state, the
-    single exception to "no module globals", and it re-creates the client in a forked
-    child (whose copy of the loop thread does not exist).
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._client: ShuffleClient | None = None
-        self._pid = 0
-        self._exit_hook = False
-
-    def get(self) -> ShuffleClient:
-        with self._lock:
-            if self._client is None or self._pid != os.getpid() or self._client.closed:
-                self._client = ShuffleClient()
-                self._pid = os.getpid()
-                if not self._exit_hook:
-                    # Before the interpreter joins threads and stops executors: closing
-                    # a UCX transport needs an executor thread (ucx.py does the same).
-                    register = getattr(threading, "_register_atexit", atexit.register)
-                    register(self._close_at_exit)
-                    self._exit_hook = True
-            return self._client
-
-    def _close_at_exit(self) -> None:
-        with self._lock:
-            client, self._client = self._client, None
-        if client is not None and self._pid == os.getpid():
-            client.close(graceful=False)
-
-
-_PROCESS = _PerProcess()
-
-
-def get_client() -> ShuffleClient:
-    """This process's client, created on first use and closed at interpreter exit."""
-    return _PROCESS.get()

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from shuffle._client import ShuffleClient, check_input, get_client
 from shuffle._combine import combine, frame_nbytes, runs_to_combine
-from shuffle._handle import RunHandle
 from shuffle._rechunk import RechunkLayout
+from shuffle._split import check_input
+from shuffle.shell._client import ShuffleClient
+from shuffle.shell._handle import RunHandle
+from shuffle.shell._process import get_client
 
 __all__ = ["InputBatch", "transfer"]
 
@@ -70,7 +72,9 @@ class InputBatch:
     def add(self, df: Any, input_partition: int) -> int:
         """Stage input ``input_partition`` (checked now); send what is staged once it
         reaches the run's ``combine_bytes``. Returns the marker, as ``transfer``."""
-        check_input(df, self.handle, input_partition)
+        check_input(
+            df, spec=self.handle.spec, meta=self.handle.meta, input_partition=input_partition
+        )
         self._staged.append((input_partition, df))
         self._nbytes += frame_nbytes(df)
         if self._nbytes >= self._limit:

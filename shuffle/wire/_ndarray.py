@@ -8,7 +8,7 @@ shape. Decoding aliases the received buffer. ``meta`` starts with the kind tag
 dtypes are described with ``numpy.lib.format``'s descriptors (what ``.npy`` files
 use), which cover structured and sub-array dtypes; object dtypes are refused, since
 their bytes are pointers into the sender's memory. Device arrays (CuPy) are handled
-by ``shuffle._device_codec``, imported only when such an array is met.
+by ``shuffle.device._codec``, imported only when such an array is met.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from shuffle._serialize import Piece
+from shuffle.wire._message import Piece
 
 __all__ = ["decode_piece", "dtype_from_json", "dtype_to_json", "encode_piece"]
 
@@ -33,8 +33,8 @@ def encode_piece(array: Any) -> Piece:
         return _encode_numpy(array)
     cupy = sys.modules.get("cupy")  # loaded if a CuPy array exists; never imported here
     if cupy is not None and isinstance(array, cupy.ndarray):
-        from shuffle._device import cai_nbytes
-        from shuffle._device_codec import encode_cupy
+        from shuffle.device._codec import encode_cupy
+        from shuffle.device._cuda import cai_nbytes
 
         meta, data = encode_cupy(array)
         return Piece(data, _CUPY + meta, cai_nbytes(data.__cuda_array_interface__))
@@ -50,7 +50,7 @@ def decode_piece(meta: bytes, data: Any) -> Any:
     if meta.startswith(_NUMPY):
         return _decode_numpy(meta[len(_NUMPY) :], data)
     if meta.startswith(_CUPY):
-        from shuffle._device_codec import decode_cupy
+        from shuffle.device._codec import decode_cupy
 
         return decode_cupy(meta[len(_CUPY) :], data)
     raise ValueError(f"array piece with unknown kind tag {meta[:8]!r}")

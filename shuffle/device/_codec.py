@@ -35,10 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from shuffle._device import DeviceUnavailableError, cai_nbytes, is_device_object
 from shuffle._exceptions import FrameError
-from shuffle._ndarray import dtype_from_json, dtype_to_json
-from shuffle._serialize import MemoryType
+from shuffle.device._cuda import cai_nbytes, is_device_object
+from shuffle.device._options import DeviceUnavailableError
+from shuffle.wire._memory import MemoryType
+from shuffle.wire._ndarray import dtype_from_json, dtype_to_json
 
 __all__ = [
     "CODECS",

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from shuffle._serialize import Piece
+from shuffle.wire._message import Piece
 
 __all__ = ["CUDF_TAG", "concat_cudf", "is_cudf_frame", "split_cudf"]
 
@@ -43,7 +43,7 @@ def split_cudf(
     ``[0, npartitions)`` are refused, as on the host path; with ``keep``, only those
     partitions' pieces are made.
     """
-    from shuffle._device_codec import encode_cudf
+    from shuffle.device._codec import encode_cudf
 
     if column not in df.columns:
         raise KeyError(f"partition column {column!r} is missing; columns are {list(df.columns)}")
@@ -76,7 +76,7 @@ def split_cudf(
 
 def concat_cudf(pieces: Sequence[tuple[bytes, Any]], *, meta: Any) -> Any:
     """One output partition from its ``(meta, device buffer)`` pieces, in input order."""
-    from shuffle._device_codec import decode_cudf
+    from shuffle.device._codec import decode_cudf
 
     frames = []
     for tag_and_meta, buffer in pieces:
