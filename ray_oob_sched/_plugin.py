@@ -100,6 +100,7 @@ class RaySchedule:
                     results=cfg.gpu_results,  # type: ignore[arg-type]
                 ),
                 actors_per_node=cfg.actors_per_node,
+                port_range=cfg.port_range,
             )
         return self._shuffle_service
 
