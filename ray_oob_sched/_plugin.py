@@ -157,6 +157,7 @@ class RaySchedule:
     ) -> Any:
         start = time.perf_counter()
         self.last_stats = None
+        self.runtime.refuse_ray_client()  # before any work, also on invalid graphs
         unknown = set(kwargs) - _IGNORED_KWARGS
         if unknown:
             raise TypeError(
