@@ -161,7 +161,7 @@ def _stop(cluster: CliCluster) -> None:
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=15)
+    _, alive = psutil.wait_procs(procs, timeout=5)
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()

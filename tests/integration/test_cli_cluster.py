@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,7 @@ from tests.integration.cli_cluster import cli_cluster, free_ports
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 HEAD_IP, WORKER_IP = "127.0.0.1", "127.0.0.2"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 DRIVER = r"""
 import json, os, sys, time
@@ -97,8 +99,12 @@ def cluster():
 
 
 def _run(cluster, code, *args, **env):
+    return _run_argv(cluster, ["-c", code, *args], **env)
+
+
+def _run_argv(cluster, argv, **env):
     out = subprocess.run(
-        [sys.executable, "-c", code, *args],
+        [sys.executable, *argv],
         env={**cluster.env, **env},
         capture_output=True,
         text=True,
@@ -142,3 +148,17 @@ def test_a_ray_client_driver_is_refused_at_once(cluster):
     assert "refused after" in stdout
     assert "does not support Ray Client" in stdout
     assert float(stdout.split("refused after ", 1)[1].split(" s", 1)[0]) < 1.0
+
+
+def test_the_cluster_example_joins_through_ray_address(cluster):
+    first = free_ports(1)[0]
+    stdout = _run_argv(
+        cluster,
+        [str(EXAMPLES / "cluster.py"), "--size", "100000", "--transport", "tcp",
+         "--actors-per-node", "1", "--memory-limit", "64MiB",
+         "--port-range", f"{first}-{first + 7}"],
+        RAY_ADDRESS=cluster.gcs_address,
+    )
+    assert f"connected to the cluster at {cluster.gcs_address}: 2 node(s)" in stdout
+    assert f"  {WORKER_IP} " in stdout
+    assert stdout.count("correct") == 2 and "WRONG" not in stdout
