@@ -36,7 +36,8 @@ def temperature(t: np.ndarray, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     phi = np.deg2rad(lat - 89.5)
     season = np.sin(2 * np.pi * t / 365.25) * np.sin(phi)
     weather = np.sin(0.37 * t + 0.11 * lon) * np.cos(0.23 * t - 0.07 * lat)
-    return (28 * np.cos(phi) - 10 + 12 * season + 3 * weather).astype("float32")
+    celsius: np.ndarray = (28 * np.cos(phi) - 10 + 12 * season + 3 * weather).astype("float32")
+    return celsius
 
 
 def block(block_info: dict[Any, Any] | None = None) -> np.ndarray:

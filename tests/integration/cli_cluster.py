@@ -101,10 +101,17 @@ def _wait_started(cluster: CliCluster, starter: subprocess.Popen[bytes], log: Pa
 
 @contextlib.contextmanager
 def cli_cluster(
-    *, head_ip: str, worker_ip: str, object_store_bytes: int, memory_bytes: int
+    *,
+    head_ip: str,
+    worker_ip: str,
+    object_store_bytes: int,
+    memory_bytes: int,
+    ucx_net_devices: str | None,
 ) -> Iterator[CliCluster]:
     """A head and one worker node, one CPU each; the head has the custom resource
-    ``roos_head``. Stops exactly its own processes and checks that none is left."""
+    ``roos_head``. Stops exactly its own processes and checks that none is left.
+    ``ucx_net_devices``: UCX_NET_DEVICES of the cluster's processes (None: UCX's
+    default, every device)."""
     temp_dir = tempfile.mkdtemp(prefix="roos-cl-", dir="/tmp")  # short: unix socket paths
     gcs_port, client_port = free_ports(2)
     env = {
@@ -116,10 +123,10 @@ def cli_cluster(
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(16),
         "RAY_USAGE_STATS_ENABLED": "0",
-        # The nodes' addresses are on the loopback interface: UCX's TCP lanes too
-        # (docs/deploy.md: UCX_NET_DEVICES names the interface of the node addresses).
-        "UCX_NET_DEVICES": "lo",
     }
+    env.pop("UCX_NET_DEVICES", None)
+    if ucx_net_devices is not None:
+        env["UCX_NET_DEVICES"] = ucx_net_devices
     cluster = CliCluster(
         temp_dir=temp_dir,
         gcs_address=f"{head_ip}:{gcs_port}",

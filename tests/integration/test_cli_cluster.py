@@ -1,28 +1,31 @@
 """A real two-node cluster started with ``ray start``, joined through RAY_ADDRESS.
 
-The head (given 127.0.0.1, which Ray replaces by the machine's own address) and a
-worker node (127.0.0.2, a loopback address Ray keeps) each have their own raylet, object
-store and one CPU; the cluster has its own temp dir and auth token. A driver in a
-subprocess joins it through RAY_ADDRESS (as a user's script does) and runs a shuffle
-and a rechunk whose tasks are all pinned to the head, so every piece owned by the
-worker node's shuffle actor crosses nodes. Then a Ray Client driver is refused.
+The head and a worker node each have their own raylet, object store (100 MiB) and
+one CPU; the cluster has its own temp dir, ports and auth token. Two set-ups: the
+worker on a loopback address of its own (127.0.0.2) with the TCP transport, and both
+nodes on the machine's address (Ray replaces a given 127.0.0.1 by it) with UCX. A
+driver in a subprocess joins through RAY_ADDRESS (as a user's script does) and runs a
+shuffle and a rechunk whose tasks are all pinned to the head, so every piece owned
+by the worker node's shuffle actor crosses nodes; the cluster example runs the same
+way, and a Ray Client driver is refused.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from shuffle._transport import ucx as ucx_module
 from tests.integration.cli_cluster import cli_cluster, free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-HEAD_IP, WORKER_IP = "127.0.0.1", "127.0.0.2"
+HEAD_IP = "127.0.0.1"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 DRIVER = r"""
@@ -87,15 +90,40 @@ except ray_oob_sched.RayClientNotSupportedError as e:
 """
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@dataclass(frozen=True)
+class Setup:
+    transport: str
+    worker_ip: str
+    ucx_net_devices: str | None
+
+
+SETUPS = [
+    # The worker on a loopback address of its own, the TCP transport.
+    pytest.param(Setup("tcp", "127.0.0.2", "lo"), id="tcp-worker-on-127.0.0.2"),
+    # Both nodes on the machine's address (Ray's replacement for 127.0.0.1), UCX with
+    # its default devices. (UCX did not connect to a worker on 127.0.0.2.)
+    pytest.param(
+        Setup("ucx", "127.0.0.1", None),
+        id="ucx-both-on-the-machine-address",
+        marks=[
+            pytest.mark.ucx,
+            pytest.mark.skipif(not ucx_module.is_available(), reason="ucxx cannot be imported"),
+        ],
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=SETUPS)
+def cluster(request):
+    setup = request.param
     with cli_cluster(
         head_ip=HEAD_IP,
-        worker_ip=WORKER_IP,
+        worker_ip=setup.worker_ip,
         object_store_bytes=100 * 2**20,
         memory_bytes=2 * 2**30,
+        ucx_net_devices=setup.ucx_net_devices,
     ) as c:
-        yield c
+        yield c, setup
 
 
 def _run(cluster, code, *args, **env):
@@ -116,6 +144,7 @@ def _run_argv(cluster, argv, **env):
 
 
 def test_a_driver_joins_through_ray_address_and_shuffles_across_nodes(cluster):
+    cluster, setup = cluster
     first = free_ports(1)[0]
     port_range = (first, first + 7)
     stdout = _run(
@@ -123,12 +152,15 @@ def test_a_driver_joins_through_ray_address_and_shuffles_across_nodes(cluster):
         DRIVER,
         RAY_ADDRESS=cluster.gcs_address,
         DASK_RAY_OOB_SCHED__SHUFFLE__PORT_RANGE=f"{port_range[0]}-{port_range[1]}",
-        DASK_RAY_OOB_SCHED__SHUFFLE__TRANSPORT=os.environ.get("ROOS_CLI_CLUSTER_TRANSPORT", "tcp"),
+        DASK_RAY_OOB_SCHED__SHUFFLE__TRANSPORT=setup.transport,
     )
     result = json.loads(stdout.strip().splitlines()[-1])
     assert len(result["nodes"]) == 2
     worker = next(n for n in result["nodes"] if n != result["head"])
-    assert result["addresses"][worker] == WORKER_IP
+    head_address = result["addresses"][result["head"]]
+    assert result["addresses"][worker] == (
+        head_address if setup.worker_ip == HEAD_IP else setup.worker_ip
+    )
     assert result["shuffle_ok"] and result["rechunk_ok"]
     # Every task ran on the head, yet output partitions and chunks were made by the
     # worker node's actor too: its pieces crossed nodes.
@@ -140,10 +172,12 @@ def test_a_driver_joins_through_ray_address_and_shuffles_across_nodes(cluster):
     for node, address in result["actors"]:
         host, port = address.split("://", 1)[1].rsplit(":", 1)
         assert host == result["addresses"][node]
+        assert address.startswith(f"{setup.transport}://")
         assert port_range[0] <= int(port) <= port_range[1]
 
 
 def test_a_ray_client_driver_is_refused_at_once(cluster):
+    cluster, _ = cluster
     stdout = _run(cluster, CLIENT, f"ray://{HEAD_IP}:{cluster.client_port}")
     assert "refused after" in stdout
     assert "does not support Ray Client" in stdout
@@ -151,14 +185,15 @@ def test_a_ray_client_driver_is_refused_at_once(cluster):
 
 
 def test_the_cluster_example_joins_through_ray_address(cluster):
+    cluster, setup = cluster
     first = free_ports(1)[0]
     stdout = _run_argv(
         cluster,
-        [str(EXAMPLES / "cluster.py"), "--size", "100000", "--transport", "tcp",
+        [str(EXAMPLES / "cluster.py"), "--size", "100000", "--transport", setup.transport,
          "--actors-per-node", "1", "--memory-limit", "64MiB",
          "--port-range", f"{first}-{first + 7}"],
         RAY_ADDRESS=cluster.gcs_address,
     )
     assert f"connected to the cluster at {cluster.gcs_address}: 2 node(s)" in stdout
-    assert f"  {WORKER_IP} " in stdout
+    assert stdout.count(f"  {setup.worker_ip} ") == (setup.worker_ip != HEAD_IP)
     assert stdout.count("correct") == 2 and "WRONG" not in stdout
