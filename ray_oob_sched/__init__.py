@@ -22,6 +22,7 @@ from ray_oob_sched._p2p import UnsupportedGraphError
 from ray_oob_sched._futures import RayFuture
 from ray_oob_sched._plugin import RaySchedule, RunStats
 from ray_oob_sched._restart import ShuffleActorLostError
+from ray_oob_sched._runtime import RayClientNotSupportedError
 
 __version__ = "0.1.0"
 
@@ -79,6 +80,7 @@ def shutdown() -> bool:
 __all__ = [
     "InvalidGraphError",
     "InvalidOptionsError",
+    "RayClientNotSupportedError",
     "RayFuture",
     "RaySchedule",
     "RunStats",

@@ -125,6 +125,21 @@ def _host() -> str | None:
     return value
 
 
+def _port_range() -> tuple[int, int] | None:
+    value = get("shuffle.port-range")
+    if value is None:
+        return None
+    first, sep, last = str(value).partition("-")
+    if sep and first.strip().isdigit() and last.strip().isdigit():
+        ports = int(first), int(last)
+        if 0 < ports[0] <= ports[1] < 65536:
+            return ports
+    raise ValueError(
+        f"{NAMESPACE}.shuffle.port-range must be null or 'FIRST-LAST' with "
+        f"0 < FIRST <= LAST < 65536, e.g. '40000-40031', got {value!r}"
+    )
+
+
 @dataclass(frozen=True)
 class ShuffleConfig:
     transport: str
@@ -140,6 +155,7 @@ class ShuffleConfig:
     gpu_results: str = "device"
     actors_per_node: int | Literal["auto"] = "auto"
     combine_bytes: int = 16 * 2**20
+    port_range: tuple[int, int] | None = None
 
     @classmethod
     def from_dask_config(cls) -> ShuffleConfig:
@@ -186,4 +202,5 @@ class ShuffleConfig:
             max_restarts=_int("shuffle.max-restarts", minimum=0),
             actors_per_node=_actors_per_node(),
             combine_bytes=_int("shuffle.combine-bytes", minimum=0),
+            port_range=_port_range(),
         )

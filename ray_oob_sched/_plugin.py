@@ -100,6 +100,7 @@ class RaySchedule:
                     results=cfg.gpu_results,  # type: ignore[arg-type]
                 ),
                 actors_per_node=cfg.actors_per_node,
+                port_range=cfg.port_range,
             )
         return self._shuffle_service
 
@@ -156,6 +157,7 @@ class RaySchedule:
     ) -> Any:
         start = time.perf_counter()
         self.last_stats = None
+        self.runtime.refuse_ray_client()  # before any work, also on invalid graphs
         unknown = set(kwargs) - _IGNORED_KWARGS
         if unknown:
             raise TypeError(

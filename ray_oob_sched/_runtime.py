@@ -2,6 +2,11 @@
 
 The embedded local Ray is started on first use, logged once, and is the only Ray
 this package ever shuts down (``shutdown``), never one it did not start.
+
+Ray Client (``ray.init("ray://...")``) is refused: its ObjectRefs and actor handles
+live in a proxy on the head node, so the driver-side reference bookkeeping that frees
+intermediates, the actor calls that return output partitions and the per-driver
+shuffle secret would all go through that proxy, and none of it is tested there.
 """
 
 from __future__ import annotations
@@ -11,10 +16,37 @@ import os
 import threading
 
 import ray
+import ray.util.client
 
 from ray_oob_sched._config import ray_init_kwargs
 
 logger = logging.getLogger("ray_oob_sched")
+
+_CLIENT_ADVICE = (
+    "run the driver on a node of the cluster instead: submit it as a job "
+    "(`ray job submit --address http://<head>:8265 -- python script.py`), or start it "
+    "on a node with RAY_ADDRESS=<head>:6379 (the GCS address, no ray://) or "
+    "ray.init(address='auto')"
+)
+
+
+class RayClientNotSupportedError(RuntimeError):
+    """The driver is (or would be) connected through Ray Client (``ray://``)."""
+
+
+def refuse_ray_client(*, connected: bool, address: str | None) -> None:
+    """Raise ``RayClientNotSupportedError`` if ``connected`` through Ray Client, or if
+    Ray is to be joined at a ``ray://`` ``address`` (RAY_ADDRESS)."""
+    if connected:
+        raise RayClientNotSupportedError(
+            "ray_oob_sched does not support Ray Client: this process is connected to Ray "
+            f"through ray://; {_CLIENT_ADVICE}"
+        )
+    if address is not None and address.strip().lower().startswith("ray://"):
+        raise RayClientNotSupportedError(
+            f"ray_oob_sched does not support Ray Client: RAY_ADDRESS is {address!r}; "
+            f"{_CLIENT_ADVICE}"
+        )
 
 
 class RayRuntime:
@@ -22,7 +54,19 @@ class RayRuntime:
         self._lock = threading.Lock()
         self._started_here = False
 
+    def refuse_ray_client(self) -> None:
+        """Raise ``RayClientNotSupportedError`` in a Ray Client session, or when
+        RAY_ADDRESS would start one."""
+        # ray.is_initialized() is true in a Ray Client session as well.
+        refuse_ray_client(
+            connected=ray.util.client.ray.is_connected(),
+            address=None if ray.is_initialized() else os.environ.get("RAY_ADDRESS"),
+        )
+
     def ensure(self) -> None:
+        """Make sure this process is a Ray driver, joining or starting a Ray if none is
+        initialised (never a Ray Client)."""
+        self.refuse_ray_client()
         if ray.is_initialized():
             return
         with self._lock:

@@ -24,6 +24,7 @@ from ._errors import (
     TransportFallbackWarning,
     TransportUsageError,
 )
+from ._ports import PortRangeExhaustedError, listen_in_range
 from .base import (
     Allocator,
     Endpoint,
@@ -50,6 +51,7 @@ __all__ = [
     "Listener",
     "MemoryType",
     "PeerClosedError",
+    "PortRangeExhaustedError",
     "ProtocolError",
     "Transport",
     "TransportConfig",
@@ -59,6 +61,7 @@ __all__ = [
     "TransportUsageError",
     "get_transport",
     "host_allocator",
+    "listen_in_range",
 ]
 
 TransportName = Literal["ucx", "tcp", "local", "auto"]

@@ -67,6 +67,7 @@ from shuffle._transport import (
     TransportConfig,
     TransportName,
     get_transport,
+    listen_in_range,
 )
 from shuffle.device._allocator import refused_reason, transport_allocator
 from shuffle.device._codec import to_host
@@ -127,12 +128,14 @@ class ShuffleActor:
         options: RunOptions = DEFAULT_OPTIONS,
         device: DeviceOptions = DEFAULT_DEVICE_OPTIONS,
         actors_on_node: int = 1,
+        ports: tuple[int, int] | None = None,
     ) -> None:
         options = resolve_memory_limit(options, actors_on_node=actors_on_node)
         self.name = name
         #: The runs' options, memory limit resolved (never "auto").
         self.options = options
         self._host = host
+        self._ports = ports  # listen on a port of this range (inclusive); None: any
         self._spill_directory = options.spill_directory
         self._transport_name = transport
         self._device = device
@@ -177,7 +180,9 @@ class ShuffleActor:
                     self._require_gpu()
                 transport = get_transport(self._transport_name, config=self._config)
                 try:
-                    self._listener = await transport.listen(self._host, 0, self._serve)
+                    self._listener = await listen_in_range(
+                        transport, host=self._host, ports=self._ports, handler=self._serve
+                    )
                 except BaseException:
                     await transport.close()
                     raise
@@ -326,6 +331,7 @@ def create_shuffle_actor(
     device: DeviceOptions = DEFAULT_DEVICE_OPTIONS,
     num_gpus: float = 0.0,
     actors_on_node: int = 1,
+    ports: tuple[int, int] | None = None,
 ) -> Any:
     """Create a ``ShuffleActor`` pinned to ``node_id``; returns its ActorHandle.
 
@@ -334,7 +340,7 @@ def create_shuffle_actor(
     ``num_gpus`` (a share of one GPU, from ``_device.actor_num_gpus``) makes Ray give
     the actor a GPU and point its ``CUDA_VISIBLE_DEVICES`` at it. ``actors_on_node``:
     how many shuffle actors the owner runs on that node (they share its auto memory
-    budget).
+    budget). ``ports``: the inclusive range its listener binds in (None: any free port).
     """
     return _RemoteShuffleActor.options(
         num_cpus=0,  # it waits on I/O; the unpack threads are short
@@ -352,4 +358,5 @@ def create_shuffle_actor(
         options=options,
         device=device,
         actors_on_node=actors_on_node,
+        ports=ports,
     )

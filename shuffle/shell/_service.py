@@ -82,7 +82,8 @@ class ShuffleService:
     on a GPU node reserves, and what unpack returns for device partitions.
     ``actors_per_node`` is the number of actors on every node, or ``"auto"``: one per 8
     of the node's CPUs (Ray's ``CPU`` resource), clamped to [1, 4] (``_placement``). A node's actors share its
-    ``memory_limit="auto"`` budget.
+    ``memory_limit="auto"`` budget. ``port_range``: the inclusive range of ports every
+    actor's listener binds in (firewalls); ``None``: any free port.
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class ShuffleService:
         host: str | None = None,
         device: DeviceOptions = DEFAULT_DEVICE_OPTIONS,
         actors_per_node: ActorsPerNode = "auto",
+        port_range: tuple[int, int] | None = None,
     ) -> None:
         if transport not in ("ucx", "tcp", "auto"):
             raise ValueError(f"transport must be 'ucx', 'tcp' or 'auto', got {transport!r}")
@@ -107,6 +109,7 @@ class ShuffleService:
         self.host = host
         self.device = device
         self.actors_per_node = check_actors_per_node(actors_per_node)
+        self.port_range = port_range
         self._secret = os.urandom(32)
         self._mint_run_id = RunIdMinter()
         self._actors: dict[Slot, ActorInfo] = {}  # by (node id, index)
@@ -364,6 +367,7 @@ class ShuffleService:
             device=self.device,
             num_gpus=num_gpus,
             actors_on_node=self._node_actors.get(node_id, 1),
+            ports=self.port_range,
         )
         return name, handle
 

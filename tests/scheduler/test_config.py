@@ -239,3 +239,53 @@ def test_actors_per_node_reaches_the_shuffle_service():
     default = RaySchedule().shuffle_service()
     assert default.actors_per_node == "auto"
     default.close()
+
+
+def test_shuffle_port_range_is_null_or_first_last_and_reaches_the_service():
+    from ray_oob_sched._config import ShuffleConfig
+    from ray_oob_sched._plugin import RaySchedule
+
+    assert ShuffleConfig.from_dask_config().port_range is None  # the default
+    with dask.config.set({"ray-oob-sched.shuffle.port-range": "40000-40031"}):
+        assert ShuffleConfig.from_dask_config().port_range == (40000, 40031)
+        service = RaySchedule().shuffle_service()  # starts no actors until used
+    assert service.port_range == (40000, 40031)
+    service.close()
+    for bad in ("40000", "40031-40000", "0-10", "1-65536", "a-b", 40000, [1, 2]):
+        with dask.config.set({"ray-oob-sched.shuffle.port-range": bad}):
+            with pytest.raises(ValueError, match=r"shuffle\.port-range must be null or"):
+                ShuffleConfig.from_dask_config()
+
+
+def test_shuffle_port_range_from_the_environment():
+    code = (
+        "from ray_oob_sched._config import ShuffleConfig; "
+        "print(ShuffleConfig.from_dask_config().port_range)"
+    )
+    env = {**os.environ, "DASK_RAY_OOB_SCHED__SHUFFLE__PORT_RANGE": "40000-40031"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "(40000, 40031)"
+
+
+def test_readme_table_lists_every_setting():
+    """The README's configuration table has a row for every default key."""
+    with open(os.path.join(os.path.dirname(_config.DEFAULTS_PATH), "..", "README.md")) as f:
+        readme = f.read()
+
+    def leaves(tree, prefix):
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    defaults = _load(_config.DEFAULTS_PATH)["ray-oob-sched"]
+    missing = [
+        key
+        for key in leaves(defaults, "")
+        if f"| `{key}` |" not in readme
+        and not (key.startswith("init.") and "| `init.*` |" in readme)
+    ]
+    assert missing == []
