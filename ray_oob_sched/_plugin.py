@@ -79,7 +79,7 @@ class RaySchedule:
         """The out-of-band shuffle service (actors start on first use)."""
         if self._shuffle_service is None:
             from shuffle.device._options import DeviceOptions
-            from shuffle._run import RunOptions
+            from shuffle._options import RunOptions
             from shuffle.shell._service import ShuffleService
 
             cfg = ShuffleConfig.from_dask_config()

@@ -37,8 +37,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from shuffle._ids import RunIdMinter, ShuffleId
+from shuffle._options import DEFAULT_OPTIONS, RunOptions
 from shuffle._rechunk import RechunkLayout
-from shuffle._run import DEFAULT_OPTIONS, RunOptions
 from shuffle._spec import DEFAULT_PARTITION_COLUMN, ShuffleRunSpec
 from shuffle._transport import TransportName
 from shuffle.device._options import DEFAULT_DEVICE_OPTIONS, DeviceOptions, actor_num_gpus

@@ -194,7 +194,7 @@ def test_transfers_in_a_group_are_staged_for_its_end_unless_they_cannot_be(
 ):
     import shuffle.shell._transfer as transfer_module
     from ray_oob_sched._worker import GroupSpec, run_group
-    from shuffle._run import RunOptions
+    from shuffle._options import RunOptions
 
     calls: list = []
 

@@ -28,7 +28,7 @@ import pytest
 
 from shuffle._exceptions import ShuffleClosedError, StaleRunError, UnknownRunError
 from shuffle._ids import RunId, ShuffleId
-from shuffle._run import RunOptions
+from shuffle._options import RunOptions
 from shuffle._store import spill_prefix
 from shuffle._transport import AuthenticationError, TransportName
 from shuffle._transport import ucx as ucx_module
