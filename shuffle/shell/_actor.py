@@ -64,7 +64,7 @@ from shuffle._transport import (
     get_transport,
 )
 from shuffle.device._allocator import refused_reason, transport_allocator
-from shuffle.device._codec import to_host
+from shuffle.device._arrays import to_host
 from shuffle.device._cuda import GpuStatus, gpu_status, registry_for
 from shuffle.device._options import DEFAULT_DEVICE_OPTIONS, DeviceOptions, DeviceUnavailableError
 from shuffle.wire._memory import MemoryRegistry

@@ -15,8 +15,9 @@ present before it trusts it. Layout (little endian)::
 dtype and shape for array shards, whose payload is raw memory that may live on a
 device. Each distinct meta travels once per message and entries refer to it by
 number (0: none, k: the k-th), because the pieces of one sender share one schema:
-256 pieces of one message would otherwise repeat ~1 KB of schema each. Buffers travel as separate frames so that a transport can receive each one straight
-into memory of the right kind; which kinds exist is a ``MemoryRegistry`` of hooks
+256 pieces of one message would otherwise repeat ~1 KB of schema each. Buffers travel
+as separate frames so that a transport can receive each one straight into memory of
+the right kind; which kinds exist is a ``MemoryRegistry`` of hooks
 (``shuffle.wire._memory``).
 """
 

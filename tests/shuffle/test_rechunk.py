@@ -215,10 +215,10 @@ def test_piece_codec_refuses_what_it_cannot_send() -> None:
         decode_piece(piece.meta, bytes(piece.data)[:12])
     with pytest.raises(ValueError, match="unknown kind tag"):
         decode_piece(b"pickle\0...", b"")
-    with pytest.raises(ValueError, match="invalid numpy piece description"):
-        decode_piece(b'numpy\0{"dtype": {"descr": "|O"}, "shape": [1]}', bytes(8))
-    with pytest.raises(ValueError, match="invalid numpy piece description"):
-        decode_piece(b"numpy\0{not json", b"")
+    with pytest.raises(ValueError, match="invalid array piece description"):
+        decode_piece(b'array\0{"dtype": {"descr": "|O"}, "shape": [1]}', bytes(8))
+    with pytest.raises(ValueError, match="invalid array piece description"):
+        decode_piece(b"array\0{not json", b"")
 
 
 def test_non_contiguous_pieces_are_copied_once_and_contiguous_ones_not() -> None:
