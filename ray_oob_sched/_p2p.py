@@ -132,14 +132,14 @@ class _Transfer:
     handles: Mapping[str, Any]  # shuffle id -> RunHandle: P2PRewrite.runs, kept current
 
     def __call__(self, df: Any, shuffle_id: str, input_partition: int | tuple[int, ...]) -> int:
-        from shuffle._rechunk import RechunkLayout
+        from shuffle._rechunk import is_rechunk
         from shuffle.shell._transfer import InputBatch, transfer
 
         handle = self.handles[shuffle_id]
         scope = current_scope()
         if (
             scope is None
-            or isinstance(handle.meta, RechunkLayout)
+            or is_rechunk(handle.meta)
             or not handle.options.combine_bytes
             or isinstance(input_partition, tuple)
         ):

@@ -35,7 +35,7 @@ import pandas as pd
 from shuffle._exceptions import FrameError, ShuffleClosedError, StaleRunError, UnknownRunError
 from shuffle._ids import RunId, ShuffleId
 from shuffle._options import DEFAULT_OPTIONS, RunOptions
-from shuffle._rechunk import RechunkLayout
+from shuffle._rechunk import RechunkLayout, is_rechunk
 from shuffle._run import ArrayRechunkRun, DataFrameShuffleRun, ShuffleRun
 from shuffle._spec import ShuffleRunSpec
 from shuffle.wire._memory import HOST_REGISTRY, MemoryRegistry
@@ -119,7 +119,7 @@ class ShuffleManager:
             registry=self.registry,
         )
         run: ShuffleRun
-        if isinstance(meta, RechunkLayout):
+        if is_rechunk(meta):
             run = ArrayRechunkRun(layout=meta, **common)
         elif isinstance(meta, pd.DataFrame):
             run = DataFrameShuffleRun(meta=meta, **common)

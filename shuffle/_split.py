@@ -18,7 +18,7 @@ import pandas as pd
 from shuffle._combine import joined_meta
 from shuffle._ids import ShardKey
 from shuffle._partition import group_by_owner, sort_by_partition
-from shuffle._rechunk import RechunkLayout
+from shuffle._rechunk import RechunkLayout, is_rechunk
 from shuffle._spec import ShuffleRunSpec
 from shuffle.device._cudf import is_cudf_frame, split_cudf
 from shuffle.wire._arrow import encode_slices
@@ -59,7 +59,7 @@ def split_input(
     named by the first, ``input_partition``; their pieces' metas say so. ``meta``: the
     run's ``RechunkLayout``, or dask's empty frame of a dataframe shuffle.
     """
-    if isinstance(meta, RechunkLayout):
+    if is_rechunk(meta):
         check_input_partition(input_partition, where=_where(spec))
         by_owner = split_chunk(data, meta, input_partition, owner_of=spec.owner_of)
     else:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from shuffle._exceptions import FrameError
-from shuffle.device._cuda import cai_nbytes
+from shuffle.device._cai import cai_nbytes
 from shuffle.device._cudf import is_cudf_frame
 from shuffle.device._options import DeviceUnavailableError
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from shuffle._exceptions import FrameError
-from shuffle.device._cuda import is_device_object
+from shuffle.device._cai import is_device_object
 from shuffle.device._options import DeviceUnavailableError
 from shuffle.wire._message import Piece
 

@@ -38,7 +38,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from shuffle._ids import RunIdMinter, ShuffleId
 from shuffle._options import DEFAULT_OPTIONS, RunOptions
-from shuffle._rechunk import RechunkLayout
+from shuffle._rechunk import RechunkLayout, is_rechunk
 from shuffle._spec import DEFAULT_PARTITION_COLUMN, ShuffleRunSpec
 from shuffle._transport import TransportName
 from shuffle.device._options import DEFAULT_DEVICE_OPTIONS, DeviceOptions, actor_num_gpus
@@ -250,7 +250,7 @@ class ShuffleService:
             )
         handle = RunHandle(
             spec=spec,
-            meta=meta if isinstance(meta, RechunkLayout) else meta.iloc[:0],
+            meta=meta if is_rechunk(meta) else meta.iloc[:0],
             addresses={a.name: a.address for a in actors},
             secret=self._secret,
             transport=schemes.pop(),

@@ -39,7 +39,13 @@ from shuffle._transport import (
     get_transport,
 )
 from shuffle._transport import ucx as ucx_module
-from shuffle._transport._frames import KIND_DATA, MAGIC, PREFIX, VERSION, prepare_frames
+from shuffle._transport._frames import (
+    FRAME_MAGIC,
+    FRAME_PREFIX,
+    FRAME_VERSION,
+    KIND_DATA,
+    prepare_frames,
+)
 from shuffle._transport.local import LocalTransport
 from shuffle._transport.tcp import TcpTransport
 
@@ -553,8 +559,8 @@ def test_silent_client_is_dropped_at_the_handshake_deadline(kind: str) -> None:
 
 
 GARBAGE = b"GET / HTTP/1.1\r\nHost: example\r\n\r\n" * 30
-ABSURD_COUNT = PREFIX.pack(MAGIC, VERSION, KIND_DATA, 0x7FFFFFFF)
-ABSURD_SIZE = PREFIX.pack(MAGIC, VERSION, KIND_DATA, 1) + struct.pack("<QB", 1 << 60, 0)
+ABSURD_COUNT = FRAME_PREFIX.pack(FRAME_MAGIC, FRAME_VERSION, KIND_DATA, 0x7FFFFFFF)
+ABSURD_SIZE = FRAME_PREFIX.pack(FRAME_MAGIC, FRAME_VERSION, KIND_DATA, 1) + struct.pack("<QB", 1 << 60, 0)
 
 
 async def raw_client(kind: str, h: Harness, address: str, payload: bytes | None) -> None:
