@@ -22,15 +22,15 @@ are refused with an error naming the versions, never run another way.
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from dask._task_spec import Alias, GraphNode, Task, TaskRef
 
+from ray_oob_sched._graph import Key
 from ray_oob_sched._worker import current_scope
 
-Key = Hashable
 
 
 class UnsupportedGraphError(ValueError):
