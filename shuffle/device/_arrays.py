@@ -15,8 +15,8 @@ import numpy as np
 
 from shuffle._exceptions import FrameError
 from shuffle.device._cai import cai_nbytes
+from shuffle.device._cuda import import_cupy
 from shuffle.device._cudf import is_cudf_frame
-from shuffle.device._options import DeviceUnavailableError
 
 __all__ = ["contiguous_device_array", "device_array", "is_cupy_array", "to_host"]
 
@@ -58,7 +58,7 @@ def device_array(
         raise FrameError(
             f"array piece of shape {shape} and dtype {dtype} needs {nbytes} bytes, got {got}"
         )
-    cupy = _import_cupy()
+    cupy = import_cupy()
     if not nbytes:
         return cupy.empty(shape, dtype=dtype)
     return cupy.asarray(buffer).view(cupy.uint8).reshape(-1).view(dtype).reshape(shape)
@@ -71,13 +71,3 @@ def to_host(obj: Any) -> Any:
     if is_cudf_frame(obj):
         return obj.to_pandas()
     return obj
-
-
-def _import_cupy() -> Any:
-    try:
-        import cupy
-    except Exception as e:  # noqa: BLE001 -- ImportError, or CUDA libraries failing to load
-        raise DeviceUnavailableError(
-            f"received a CuPy array, but CuPy cannot be imported here ({e!r})"
-        ) from None
-    return cupy

@@ -35,6 +35,7 @@ __all__ = [
     "cuda_hooks",
     "cuda_registry",
     "gpu_status",
+    "import_cupy",
     "refusing_cuda_hooks",
     "registry_for",
 ]
@@ -189,3 +190,14 @@ def registry_for(
     if mode in ("auto", "cuda"):
         return cuda_registry(allocate=allocate)
     raise ValueError(f"device mode must be one of {DEVICE_MODES}, got {mode!r}")
+
+
+def import_cupy() -> Any:
+    """CuPy, imported now; ``DeviceUnavailableError`` (saying why) where it cannot be."""
+    try:
+        import cupy
+    except Exception as e:  # noqa: BLE001 -- ImportError, or CUDA libraries failing to load
+        raise DeviceUnavailableError(
+            f"received a CuPy array, but CuPy cannot be imported here ({e!r})"
+        ) from None
+    return cupy

@@ -27,6 +27,7 @@ from typing import Any
 
 from shuffle._exceptions import FrameError
 from shuffle.device._cai import is_device_object
+from shuffle.device._cuda import import_cupy
 from shuffle.device._options import DeviceUnavailableError
 from shuffle.wire._message import Piece
 
@@ -234,7 +235,7 @@ def encode_cudf(df: Any) -> tuple[bytes, Any]:
             "version is not supported by the device codec"
         )
     packed_meta, gpu_data = plc.contiguous_split.pack(table).release()
-    cupy = sys.modules.get("cupy") or _import_cupy()
+    cupy = sys.modules.get("cupy") or import_cupy()
     cupy.cuda.runtime.deviceSynchronize()  # pack ran on cuDF's stream; finish before send
     return pack_meta(info, memoryview(packed_meta)), gpu_data
 
@@ -276,13 +277,3 @@ def decode_cudf(meta: Any, buf: Any) -> Any:
         # cuDF's ``columns`` is a fresh pandas Index per access: assign, do not mutate.
         df.columns = df.columns.rename(info["columns_name"])
     return df
-
-
-def _import_cupy() -> Any:
-    try:
-        import cupy
-    except Exception as e:  # noqa: BLE001 -- ImportError, or CUDA libraries failing to load
-        raise DeviceUnavailableError(
-            f"received a CuPy array, but CuPy cannot be imported here ({e!r})"
-        ) from None
-    return cupy

@@ -1,23 +1,32 @@
-"""Shared test wiring: participants' runs fed by client-style senders, in one process.
+"""Shared test support: in-memory runs fed by client-style senders, and fake devices.
 
 ``Network`` holds one ``ShuffleManager`` per participant. ``send_input`` sends one
 input as a transfer task's client does: ``shuffle._split.split_input`` cuts it into
 pieces, ``shuffle._send.send_shards`` batches and encodes them, and ``deliver`` (the
 injected wire) copies the frames, as a network would, into the owner's manager.
+
+``FakeDeviceArray`` is device memory without a device: host memory exposed through
+``__cuda_array_interface__`` only; ``make_fake_cupy`` is enough of CuPy around it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import random
+import types
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import pytest
 
 from shuffle._manager import ShuffleManager
 from shuffle._options import RunOptions
 from shuffle._send import Sent, send_shards
 from shuffle._spec import ShuffleRunSpec
 from shuffle._split import split_input
+from shuffle.device._cai import cai_nbytes
 from shuffle.wire._memory import HOST_REGISTRY, MemoryRegistry
 
 Mode = Literal["direct", "delay", "chaos"]
@@ -119,3 +128,112 @@ class Network:
     async def _yield_randomly(self) -> None:
         for _ in range(self.rng.randrange(6)):
             await asyncio.sleep(0)
+
+
+def cai_of(arr: np.ndarray) -> dict[str, Any]:
+    return {
+        "version": 3,
+        "shape": arr.shape,
+        "typestr": arr.dtype.str,
+        "data": (arr.ctypes.data if arr.size else 0, not arr.flags.writeable),
+        "strides": None if arr.flags.c_contiguous else arr.strides,
+        "stream": 1,
+    }
+
+
+class FakeDeviceArray:
+    """Fake device memory: host memory behind CAI only, deliberately no buffer protocol."""
+
+    def __init__(self, host: np.ndarray) -> None:
+        self.host = host
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return cai_of(self.host)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.host.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.host.shape
+
+    def view(self, dtype: Any) -> FakeDeviceArray:
+        return FakeDeviceArray(self.host.view(dtype))
+
+    def reshape(self, *shape: Any) -> FakeDeviceArray:
+        return FakeDeviceArray(self.host.reshape(*shape))
+
+    def __getitem__(self, key: Any) -> FakeDeviceArray:
+        return FakeDeviceArray(self.host[key])
+
+
+def read_device(obj: Any) -> np.ndarray:
+    """The bytes behind any CAI object, read through its pointer (as a GPU library would)."""
+    cai = obj.__cuda_array_interface__
+    nbytes = cai_nbytes(cai)
+    if not nbytes:
+        return np.empty(0, np.uint8)
+    raw = (ctypes.c_uint8 * nbytes).from_address(cai["data"][0])
+    out = np.ctypeslib.as_array(raw)
+    out.flags.writeable = True
+    return out
+
+
+def fake_allocate(nbytes: int) -> FakeDeviceArray:
+    return FakeDeviceArray(np.zeros(nbytes, np.uint8))
+
+
+def make_fake_cupy() -> types.ModuleType:
+    """Enough of CuPy's surface for the codec, on host memory; counts synchronisations."""
+    cupy = types.ModuleType("cupy")
+    cupy.ndarray = FakeDeviceArray  # type: ignore[attr-defined]
+    cupy.uint8 = np.uint8  # type: ignore[attr-defined]
+    cupy.syncs = 0  # type: ignore[attr-defined]
+
+    def asarray(obj: Any) -> FakeDeviceArray:
+        if isinstance(obj, FakeDeviceArray):
+            return obj
+        view = read_device(obj)
+        keep = FakeDeviceArray(view)
+        keep.owner = obj  # type: ignore[attr-defined]  # as CuPy keeps the CAI exporter
+        return keep
+
+    def synchronize() -> None:
+        cupy.syncs += 1  # type: ignore[attr-defined]
+
+    cupy.asarray = asarray  # type: ignore[attr-defined]
+
+    def ascontiguousarray(a: FakeDeviceArray) -> FakeDeviceArray:
+        return FakeDeviceArray(np.ascontiguousarray(a.host))
+
+    def empty(shape: Any, dtype: Any) -> FakeDeviceArray:
+        return FakeDeviceArray(np.empty(shape, dtype))
+
+    cupy.ascontiguousarray = ascontiguousarray  # type: ignore[attr-defined]
+    cupy.empty = empty  # type: ignore[attr-defined]
+    cupy.asnumpy = lambda a: a.host.copy()  # type: ignore[attr-defined]
+    stream = types.SimpleNamespace(synchronize=synchronize)
+    cupy.cuda = types.SimpleNamespace(  # type: ignore[attr-defined]
+        get_current_stream=lambda: stream,
+        runtime=types.SimpleNamespace(deviceSynchronize=synchronize),
+    )
+    return cupy
+
+
+def gpu_usable() -> bool:
+    try:
+        import cupy
+
+        return bool(cupy.cuda.runtime.getDeviceCount() > 0)
+    except Exception:  # noqa: BLE001 -- not importable, no driver, no device
+        return False
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def needs_gpu(test: F) -> F:
+    skip = pytest.mark.skipif(not gpu_usable(), reason="CuPy cannot be imported or sees no GPU")
+    return pytest.mark.gpu(skip(test))  # type: ignore[no-any-return]

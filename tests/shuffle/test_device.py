@@ -12,7 +12,6 @@ skipped where CuPy cannot be imported or sees no device.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import json
 import logging
@@ -20,8 +19,8 @@ import os
 import sys
 import types
 import weakref
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,128 +48,22 @@ from shuffle.device._options import (
 from shuffle.wire._memory import HOST_REGISTRY, MemoryType
 from shuffle.wire._message import allocate_buffers, decode_message, encode_message
 from shuffle.wire._ndarray import ARRAY_TAG, decode_piece, encode_piece
+from tests.shuffle.support import (
+    F,
+    FakeDeviceArray,
+    cai_of,
+    fake_allocate,
+    gpu_usable,
+    make_fake_cupy,
+    needs_gpu,
+    read_device,
+)
 
 SECRET = b"d" * 32
 WAIT = 20.0
 
 
 # --------------------------------------------------------------------------- fakes
-
-
-def _cai_of(arr: np.ndarray) -> dict[str, Any]:
-    return {
-        "version": 3,
-        "shape": arr.shape,
-        "typestr": arr.dtype.str,
-        "data": (arr.ctypes.data if arr.size else 0, not arr.flags.writeable),
-        "strides": None if arr.flags.c_contiguous else arr.strides,
-        "stream": 1,
-    }
-
-
-class FakeDeviceArray:
-    """Fake device memory: host memory behind CAI only, deliberately no buffer protocol."""
-
-    def __init__(self, host: np.ndarray) -> None:
-        self.host = host
-
-    @property
-    def __cuda_array_interface__(self) -> dict[str, Any]:
-        return _cai_of(self.host)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.host.dtype
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.host.shape
-
-    def view(self, dtype: Any) -> FakeDeviceArray:
-        return FakeDeviceArray(self.host.view(dtype))
-
-    def reshape(self, *shape: Any) -> FakeDeviceArray:
-        return FakeDeviceArray(self.host.reshape(*shape))
-
-    def __getitem__(self, key: Any) -> FakeDeviceArray:
-        return FakeDeviceArray(self.host[key])
-
-
-def read_device(obj: Any) -> np.ndarray:
-    """The bytes behind any CAI object, read through its pointer (as a GPU library would)."""
-    cai = obj.__cuda_array_interface__
-    nbytes = cai_nbytes(cai)
-    if not nbytes:
-        return np.empty(0, np.uint8)
-    raw = (ctypes.c_uint8 * nbytes).from_address(cai["data"][0])
-    out = np.ctypeslib.as_array(raw)
-    out.flags.writeable = True
-    return out
-
-
-def fake_allocate(nbytes: int) -> FakeDeviceArray:
-    return FakeDeviceArray(np.zeros(nbytes, np.uint8))
-
-
-def make_fake_cupy() -> types.ModuleType:
-    """Enough of CuPy's surface for the codec, on host memory; counts synchronisations."""
-    cupy = types.ModuleType("cupy")
-    cupy.ndarray = FakeDeviceArray  # type: ignore[attr-defined]
-    cupy.uint8 = np.uint8  # type: ignore[attr-defined]
-    cupy.syncs = 0  # type: ignore[attr-defined]
-
-    def asarray(obj: Any) -> FakeDeviceArray:
-        if isinstance(obj, FakeDeviceArray):
-            return obj
-        view = read_device(obj)
-        keep = FakeDeviceArray(view)
-        keep.owner = obj  # type: ignore[attr-defined]  # as CuPy keeps the CAI exporter
-        return keep
-
-    def synchronize() -> None:
-        cupy.syncs += 1  # type: ignore[attr-defined]
-
-    cupy.asarray = asarray  # type: ignore[attr-defined]
-
-    def ascontiguousarray(a: FakeDeviceArray) -> FakeDeviceArray:
-        return FakeDeviceArray(np.ascontiguousarray(a.host))
-
-    def empty(shape: Any, dtype: Any) -> FakeDeviceArray:
-        return FakeDeviceArray(np.empty(shape, dtype))
-
-    cupy.ascontiguousarray = ascontiguousarray  # type: ignore[attr-defined]
-    cupy.empty = empty  # type: ignore[attr-defined]
-    cupy.asnumpy = lambda a: a.host.copy()  # type: ignore[attr-defined]
-    stream = types.SimpleNamespace(synchronize=synchronize)
-    cupy.cuda = types.SimpleNamespace(  # type: ignore[attr-defined]
-        get_current_stream=lambda: stream,
-        runtime=types.SimpleNamespace(deviceSynchronize=synchronize),
-    )
-    return cupy
-
-
-@pytest.fixture
-def fake_cupy(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    cupy = make_fake_cupy()
-    monkeypatch.setitem(sys.modules, "cupy", cupy)
-    return cupy
-
-
-def gpu_usable() -> bool:
-    try:
-        import cupy
-
-        return bool(cupy.cuda.runtime.getDeviceCount() > 0)
-    except Exception:  # noqa: BLE001 -- not importable, no driver, no device
-        return False
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def needs_gpu(test: F) -> F:
-    skip = pytest.mark.skipif(not gpu_usable(), reason="CuPy cannot be imported or sees no GPU")
-    return pytest.mark.gpu(skip(test))  # type: ignore[no-any-return]
 
 
 def needs_ucx(test: F) -> F:
@@ -192,14 +85,14 @@ def loopback() -> Iterator[None]:
 
 def test_cai_nbytes_accepts_contiguous_and_refuses_strided() -> None:
     a = np.arange(24, dtype=np.float32).reshape(4, 6)
-    assert cai_nbytes(_cai_of(a)) == 96
+    assert cai_nbytes(cai_of(a)) == 96
     # Extents of 1 may carry any stride; still contiguous.
-    assert cai_nbytes({**_cai_of(a[:1]), "strides": (999, 4)}) == 24
+    assert cai_nbytes({**cai_of(a[:1]), "strides": (999, 4)}) == 24
     with pytest.raises(ValueError, match="not C-contiguous.*ascontiguousarray"):
-        cai_nbytes(_cai_of(a[:, ::2]))
+        cai_nbytes(cai_of(a[:, ::2]))
     with pytest.raises(ValueError, match="not a valid __cuda_array_interface__"):
         cai_nbytes({"shape": (3,)})
-    assert cai_nbytes(_cai_of(np.empty((0, 5), np.float64))) == 0
+    assert cai_nbytes(cai_of(np.empty((0, 5), np.float64))) == 0
 
 
 def test_cuda_hooks_wrap_as_a_flat_byte_view_that_keeps_its_owner() -> None:

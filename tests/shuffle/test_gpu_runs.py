@@ -22,10 +22,7 @@ from shuffle._spec import ShuffleRunSpec
 from shuffle.device._cuda import registry_for
 from shuffle.device._cudf import is_cudf_frame
 from shuffle.wire._ndarray import decode_piece, encode_piece
-from tests.shuffle.support import Network
-from tests.shuffle.test_device import FakeDeviceArray, fake_cupy, needs_gpu
-
-__all__ = ["fake_cupy"]  # a fixture, used by name
+from tests.shuffle.support import FakeDeviceArray, Network, needs_gpu
 
 
 def test_cupy_chunks_stay_on_the_device(fake_cupy: Any) -> None:

@@ -44,13 +44,6 @@ COLUMN = "_partitions"
 
 
 @pytest.fixture
-def spill_root(tmp_path: Path) -> Iterator[Path]:
-    """Where runs spill; every test must leave it empty."""
-    yield tmp_path
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.fixture
 def make_network(spill_root: Path) -> Iterator[Callable[..., Network]]:
     """Build networks whose managers every test must close, leaving no runs behind."""
     networks: list[Network] = []
