@@ -118,21 +118,26 @@ def check_frame(df: Any, meta: Any, input_partition: int, *, where: str) -> None
 def shard_frame(df: Any, spec: ShuffleRunSpec) -> dict[str, list[tuple[int, Any]]]:
     """A dataframe partition as ``{owner: [(output partition, payload)]}``.
 
-    Payloads are Arrow record-batch ``Piece``s sharing one schema (``shuffle.wire._arrow``),
-    or for a cuDF frame device ``Piece``s split on the GPU; only the partitions in
-    ``spec.needed`` (if set) are made.
+    Payloads are Arrow record-batch ``Piece``s sharing one schema
+    (``shuffle.wire._arrow``), or for a cuDF frame device ``Piece``s split on the GPU;
+    only the partitions in ``spec.needed`` (if set) are made.
     """
-    options = dict(
-        column=spec.column,
-        npartitions=spec.npartitions_out,
-        drop_column=spec.drop_column,
-        keep=spec.needed,
+    column, npartitions, drop, keep = (
+        spec.column,
+        spec.npartitions_out,
+        spec.drop_column,
+        spec.needed,
     )
     shards: dict[int, Any]
     if is_cudf_frame(df):
-        shards = split_cudf(df, **options)
+        shards = split_cudf(
+            df, column=column, npartitions=npartitions, drop_column=drop, keep=keep
+        )
     else:
-        shards = encode_slices(*sort_by_partition(df, **options))
+        table, bounds = sort_by_partition(
+            df, column=column, npartitions=npartitions, drop_column=drop, keep=keep
+        )
+        shards = encode_slices(table, bounds)
     return group_by_owner(shards, owner_of=spec.owner_of)
 
 

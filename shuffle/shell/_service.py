@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import pandas as pd
 import ray
@@ -250,7 +250,8 @@ class ShuffleService:
             )
         handle = RunHandle(
             spec=spec,
-            meta=meta if is_rechunk(meta) else meta.iloc[:0],
+            # A dataframe meta is pandas or cuDF: both slice with iloc.
+            meta=meta if is_rechunk(meta) else cast(Any, meta).iloc[:0],
             addresses={a.name: a.address for a in actors},
             secret=self._secret,
             transport=schemes.pop(),
