@@ -5,7 +5,7 @@ project's setup installs); exits with a message saying what is missing otherwise
 Not part of CI. Steps, each checked against dask's threaded scheduler:
 
 1. device-to-device self-check: one CuPy array and one cuDF frame are encoded
-   (``shuffle.device._codec``) and sent over the UCX transport between two endpoints
+   (``shuffle.wire._ndarray``, ``shuffle.device._cudf``) and sent over the UCX transport between two endpoints
    of this process into RMM buffers, then decoded and compared;
 2. a dask_cudf ``shuffle(on="key")`` through ``ray_oob_sched.enable()`` (p2p, so the
    pieces go through the shuffle actors out of band);
@@ -63,8 +63,9 @@ async def self_check() -> None:
 
     from shuffle._transport import TransportConfig, get_transport
     from shuffle.device._allocator import transport_allocator
-    from shuffle.device._codec import decode_payload, encode_payload
     from shuffle.device._cuda import cuda_registry
+    from shuffle.device._cudf import decode_cudf, encode_cudf
+    from shuffle.wire._ndarray import decode_piece, encode_piece
 
     registry = cuda_registry()
     config = TransportConfig(
@@ -72,8 +73,9 @@ async def self_check() -> None:
     )
     arr = cupy.random.default_rng(0).random((4096, 4096))
     df = cudf.DataFrame({"key": cupy.arange(100_000) % 97, "s": ["x", "yy"] * 50_000})
-    payloads = [encode_payload(arr), encode_payload(df)]
-    frames = [registry.hooks("cuda").wrap(p.buffer) for p in payloads]
+    piece = encode_piece(arr)
+    df_meta, df_buffer = encode_cudf(df)
+    frames = [registry.hooks("cuda").wrap(b) for b in (piece.data, df_buffer)]
     transport = get_transport("ucx", config=config)
     received: asyncio.Queue[list[object]] = asyncio.Queue()
 
@@ -90,9 +92,7 @@ async def self_check() -> None:
         await client.close()
     finally:
         await transport.close()
-    out_arr, out_df = (
-        decode_payload(p.meta, buf, memory_type="cuda") for p, buf in zip(payloads, got)
-    )
+    out_arr, out_df = decode_piece(piece.meta, got[0]), decode_cudf(df_meta, got[1])
     nbytes = sum(registry.hooks("cuda").nbytes(f) for f in frames)
     report(
         "1. UCX device-to-device (CuPy + cuDF)",

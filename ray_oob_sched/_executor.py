@@ -18,6 +18,7 @@ import ray
 import ray.exceptions
 
 from ray_oob_sched._fuse import Group
+from ray_oob_sched._graph import Key
 from ray_oob_sched._options import InvalidOptionsError
 from ray_oob_sched._worker import GroupSpec, GroupStatus, run_group
 
@@ -25,7 +26,6 @@ logger = logging.getLogger("ray_oob_sched")
 
 #: How long cancel() first waits for tasks that are about to finish (seconds).
 _SETTLE_S = 0.2
-Key = Hashable
 
 
 @ray.remote

@@ -22,9 +22,8 @@ import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ray_oob_sched._graph import Graph
+from ray_oob_sched._graph import Graph, Key
 
-Key = Hashable
 
 
 @dataclass(frozen=True, slots=True)

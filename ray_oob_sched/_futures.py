@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Hashable
 from typing import Any
 
-Key = Hashable
+from ray_oob_sched._graph import Key
 
 
 class RayFuture:

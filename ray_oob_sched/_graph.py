@@ -19,6 +19,7 @@ from dask.core import flatten
 from dask.highlevelgraph import HighLevelGraph
 from dask.order import order as dask_order
 
+#: What names a task in a dask graph (the whole package uses this one alias).
 Key = Hashable
 
 

@@ -20,7 +20,8 @@ import pickle
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
-Key = Hashable
+from ray_oob_sched._graph import Key
+
 Options = Mapping[str, Any]
 
 # Set by the scheduler for every task; a user value would break its bookkeeping.

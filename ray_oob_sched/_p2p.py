@@ -22,15 +22,15 @@ are refused with an error naming the versions, never run another way.
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from dask._task_spec import Alias, GraphNode, Task, TaskRef
 
+from ray_oob_sched._graph import Key
 from ray_oob_sched._worker import current_scope
 
-Key = Hashable
 
 
 class UnsupportedGraphError(ValueError):
@@ -132,14 +132,14 @@ class _Transfer:
     handles: Mapping[str, Any]  # shuffle id -> RunHandle: P2PRewrite.runs, kept current
 
     def __call__(self, df: Any, shuffle_id: str, input_partition: int | tuple[int, ...]) -> int:
-        from shuffle._rechunk import RechunkLayout
+        from shuffle._rechunk import is_rechunk
         from shuffle.shell._transfer import InputBatch, transfer
 
         handle = self.handles[shuffle_id]
         scope = current_scope()
         if (
             scope is None
-            or isinstance(handle.meta, RechunkLayout)
+            or is_rechunk(handle.meta)
             or not handle.options.combine_bytes
             or isinstance(input_partition, tuple)
         ):

@@ -31,6 +31,7 @@ from ray_oob_sched._fuse import Group, group_size, plan
 from ray_oob_sched._futures import REGISTRY, RayFuture
 from ray_oob_sched._options import options_token, per_key_options
 from ray_oob_sched import _p2p
+from ray_oob_sched._graph import Key
 from ray_oob_sched._refs import RefTable
 from ray_oob_sched._runtime import RayRuntime
 from ray_oob_sched._restart import RestartLimitError, ShuffleActorLostError, ShuffleTasks
@@ -45,7 +46,6 @@ from ray_oob_sched._state import (
 from ray_oob_sched._worker import GroupSpec
 
 logger = logging.getLogger("ray_oob_sched")
-Key = Hashable
 
 # Keywords that other dask schedulers take and that mean nothing here; accepted
 # so that code written for them keeps working. ``ray_persist`` is injected by
@@ -79,7 +79,7 @@ class RaySchedule:
         """The out-of-band shuffle service (actors start on first use)."""
         if self._shuffle_service is None:
             from shuffle.device._options import DeviceOptions
-            from shuffle._run import RunOptions
+            from shuffle._options import RunOptions
             from shuffle.shell._service import ShuffleService
 
             cfg = ShuffleConfig.from_dask_config()

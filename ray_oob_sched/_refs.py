@@ -8,10 +8,10 @@ reference of ours behind.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-Key = Hashable
+from ray_oob_sched._graph import Key
 
 
 class RefTable(Mapping[Key, Any]):

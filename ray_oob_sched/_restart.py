@@ -30,12 +30,11 @@ ref cannot be asked for again, and a driver-put input has no lineage.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ray_oob_sched._fuse import Group
-
-Key = Hashable
+from ray_oob_sched._graph import Key
 
 
 @dataclass(frozen=True, slots=True)

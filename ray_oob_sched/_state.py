@@ -26,11 +26,12 @@ readiness is Ray's business here.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ray_oob_sched._fuse import Group
+from ray_oob_sched._graph import Key
 from ray_oob_sched._restart import (
     RestartLimitError,
     ShuffleLayout,
@@ -38,7 +39,6 @@ from ray_oob_sched._restart import (
     plan_restart,
 )
 
-Key = Hashable
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from dask._task_spec import GraphNode
 
-Key = Hashable
+from ray_oob_sched._graph import Key
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,20 +19,16 @@ import functools
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from shuffle._exceptions import BufferClosedError, LimiterTimeoutError
 from shuffle._limiter import ResourceLimiter
+from shuffle.wire._memory import host_nbytes
 
 __all__ = ["ShardsBuffer"]
 
 K = TypeVar("K")  # what names a shard: an output partition, a ShardKey, ...
 B = TypeVar("B")  # the shard's payload
-
-
-def _host_nbytes(payload: Any) -> int:
-    with memoryview(payload) as view:
-        return view.nbytes
 
 
 class ShardsBuffer(Generic[K, B]):
@@ -51,7 +47,7 @@ class ShardsBuffer(Generic[K, B]):
         message_bytes: int,
         timeout: float | None,
         concurrency: int = 2,
-        nbytes: Callable[[B], int] = _host_nbytes,
+        nbytes: Callable[[B], int] = host_nbytes,
         name: str = "shards-buffer",
     ) -> None:
         if message_bytes < 1 or concurrency < 1:

@@ -34,16 +34,9 @@ import pandas as pd
 
 from shuffle._exceptions import FrameError, ShuffleClosedError, StaleRunError, UnknownRunError
 from shuffle._ids import RunId, ShuffleId
-from shuffle._limiter import ResourceLimiter
-from shuffle._rechunk import RechunkLayout
-from shuffle._run import (
-    DEFAULT_OPTIONS,
-    ArrayRechunkRun,
-    DataFrameShuffleRun,
-    RunOptions,
-    SendFn,
-    ShuffleRun,
-)
+from shuffle._options import DEFAULT_OPTIONS, RunOptions
+from shuffle._rechunk import RechunkLayout, is_rechunk
+from shuffle._run import ArrayRechunkRun, DataFrameShuffleRun, ShuffleRun
 from shuffle._spec import ShuffleRunSpec
 from shuffle.wire._memory import HOST_REGISTRY, MemoryRegistry
 from shuffle.wire._message import decode_header
@@ -55,19 +48,17 @@ logger = logging.getLogger(__name__)
 
 
 class ShuffleManager:
-    """The runs of one participant ``local``; every run sends through ``send``.
+    """The runs of one participant ``local``, which receive what senders send.
 
-    All runs share one send budget (``options.send_buffer_bytes``), so back-pressure
-    holds per participant however many shuffles run at once. ``accept_any_sender`` is
-    passed to every run (see ``DataFrameShuffleRun``), and so is ``registry``, the memory
-    types messages may carry (host only by default; the actor adds CUDA where it can).
+    ``accept_any_sender`` is passed to every run (see ``shuffle._run``), and so is
+    ``registry``, the memory types messages may carry (host only by default; the actor
+    adds CUDA where it can).
     """
 
     def __init__(
         self,
         *,
         local: str,
-        send: SendFn,
         options: RunOptions = DEFAULT_OPTIONS,
         accept_any_sender: bool = False,
         registry: MemoryRegistry = HOST_REGISTRY,
@@ -75,9 +66,7 @@ class ShuffleManager:
         self.local = local
         self.registry = registry
         self.options = options
-        self._send = send
         self._accept_any_sender = accept_any_sender
-        self._send_limiter = ResourceLimiter(options.send_buffer_bytes, name=f"{local}-send")
         self._runs: dict[ShuffleId, ShuffleRun] = {}
         self._newest: dict[ShuffleId, RunId] = {}  # survives close, unlike _runs
         self._closed = False
@@ -94,10 +83,6 @@ class ShuffleManager:
     @property
     def closed(self) -> bool:
         return self._closed
-
-    @property
-    def send_limiter(self) -> ResourceLimiter:
-        return self._send_limiter
 
     async def get_or_create(
         self, spec: ShuffleRunSpec, meta: pd.DataFrame | RechunkLayout
@@ -129,14 +114,12 @@ class ShuffleManager:
         common: dict[str, Any] = dict(
             spec=spec,
             local=self.local,
-            send=self._send,
             options=self.options,
-            send_limiter=self._send_limiter,
             accept_any_sender=self._accept_any_sender,
             registry=self.registry,
         )
         run: ShuffleRun
-        if isinstance(meta, RechunkLayout):
+        if is_rechunk(meta):
             run = ArrayRechunkRun(layout=meta, **common)
         elif isinstance(meta, pd.DataFrame):
             run = DataFrameShuffleRun(meta=meta, **common)

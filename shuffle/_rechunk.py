@@ -23,9 +23,9 @@ import math
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
-__all__ = ["AxisPiece", "RechunkLayout"]
+__all__ = ["AxisPiece", "RechunkLayout", "is_rechunk"]
 
 Chunks = tuple[tuple[int, ...], ...]
 NDIndex = tuple[int, ...]
@@ -165,6 +165,12 @@ class RechunkLayout:
         """How many pieces output chunk ``flat`` receives."""
         index = self.output_index(flat)
         return math.prod(len(self._by_output[axis][j]) for axis, j in enumerate(index))
+
+
+def is_rechunk(meta: object) -> TypeGuard[RechunkLayout]:
+    """Whether a run's ``meta`` makes it an array rechunk (a ``RechunkLayout``) rather
+    than a dataframe shuffle (whose meta is dask's empty frame)."""
+    return isinstance(meta, RechunkLayout)
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,177 +1,87 @@
 """One participant's share of one run of a dataframe shuffle or an array rechunk.
 
 Modelled on ``distributed.shuffle._core.ShuffleRun`` and ``_shuffle.DataFrameShuffleRun``.
-A run lives on one participant (one actor) for one ``(shuffle_id, run_id)``:
+A run lives on one participant (one actor) for one ``(shuffle_id, run_id)`` and only
+receives: senders (transfer tasks, ``shuffle._send``) split inputs and send pieces.
 
-* **transfer**: ``add_partition(df, i)`` splits input partition ``i`` by the partition
-  column, keeps the pieces of partitions this participant owns (straight into its
-  store, no message and no send), and queues the rest per owner in a ``ShardsBuffer``,
-  which batches them into messages and applies back-pressure.
-* **receive**: ``receive(frames)`` takes one message from a peer, checks that it belongs
-  to this run and only names partitions this participant owns, and stores its shards.
-  Shards are keyed by ``ShardKey``, so a piece resent by a retried transfer is dropped.
-  With ``accept_any_sender`` the sender need not be a participant: in the Ray service,
+* **receive**: ``receive(frames)`` takes one message, checks that it belongs to this
+  run and only names partitions this participant owns, and stores its shards. Shards
+  are keyed by ``ShardKey``, so a piece resent by a retried transfer is dropped. With
+  ``accept_any_sender`` the sender need not be a participant: in the Ray service,
   transfer tasks (not actors) send, and the transport has already authenticated them;
   dedupe by ``ShardKey`` does not depend on who sent a shard.
-* **barrier**: ``flush()`` returns once every message this participant queued has been
-  accepted by its peer. When every participant's ``flush`` has returned, every shard is
-  in its owner's store; coordinating that is the caller's job (the driver's barrier).
+* **barrier**: ``inputs_done()`` declares that every sender returned (the driver's
+  barrier passed), so every shard is stored; from then on outputs may be read.
 * **unpack**: ``get_output_partition(p)`` concatenates the shards of ``p`` in
   input-partition order, so the result does not depend on arrival order.
 
-``ShuffleRun`` holds all of that; its two kinds differ only in splitting and
-rebuilding: ``DataFrameShuffleRun`` cuts rows by dask's partition column into Arrow
-IPC shards, ``ArrayRechunkRun`` cuts array chunks by the new chunking
-(``shuffle._rechunk``) into raw-memory ``Piece``s and places them into output chunks.
+``ShuffleRun`` holds all of that; its two kinds differ only in rebuilding:
+``DataFrameShuffleRun`` concatenates Arrow (or cuDF) pieces into a frame,
+``ArrayRechunkRun`` places array pieces into output chunks (``shuffle._rechunk``).
 
-Failure semantics follow ``distributed``: the first failure (a failed send, or
-``fail(exc)``) is kept, and from then on every public method raises it; after a plain
-``close()`` they raise ``ShuffleClosedError``. ``close()`` is idempotent and immediate
-(queued shards are dropped, sends cancelled, spill files deleted), like ucxx's
-``abort()``: by the time a run is closed, either its data was consumed or it is void.
+Failure semantics follow ``distributed``: the first failure (``fail(exc)``) is kept,
+and from then on every public method raises it; after a plain ``close()`` they raise
+``ShuffleClosedError``. ``close()`` is idempotent and immediate (spill files deleted),
+like ucxx's ``abort()``: by the time a run is closed, either its data was consumed or
+it is void.
 """
 
 from __future__ import annotations
 
 import abc
-import asyncio
 import logging
-import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
-from shuffle._buffer import ShardsBuffer
 from shuffle._combine import Coverage, split_joined
 from shuffle._exceptions import BufferClosedError, FrameError, ShuffleClosedError
-from shuffle._ids import RunId, ShardKey, ShuffleId
-from shuffle._limiter import ResourceLimiter
+from shuffle._ids import RunId, ShuffleId
+from shuffle._options import DEFAULT_OPTIONS, RunOptions, auto_memory_limit
 from shuffle._partition import concat_partition
 from shuffle._rechunk import RechunkLayout
 from shuffle._spec import ShuffleRunSpec
-from shuffle._split import check_frame, check_input_partition, shard_frame, split_chunk
 from shuffle._store import DiskShardStore, spill_prefix
 from shuffle.device._cudf import CUDF_TAG, concat_cudf
 from shuffle.wire._arrow import pieces_to_tables
 from shuffle.wire._memory import HOST_REGISTRY, MemoryRegistry
-from shuffle.wire._message import Piece, decode_message, encode_message, payload_nbytes
+from shuffle.wire._message import decode_message
 from shuffle.wire._ndarray import decode_piece
 
 __all__ = [
-    "DEFAULT_OPTIONS",
     "ArrayRechunkRun",
     "DataFrameShuffleRun",
-    "RunOptions",
-    "RunStats",
-    "SendFn",
+    "ReceiveStats",
     "ShuffleRun",
     "assemble_chunk",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Delivers one encoded message (``[header, *buffers]``) to a participant and returns
-#: once that participant has accepted it; raises if it did not.
-SendFn = Callable[[str, list[Any]], Awaitable[None]]
-
-@dataclass(frozen=True, kw_only=True)
-class RunOptions:
-    """Per-participant knobs of a run; one value is shared by all runs of a manager."""
-
-    #: Bytes of received shards held in memory before spilling to disk; ``None`` never
-    #: spills, ``0`` spills everything, ``"auto"`` is a share of the memory of the
-    #: machine the run lives on (``auto_memory_limit``), resolved there.
-    memory_limit: int | None | Literal["auto"] = 256 * 2**20
-    #: Where spill directories are created (default: the system's temporary directory).
-    spill_directory: str | os.PathLike[str] | None = None
-    #: Target size of one message; a single larger shard still travels alone.
-    message_bytes: int = 16 * 2**20
-    #: Bytes queued or in flight for sending before ``add_partition`` waits
-    #: (back-pressure); ``None`` never waits. Shared by all runs of one manager.
-    send_buffer_bytes: int | None = 512 * 2**20
-    #: Seconds ``add_partition`` waits for send budget before raising
-    #: ``LimiterTimeoutError``; ``None`` waits indefinitely.
-    limiter_timeout: float | None = 300.0
-    #: Messages in flight at once, over all destinations of one run.
-    concurrency: int = 4
-    #: A transfer task sends the dataframe inputs it computes in a row as one
-    #: combined input once they reach this many bytes (``shuffle._combine``); ``0``
-    #: sends every input on its own.
-    combine_bytes: int = 16 * 2**20
-
-    def __post_init__(self) -> None:
-        limit = self.memory_limit
-        if limit != "auto" and limit is not None and (not isinstance(limit, int) or limit < 0):
-            raise ValueError(f"memory_limit must be >= 0, None or 'auto', got {limit!r}")
-        if self.message_bytes < 1 or self.concurrency < 1:
-            raise ValueError(
-                f"message_bytes and concurrency must be >= 1, got {self.message_bytes} "
-                f"and {self.concurrency}"
-            )
-        if self.send_buffer_bytes is not None and self.send_buffer_bytes < 1:
-            raise ValueError(
-                f"send_buffer_bytes must be >= 1 or None, got {self.send_buffer_bytes}"
-            )
-        if self.limiter_timeout is not None and self.limiter_timeout <= 0:
-            raise ValueError(f"limiter_timeout must be > 0 or None, got {self.limiter_timeout}")
-        if isinstance(self.combine_bytes, bool) or self.combine_bytes < 0:
-            raise ValueError(f"combine_bytes must be >= 0, got {self.combine_bytes!r}")
-
-
-DEFAULT_OPTIONS = RunOptions()
-
-#: ``memory_limit="auto"``: this fraction of the machine's physical memory, per run
-#: (the shuffle actors of one node split it: ``_actor.resolve_memory_limit``).
-AUTO_MEMORY_FRACTION = 1 / 16
-_AUTO_MEMORY_FLOOR = 64 * 2**20
-
-
-def auto_memory_limit(fraction: float = AUTO_MEMORY_FRACTION) -> int:
-    """``fraction`` of this machine's physical memory, at least 64 MiB.
-
-    A share, not all of it: Ray's object store (30% by default), the workers and
-    other runs live on the same machine, and a run beyond its budget spills rather
-    than fails.
-    """
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not a POSIX system
-        return 256 * 2**20
-    return max(_AUTO_MEMORY_FLOOR, int(total * fraction))
-
 
 @dataclass
-class RunStats:
+class ReceiveStats:
     """Counters of one run on one participant; payload bytes, headers not counted."""
 
-    inputs_added: int = 0  # add_partition calls, retries included
-    shards_local: int = 0  # own partitions' shards stored without a send
-    bytes_local: int = 0
-    messages_sent: int = 0  # accepted by their peer
-    shards_sent: int = 0
-    bytes_sent: int = 0
     messages_received: int = 0
-    shards_received: int = 0  # new shards stored from peers' messages
+    shards_received: int = 0  # new shards stored from senders' messages
     bytes_received: int = 0
-    duplicates_ignored: int = 0  # shards (local or received) already stored
+    duplicates_ignored: int = 0  # shards already stored (a retried transfer's)
     outputs_read: int = 0
 
 
 class ShuffleRun(abc.ABC):
-    """This participant's state for one run: send buffer, receive store, first failure.
+    """This participant's state for one run: receive store, first failure.
 
-    The base of the two kinds of run, which differ in how an input is split and how an
-    output is rebuilt: ``DataFrameShuffleRun`` (rows by a partition column) and
-    ``ArrayRechunkRun`` (array chunks by the new chunking). ``send_limiter`` lets several
-    runs share one send budget (the manager passes its own); without one the run gets a
-    private limiter of ``options.send_buffer_bytes``. ``accept_any_sender`` accepts
-    messages whose sender is not a participant (see the module docstring). Use from one
-    event loop; ``get_output_partition`` may also run in a worker thread.
+    The base of the two kinds of run, which differ in how an output is rebuilt:
+    ``DataFrameShuffleRun`` (rows by a partition column) and ``ArrayRechunkRun`` (array
+    chunks by the new chunking). ``accept_any_sender`` accepts messages whose sender is
+    not a participant (see the module docstring). Use from one event loop;
+    ``get_output_partition`` may also run in a worker thread.
     """
 
     kind = "shuffle"
@@ -181,9 +91,7 @@ class ShuffleRun(abc.ABC):
         *,
         spec: ShuffleRunSpec,
         local: str,
-        send: SendFn,
         options: RunOptions = DEFAULT_OPTIONS,
-        send_limiter: ResourceLimiter | None = None,
         accept_any_sender: bool = False,
         registry: MemoryRegistry = HOST_REGISTRY,
     ) -> None:
@@ -192,24 +100,10 @@ class ShuffleRun(abc.ABC):
         self.local = local
         self.options = options
         self.owned = spec.partitions_of(local)  # raises if local is no participant
-        self.stats = RunStats()
-        self._send = send
+        self.stats = ReceiveStats()
         self._accept_any_sender = accept_any_sender
         name = f"{spec.shuffle_id}[{spec.run_id}]@{local}"
         self._name = name
-        self._buffer: ShardsBuffer[ShardKey, Any] = ShardsBuffer(
-            send=self._send_batch,
-            limiter=(
-                ResourceLimiter(options.send_buffer_bytes, name=name)
-                if send_limiter is None
-                else send_limiter
-            ),
-            message_bytes=options.message_bytes,
-            timeout=options.limiter_timeout,
-            concurrency=options.concurrency,
-            nbytes=payload_nbytes,
-            name=f"{name}-send",
-        )
         self._store = DiskShardStore(
             memory_limit=auto_memory_limit()
             if options.memory_limit == "auto"
@@ -223,7 +117,6 @@ class ShuffleRun(abc.ABC):
         self._inputs_done = False
         self._exception: Exception | None = None
         self._closed = False
-        self._closed_event = asyncio.Event()
 
     def __repr__(self) -> str:
         state = "failed" if self._exception else "closed" if self._closed else "open"
@@ -260,46 +153,6 @@ class ShuffleRun(abc.ABC):
             raise self._exception
         if self._closed:
             raise ShuffleClosedError(self.shuffle_id, self.run_id)
-
-    async def _add_shards(
-        self, by_owner: dict[str, list[tuple[int, Any]]], input_partition: int
-    ) -> RunId:
-        """Store own partitions' shards, queue the rest per owner; wait for budget."""
-        self.stats.inputs_added += 1
-        # Own partitions skip the message codec and the buffer.
-        for partition, payload in by_owner.pop(self.local, ()):
-            key = ShardKey(partition, input_partition)
-            if self._store_shard(key, payload):
-                self.stats.shards_local += 1
-                self.stats.bytes_local += payload_nbytes(payload)
-            else:
-                self.stats.duplicates_ignored += 1
-        await self._buffer.write(
-            {
-                owner: [(ShardKey(p, input_partition), payload) for p, payload in items]
-                for owner, items in by_owner.items()
-            }
-        )
-        self.raise_if_closed()  # closed or failed while this call waited for budget
-        return self.run_id
-
-    def _check_add(self, input_partition: int) -> None:
-        self.raise_if_closed()
-        if self._inputs_done:
-            raise RuntimeError(
-                f"{self}: input partition {input_partition} arrived after flush(); a "
-                "late input needs a new run"
-            )
-        check_input_partition(input_partition, where=str(self))
-
-    def _store_shard(self, key: ShardKey, payload: Any, meta: bytes = b"") -> bool:
-        if isinstance(payload, Piece):
-            payload, meta = payload.data, payload.meta
-        if not self._store.append(key, payload):
-            return False
-        if meta:
-            self._metas.setdefault(key.output_partition, {})[key.input_partition] = meta
-        return True
 
     async def receive(self, frames: Sequence[Any]) -> None:
         """Store the shards of one message from a peer.
@@ -356,15 +209,11 @@ class ShuffleRun(abc.ABC):
                 header.sender,
             )
 
-    async def flush(self) -> None:
-        """Declare the inputs done and wait until every queued shard was accepted.
-
-        Raises the first send failure. Idempotent; ``add_partition`` fails afterwards.
-        """
+    def inputs_done(self) -> None:
+        """Declare every input sent: the driver's barrier passed, so every sender's
+        messages were accepted. Outputs may be read from then on. Idempotent."""
         self.raise_if_closed()
         self._inputs_done = True
-        await self._buffer.flush()
-        self.raise_if_closed()
 
     def _admit(self, entries: Sequence[Any]) -> None:
         """Refuse (raise) a message whose entries contradict what is stored; the
@@ -374,8 +223,8 @@ class ShuffleRun(abc.ABC):
     def get_output_partition(self, partition: int) -> Any:
         """Output ``partition`` (owned here), rebuilt from its shards in input order.
 
-        Valid once every participant's ``flush`` has returned; the run cannot check the
-        others, it checks only its own. May be called again (a retried unpack task).
+        Valid once ``inputs_done`` was called; the run cannot check that every sender
+        returned, the driver's barrier does. May be called again (a retried unpack task).
         """
 
     def _read(self, partition: int) -> list[tuple[int, Any, bytes]]:
@@ -387,7 +236,7 @@ class ShuffleRun(abc.ABC):
                 f"{self.spec.owner_of(partition)!r}, not here"
             )
         if not self._inputs_done:
-            raise RuntimeError(f"{self}: get_output_partition called before flush()")
+            raise RuntimeError(f"{self}: get_output_partition called before inputs_done()")
         try:
             items = self._store.read_items(partition)
         except BufferClosedError:
@@ -402,38 +251,14 @@ class ShuffleRun(abc.ABC):
         await self.close()
 
     async def close(self) -> None:
-        """Drop queued shards, cancel sends, delete spill files; idempotent.
-
-        A second caller waits until the first caller's close has finished.
-        """
+        """Delete the stored shards and spill files; idempotent."""
         if self._closed:
-            await self._closed_event.wait()
             return
         self._closed = True
         try:
-            await self._buffer.abort()
-        finally:
             self._store.cleanup()
-            self._closed_event.set()
+        finally:
             logger.debug("%s closed: %s", self, self.stats)
-
-    async def _send_batch(self, destination: str, batch: list[tuple[ShardKey, pa.Buffer]]) -> None:
-        message = encode_message(
-            shuffle_id=self.shuffle_id,
-            run_id=self.run_id,
-            sender=self.local,
-            shards=batch,
-            registry=self.registry,
-        )
-        try:
-            await self._send(destination, message.frames())
-        except Exception as e:
-            # The buffer keeps the failure too, but the run must refuse every method.
-            self._record_failure(e)
-            raise
-        self.stats.messages_sent += 1
-        self.stats.shards_sent += len(batch)
-        self.stats.bytes_sent += message.header.nbytes
 
     def _record_failure(self, exc: Exception) -> None:
         # A failure after a plain close changes nothing: callers already see "closed".
@@ -452,7 +277,7 @@ class DataFrameShuffleRun(ShuffleRun):
     kind = "shuffle"
 
     def __init__(self, *, meta: pd.DataFrame, **common: Any) -> None:
-        """``common``: ``ShuffleRun``'s keywords (spec, local, send, options, ...)."""
+        """``common``: ``ShuffleRun``'s keywords (spec, local, options, ...)."""
         spec: ShuffleRunSpec = common["spec"]
         if spec.column not in meta.columns:
             raise ValueError(
@@ -468,18 +293,6 @@ class DataFrameShuffleRun(ShuffleRun):
         # Joined pieces (shuffle._combine) must not overlap: a name-based dedupe
         # would lose or double rows of a retry that computed different inputs.
         self._coverage.admit((e.output_partition, e.input_partition, e.meta) for e in entries)
-
-    async def add_partition(self, df: pd.DataFrame, input_partition: int) -> RunId:
-        """Shard input partition ``input_partition`` to the owners of its rows.
-
-        Returns once the shards are stored (own partitions) or queued for sending and
-        the send budget has room again. A retried call resends everything; receivers
-        drop the pieces they already hold.
-        """
-        self._check_add(input_partition)
-        check_frame(df, self.meta, input_partition, where=str(self))
-        # Own partitions are encoded too: the store measures and spills bytes.
-        return await self._add_shards(shard_frame(df, self.spec), input_partition)
 
     def get_output_partition(self, partition: int) -> Any:
         """Output ``partition`` as a frame like ``meta``, pieces in input partition order
@@ -508,7 +321,7 @@ class ArrayRechunkRun(ShuffleRun):
     kind = "rechunk"
 
     def __init__(self, *, layout: RechunkLayout, **common: Any) -> None:
-        """``common``: ``ShuffleRun``'s keywords (spec, local, send, options, ...)."""
+        """``common``: ``ShuffleRun``'s keywords (spec, local, options, ...)."""
         spec: ShuffleRunSpec = common["spec"]
         if spec.npartitions_out != layout.npartitions_out:
             raise ValueError(
@@ -517,12 +330,6 @@ class ArrayRechunkRun(ShuffleRun):
             )
         super().__init__(**common)
         self.layout = layout
-
-    async def add_partition(self, array: Any, input_partition: int) -> RunId:
-        """Cut input chunk ``input_partition`` by the output chunks; send the pieces."""
-        self._check_add(input_partition)
-        by_owner = split_chunk(array, self.layout, input_partition, owner_of=self.spec.owner_of)
-        return await self._add_shards(by_owner, input_partition)
 
     def get_output_partition(self, partition: int) -> Any:
         """Output chunk ``partition``, assembled from its pieces."""

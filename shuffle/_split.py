@@ -18,7 +18,7 @@ import pandas as pd
 from shuffle._combine import joined_meta
 from shuffle._ids import ShardKey
 from shuffle._partition import group_by_owner, sort_by_partition
-from shuffle._rechunk import RechunkLayout
+from shuffle._rechunk import RechunkLayout, is_rechunk
 from shuffle._spec import ShuffleRunSpec
 from shuffle.device._cudf import is_cudf_frame, split_cudf
 from shuffle.wire._arrow import encode_slices
@@ -59,7 +59,7 @@ def split_input(
     named by the first, ``input_partition``; their pieces' metas say so. ``meta``: the
     run's ``RechunkLayout``, or dask's empty frame of a dataframe shuffle.
     """
-    if isinstance(meta, RechunkLayout):
+    if is_rechunk(meta):
         check_input_partition(input_partition, where=_where(spec))
         by_owner = split_chunk(data, meta, input_partition, owner_of=spec.owner_of)
     else:
@@ -118,21 +118,26 @@ def check_frame(df: Any, meta: Any, input_partition: int, *, where: str) -> None
 def shard_frame(df: Any, spec: ShuffleRunSpec) -> dict[str, list[tuple[int, Any]]]:
     """A dataframe partition as ``{owner: [(output partition, payload)]}``.
 
-    Payloads are Arrow record-batch ``Piece``s sharing one schema (``shuffle.wire._arrow``),
-    or for a cuDF frame device ``Piece``s split on the GPU; only the partitions in
-    ``spec.needed`` (if set) are made.
+    Payloads are Arrow record-batch ``Piece``s sharing one schema
+    (``shuffle.wire._arrow``), or for a cuDF frame device ``Piece``s split on the GPU;
+    only the partitions in ``spec.needed`` (if set) are made.
     """
-    options = dict(
-        column=spec.column,
-        npartitions=spec.npartitions_out,
-        drop_column=spec.drop_column,
-        keep=spec.needed,
+    column, npartitions, drop, keep = (
+        spec.column,
+        spec.npartitions_out,
+        spec.drop_column,
+        spec.needed,
     )
     shards: dict[int, Any]
     if is_cudf_frame(df):
-        shards = split_cudf(df, **options)
+        shards = split_cudf(
+            df, column=column, npartitions=npartitions, drop_column=drop, keep=keep
+        )
     else:
-        shards = encode_slices(*sort_by_partition(df, **options))
+        table, bounds = sort_by_partition(
+            df, column=column, npartitions=npartitions, drop_column=drop, keep=keep
+        )
+        shards = encode_slices(table, bounds)
     return group_by_owner(shards, owner_of=spec.owner_of)
 
 

@@ -28,6 +28,8 @@ from typing import Any
 
 from shuffle._exceptions import BufferClosedError
 from shuffle._ids import ShardKey
+from shuffle.device._cai import cai_nbytes
+from shuffle.wire._memory import host_nbytes
 
 __all__ = ["DiskShardStore", "remove_spill_directories", "spill_prefix"]
 
@@ -104,7 +106,7 @@ class DiskShardStore:
     def append(self, key: ShardKey, payload: Any) -> bool:
         """Store ``payload`` (kept by reference, never copied); ``False`` if ``key`` is known."""
         device = hasattr(payload, "__cuda_array_interface__")
-        nbytes = _device_nbytes(payload) if device else _nbytes(payload)
+        nbytes = cai_nbytes(payload.__cuda_array_interface__) if device else host_nbytes(payload)
         return self.append_many([(key, payload, nbytes)])[0]
 
     def append_many(self, shards: Sequence[tuple[ShardKey, Any, int]]) -> list[bool]:
@@ -192,7 +194,7 @@ class DiskShardStore:
             raise
         records = self._disk.setdefault(partition, [])
         for source, payload in shards:
-            nbytes = _nbytes(payload)
+            nbytes = host_nbytes(payload)
             records.append((source, offset, nbytes))
             offset += nbytes
         moved = self._memory_by_partition.pop(partition)
@@ -212,17 +214,3 @@ class DiskShardStore:
     def _raise_if_closed(self) -> None:
         if self._closed:
             raise BufferClosedError(self.name)
-
-
-def _nbytes(payload: Any) -> int:
-    with memoryview(payload) as view:
-        return view.nbytes
-
-
-def _device_nbytes(payload: Any) -> int:
-    cai = payload.__cuda_array_interface__
-    itemsize = int(cai["typestr"][2:])
-    count = 1
-    for n in cai["shape"]:
-        count *= int(n)
-    return count * itemsize

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+
 import pytest
 
 # One Ray for the whole session: starting Ray costs ~5 s on a 2-core machine.
@@ -39,3 +41,18 @@ def pytest_collection_modifyitems(items):
         return
     for module in {item.module for item in items if getattr(item, "module", None)}:
         cloudpickle.register_pickle_by_value(module)
+
+
+def assert_dies(actor: object, *, wait: float) -> None:
+    """Wait (bounded by ``wait`` seconds) until calls to ``actor`` fail: ``ray.kill``
+    takes effect asynchronously, so a call made just after it may still be answered."""
+    import ray
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            ray.get(actor.runs.remote(), timeout=wait)  # type: ignore[attr-defined]
+        except ray.exceptions.RayActorError:
+            return
+        assert time.monotonic() < deadline, f"{actor} is still alive {wait:g} s after close"
+        time.sleep(0.1)

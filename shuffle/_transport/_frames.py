@@ -1,6 +1,6 @@
 """The transports' wire format and outgoing frame checks, shared by TCP, UCX and local.
 
-* the wire header (``encode_header``/``decode_prefix``/``decode_sizes``), used by TCP and
+* the wire header (``encode_frame_header``/``decode_prefix``/``decode_sizes``), used by TCP and
   UCX alike so that limits are enforced identically, and ``coalesce_groups``, which
   small host frames travel together;
 * ``prepare_frames``: validate outgoing frames once, as flat byte views (``OutFrame``).
@@ -13,6 +13,8 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+from shuffle.device._cai import cai_nbytes
+
 from ._errors import ProtocolError, TransportUsageError
 from .base import FrameLimits, MemoryType
 
@@ -23,9 +25,9 @@ from .base import FrameLimits, MemoryType
 # sizes  := nframes x u64 frame length;  memtypes := nframes x u8 (0 host, 1 cuda)
 # The frames follow, in order, with no padding. GOODBYE has no frames.
 
-PREFIX = struct.Struct("<2sBBI")
-MAGIC = b"RO"
-VERSION = 1
+FRAME_PREFIX = struct.Struct("<2sBBI")
+FRAME_MAGIC = b"RO"
+FRAME_VERSION = 1
 KIND_DATA = 1
 KIND_GOODBYE = 2
 _MEMTYPE_CODES: dict[MemoryType, int] = {"host": 0, "cuda": 1}
@@ -74,13 +76,13 @@ def coalesce_groups(
     return groups
 
 
-def header_nbytes(nframes: int) -> int:
-    return PREFIX.size + 9 * nframes
+def frame_header_nbytes(nframes: int) -> int:
+    return FRAME_PREFIX.size + 9 * nframes
 
 
-def encode_header(kind: int, frames: Sequence[OutFrame]) -> bytes:
+def encode_frame_header(kind: int, frames: Sequence[OutFrame]) -> bytes:
     n = len(frames)
-    return PREFIX.pack(MAGIC, VERSION, kind, n) + struct.pack(
+    return FRAME_PREFIX.pack(FRAME_MAGIC, FRAME_VERSION, kind, n) + struct.pack(
         f"<{n}Q{n}B",
         *(f.nbytes for f in frames),
         *(_MEMTYPE_CODES[f.memory_type] for f in frames),
@@ -89,8 +91,8 @@ def encode_header(kind: int, frames: Sequence[OutFrame]) -> bytes:
 
 def decode_prefix(buf: bytes | bytearray | memoryview, limits: FrameLimits) -> tuple[int, int]:
     """Return ``(kind, nframes)``; raise ``ProtocolError`` before anything is allocated."""
-    magic, version, kind, nframes = PREFIX.unpack_from(buf)
-    if magic != MAGIC or version != VERSION:
+    magic, version, kind, nframes = FRAME_PREFIX.unpack_from(buf)
+    if magic != FRAME_MAGIC or version != FRAME_VERSION:
         raise ProtocolError(f"not a message header (magic {magic!r}, version {version})")
     if kind == KIND_GOODBYE:
         if nframes:
@@ -138,19 +140,11 @@ class OutFrame:
     memory_type: MemoryType
 
 
-def _device_nbytes(frame: Any) -> int:
-    cai = frame.__cuda_array_interface__
-    shape: tuple[int, ...] = tuple(cai["shape"])
-    itemsize = int(cai["typestr"][2:])
-    expected = []
-    stride = itemsize
-    for extent in reversed(shape):
-        expected.append(stride)
-        stride *= extent
-    strides = cai.get("strides")
-    if strides is not None and tuple(strides) != tuple(reversed(expected)) and stride:
-        raise TransportUsageError("device frames must be C-contiguous")
-    return stride
+def _device_nbytes(frame: Any, who: str) -> int:
+    try:
+        return cai_nbytes(frame.__cuda_array_interface__)
+    except ValueError as e:
+        raise TransportUsageError(f"{who}: device frames must be C-contiguous ({e})") from None
 
 
 def prepare_frames(
@@ -167,7 +161,7 @@ def prepare_frames(
         if hasattr(frame, "__cuda_array_interface__"):
             if not allow_device:
                 raise TransportUsageError(f"{who}: this transport carries host frames only")
-            item = OutFrame(frame, _device_nbytes(frame), "cuda")
+            item = OutFrame(frame, _device_nbytes(frame, who), "cuda")
         else:
             try:
                 view = memoryview(frame)

@@ -32,7 +32,7 @@ from ._address import format_address, parse_address
 from ._endpoint import ConnectionLost, FramedEndpoint
 from ._errors import BrokenTransportError, ProtocolError, TransportUsageError
 from ._framed import BaseTransport
-from ._frames import PREFIX, OutFrame, decode_prefix, decode_sizes, encode_header
+from ._frames import FRAME_PREFIX, OutFrame, decode_prefix, decode_sizes, encode_frame_header
 from ._listener import ServingListener
 from .base import Handler, TransportConfig
 
@@ -82,7 +82,7 @@ class _TcpEndpoint(FramedEndpoint):
         self._rbuf = memoryview(bytearray(_RECV_BUFFER_BYTES))
         self._rstart = 0
         self._rend = 0
-        self._prefix = memoryview(bytearray(PREFIX.size))
+        self._prefix = memoryview(bytearray(FRAME_PREFIX.size))
 
     # ---- readiness
 
@@ -169,7 +169,7 @@ class _TcpEndpoint(FramedEndpoint):
     # ---- sending
 
     async def _send_message(self, kind: int, frames: list[OutFrame]) -> None:
-        views = [memoryview(encode_header(kind, frames))]
+        views = [memoryview(encode_frame_header(kind, frames))]
         views += [f.data for f in frames if f.nbytes]
         i = 0
         while i < len(views):

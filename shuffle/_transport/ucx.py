@@ -1,9 +1,9 @@
 """UCX transport over ucxx: the only module that imports ``ucxx`` (lazily).
 
 Wire protocol per message, on the endpoint's tag (ucxx agrees one per connection):
-one header message (``_common.encode_header``: kind, frame count, sizes, memory
+one header message (``_frames.encode_frame_header``: kind, frame count, sizes, memory
 types), then the frames as wire buffers: runs of small host frames joined into one
-(``_common.coalesce_groups``; UCX's per-message cost dominates for many small
+(``_frames.coalesce_groups``; UCX's per-message cost dominates for many small
 pieces, and coalescing halved a 256 x 256 shuffle of 1 MiB partitions here), every
 other non-empty frame alone. An all-host message of several wire buffers travels as
 one ucxx multi-buffer request (``send_multi``/``recv_multi``, see
@@ -69,13 +69,13 @@ from ._endpoint import ConnectionLost, FramedEndpoint
 from ._errors import BrokenTransportError, ProtocolError, TransportUsageError
 from ._framed import BaseTransport
 from ._frames import (
-    PREFIX,
+    FRAME_PREFIX,
     OutFrame,
     coalesce_groups,
     decode_prefix,
     decode_sizes,
-    encode_header,
-    header_nbytes,
+    encode_frame_header,
+    frame_header_nbytes,
 )
 from ._listener import ServingListener
 from .base import Handler, TransportConfig
@@ -252,10 +252,10 @@ class _UcxEndpoint(FramedEndpoint):
         self._truncated = (ucxx.exceptions.UCXMessageTruncatedError,)
         self._ep = ep
         self._torn_down = False
-        self._header = bytearray(header_nbytes(self._limits.max_frames))
+        self._header = bytearray(frame_header_nbytes(self._limits.max_frames))
 
     def _limits_changed(self) -> None:
-        self._header = bytearray(header_nbytes(self._limits.max_frames))
+        self._header = bytearray(frame_header_nbytes(self._limits.max_frames))
 
     def _detach(self, error: BaseException) -> Exception:
         """Translate a ucxx error into one that keeps only its message (the original
@@ -307,7 +307,7 @@ class _UcxEndpoint(FramedEndpoint):
                 wire.append(frames[group[0]].data)
             else:  # small host frames: one copy beats one UCX message each
                 wire.append(b"".join([frames[i].data for i in group]))
-        header = encode_header(kind, frames)
+        header = encode_frame_header(kind, frames)
         if _travels_as_multi(groups, memtypes):
             await self._all([self._post_send(header), self._post_send_multi(wire)])
         else:
@@ -318,7 +318,7 @@ class _UcxEndpoint(FramedEndpoint):
     async def _recv_message(self) -> tuple[int, list[Any]]:
         await self._post_recv(self._header)
         kind, nframes = decode_prefix(self._header, self._limits)
-        sizes, memtypes = decode_sizes(self._header, nframes, self._limits, PREFIX.size)
+        sizes, memtypes = decode_sizes(self._header, nframes, self._limits, FRAME_PREFIX.size)
         groups = coalesce_groups(sizes, memtypes)
         allocate = self._config.allocator
         multi = _travels_as_multi(groups, memtypes)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shuffle._transport import Allocator, ProtocolError
-from shuffle.device._cuda import cai_nbytes, is_device_object
+from shuffle.device._cai import cai_nbytes, is_device_object
 from shuffle.device._options import DeviceUnavailableError
 from shuffle.wire._memory import MemoryRegistry
 

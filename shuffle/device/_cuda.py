@@ -23,59 +23,26 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Literal
 
+from shuffle.device._cai import cai_nbytes, is_device_object
 from shuffle.device._options import CONFIG_KEY, DEVICE_MODES, DeviceMode, DeviceUnavailableError
 from shuffle.wire._memory import HOST_REGISTRY, MemoryHooks, MemoryRegistry, MemoryType
 
 __all__ = [
     "GpuStatus",
-    "cai_nbytes",
     "cuda_hooks",
     "cuda_registry",
     "gpu_status",
-    "is_device_object",
-    "payload_nbytes",
+    "import_cupy",
     "refusing_cuda_hooks",
     "registry_for",
 ]
 
 logger = logging.getLogger(__name__)
 
-# --------------------------------------------------------------------------- CAI
-
-
-def is_device_object(obj: Any) -> bool:
-    """Whether ``obj`` exposes device memory (CuPy, RMM, Numba, cuDF buffers)."""
-    return hasattr(obj, "__cuda_array_interface__")
-
-
-def cai_nbytes(cai: Mapping[str, Any]) -> int:
-    """Bytes of a C-contiguous CAI buffer; ``ValueError`` for strided or bad ones."""
-    try:
-        shape = tuple(int(n) for n in cai["shape"])
-        typestr = str(cai["typestr"])
-        itemsize = int(typestr[2:])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"not a valid __cuda_array_interface__ ({e!r}): {dict(cai)!r}") from None
-    nbytes = itemsize * math.prod(shape)
-    strides = cai.get("strides")
-    if strides is not None and nbytes:
-        expected = []
-        step = itemsize
-        for extent in reversed(shape):
-            expected.append(step)
-            step *= extent
-        # Extents of 1 may carry any stride (NumPy and CuPy both produce such views).
-        pairs = zip(strides, reversed(expected), shape, strict=True)
-        if any(got != want for got, want, extent in pairs if extent != 1):
-            raise ValueError(
-                f"device buffer of shape {shape} and strides {tuple(strides)} is not "
-                "C-contiguous; make it contiguous first (e.g. cupy.ascontiguousarray)"
-            )
-    return nbytes
+# --------------------------------------------------------------------------- views
 
 
 class _FlatDeviceView:
@@ -225,10 +192,12 @@ def registry_for(
     raise ValueError(f"device mode must be one of {DEVICE_MODES}, got {mode!r}")
 
 
-def payload_nbytes(registry: MemoryRegistry) -> Callable[[Any], int]:
-    """Measures a host or device payload (for send budgets and stores)."""
-
-    def nbytes(payload: Any) -> int:
-        return registry.hooks(registry.memory_type_of(payload)).nbytes(payload)
-
-    return nbytes
+def import_cupy() -> Any:
+    """CuPy, imported now; ``DeviceUnavailableError`` (saying why) where it cannot be."""
+    try:
+        import cupy
+    except Exception as e:  # noqa: BLE001 -- ImportError, or CUDA libraries failing to load
+        raise DeviceUnavailableError(
+            f"received a CuPy array, but CuPy cannot be imported here ({e!r})"
+        ) from None
+    return cupy

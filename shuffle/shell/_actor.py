@@ -49,14 +49,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from shuffle._exceptions import ShuffleError
 from shuffle._ids import RunId, ShuffleId
 from shuffle._manager import ShuffleManager
+from shuffle._options import AUTO_MEMORY_FRACTION, DEFAULT_OPTIONS, RunOptions, auto_memory_limit
 from shuffle._rechunk import RechunkLayout
-from shuffle._run import (
-    AUTO_MEMORY_FRACTION,
-    DEFAULT_OPTIONS,
-    RunOptions,
-    RunStats,
-    auto_memory_limit,
-)
+from shuffle._run import ReceiveStats
 from shuffle._spec import ShuffleRunSpec
 from shuffle._store import remove_spill_directories
 from shuffle._transport import (
@@ -70,7 +65,7 @@ from shuffle._transport import (
     listen_in_range,
 )
 from shuffle.device._allocator import refused_reason, transport_allocator
-from shuffle.device._codec import to_host
+from shuffle.device._arrays import to_host
 from shuffle.device._cuda import GpuStatus, gpu_status, registry_for
 from shuffle.device._options import DEFAULT_DEVICE_OPTIONS, DeviceOptions, DeviceUnavailableError
 from shuffle.wire._memory import MemoryRegistry
@@ -105,14 +100,7 @@ class RunInfo:
     participant: str
     failed: str | None  # repr of the first failure
     spill_directory: str | None
-    stats: RunStats
-
-
-async def _never_send(destination: str, frames: list[Any]) -> None:
-    raise RuntimeError(
-        f"a shuffle actor tried to send to {destination!r}; actors only receive, transfer "
-        "tasks send (shuffle.shell._client)"
-    )
+    stats: ReceiveStats
 
 
 class ShuffleActor:
@@ -151,7 +139,6 @@ class ShuffleActor:
         )
         self._manager = ShuffleManager(
             local=name,
-            send=_never_send,
             options=options,
             accept_any_sender=True,
             registry=self.registry,
@@ -204,7 +191,7 @@ class ShuffleActor:
         """Output ``partition`` of the run (a frame, or an array chunk); call only after
         every transfer returned."""
         run = self._manager.get_run(shuffle_id, run_id)
-        await run.flush()  # declares this participant's inputs done; nothing to send
+        run.inputs_done()  # every transfer returned before this call (the barrier)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, run.get_output_partition, partition)
 

@@ -11,8 +11,8 @@ use and closed at interpreter exit) that owns:
   endpoints keyed by actor address, reused by later tasks and runs.
 
 ``ShuffleClient.shuffle(df, handle, i)`` splits input partition ``i`` in the calling
-thread (CPU work stays off the loop), then on the loop batches the pieces per owner
-through a ``ShardsBuffer`` and sends each message as a request: the owner's actor
+thread (CPU work stays off the loop, ``shuffle._split``), then on the loop batches the
+pieces per owner (``shuffle._send``) and sends each message as a request: the owner's actor
 answers with an ack once it stored the shards, or with the typed error that refused
 them (``_reply``). It returns once every message was acknowledged, which is what
 makes the transfer -> barrier -> unpack order sound.
@@ -37,9 +37,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from shuffle._buffer import ShardsBuffer
-from shuffle._ids import ShardKey
-from shuffle._limiter import ResourceLimiter
+from shuffle._send import send_shards
 from shuffle._split import Shards, split_input
 from shuffle._transport import (
     ClosedResourceError,
@@ -50,7 +48,6 @@ from shuffle._transport import (
 from shuffle.device._cuda import registry_for
 from shuffle.shell._handle import RunHandle
 from shuffle.shell._pool import EndpointPool
-from shuffle.wire._message import encode_message, payload_nbytes
 
 __all__ = ["ClientConfig", "ShuffleClient"]
 
@@ -201,46 +198,27 @@ class ShuffleClient:
         await pool.send(address, frames)
 
     async def _send_shards(self, handle: RunHandle, inputs: str, shards: Shards) -> None:
-        spec, options = handle.spec, handle.options
+        spec = handle.spec
         pool = await self._pool(handle.transport, handle.secret)
         pool.retain(handle.addresses.values())
         name = f"{spec.shuffle_id}[{spec.run_id}] inputs {inputs}"
-        # Device payloads (frames exposing __cuda_array_interface__) travel as "cuda"
-        # frames unless the run's device mode is host, where they are refused.
-        registry = registry_for(handle.device.mode)
 
-        async def send_batch(owner: str, batch: list[tuple[ShardKey, Any]]) -> None:
-            message = encode_message(
-                shuffle_id=spec.shuffle_id,
-                run_id=spec.run_id,
-                sender=self.name,
-                shards=batch,
-                registry=registry,
-            )
-            await pool.send(handle.addresses[owner], message.frames())
+        async def deliver(owner: str, frames: list[Any]) -> None:
+            await pool.send(handle.addresses[owner], frames)
 
-        buffer: ShardsBuffer[ShardKey, Any] = ShardsBuffer(
-            send=send_batch,
-            limiter=ResourceLimiter(options.send_buffer_bytes, name=f"{name}-send"),
-            message_bytes=options.message_bytes,
-            timeout=options.limiter_timeout,
-            concurrency=options.concurrency,
-            nbytes=payload_nbytes,  # Pieces carry their size, device data included
+        sent = await send_shards(
+            shards,
+            spec=spec,
+            options=handle.options,
+            sender=self.name,
+            deliver=deliver,
+            # Device payloads (frames exposing __cuda_array_interface__) travel as
+            # "cuda" frames unless the run's device mode is host, where they are refused.
+            registry=registry_for(handle.device.mode),
             name=name,
         )
-        try:
-            await buffer.write(shards)
-            await buffer.close()  # returns once every message was acknowledged
-        except BaseException:
-            await buffer.abort()
-            raise
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "%s: %d messages, %d bytes acknowledged",
-                name,
-                buffer.messages_sent,
-                buffer.nbytes_sent,
-            )
+            logger.debug("%s: %d messages, %d bytes acknowledged", name, sent.messages, sent.nbytes)
 
     async def _aclose(self, graceful: bool) -> None:
         current = asyncio.current_task()

@@ -19,8 +19,8 @@ from typing import Any
 
 import pandas as pd
 
+from shuffle._options import DEFAULT_OPTIONS, RunOptions
 from shuffle._rechunk import RechunkLayout
-from shuffle._run import DEFAULT_OPTIONS, RunOptions
 from shuffle._spec import ShuffleRunSpec
 from shuffle.device._options import DEFAULT_DEVICE_OPTIONS, DeviceOptions
 

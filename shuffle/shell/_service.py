@@ -30,15 +30,15 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import pandas as pd
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from shuffle._ids import RunIdMinter, ShuffleId
-from shuffle._rechunk import RechunkLayout
-from shuffle._run import DEFAULT_OPTIONS, RunOptions
+from shuffle._options import DEFAULT_OPTIONS, RunOptions
+from shuffle._rechunk import RechunkLayout, is_rechunk
 from shuffle._spec import DEFAULT_PARTITION_COLUMN, ShuffleRunSpec
 from shuffle._transport import TransportName
 from shuffle.device._options import DEFAULT_DEVICE_OPTIONS, DeviceOptions, actor_num_gpus
@@ -253,7 +253,8 @@ class ShuffleService:
             )
         handle = RunHandle(
             spec=spec,
-            meta=meta if isinstance(meta, RechunkLayout) else meta.iloc[:0],
+            # A dataframe meta is pandas or cuDF: both slice with iloc.
+            meta=meta if is_rechunk(meta) else cast(Any, meta).iloc[:0],
             addresses={a.name: a.address for a in actors},
             secret=self._secret,
             transport=schemes.pop(),

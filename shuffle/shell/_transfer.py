@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from shuffle._combine import combine, frame_nbytes, runs_to_combine
-from shuffle._rechunk import RechunkLayout
+from shuffle._rechunk import is_rechunk
 from shuffle._split import check_input
 from shuffle.shell._client import ShuffleClient
 from shuffle.shell._handle import RunHandle
@@ -35,7 +35,7 @@ def transfer(data: Any, handle: RunHandle, input_partition: int | tuple[int, ...
     ``input_partition`` may be dask's block index (a tuple) within the rechunk.
     """
     if isinstance(input_partition, tuple):
-        if not isinstance(handle.meta, RechunkLayout):
+        if not is_rechunk(handle.meta):
             raise TypeError(
                 f"shuffle {handle.spec.shuffle_id!r}: a block index {input_partition} names "
                 "an array chunk, but this run shuffles dataframes"
@@ -49,7 +49,7 @@ class InputBatch:
     """Dataframe input partitions of one run, sent combined (module docstring)."""
 
     def __init__(self, handle: RunHandle, *, client: ShuffleClient | None = None) -> None:
-        if isinstance(handle.meta, RechunkLayout):
+        if is_rechunk(handle.meta):
             raise TypeError(
                 f"shuffle {handle.spec.shuffle_id!r}: an InputBatch combines dataframe "
                 "inputs; send array chunks with transfer()"

@@ -20,7 +20,7 @@ __all__ = [
     "MemoryHooks",
     "MemoryRegistry",
     "MemoryType",
-    "host_view_nbytes",
+    "host_nbytes",
 ]
 
 
@@ -54,23 +54,16 @@ def _host_wrap(obj: Any) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-def _host_nbytes(obj: Any) -> int:
+def host_nbytes(obj: Any) -> int:
+    """Bytes of a host buffer (anything with the buffer protocol); ``TypeError`` else."""
     with memoryview(obj) as view:
         return view.nbytes
-
-
-def host_view_nbytes(obj: Any) -> int | None:
-    try:
-        with memoryview(obj) as view:
-            return view.nbytes
-    except TypeError:
-        return None
 
 
 HOST_HOOKS = MemoryHooks(
     owns=_host_owns,
     wrap=_host_wrap,
-    nbytes=_host_nbytes,
+    nbytes=host_nbytes,
     allocate=lambda n: memoryview(bytearray(n)),
 )
 

@@ -15,8 +15,9 @@ present before it trusts it. Layout (little endian)::
 dtype and shape for array shards, whose payload is raw memory that may live on a
 device. Each distinct meta travels once per message and entries refer to it by
 number (0: none, k: the k-th), because the pieces of one sender share one schema:
-256 pieces of one message would otherwise repeat ~1 KB of schema each. Buffers travel as separate frames so that a transport can receive each one straight
-into memory of the right kind; which kinds exist is a ``MemoryRegistry`` of hooks
+256 pieces of one message would otherwise repeat ~1 KB of schema each. Buffers travel
+as separate frames so that a transport can receive each one straight into memory of
+the right kind; which kinds exist is a ``MemoryRegistry`` of hooks
 (``shuffle.wire._memory``).
 """
 
@@ -37,7 +38,7 @@ from shuffle.wire._memory import (
     MemoryHooks,
     MemoryRegistry,
     MemoryType,
-    host_view_nbytes,
+    host_nbytes,
 )
 
 __all__ = [
@@ -88,8 +89,7 @@ def payload_nbytes(payload: Any) -> int:
     """Size of a shard payload: a ``Piece``'s data, or a host buffer."""
     if isinstance(payload, Piece):
         return payload.nbytes
-    with memoryview(payload) as view:
-        return view.nbytes
+    return host_nbytes(payload)
 
 
 class Entry(NamedTuple):
@@ -344,9 +344,12 @@ def decode_message(
     builtin_host = registry.hooks(MemoryType.HOST) is HOST_HOOKS
     for i, (entry, buffer) in enumerate(zip(header.entries, buffers, strict=True)):
         if builtin_host and entry.memory_type is MemoryType.HOST:
-            nbytes = host_view_nbytes(buffer)  # owns + nbytes with one memoryview
-            if nbytes is None:
-                raise FrameError(f"buffer {i} is a {type(buffer).__name__}, not host memory")
+            try:
+                nbytes = host_nbytes(buffer)  # owns + nbytes with one memoryview
+            except TypeError:
+                raise FrameError(
+                    f"buffer {i} is a {type(buffer).__name__}, not host memory"
+                ) from None
         else:
             hooks = _hooks_for(registry, entry, i)
             if not hooks.owns(buffer):

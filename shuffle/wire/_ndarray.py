@@ -1,43 +1,54 @@
-"""Array pieces on the wire: raw memory plus a small JSON description, never pickle.
+"""The array codec: pieces of array chunks, host (NumPy) or device (CuPy), never pickle.
 
-A piece of an array chunk travels as its C-contiguous bytes (one frame, host or
-device memory) and a ``meta`` blob in the message header: the array kind, dtype and
-shape. Decoding aliases the received buffer. ``meta`` starts with the kind tag
-(``b"numpy\\0"``, ``b"cupy\\0"``), so a receiver picks the codec without guessing.
+A piece travels as its C-contiguous bytes (one frame, in host or device memory) and a
+``meta`` blob in the message header: ``ARRAY_TAG`` + JSON of dtype and shape. One
+meta for both memories: the decoder builds a NumPy array over a host buffer and a
+CuPy array over a device buffer (``shuffle.device._arrays``, which alone touches
+CuPy), aliasing the received memory either way.
 
 dtypes are described with ``numpy.lib.format``'s descriptors (what ``.npy`` files
 use), which cover structured and sub-array dtypes; object dtypes are refused, since
-their bytes are pointers into the sender's memory. Device arrays (CuPy) are handled
-by ``shuffle.device._codec``, imported only when such an array is met.
+their bytes are pointers into the sender's memory. Every meta from the network is
+checked (dtype, shape, size against the buffer) before it is trusted: a defect
+raises ``FrameError``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
 import numpy as np
 
+from shuffle._exceptions import FrameError
 from shuffle.wire._message import Piece
 
-__all__ = ["decode_piece", "dtype_from_json", "dtype_to_json", "encode_piece"]
+__all__ = ["ARRAY_TAG", "decode_piece", "dtype_from_json", "dtype_to_json", "encode_piece"]
 
-_NUMPY = b"numpy\0"
-_CUPY = b"cupy\0"
+#: Leads the meta of an array piece.
+ARRAY_TAG = b"array\0"
+#: Bound on the JSON of one meta: a corrupt header cannot make us parse megabytes.
+_MAX_JSON_BYTES = 1 << 20
+_MAX_NDIM = 64  # NumPy's own limit
 
 
 def encode_piece(array: Any) -> Piece:
     """``array`` (a numpy or CuPy array) as a ``Piece``; copies only if not C-contiguous."""
     if type(array) is np.ndarray:
-        return _encode_numpy(array)
+        meta = _meta(array.dtype, array.shape)
+        contiguous = np.ascontiguousarray(array)
+        # A uint8 view, because memoryview refuses some dtypes (datetime64, for one).
+        data = memoryview(contiguous.reshape(-1).view(np.uint8)) if contiguous.size else b""
+        return Piece(memoryview(data), meta, contiguous.nbytes)
     cupy = sys.modules.get("cupy")  # loaded if a CuPy array exists; never imported here
     if cupy is not None and isinstance(array, cupy.ndarray):
-        from shuffle.device._codec import encode_cupy
-        from shuffle.device._cuda import cai_nbytes
+        from shuffle.device._arrays import contiguous_device_array
 
-        meta, data = encode_cupy(array)
-        return Piece(data, _CUPY + meta, cai_nbytes(data.__cuda_array_interface__))
+        meta = _meta(np.dtype(array.dtype), array.shape)
+        data, nbytes = contiguous_device_array(array)
+        return Piece(data, meta, nbytes)
     raise TypeError(
         f"cannot rechunk a {type(array).__module__}.{type(array).__name__} chunk out of band: "
         "only numpy.ndarray (and cupy.ndarray on GPUs) are supported; masked, sparse and "
@@ -46,14 +57,53 @@ def encode_piece(array: Any) -> Piece:
 
 
 def decode_piece(meta: bytes, data: Any) -> Any:
-    """The array that ``encode_piece`` described by ``meta``; aliases ``data``."""
-    if meta.startswith(_NUMPY):
-        return _decode_numpy(meta[len(_NUMPY) :], data)
-    if meta.startswith(_CUPY):
-        from shuffle.device._codec import decode_cupy
+    """The array that ``encode_piece`` described by ``meta``, aliasing ``data``: NumPy
+    over host memory, CuPy over device memory."""
+    if not meta.startswith(ARRAY_TAG):
+        raise FrameError(f"array piece with unknown kind tag {bytes(meta[:8])!r}")
+    dtype, shape = _parse(meta[len(ARRAY_TAG) :])
+    expected = dtype.itemsize * math.prod(shape)
+    if hasattr(data, "__cuda_array_interface__"):
+        from shuffle.device._arrays import device_array
 
-        return decode_cupy(meta[len(_CUPY) :], data)
-    raise ValueError(f"array piece with unknown kind tag {meta[:8]!r}")
+        return device_array(data, dtype=dtype, shape=shape, nbytes=expected)
+    with memoryview(data) as view:
+        nbytes = view.nbytes
+    _check_size(nbytes, expected, dtype, shape)
+    if expected == 0:
+        return np.empty(shape, dtype)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _meta(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
+    text = json.dumps({"dtype": dtype_to_json(dtype), "shape": [int(n) for n in shape]})
+    return ARRAY_TAG + text.encode()
+
+
+def _parse(raw: bytes) -> tuple[np.dtype[Any], tuple[int, ...]]:
+    if len(raw) > _MAX_JSON_BYTES:
+        raise FrameError(f"array piece description of {len(raw)} bytes is too long")
+    try:
+        description = json.loads(raw)
+        dtype = dtype_from_json(description["dtype"])
+        shape = description["shape"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise FrameError(f"invalid array piece description {raw[:200]!r}: {e}") from None
+    if (
+        not isinstance(shape, list)
+        or len(shape) > _MAX_NDIM
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise FrameError(f"invalid array piece shape {shape!r}")
+    return dtype, tuple(shape)
+
+
+def _check_size(nbytes: int, expected: int, dtype: np.dtype[Any], shape: tuple[int, ...]) -> None:
+    if nbytes != expected:
+        raise FrameError(
+            f"array piece of shape {shape} and dtype {dtype} needs {expected} bytes, "
+            f"got {nbytes}"
+        )
 
 
 def dtype_to_json(dtype: np.dtype[Any]) -> Any:
@@ -109,32 +159,3 @@ def _tuples(descr: Any) -> Any:
     if isinstance(descr, list):
         return [tuple(map(_tuples, f)) if isinstance(f, list) else f for f in descr]
     return descr
-
-
-def _encode_numpy(array: np.ndarray) -> Piece:
-    contiguous = np.ascontiguousarray(array)
-    meta = json.dumps({"dtype": dtype_to_json(array.dtype), "shape": list(array.shape)})
-    # A uint8 view, because memoryview refuses some dtypes (datetime64, for one).
-    data = memoryview(contiguous.reshape(-1).view(np.uint8)) if contiguous.size else b""
-    return Piece(memoryview(data), _NUMPY + meta.encode(), contiguous.nbytes)
-
-
-def _decode_numpy(meta: bytes, data: Any) -> np.ndarray:
-    try:
-        description = json.loads(meta)
-        dtype = dtype_from_json(description["dtype"])
-        shape = tuple(int(n) for n in description["shape"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"invalid numpy piece description {meta[:200]!r}: {e}") from None
-    if any(n < 0 for n in shape):
-        raise ValueError(f"invalid numpy piece shape {shape}")
-    with memoryview(data) as view:
-        nbytes = view.nbytes
-    expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-    if nbytes != expected:
-        raise ValueError(
-            f"numpy piece of shape {shape} and dtype {dtype} needs {expected} bytes, got {nbytes}"
-        )
-    if expected == 0:
-        return np.empty(shape, dtype)
-    return np.frombuffer(data, dtype=dtype).reshape(shape)

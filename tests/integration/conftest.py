@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gc
 
+import dask
 import pytest
 
 import ray_oob_sched
@@ -21,3 +22,18 @@ def driver_refs(ray):
     """Object ids the driver still references (owned or borrowed)."""
     worker = ray._private.worker.global_worker
     return set(worker.core_worker.get_all_reference_counts())
+
+
+@pytest.fixture
+def p2p(ray_get, ray_session):
+    """Shuffles and rechunks through the shuffle actors; afterwards no run is left open,
+    no actor holds a run, and the driver holds no more ObjectRefs than before."""
+    refs_before = driver_refs(ray_session)
+    with dask.config.set({"dataframe.shuffle.method": "p2p", "array.rechunk.method": "p2p"}):
+        yield
+    service = ray_oob_sched._schedule._shuffle_service
+    if service is not None:
+        assert not service.open_runs(), "shuffle runs left open after the compute"
+        for actor in service.actors():
+            assert ray_session.get(actor.handle.runs.remote()) == []
+    assert driver_refs(ray_session) <= refs_before

@@ -4,7 +4,8 @@
 reads dask config once, when it starts); ``RunsAtFinish`` records the actors' open
 runs at the end of a compute, just before ray_oob_sched closes them, which is the
 only moment a test can see what a run received and spilled; ``assert_clean`` is
-the cleanup assertion every test ends with.
+the cleanup assertion every test ends with. ``oob_fixtures`` makes the fixture pair
+of a module that shares one configured service between its tests.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import dask
+import pytest
 import ray
 from dask.callbacks import Callback
 
@@ -94,3 +96,21 @@ def cleanup_checked(oob: OOB) -> Iterator[None]:
     assert list(oob.spill.iterdir()) == [], "spill files left behind"
     left = driver_refs(ray) - before
     assert not left, f"{len(left)} object references left on the driver"
+
+
+def oob_fixtures(name: str, **settings: Any) -> tuple[Any, Any]:
+    """``(module_oob, oob)``: one service with ``settings`` for the whole module, and
+    per test that service with the cleanup check. Bind both in the test module under
+    these names, so that pytest finds them."""
+
+    @pytest.fixture(scope="module")
+    def module_oob(ray_session: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OOB]:
+        with configured_service(tmp_path_factory.mktemp(f"{name}-spill"), **settings) as oob:
+            yield oob
+
+    @pytest.fixture
+    def oob(ray_get: Any, module_oob: OOB) -> Iterator[OOB]:
+        with cleanup_checked(module_oob):
+            yield module_oob
+
+    return module_oob, oob

@@ -12,7 +12,7 @@ every test ends with ``cleanup_checked``: no open run, no spill file, no driver 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import dask
 import dask.dataframe as dd
@@ -21,7 +21,11 @@ import pandas as pd
 import pytest
 
 import ray_oob_sched
-from tests.integration.p2p_support import OOB, RunsAtFinish, cleanup_checked, configured_service
+from tests.integration.p2p_support import (
+    OOB,
+    RunsAtFinish,
+    oob_fixtures,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -29,21 +33,11 @@ NIN = 6  # input partitions of the left frame
 ROWS = 1_800
 
 
-@pytest.fixture(scope="module")
-def module_oob(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OOB]:
-    spill = tmp_path_factory.mktemp("p2p-cases-spill")
-    # 24 KiB per run and actor: a 1,800-row frame is ~100 KiB of Arrow, so runs spill.
-    # One actor: the tests read each run's statistics as the only participant's.
-    with configured_service(
-        spill, memory_limit=24 * 2**10, message_bytes=8 * 2**10, actors_per_node=1
-    ) as oob:
-        yield oob
-
-
-@pytest.fixture
-def oob(ray_get, module_oob: OOB) -> Iterator[OOB]:
-    with cleanup_checked(module_oob):
-        yield module_oob
+# 24 KiB per run and actor: a 1,800-row frame is ~100 KiB of Arrow, so runs spill.
+# One actor: the tests read each run's statistics as the only participant's.
+module_oob, oob = oob_fixtures(
+    "p2p-cases", memory_limit=24 * 2**10, message_bytes=8 * 2**10, actors_per_node=1
+)
 
 
 # ---------------------------------------------------------------------------- data

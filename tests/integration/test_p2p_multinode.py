@@ -30,6 +30,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import ray_oob_sched
+from tests.conftest import assert_dies
 from tests.integration.p2p_support import (
     OOB,
     WAIT,
@@ -155,18 +156,6 @@ def check_shuffle_and_merge(oob: OOB) -> None:
 SPILL_BUDGET = 8 * 2**10
 
 
-def assert_dies(actor: object) -> None:
-    """Wait (bounded) until calls to ``actor`` fail: ``ray.kill`` acts asynchronously."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        try:
-            ray.get(actor.runs.remote(), timeout=WAIT)
-        except ray.exceptions.RayActorError:
-            return
-        assert time.monotonic() < deadline, f"{actor} is still alive {WAIT:g} s after close"
-        time.sleep(0.1)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -207,7 +196,7 @@ def three_node_scenario() -> None:
                 handles = [a.handle for a in oob.service.actors()]
             # configured_service closed the service: its actors are gone.
             for handle in handles:
-                assert_dies(handle)
+                assert_dies(handle, wait=WAIT)
         print(f"{NODES} nodes OK; {counts}", flush=True)
     finally:
         ray.shutdown()

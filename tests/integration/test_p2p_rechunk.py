@@ -11,20 +11,6 @@ from hypothesis import strategies as st
 
 import ray_oob_sched
 from ray_oob_sched._p2p import p2p_barriers
-from tests.integration.conftest import driver_refs
-
-
-@pytest.fixture
-def p2p(ray_get, ray_session):
-    refs_before = driver_refs(ray_session)
-    with dask.config.set({"array.rechunk.method": "p2p"}):
-        yield
-    service = ray_oob_sched._schedule._shuffle_service
-    if service is not None:
-        assert not service.open_runs(), "rechunk runs left open after the compute"
-        for actor in service.actors():
-            assert ray_session.get(actor.handle.runs.remote()) == []
-    assert driver_refs(ray_session) <= refs_before
 
 
 def test_enable_selects_p2p_rechunks():

@@ -13,15 +13,17 @@ the actors' own run statistics.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
 
 import ray_oob_sched
-from tests.integration.p2p_support import OOB, RunsAtFinish, cleanup_checked, configured_service
+from tests.integration.p2p_support import (
+    OOB,
+    RunsAtFinish,
+    oob_fixtures,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -29,20 +31,10 @@ BUDGET = 64 * 2**10  # bytes an actor keeps in memory per run
 MESSAGE_BYTES = 16 * 2**10  # pieces are batched into messages of about this size
 
 
-@pytest.fixture(scope="module")
-def module_oob(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OOB]:
-    spill = tmp_path_factory.mktemp("p2p-scale-spill")
-    # One actor: the tests read its run's statistics and its budget as the node's.
-    with configured_service(
-        spill, memory_limit=BUDGET, message_bytes=MESSAGE_BYTES, actors_per_node=1
-    ) as oob:
-        yield oob
-
-
-@pytest.fixture
-def oob(ray_get, module_oob: OOB) -> Iterator[OOB]:
-    with cleanup_checked(module_oob):
-        yield module_oob
+# One actor: the tests read its run's statistics and its budget as the node's.
+module_oob, oob = oob_fixtures(
+    "p2p-scale", memory_limit=BUDGET, message_bytes=MESSAGE_BYTES, actors_per_node=1
+)
 
 
 def frame(rows: int, *, seed: int = 0) -> pd.DataFrame:

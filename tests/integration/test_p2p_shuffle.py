@@ -11,15 +11,6 @@ import pytest
 import ray_oob_sched
 
 
-@pytest.fixture
-def p2p(ray_get):
-    with dask.config.set({"dataframe.shuffle.method": "p2p"}):
-        yield
-    service = ray_oob_sched._schedule._shuffle_service
-    if service is not None:
-        assert not service.open_runs(), "shuffle runs left open after the compute"
-
-
 def _frame(n=3_000, parts=6, seed=0):
     rng = np.random.default_rng(seed)
     pdf = pd.DataFrame(

@@ -5,7 +5,7 @@ the actor has received messages from other transfers, and that partition is hand
 on only after the actor is dead: the old run cannot complete, whatever the timing.
 A flag file makes the kill happen once (the task runs again after the restart).
 Each test gets a fresh service with an explicit number of actors per node (one, unless
-the test asks for two through ``p2p``'s parameter).
+the test asks for two through ``fresh_service``'s parameter).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _assert_nothing_left(before_refs: set[Any]) -> None:
 
 
 @pytest.fixture
-def p2p(ray_get, tmp_path, request):
+def fresh_service(ray_get, tmp_path, request):
     spill = tmp_path / "spill"
     spill.mkdir()
     per_node = getattr(request, "param", 1)
@@ -131,14 +131,14 @@ def _killing(
         (0, 1),
     ],
 )
-def test_actor_killed_mid_shuffle_restarts_the_run(p2p, after, window, caplog):
+def test_actor_killed_mid_shuffle_restarts_the_run(fresh_service, after, window, caplog):
     pdf, ddf = _frame()
     gc.collect()
     before = driver_refs(ray)
-    doomed, victim = _killing(ddf, p2p / "killed", after=after)
+    doomed, victim = _killing(ddf, fresh_service / "killed", after=after)
     with dask.config.set({"ray-oob-sched.scheduler.max-in-flight": window}):
         got = doomed.shuffle("k", npartitions=5).compute()
-    assert (p2p / "killed").exists()
+    assert (fresh_service / "killed").exists()
     stats = ray_oob_sched.last_stats()
     assert stats.shuffles == 1 and stats.restarts == 1
     pd.testing.assert_frame_equal(_sorted(got, ["k", "v"]), _sorted(pdf, ["k", "v"]))
@@ -150,7 +150,7 @@ def test_actor_killed_mid_shuffle_restarts_the_run(p2p, after, window, caplog):
     _assert_nothing_left(before)
 
 
-def test_actor_killed_after_the_barrier_restarts_the_unpacks(p2p):
+def test_actor_killed_after_the_barrier_restarts_the_unpacks(fresh_service):
     """Killed by the driver once the barrier finished, before any unpack is submitted
     (one group in flight at a time): the unpack calls meet a dead actor."""
     pdf, ddf = _frame()
@@ -172,15 +172,15 @@ def test_actor_killed_after_the_barrier_restarts_the_unpacks(p2p):
     _assert_nothing_left(before)
 
 
-def test_actor_killed_mid_merge_restarts_both_sides(p2p):
+def test_actor_killed_mid_merge_restarts_both_sides(fresh_service):
     pdf, ddf = _frame()
     right_pdf = pd.DataFrame({"k": np.arange(50), "w": np.arange(50) * 3})
     right = dd.from_pandas(right_pdf, npartitions=3)
     gc.collect()
     before = driver_refs(ray)
-    doomed, _ = _killing(ddf, p2p / "killed")
+    doomed, _ = _killing(ddf, fresh_service / "killed")
     got = doomed.merge(right, on="k", broadcast=False).compute()
-    assert (p2p / "killed").exists()
+    assert (fresh_service / "killed").exists()
     stats = ray_oob_sched.last_stats()
     # One actor serves both shuffles: the left one (whose input waited for the kill)
     # restarted; the right one too unless its unpacks had all finished before.
@@ -190,11 +190,11 @@ def test_actor_killed_mid_merge_restarts_both_sides(p2p):
     _assert_nothing_left(before)
 
 
-def test_no_restarts_left_fails_clearly_and_leaves_nothing(p2p):
+def test_no_restarts_left_fails_clearly_and_leaves_nothing(fresh_service):
     pdf, ddf = _frame()
     gc.collect()
     before = driver_refs(ray)
-    doomed, victim = _killing(ddf, p2p / "killed")
+    doomed, victim = _killing(ddf, fresh_service / "killed")
     with dask.config.set({"ray-oob-sched.shuffle.max-restarts": 0}):
         with pytest.raises(ray_oob_sched.ShuffleActorLostError) as info:
             doomed.shuffle("k", npartitions=5).compute()
@@ -207,7 +207,7 @@ def test_no_restarts_left_fails_clearly_and_leaves_nothing(p2p):
     _assert_nothing_left(before)
 
 
-def test_user_error_in_a_transfer_is_not_a_restart(p2p):
+def test_user_error_in_a_transfer_is_not_a_restart(fresh_service):
     _, ddf = _frame()
     (actor,) = _service().actors()
     bad = ddf.map_partitions(fail_in, first_row=ddf.divisions[3], meta=ddf._meta)
@@ -217,18 +217,18 @@ def test_user_error_in_a_transfer_is_not_a_restart(p2p):
     assert not _service().open_runs()
 
 
-@pytest.mark.parametrize("p2p", [2], indirect=True)
-def test_one_of_two_actors_killed_restarts_the_run_on_a_successor(p2p):
+@pytest.mark.parametrize("fresh_service", [2], indirect=True)
+def test_one_of_two_actors_killed_restarts_the_run_on_a_successor(fresh_service):
     """Two actors on the node, the second (owning the last outputs) killed mid-run:
     only it is re-created, in its slot; the shuffle restarts once and completes."""
     pdf, ddf = _frame()
     gc.collect()
     before = driver_refs(ray)
     first, second = _service().actors()
-    doomed, victim = _killing(ddf, p2p / "killed", victim=1)
+    doomed, victim = _killing(ddf, fresh_service / "killed", victim=1)
     assert victim == second.name
     got = doomed.shuffle("k", npartitions=5).compute()
-    assert (p2p / "killed").exists()
+    assert (fresh_service / "killed").exists()
     stats = ray_oob_sched.last_stats()
     assert stats.shuffles == 1 and stats.restarts == 1
     pd.testing.assert_frame_equal(_sorted(got, ["k", "v"]), _sorted(pdf, ["k", "v"]))

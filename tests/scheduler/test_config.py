@@ -14,7 +14,7 @@ import yaml
 
 from ray_oob_sched import _config
 from ray_oob_sched._config import SchedulerConfig, ray_init_kwargs
-from shuffle._run import RunOptions
+from shuffle._options import RunOptions
 
 
 def _load(path):
@@ -115,12 +115,8 @@ def test_shuffle_config_reads_every_key():
 def test_shuffle_memory_limit_takes_bytes_null_or_auto():
     from ray_oob_sched._config import ShuffleConfig
     from shuffle._ids import RunId, ShuffleId
-    from shuffle._run import (
-        AUTO_MEMORY_FRACTION,
-        DataFrameShuffleRun,
-        RunOptions,
-        auto_memory_limit,
-    )
+    from shuffle._options import AUTO_MEMORY_FRACTION, RunOptions, auto_memory_limit
+    from shuffle._run import DataFrameShuffleRun
     from shuffle._spec import ShuffleRunSpec
 
     assert ShuffleConfig.from_dask_config().memory_limit == "auto"  # the default
@@ -143,7 +139,6 @@ def test_shuffle_memory_limit_takes_bytes_null_or_auto():
         spec=spec,
         local="a",
         meta=pd.DataFrame({"_partitions": pd.Series([], dtype="int64")}),
-        send=None,  # never called: nothing is sent
         options=RunOptions(memory_limit="auto"),
     )
     assert run._store._memory_limit == auto_memory_limit()

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from ray_oob_sched import _graph, _p2p
-from shuffle._rechunk import RechunkLayout
+from shuffle._rechunk import RechunkLayout, is_rechunk
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class FakeService:
     def start_run(
         self, shuffle_id, *, npartitions_out, meta, column=None, drop_column=None, needed=None
     ):
-        if isinstance(meta, RechunkLayout):
+        if is_rechunk(meta):
             assert column is None and npartitions_out == meta.npartitions_out
         else:
             assert column in meta.columns and drop_column
@@ -194,7 +194,7 @@ def test_transfers_in_a_group_are_staged_for_its_end_unless_they_cannot_be(
 ):
     import shuffle.shell._transfer as transfer_module
     from ray_oob_sched._worker import GroupSpec, run_group
-    from shuffle._run import RunOptions
+    from shuffle._options import RunOptions
 
     calls: list = []
 

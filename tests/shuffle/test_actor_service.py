@@ -16,7 +16,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ import pytest
 
 from shuffle._exceptions import ShuffleClosedError, StaleRunError, UnknownRunError
 from shuffle._ids import RunId, ShuffleId
-from shuffle._run import RunOptions
+from shuffle._options import RunOptions
 from shuffle._store import spill_prefix
 from shuffle._transport import AuthenticationError, TransportName
 from shuffle._transport import ucx as ucx_module
@@ -38,10 +37,10 @@ from shuffle.shell._placement import actors_on_node, slots
 
 ray = pytest.importorskip("ray")
 
-from ray.exceptions import RayActorError
 
 from shuffle.shell._service import ShuffleService
 from shuffle.shell._transfer import transfer
+from tests.conftest import assert_dies
 
 pytestmark = pytest.mark.ray
 
@@ -154,19 +153,6 @@ def assert_clean(service: ShuffleService, spill: Path) -> None:
     assert list(spill.iterdir()) == []
 
 
-def assert_dies(actor: Any) -> None:
-    """Wait (bounded) until calls to ``actor`` fail: ``ray.kill`` takes effect
-    asynchronously, so a call made just after it may still be answered."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        try:
-            ray.get(actor.runs.remote(), timeout=WAIT)
-        except RayActorError:
-            return
-        assert time.monotonic() < deadline, f"{actor} is still alive {WAIT:g} s after close"
-        time.sleep(0.1)
-
-
 # ---------------------------------------------------------------------------- fixtures
 
 
@@ -190,7 +176,7 @@ def service(
     finally:
         service.close()
     for handle in handles:
-        assert_dies(handle)
+        assert_dies(handle, wait=WAIT)
     assert list(spill.iterdir()) == []
 
 
@@ -296,7 +282,7 @@ def test_a_dead_actor_is_recreated(service: tuple[ShuffleService, Path]) -> None
     svc, spill = service
     (before,) = svc.actors()
     ray.kill(before.handle, no_restart=True)
-    assert_dies(before.handle)
+    assert_dies(before.handle, wait=WAIT)
     (after,) = svc.actors()
     assert after.name != before.name and after.node_id == before.node_id
     inputs = make_inputs(seed=3)
@@ -329,7 +315,7 @@ def test_restart_run_replaces_a_run_that_lost_its_actor(
     assert transfer_all(old, inputs[:2]) == [0, 1]
     (victim,) = svc.actors()
     ray.kill(victim.handle, no_restart=True)
-    assert_dies(victim.handle)
+    assert_dies(victim.handle, wait=WAIT)
     new = svc.restart_run(old)
     assert new.spec.run_id > old.spec.run_id and new.spec.shuffle_id == old.spec.shuffle_id
     assert victim.name not in new.spec.participants
@@ -394,7 +380,7 @@ def test_two_actors_per_node_own_blocks_and_one_is_recreated_alone(
         left = [p for p in tmp_path.iterdir() if p.name.startswith(spill_prefix(second.name))]
         assert left, "the victim spilled nothing"
         ray.kill(second.handle, no_restart=True)
-        assert_dies(second.handle)
+        assert_dies(second.handle, wait=WAIT)
         new = svc.restart_run(old)
         survivor, successor = svc.actors()
         assert survivor == first  # same actor, same address
@@ -408,7 +394,7 @@ def test_two_actors_per_node_own_blocks_and_one_is_recreated_alone(
         assert_clean(svc, tmp_path)
         handles = [a.handle for a in svc.actors()]
     for h in handles:
-        assert_dies(h)
+        assert_dies(h, wait=WAIT)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -495,4 +481,4 @@ def test_a_configured_host_is_where_actors_listen(ray_session: Any, transport: s
         svc.close_run(handle)
         handles = [a.handle for a in svc.actors()]
     for h in handles:
-        assert_dies(h)
+        assert_dies(h, wait=WAIT)

@@ -31,8 +31,8 @@ from shuffle._exceptions import (
     UnknownRunError,
 )
 from shuffle._ids import RunId, ShuffleId
+from shuffle._options import RunOptions
 from shuffle._rechunk import RechunkLayout
-from shuffle._run import RunOptions
 from shuffle._spec import ShuffleRunSpec
 from shuffle._transport import Endpoint, TransportConfig, get_transport
 from shuffle.shell._actor import ShuffleActor

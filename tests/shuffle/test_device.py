@@ -12,15 +12,15 @@ skipped where CuPy cannot be imported or sees no device.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
+import json
 import logging
 import os
 import sys
 import types
 import weakref
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,21 +33,12 @@ from shuffle._exceptions import FrameError
 from shuffle._ids import RunId, ShardKey, ShuffleId
 from shuffle._transport import BrokenTransportError, ProtocolError, TransportConfig, get_transport
 from shuffle._transport import ucx as ucx_module
-from shuffle.device import _codec, _cuda
+from shuffle.device import _cuda, _cudf
 from shuffle.device._allocator import RefusedFrame, refused_reason, transport_allocator
-from shuffle.device._codec import (
-    decode_cudf,
-    decode_cupy,
-    decode_numpy,
-    decode_payload,
-    encode_cupy,
-    encode_numpy,
-    encode_payload,
-    pack_meta,
-    to_host,
-    unpack_meta,
-)
-from shuffle.device._cuda import cai_nbytes, cuda_hooks, cuda_registry, payload_nbytes, registry_for
+from shuffle.device._arrays import to_host
+from shuffle.device._cai import cai_nbytes
+from shuffle.device._cuda import cuda_hooks, cuda_registry, registry_for
+from shuffle.device._cudf import decode_cudf, encode_cudf, pack_meta, unpack_meta
 from shuffle.device._options import (
     CONFIG_KEY,
     DeviceOptions,
@@ -56,128 +47,23 @@ from shuffle.device._options import (
 )
 from shuffle.wire._memory import HOST_REGISTRY, MemoryType
 from shuffle.wire._message import allocate_buffers, decode_message, encode_message
+from shuffle.wire._ndarray import ARRAY_TAG, decode_piece, encode_piece
+from tests.shuffle.support import (
+    F,
+    FakeDeviceArray,
+    cai_of,
+    fake_allocate,
+    gpu_usable,
+    make_fake_cupy,
+    needs_gpu,
+    read_device,
+)
 
 SECRET = b"d" * 32
 WAIT = 20.0
 
 
 # --------------------------------------------------------------------------- fakes
-
-
-def _cai_of(arr: np.ndarray) -> dict[str, Any]:
-    return {
-        "version": 3,
-        "shape": arr.shape,
-        "typestr": arr.dtype.str,
-        "data": (arr.ctypes.data if arr.size else 0, not arr.flags.writeable),
-        "strides": None if arr.flags.c_contiguous else arr.strides,
-        "stream": 1,
-    }
-
-
-class FakeDeviceArray:
-    """Fake device memory: host memory behind CAI only, deliberately no buffer protocol."""
-
-    def __init__(self, host: np.ndarray) -> None:
-        self.host = host
-
-    @property
-    def __cuda_array_interface__(self) -> dict[str, Any]:
-        return _cai_of(self.host)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.host.dtype
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.host.shape
-
-    def view(self, dtype: Any) -> FakeDeviceArray:
-        return FakeDeviceArray(self.host.view(dtype))
-
-    def reshape(self, *shape: Any) -> FakeDeviceArray:
-        return FakeDeviceArray(self.host.reshape(*shape))
-
-    def __getitem__(self, key: Any) -> FakeDeviceArray:
-        return FakeDeviceArray(self.host[key])
-
-
-def read_device(obj: Any) -> np.ndarray:
-    """The bytes behind any CAI object, read through its pointer (as a GPU library would)."""
-    cai = obj.__cuda_array_interface__
-    nbytes = cai_nbytes(cai)
-    if not nbytes:
-        return np.empty(0, np.uint8)
-    raw = (ctypes.c_uint8 * nbytes).from_address(cai["data"][0])
-    out = np.ctypeslib.as_array(raw)
-    out.flags.writeable = True
-    return out
-
-
-def fake_allocate(nbytes: int) -> FakeDeviceArray:
-    return FakeDeviceArray(np.zeros(nbytes, np.uint8))
-
-
-def make_fake_cupy() -> types.ModuleType:
-    """Enough of CuPy's surface for the codec, on host memory; counts synchronisations."""
-    cupy = types.ModuleType("cupy")
-    cupy.ndarray = FakeDeviceArray  # type: ignore[attr-defined]
-    cupy.uint8 = np.uint8  # type: ignore[attr-defined]
-    cupy.syncs = 0  # type: ignore[attr-defined]
-
-    def asarray(obj: Any) -> FakeDeviceArray:
-        if isinstance(obj, FakeDeviceArray):
-            return obj
-        view = read_device(obj)
-        keep = FakeDeviceArray(view)
-        keep.owner = obj  # type: ignore[attr-defined]  # as CuPy keeps the CAI exporter
-        return keep
-
-    def synchronize() -> None:
-        cupy.syncs += 1  # type: ignore[attr-defined]
-
-    cupy.asarray = asarray  # type: ignore[attr-defined]
-
-    def ascontiguousarray(a: FakeDeviceArray) -> FakeDeviceArray:
-        return FakeDeviceArray(np.ascontiguousarray(a.host))
-
-    def empty(shape: Any, dtype: Any) -> FakeDeviceArray:
-        return FakeDeviceArray(np.empty(shape, dtype))
-
-    cupy.ascontiguousarray = ascontiguousarray  # type: ignore[attr-defined]
-    cupy.empty = empty  # type: ignore[attr-defined]
-    cupy.asnumpy = lambda a: a.host.copy()  # type: ignore[attr-defined]
-    stream = types.SimpleNamespace(synchronize=synchronize)
-    cupy.cuda = types.SimpleNamespace(  # type: ignore[attr-defined]
-        get_current_stream=lambda: stream,
-        runtime=types.SimpleNamespace(deviceSynchronize=synchronize),
-    )
-    return cupy
-
-
-@pytest.fixture
-def fake_cupy(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    cupy = make_fake_cupy()
-    monkeypatch.setitem(sys.modules, "cupy", cupy)
-    return cupy
-
-
-def gpu_usable() -> bool:
-    try:
-        import cupy
-
-        return bool(cupy.cuda.runtime.getDeviceCount() > 0)
-    except Exception:  # noqa: BLE001 -- not importable, no driver, no device
-        return False
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def needs_gpu(test: F) -> F:
-    skip = pytest.mark.skipif(not gpu_usable(), reason="CuPy cannot be imported or sees no GPU")
-    return pytest.mark.gpu(skip(test))  # type: ignore[no-any-return]
 
 
 def needs_ucx(test: F) -> F:
@@ -199,14 +85,14 @@ def loopback() -> Iterator[None]:
 
 def test_cai_nbytes_accepts_contiguous_and_refuses_strided() -> None:
     a = np.arange(24, dtype=np.float32).reshape(4, 6)
-    assert cai_nbytes(_cai_of(a)) == 96
+    assert cai_nbytes(cai_of(a)) == 96
     # Extents of 1 may carry any stride; still contiguous.
-    assert cai_nbytes({**_cai_of(a[:1]), "strides": (999, 4)}) == 24
+    assert cai_nbytes({**cai_of(a[:1]), "strides": (999, 4)}) == 24
     with pytest.raises(ValueError, match="not C-contiguous.*ascontiguousarray"):
-        cai_nbytes(_cai_of(a[:, ::2]))
+        cai_nbytes(cai_of(a[:, ::2]))
     with pytest.raises(ValueError, match="not a valid __cuda_array_interface__"):
         cai_nbytes({"shape": (3,)})
-    assert cai_nbytes(_cai_of(np.empty((0, 5), np.float64))) == 0
+    assert cai_nbytes(cai_of(np.empty((0, 5), np.float64))) == 0
 
 
 def test_cuda_hooks_wrap_as_a_flat_byte_view_that_keeps_its_owner() -> None:
@@ -233,8 +119,7 @@ def test_registry_dispatches_by_memory_type() -> None:
     assert registry.memory_type_of(FakeDeviceArray(np.zeros(2))) is MemoryType.CUDA
     assert registry.memory_type_of(np.zeros(2)) is MemoryType.HOST
     assert registry.memory_type_of(b"x") is MemoryType.HOST
-    measure = payload_nbytes(registry)
-    assert measure(FakeDeviceArray(np.zeros(3))) == 24 and measure(b"abcd") == 4
+    assert registry.hooks("cuda").nbytes(FakeDeviceArray(np.zeros(3))) == 24
     with pytest.raises(TypeError, match="neither a host buffer"):
         registry.memory_type_of(object())
 
@@ -551,7 +436,12 @@ def test_corrupt_meta_raises_frame_error(meta: Any, match: str) -> None:
 def test_arbitrary_meta_bytes_never_raise_anything_but_frame_error(raw: bytes) -> None:
     for candidate in (raw, b"RDC1" + raw):
         try:
-            decode_payload(candidate, b"", memory_type="host")
+            unpack_meta(candidate)
+        except FrameError:
+            pass
+    for candidate in (raw, ARRAY_TAG + raw):
+        try:
+            decode_piece(candidate, b"")
         except FrameError:
             pass
 
@@ -576,40 +466,42 @@ DTYPES = st.one_of(
 @settings(max_examples=150, deadline=None)
 @given(hnp.arrays(DTYPES, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)))
 def test_numpy_round_trip_for_many_dtypes_and_shapes(arr: np.ndarray) -> None:
-    meta, buf = encode_numpy(arr)
-    out = decode_numpy(meta, bytearray(buf))  # as a transport would receive it
+    piece = encode_piece(arr)
+    out = decode_piece(piece.meta, bytearray(piece.data))  # as a transport would receive it
+    assert isinstance(out, np.ndarray)
     assert out.dtype == arr.dtype and out.shape == arr.shape
     assert out.tobytes() == arr.tobytes()
 
 
-def test_numpy_codec_copies_strided_input_and_refuses_object_dtype() -> None:
+def test_array_codec_copies_strided_input_and_refuses_object_dtype() -> None:
     base = np.arange(20, dtype=np.int16).reshape(4, 5)
-    meta, buf = encode_numpy(base[:, ::2])
-    np.testing.assert_array_equal(decode_numpy(meta, buf), base[:, ::2])
+    piece = encode_piece(base[:, ::2])
+    np.testing.assert_array_equal(decode_piece(piece.meta, piece.data), base[:, ::2])
     with pytest.raises(TypeError, match="dtype object .* hold Python objects"):
-        encode_numpy(np.array([1, "a"], dtype=object))
+        encode_piece(np.array([1, "a"], dtype=object))
     with pytest.raises(TypeError, match="hold Python objects"):
-        encode_numpy(np.zeros(2, dtype=[("a", "i4"), ("o", "O")]))
+        encode_piece(np.zeros(2, dtype=[("a", "i4"), ("o", "O")]))
     titled = np.dtype({"names": ["a"], "formats": ["<i4"], "titles": ["A title"]})
     with pytest.raises(TypeError, match="no portable description"):
-        encode_numpy(np.zeros(2, dtype=titled))
+        encode_piece(np.zeros(2, dtype=titled))
+
+
+def array_meta(description: Any) -> bytes:
+    return ARRAY_TAG + json.dumps(description).encode()
 
 
 def test_array_meta_from_the_network_is_checked() -> None:
-    meta, buf = encode_numpy(np.arange(6, dtype=np.float64))
-    with pytest.raises(FrameError, match="holds 40 bytes, its meta describes 48"):
-        decode_numpy(meta, bytes(buf)[:40])
-    bad_shape = pack_meta({"codec": "ndarray", "dtype": {"descr": "<f8"}, "shape": [-1]})
-    with pytest.raises(FrameError, match="invalid shape"):
-        decode_numpy(bad_shape, b"")
-    object_dtype = pack_meta({"codec": "ndarray", "dtype": {"descr": "|O"}, "shape": [1]})
+    piece = encode_piece(np.arange(6, dtype=np.float64))
+    with pytest.raises(FrameError, match="needs 48 bytes, got 40"):
+        decode_piece(piece.meta, bytes(piece.data)[:40])
+    with pytest.raises(FrameError, match="invalid array piece shape"):
+        decode_piece(array_meta({"dtype": {"descr": "<f8"}, "shape": [-1]}), b"")
     with pytest.raises(FrameError, match="holds Python objects"):
-        decode_numpy(object_dtype, bytes(8))
-    bad_dtype = pack_meta({"codec": "ndarray", "dtype": "not a dtype", "shape": []})
+        decode_piece(array_meta({"dtype": {"descr": "|O"}, "shape": [1]}), bytes(8))
     with pytest.raises(FrameError, match="invalid dtype"):
-        decode_numpy(bad_dtype, b"")
-    with pytest.raises(FrameError, match="expected ndarray payload meta"):
-        decode_numpy(pack_meta({"codec": "cudf"}), b"")
+        decode_piece(array_meta({"dtype": "not a dtype", "shape": []}), b"")
+    with pytest.raises(FrameError, match="unknown kind tag"):
+        decode_piece(b"numpy\0{}", b"")
 
 
 @pytest.mark.parametrize(
@@ -622,54 +514,45 @@ def test_array_meta_from_the_network_is_checked() -> None:
     ],
     ids=["2d", "strided", "0d", "empty"],
 )
-def test_cupy_codec_round_trip_through_device_buffers(
+def test_cupy_pieces_round_trip_through_device_buffers(
     fake_cupy: types.ModuleType, arr: np.ndarray
 ) -> None:
     device = FakeDeviceArray(arr)
-    payload = encode_payload(device)
-    assert (payload.codec, payload.memory_type) == ("ndarray", MemoryType.CUDA)
+    piece = encode_piece(device)
+    assert piece.meta.startswith(ARRAY_TAG) and piece.nbytes == arr.nbytes
+    assert hasattr(piece.data, "__cuda_array_interface__")  # never staged through host
     assert fake_cupy.syncs == 1  # the producer's stream was waited for before sending
     registry = cuda_registry(allocate=fake_allocate)
-    frame = registry.hooks("cuda").wrap(payload.buffer)
+    frame = registry.hooks("cuda").wrap(piece.data)
     # "Receive": allocate a fresh device buffer and copy the bytes in.
     nbytes = cai_nbytes(frame.__cuda_array_interface__)
     received = transport_allocator(registry, where="r")(nbytes, "cuda")
     read_device(received)[:] = read_device(frame)
-    out = decode_payload(payload.meta, received, memory_type="cuda")
+    out = decode_piece(piece.meta, received)
     assert isinstance(out, FakeDeviceArray)
     assert out.dtype == arr.dtype and out.shape == arr.shape
     np.testing.assert_array_equal(out.host, arr)
 
 
-def test_cupy_codec_refusals(fake_cupy: types.ModuleType) -> None:
+def test_cupy_piece_refusals(fake_cupy: types.ModuleType) -> None:
     with pytest.raises(TypeError, match="CuPy holds numbers only"):
-        encode_cupy(FakeDeviceArray(np.zeros(2, dtype=[("a", "i4")])))
-    with pytest.raises(TypeError, match="expected a cupy.ndarray"):
-        encode_cupy(np.zeros(2))
-    meta, _ = encode_numpy(np.zeros(4, np.float32))
-    with pytest.raises(FrameError, match="needs a device buffer"):
-        decode_cupy(meta, bytearray(16))
-    with pytest.raises(FrameError, match="holds 8 bytes, its meta describes 16"):
-        decode_cupy(meta, fake_allocate(8))
-    structured = pack_meta(
-        {"codec": "ndarray", "dtype": {"descr": [["a", "<i4"]]}, "shape": [1]}
-    )
+        encode_piece(FakeDeviceArray(np.zeros(2, dtype=[("a", "i4")])))
+    meta = encode_piece(np.zeros(4, np.float32)).meta
+    with pytest.raises(FrameError, match="needs 16 bytes, got 8"):
+        decode_piece(meta, fake_allocate(8))
+    structured = array_meta({"dtype": {"descr": [["a", "<i4"]]}, "shape": [1]})
     with pytest.raises(FrameError, match="CuPy cannot hold"):
-        decode_cupy(structured, fake_allocate(4))
+        decode_piece(structured, fake_allocate(4))
 
 
 def test_one_meta_two_memories(fake_cupy: types.ModuleType) -> None:
-    """The same ndarray meta decodes to NumPy from host memory, to CuPy from device."""
+    """The same array meta decodes to NumPy from host memory, to CuPy from device."""
     arr = np.arange(8, dtype=np.uint16)
-    meta, buf = encode_numpy(arr)
-    host = decode_payload(meta, bytearray(buf), memory_type="host")
-    device = decode_payload(meta, FakeDeviceArray(arr.view(np.uint8).copy()), memory_type="cuda")
+    piece = encode_piece(arr)
+    host = decode_piece(piece.meta, bytearray(piece.data))
+    device = decode_piece(piece.meta, FakeDeviceArray(arr.view(np.uint8).copy()))
     assert isinstance(host, np.ndarray) and isinstance(device, FakeDeviceArray)
     np.testing.assert_array_equal(host, device.host)
-    with pytest.raises(FrameError, match="no payload codec 'cudf' for host memory"):
-        decode_payload(pack_meta({"codec": "cudf"}), b"", memory_type="host")
-    with pytest.raises(TypeError, match="no payload codec for a dict"):
-        encode_payload({})
 
 
 def test_to_host_copies_device_arrays_and_leaves_host_objects(fake_cupy: types.ModuleType) -> None:
@@ -682,9 +565,9 @@ def test_to_host_copies_device_arrays_and_leaves_host_objects(fake_cupy: types.M
 
 def test_without_cupy_a_device_array_cannot_be_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
-    meta, _ = encode_numpy(np.zeros(2, np.float32))
+    meta = encode_piece(np.zeros(2, np.float32)).meta
     with pytest.raises(DeviceUnavailableError, match="CuPy cannot be imported here"):
-        decode_cupy(meta, fake_allocate(8))
+        decode_piece(meta, fake_allocate(8))
 
 
 # --------------------------------------------------------------------------- cuDF (CPU side)
@@ -702,13 +585,13 @@ def pandas_as_cudf(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cudf_frame_info_keeps_labels_and_index(pandas_as_cudf: None) -> None:
     df = pd.DataFrame({"a": [1, 2], 5: [0.5, 1.5]}, index=pd.RangeIndex(10, 14, 2, name="r"))
     df.columns.name = "cols"
-    info, frame = _codec._frame_info(df)
+    info, frame = _cudf._frame_info(df)
     assert info["columns"] == ["a", 5] and info["columns_name"] == "cols"
     assert info["index"] == {"kind": "range", "start": 10, "stop": 14, "step": 2, "name": "r"}
     assert frame is df  # a RangeIndex travels as numbers, not as a column
     multi = df.set_index([pd.Index(["x", "y"]), pd.Index([7, 8])])
     multi.index.names = ["k", None]
-    info, frame = _codec._frame_info(multi)
+    info, frame = _cudf._frame_info(multi)
     assert info["index"] == {
         "kind": "columns",
         "names": ["k", None],
@@ -730,7 +613,7 @@ def test_cudf_frame_info_keeps_labels_and_index(pandas_as_cudf: None) -> None:
 )
 def test_cudf_frame_info_refusals(pandas_as_cudf: None, df: pd.DataFrame, match: str) -> None:
     with pytest.raises(TypeError, match=match):
-        _codec._frame_info(df)
+        _cudf._frame_info(df)
 
 
 def test_cudf_meta_from_the_network_is_checked_before_cudf_is_needed() -> None:
@@ -845,14 +728,13 @@ def test_gpu_cupy_round_trip_through_rmm_buffers(dtype: str, shape: tuple[int, .
     import cupy
 
     arr = (cupy.arange(int(np.prod(shape))) % 7).astype(dtype).reshape(shape)
-    payload = encode_payload(arr)
-    assert payload.memory_type is MemoryType.CUDA
-    frame = cuda_registry().hooks("cuda").wrap(payload.buffer)
+    piece = encode_piece(arr)
+    frame = cuda_registry().hooks("cuda").wrap(piece.data)
     nbytes = cai_nbytes(frame.__cuda_array_interface__)
     received = transport_allocator(cuda_registry(), where="r")(nbytes, "cuda")
     if nbytes:
         cupy.asarray(received).view(cupy.uint8)[:] = cupy.asarray(frame).view(cupy.uint8)
-    out = decode_payload(payload.meta, received, memory_type="cuda")
+    out = decode_piece(piece.meta, received)
     assert isinstance(out, cupy.ndarray) and out.dtype == arr.dtype and out.shape == arr.shape
     cupy.testing.assert_array_equal(out, arr)
     np.testing.assert_array_equal(to_host(out), cupy.asnumpy(arr))
@@ -879,10 +761,9 @@ def test_gpu_cudf_round_trip(index: str) -> None:
     elif index == "empty":
         pdf = pdf.iloc[:0]
     df = cudf.from_pandas(pdf)
-    payload = encode_payload(df)
-    assert (payload.codec, payload.memory_type) == ("cudf", MemoryType.CUDA)
-    frame = cuda_registry().hooks("cuda").wrap(payload.buffer)
-    out = decode_payload(payload.meta, frame, memory_type="cuda")
+    meta, buffer = encode_cudf(df)
+    frame = cuda_registry().hooks("cuda").wrap(buffer)
+    out = decode_cudf(meta, frame)
     pd.testing.assert_frame_equal(out.to_pandas(), df.to_pandas())
     pd.testing.assert_frame_equal(to_host(out), df.to_pandas())
 
@@ -893,20 +774,20 @@ async def test_gpu_device_to_device_frame_over_ucx() -> None:
     import cupy
 
     arr = cupy.arange(1 << 20, dtype=cupy.float32).reshape(1024, 1024)
-    payload = encode_payload(arr)
+    piece = encode_piece(arr)
     registry = cuda_registry()
     message = encode_message(
         shuffle_id=ShuffleId("s"),
         run_id=RunId(1),
         sender="t",
-        shards=[(ShardKey(0, 0), payload.buffer)],
+        shards=[(ShardKey(0, 0), piece)],
         registry=registry,
     )
     frames, error = await _send_over_ucx(message.frames(), registry)
     assert error is None and frames is not None
     assert not isinstance(frames[1], (bytes, bytearray, memoryview))  # landed on the device
     decoded = decode_message(frames, registry=registry)
-    out = decode_payload(payload.meta, decoded.buffers[0], memory_type="cuda")
+    out = decode_piece(decoded.header.entries[0].meta, decoded.buffers[0])
     cupy.testing.assert_array_equal(out, arr)
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shuffle._run import AUTO_MEMORY_FRACTION, RunOptions, auto_memory_limit
+from shuffle._options import AUTO_MEMORY_FRACTION, RunOptions, auto_memory_limit
 from shuffle._spec import partitions_of
 from shuffle.shell._placement import (
     AUTO_CPUS_PER_ACTOR,

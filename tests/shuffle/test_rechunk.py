@@ -22,12 +22,14 @@ from hypothesis import strategies as st
 
 from shuffle._exceptions import FrameError
 from shuffle._ids import RunId, ShardKey, ShuffleId
-from shuffle._manager import ShuffleManager
+from shuffle._options import RunOptions
 from shuffle._rechunk import RechunkLayout
-from shuffle._run import ArrayRechunkRun, RunOptions, assemble_chunk, split_chunk
+from shuffle._run import ArrayRechunkRun, assemble_chunk
 from shuffle._spec import ShuffleRunSpec
+from shuffle._split import split_chunk
 from shuffle.wire._message import decode_message, encode_message
 from shuffle.wire._ndarray import decode_piece, encode_piece
+from tests.shuffle.support import Network
 
 DTYPES = [
     np.dtype("f8"),
@@ -213,10 +215,10 @@ def test_piece_codec_refuses_what_it_cannot_send() -> None:
         decode_piece(piece.meta, bytes(piece.data)[:12])
     with pytest.raises(ValueError, match="unknown kind tag"):
         decode_piece(b"pickle\0...", b"")
-    with pytest.raises(ValueError, match="invalid numpy piece description"):
-        decode_piece(b'numpy\0{"dtype": {"descr": "|O"}, "shape": [1]}', bytes(8))
-    with pytest.raises(ValueError, match="invalid numpy piece description"):
-        decode_piece(b"numpy\0{not json", b"")
+    with pytest.raises(ValueError, match="invalid array piece description"):
+        decode_piece(b'array\0{"dtype": {"descr": "|O"}, "shape": [1]}', bytes(8))
+    with pytest.raises(ValueError, match="invalid array piece description"):
+        decode_piece(b"array\0{not json", b"")
 
 
 def test_non_contiguous_pieces_are_copied_once_and_contiguous_ones_not() -> None:
@@ -238,16 +240,6 @@ def test_assemble_names_missing_pieces_and_wrong_shapes() -> None:
 # ------------------------------------------------------------- runs wired in memory
 
 
-class Wire:
-    """Managers of several participants; ``send`` copies frames to the destination."""
-
-    def __init__(self, names: Sequence[str], options: RunOptions) -> None:
-        self.managers = {n: ShuffleManager(local=n, send=self.send, options=options) for n in names}
-
-    async def send(self, destination: str, frames: list[Any]) -> None:
-        await self.managers[destination].receive([bytearray(f) for f in frames])
-
-
 @pytest.mark.parametrize("memory_limit", [None, 0])
 @pytest.mark.parametrize("nparticipants", [1, 3])
 async def test_rechunk_runs_over_an_in_memory_wire(
@@ -256,7 +248,7 @@ async def test_rechunk_runs_over_an_in_memory_wire(
     array = np.random.default_rng(1).random((12, 10, 3))
     layout = RechunkLayout(((4, 4, 4), (5, 5), (3,)), ((12,), (2, 2, 2, 2, 2), (1, 2)))
     options = RunOptions(memory_limit=memory_limit, spill_directory=tmp_path, message_bytes=300)
-    wire = Wire([f"a{i}" for i in range(nparticipants)], options)
+    wire = Network([f"a{i}" for i in range(nparticipants)], options=options)
     spec = ShuffleRunSpec(
         shuffle_id=ShuffleId("r1"),
         run_id=RunId(1),
@@ -268,11 +260,14 @@ async def test_rechunk_runs_over_an_in_memory_wire(
     names = list(runs)
     await asyncio.gather(
         *(
-            runs[names[i % len(names)]].add_partition(chunk, layout.flat_input(index))
+            wire.send_input(
+                names[i % len(names)], chunk, layout.flat_input(index), spec=spec, meta=layout
+            )
             for i, (index, chunk) in enumerate(blocks(array, layout.old).items())
         )
     )
-    await asyncio.gather(*(r.flush() for r in runs.values()))
+    for run in runs.values():
+        run.inputs_done()
     for index, want in blocks(array, layout.new).items():
         p = layout.flat_output(index)
         assert same(runs[spec.owner_of(p)].get_output_partition(p), np.ascontiguousarray(want))
@@ -285,7 +280,7 @@ async def test_rechunk_runs_over_an_in_memory_wire(
 
 async def test_a_message_for_a_partition_owned_elsewhere_is_refused(tmp_path: Path) -> None:
     layout = RechunkLayout(((2, 2),), ((1, 1, 1, 1),))
-    wire = Wire(["a", "b"], RunOptions(spill_directory=tmp_path))
+    wire = Network(["a", "b"], options=RunOptions(spill_directory=tmp_path))
     spec = ShuffleRunSpec(
         shuffle_id=ShuffleId("r2"), run_id=RunId(1), npartitions_out=4, participants=("a", "b")
     )

@@ -1,9 +1,9 @@
-"""Tier 2: several participants' runs wired together in one process.
+"""Tier 2: several participants' runs fed by client-style senders in one process.
 
-Each participant has its own ``ShuffleManager``; the injected ``send`` copies the frames
-(as a network would) and hands them to the destination manager's ``receive``. Network
-variants delay, reorder, duplicate or fail messages. Every test ends with a cleanup
-assertion: no open runs, no bytes held by a send budget, no spill files.
+Each participant has its own ``ShuffleManager``; inputs are split and sent as a
+transfer task's client sends them (``tests.shuffle.support.Network``), and the wire
+copies the frames into the owner's manager. Network variants reorder, duplicate or
+fail messages. Every test ends with a cleanup assertion: no open runs, no spill files.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import pickle
-import random
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,95 +31,16 @@ from shuffle._exceptions import (
     StaleRunError,
 )
 from shuffle._ids import RunId, ShardKey, ShuffleId
-from shuffle._manager import ShuffleManager, UnknownRunError
-from shuffle._run import DataFrameShuffleRun, RunOptions
+from shuffle._manager import UnknownRunError
+from shuffle._options import RunOptions
+from shuffle._run import DataFrameShuffleRun
 from shuffle._spec import ShuffleRunSpec
 from shuffle.wire._arrow import table_to_buffer
 from shuffle.wire._message import encode_message
+from tests.shuffle.support import Mode, Network
 
-Mode = Literal["direct", "delay", "chaos"]
 COLORS = pd.CategoricalDtype(["red", "green", "blue"])
 COLUMN = "_partitions"
-
-
-class InjectedSendError(ConnectionError):
-    """What the failing network raises; a ConnectionError, as a broken transport would."""
-
-
-class Network:
-    """Participants' managers wired together in memory, with a configurable wire.
-
-    ``direct`` delivers at once; ``delay`` sleeps a random fraction of a millisecond
-    first; ``chaos`` yields a random number of times before delivering (so concurrent
-    messages overtake each other) and delivers some messages twice. ``fail_after=n``
-    makes every send after the first ``n`` raise ``InjectedSendError``; ``gate``
-    holds deliveries until it is set.
-    """
-
-    def __init__(
-        self,
-        names: Sequence[str],
-        *,
-        options: RunOptions,
-        mode: Mode = "direct",
-        seed: int = 0,
-        fail_after: int | None = None,
-    ) -> None:
-        self.mode = mode
-        self.rng = random.Random(seed)
-        self.fail_after = fail_after
-        self.gate: asyncio.Event | None = None
-        self.sends = 0
-        self.log: list[tuple[str, list[bytearray]]] = []  # every delivered message
-        self.managers = {
-            name: ShuffleManager(local=name, send=self.send, options=options) for name in names
-        }
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.managers)
-
-    async def send(self, destination: str, frames: list[Any]) -> None:
-        wire = [bytearray(frame) for frame in frames]  # the sender may reuse its buffers
-        self.sends += 1
-        if self.fail_after is not None and self.sends > self.fail_after:
-            raise InjectedSendError(f"send #{self.sends} to {destination} failed")
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.mode == "delay":
-            await asyncio.sleep(self.rng.random() / 1000)
-        elif self.mode == "chaos":
-            await self._yield_randomly()
-        self.log.append((destination, wire))
-        await self.managers[destination].receive(wire)
-        if self.mode == "chaos" and self.rng.random() < 0.3:
-            await self._yield_randomly()
-            await self.managers[destination].receive([bytearray(f) for f in wire])
-
-    async def replay(self) -> None:
-        """Deliver every message again, as retried transfers would."""
-        for destination, wire in list(self.log):
-            await self.managers[destination].receive([bytearray(f) for f in wire])
-
-    async def close(self) -> None:
-        await asyncio.gather(*(m.close() for m in self.managers.values()))
-
-    def assert_clean(self) -> None:
-        for manager in self.managers.values():
-            assert manager.closed
-            assert dict(manager.runs) == {}
-            assert manager.send_limiter.acquired == 0
-
-    async def _yield_randomly(self) -> None:
-        for _ in range(self.rng.randrange(6)):
-            await asyncio.sleep(0)
-
-
-@pytest.fixture
-def spill_root(tmp_path: Path) -> Iterator[Path]:
-    """Where runs spill; every test must leave it empty."""
-    yield tmp_path
-    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture
@@ -133,7 +53,6 @@ def make_network(spill_root: Path) -> Iterator[Callable[..., Network]]:
         *,
         mode: Mode = "direct",
         seed: int = 0,
-        fail_after: int | None = None,
         **option_overrides: Any,
     ) -> Network:
         options = RunOptions(
@@ -146,7 +65,7 @@ def make_network(spill_root: Path) -> Iterator[Callable[..., Network]]:
             }
         )
         names = [f"actor-{i}" for i in range(nparticipants)]
-        network = Network(names, options=options, mode=mode, seed=seed, fail_after=fail_after)
+        network = Network(names, options=options, mode=mode, seed=seed)
         networks.append(network)
         return network
 
@@ -246,20 +165,22 @@ async def transfer(
     *,
     placement: Sequence[int] | None = None,
 ) -> None:
-    """Every participant adds its inputs one after another, all participants at once."""
+    """Every participant's node sends its inputs one after another, all nodes at once."""
     names = network.names
     placement = placement or [i % len(names) for i in range(len(inputs))]
+    run = next(iter(runs.values()))
 
     async def worker(name: str) -> None:
         for i, df in enumerate(inputs):
             if names[placement[i]] == name:
-                await runs[name].add_partition(df, i)
+                await network.send_input(name, df, i, spec=run.spec, meta=run.meta)
 
     await asyncio.gather(*(worker(name) for name in names))
 
 
-async def barrier(runs: dict[str, DataFrameShuffleRun]) -> None:
-    await asyncio.gather(*(run.flush() for run in runs.values()))
+def barrier(runs: dict[str, DataFrameShuffleRun]) -> None:
+    for run in runs.values():
+        run.inputs_done()
 
 
 def unpack(runs: dict[str, DataFrameShuffleRun], spec: ShuffleRunSpec) -> list[pd.DataFrame]:
@@ -277,7 +198,7 @@ async def shuffle(
 ) -> tuple[dict[str, DataFrameShuffleRun], list[pd.DataFrame]]:
     runs = await create_runs(network, spec, inputs[0].iloc[:0])
     await transfer(network, runs, inputs, placement=placement)
-    await barrier(runs)
+    barrier(runs)
     return runs, unpack(runs, spec)
 
 
@@ -309,10 +230,7 @@ async def test_shuffle_matches_pandas(
     runs, got = await shuffle(network, inputs, spec)
     assert_outputs(got, expected_outputs(inputs, npartitions_out))
     stats = [run.stats for run in runs.values()]
-    assert sum(s.shards_local + s.shards_received for s in stats) == sum(
-        df[COLUMN].nunique() for df in inputs
-    )
-    assert sum(s.shards_sent for s in stats) == sum(s.shards_received for s in stats)
+    assert sum(s.shards_received for s in stats) == sum(df[COLUMN].nunique() for df in inputs)
     await network.close()
 
 
@@ -387,7 +305,7 @@ async def test_all_empty_inputs_give_meta_shaped_outputs(
         assert list(output.columns) == list(meta.columns)
         pd.testing.assert_series_equal(output.dtypes, meta.dtypes)
     assert network.sends == 0
-    assert all(run.stats.inputs_added == 1 for run in runs.values())
+    assert all(run.stats.shards_received == 0 for run in runs.values())
     await network.close()
 
 
@@ -402,7 +320,7 @@ async def test_single_skewed_key_lands_in_one_partition(
     assert [len(o) for o in got] == [0, 0, 0, 0, 650, 0]
     assert_outputs(got, expected_outputs(inputs, 6, drop_column=drop_column))
     owner = runs[spec.owner_of(4)]
-    assert owner.stats.shards_local + owner.stats.shards_received == 3
+    assert owner.stats.shards_received == 3
     await network.close()
 
 
@@ -414,11 +332,11 @@ async def test_only_the_needed_outputs_travel_and_are_stored(
     spec = dataclasses.replace(make_spec(network, 6), needed=(1, 4))
     runs = await create_runs(network, spec, inputs[0].iloc[:0])
     await transfer(network, runs, inputs)
-    await barrier(runs)
+    barrier(runs)
     expected = expected_outputs(inputs, 6)
     for p in spec.needed:
         pd.testing.assert_frame_equal(runs[spec.owner_of(p)].get_output_partition(p), expected[p])
-    shards = sum(r.stats.shards_local + r.stats.shards_received for r in runs.values())
+    shards = sum(r.stats.shards_received for r in runs.values())
     # One shard per (input, needed output) pair that has rows, none for the others.
     assert shards == sum(df.loc[df[COLUMN].isin(spec.needed), COLUMN].nunique() for df in inputs)
     assert shards > 0
@@ -435,7 +353,7 @@ async def test_tiny_memory_limit_spills_and_close_deletes_the_files(
     spec = make_spec(network, 9)
     runs = await create_runs(network, spec, inputs[0].iloc[:0])
     await transfer(network, runs, inputs)
-    await barrier(runs)
+    barrier(runs)
     spilled = [run.spill_directory for run in runs.values()]
     assert all(d is not None and any(d.iterdir()) for d in spilled)
     assert sorted(spill_root.iterdir()) == sorted(spilled)
@@ -456,8 +374,8 @@ async def test_duplicate_deliveries_and_retried_inputs_are_ignored(
     runs = await create_runs(network, spec, inputs[0].iloc[:0])
     await transfer(network, runs, inputs)
     # A retried transfer task resends input 1 from another participant.
-    await runs[network.names[2]].add_partition(inputs[1], 1)
-    await barrier(runs)
+    await network.send_input(network.names[2], inputs[1], 1, spec=spec, meta=inputs[0].iloc[:0])
+    barrier(runs)
     received = sum(run.stats.shards_received for run in runs.values())
     await network.replay()  # every message once more, after the barrier
     assert sum(run.stats.shards_received for run in runs.values()) == received
@@ -512,14 +430,10 @@ async def test_newer_run_supersedes_and_stale_messages_are_rejected(
     assert list(spill_root.iterdir()) == []  # the old runs' spill files are gone
     for run in old.values():
         assert run.closed
-        errors = [
-            lambda: run.add_partition(inputs[2], 2),
-            lambda: run.receive(stale_messages[0][1]),
-            run.flush,
-        ]
-        for call in errors:
-            with pytest.raises(StaleRunError, match=r"run 1 is stale, run 2 superseded it"):
-                await call()
+        with pytest.raises(StaleRunError, match=r"run 1 is stale, run 2 superseded it"):
+            await run.receive(stale_messages[0][1])
+        with pytest.raises(StaleRunError, match=r"run 1 is stale, run 2 superseded it"):
+            run.inputs_done()
         with pytest.raises(StaleRunError):
             run.get_output_partition(run.owned.start)
     for destination, wire in stale_messages:
@@ -534,29 +448,8 @@ async def test_newer_run_supersedes_and_stale_messages_are_rejected(
 
     # The new run is untouched by all of that and completes.
     await transfer(network, new, inputs)
-    await barrier(new)
+    barrier(new)
     assert_outputs(unpack(new, spec2), expected_outputs(inputs, 6))
-    await network.close()
-
-
-async def test_supersede_interrupts_a_writer_waiting_for_budget(
-    make_network: Callable[..., Network],
-) -> None:
-    network = make_network(2, send_buffer_bytes=1, message_bytes=1)
-    network.gate = asyncio.Event()  # peers accept nothing: the writer waits for budget
-    inputs = make_inputs([50], npartitions_out=4)
-    spec = make_spec(network, 4)
-    runs = await create_runs(network, spec, inputs[0].iloc[:0])
-    writer = asyncio.create_task(runs["actor-0"].add_partition(inputs[0], 0))
-    await asyncio.sleep(0.01)
-    assert not writer.done()
-    assert network.managers["actor-0"].send_limiter.acquired > 0
-    await network.managers["actor-0"].get_or_create(
-        spec.next_run(run_id=RunId(5)), inputs[0].iloc[:0]
-    )
-    with pytest.raises(StaleRunError):
-        await writer
-    assert network.managers["actor-0"].send_limiter.acquired == 0
     await network.close()
 
 
@@ -643,7 +536,7 @@ async def test_manager_rejects_bad_messages_and_keeps_serving(
     assert runs["actor-1"].exception is None  # a bad message does not fail the run
 
     await transfer(network, runs, inputs)
-    await barrier(runs)
+    barrier(runs)
     assert_outputs(unpack(runs, spec), expected_outputs(inputs, 6))
     await receiver.close_run(spec.shuffle_id, spec.run_id)
     with pytest.raises(ShuffleClosedError):
@@ -656,46 +549,6 @@ async def test_manager_rejects_bad_messages_and_keeps_serving(
 
 
 # ---------------------------------------------------------------- failures and closing
-
-
-async def test_send_failure_is_the_first_failure_of_every_method(
-    make_network: Callable[..., Network],
-) -> None:
-    network = make_network(3, fail_after=2, message_bytes=1)
-    inputs = make_inputs([40, 40, 40], npartitions_out=6)
-    spec = make_spec(network, 6)
-    runs = await create_runs(network, spec, inputs[0].iloc[:0])
-    outcomes = await asyncio.gather(
-        *(run.add_partition(df, i) for i, (run, df) in enumerate(zip(runs.values(), inputs))),
-        return_exceptions=True,
-    )
-    outcomes += await asyncio.gather(*(r.flush() for r in runs.values()), return_exceptions=True)
-    assert any(isinstance(o, InjectedSendError) for o in outcomes)
-    failed = [run for run in runs.values() if run.exception is not None]
-    assert failed
-    for run in failed:
-        first = run.exception
-        assert isinstance(first, InjectedSendError)
-        for call in (lambda: run.add_partition(inputs[0], 0), run.flush, lambda: run.receive([])):
-            with pytest.raises(InjectedSendError) as info:
-                await call()
-            assert info.value is first
-        with pytest.raises(InjectedSendError) as info:
-            run.get_output_partition(run.owned.start)
-        assert info.value is first
-
-    # The driver fails the run everywhere with the root cause; first failures stay.
-    root_cause = failed[0].exception
-    assert root_cause is not None
-    before = {name: run.exception for name, run in runs.items()}
-    await asyncio.gather(*(run.fail(root_cause) for run in runs.values()))
-    for name, run in runs.items():
-        assert run.closed and run.exception is (before[name] or root_cause)
-        with pytest.raises(InjectedSendError):
-            await run.flush()
-    for manager in network.managers.values():
-        await manager.close_run(spec.shuffle_id, spec.run_id)
-    await network.close()
 
 
 @pytest.mark.parametrize("mode", ["direct", "chaos"])
@@ -712,9 +565,10 @@ async def test_fail_keeps_the_first_failure_and_close_is_idempotent(
     await asyncio.gather(run.fail(first), run.fail(second), run.close())
     assert run.exception is first and run.closed and run.spill_directory is None
     await run.close()
-    for call in (lambda: run.add_partition(inputs[0], 0), run.flush, lambda: run.receive([])):
-        with pytest.raises(ShuffleError, match="first"):
-            await call()
+    with pytest.raises(ShuffleError, match="first"):
+        run.inputs_done()
+    with pytest.raises(ShuffleError, match="first"):
+        await run.receive([])
     with pytest.raises(ShuffleError, match="first"):
         run.get_output_partition(0)
     # The manager still routes to the failed run, which reports its failure to senders.
@@ -740,26 +594,29 @@ async def test_plain_close_makes_every_method_raise_closed(
     await run.close()
     await run.fail(RuntimeError("after close"))  # changes nothing
     assert run.exception is None
-    for call in (lambda: run.add_partition(inputs[0], 0), run.flush, lambda: run.receive([])):
-        with pytest.raises(ShuffleClosedError, match=r"'shuffle-a' run 1 is closed"):
-            await call()
+    with pytest.raises(ShuffleClosedError, match=r"'shuffle-a' run 1 is closed"):
+        run.inputs_done()
+    with pytest.raises(ShuffleClosedError, match=r"'shuffle-a' run 1 is closed"):
+        await run.receive([])
     with pytest.raises(ShuffleClosedError):
         run.get_output_partition(1)
     await network.close()
 
 
 async def test_back_pressure_then_limiter_timeout(make_network: Callable[..., Network]) -> None:
+    # The sender's budget: with the receiver holding every message, the sender waits
+    # for room, then gives up with the budget's name; a retry once it drains succeeds.
     network = make_network(2, send_buffer_bytes=100, message_bytes=1, limiter_timeout=0.05)
     network.gate = asyncio.Event()
     inputs = make_inputs([80, 80], npartitions_out=2)
-    runs = await create_runs(network, make_spec(network, 2), inputs[0].iloc[:0])
-    limiter = network.managers["actor-0"].send_limiter
+    spec = make_spec(network, 2)
+    runs = await create_runs(network, spec, inputs[0].iloc[:0])
     with pytest.raises(LimiterTimeoutError, match="'actor-0-send' stayed full"):
-        await runs["actor-0"].add_partition(inputs[0], 0)
-    assert limiter.acquired > 0  # still queued, waiting for the peer
-    network.gate.set()  # the peer accepts again: everything drains
-    await barrier(runs)
-    assert limiter.acquired == 0 and runs["actor-0"].stats.shards_sent == 1
+        await network.send_input("actor-0", inputs[0], 0, spec=spec, meta=inputs[0].iloc[:0])
+    assert network.waiting.is_set()  # a message was held by the peer meanwhile
+    network.gate.set()  # the peer accepts again: the retried input goes through
+    await network.send_input("actor-0", inputs[0], 0, spec=spec, meta=inputs[0].iloc[:0])
+    barrier(runs)
     assert_outputs([runs["actor-1"].get_output_partition(1)], expected_outputs(inputs[:1], 2)[1:])
     await network.close()
 
@@ -767,22 +624,27 @@ async def test_back_pressure_then_limiter_timeout(make_network: Callable[..., Ne
 async def test_misuse_is_refused_with_a_message(make_network: Callable[..., Network]) -> None:
     network = make_network(2)
     inputs = make_inputs([10, 10], npartitions_out=4)
-    runs = await create_runs(network, make_spec(network, 4), inputs[0].iloc[:0])
+    spec = make_spec(network, 4)
+    meta = inputs[0].iloc[:0]
+    runs = await create_runs(network, spec, meta)
     run = runs["actor-0"]  # owns partitions 0 and 1
-    with pytest.raises(RuntimeError, match="before flush"):
+    with pytest.raises(RuntimeError, match=r"before inputs_done\(\)"):
         run.get_output_partition(0)
+
+    async def send(df: Any, input_partition: int) -> None:
+        await network.send_input("actor-0", df, input_partition, spec=spec, meta=meta)
+
     with pytest.raises(ValueError, match="has columns"):
-        await run.add_partition(inputs[0].drop(columns="i8"), 0)
+        await send(inputs[0].drop(columns="i8"), 0)
     with pytest.raises(ValueError, match=r"int in \[0, 2\*\*32\)"):
-        await run.add_partition(inputs[0], -1)
+        await send(inputs[0], -1)
     with pytest.raises(ValueError, match="and below 4"):
-        await run.add_partition(inputs[0].assign(**{COLUMN: 4}), 0)
+        await send(inputs[0].assign(**{COLUMN: 4}), 0)
     with pytest.raises(TypeError, match="expected a pandas or cuDF DataFrame"):
-        await run.add_partition(inputs[0].to_dict(), 0)  # type: ignore[arg-type]
-    assert run.exception is None  # bad input is the caller's error, not the run's
-    await barrier(runs)
-    with pytest.raises(RuntimeError, match="arrived after flush"):
-        await run.add_partition(inputs[1], 1)
+        await send(inputs[0].to_dict(), 0)
+    assert network.sends == 0  # refused before anything was sent
+    assert run.exception is None  # bad input is the sender's error, not the run's
+    barrier(runs)
     with pytest.raises(ValueError, match="partition 2 belongs to 'actor-1'"):
         run.get_output_partition(2)
     assert run.get_output_partition(0).empty

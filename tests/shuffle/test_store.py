@@ -4,11 +4,11 @@ import errno
 import gc
 import io
 import os
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,17 +17,11 @@ import shuffle._store
 from shuffle._exceptions import BufferClosedError
 from shuffle._ids import ShardKey
 from shuffle._store import DiskShardStore
+from tests.shuffle.support import FakeDeviceArray
 
 
 def payload(key: ShardKey, nbytes: int) -> bytes:
     return bytes([key.output_partition % 256, key.input_partition % 256]) * (nbytes // 2)
-
-
-@pytest.fixture
-def spill_root(tmp_path: Path) -> Iterator[Path]:
-    """Parent of the store's private directory; every test must leave it empty."""
-    yield tmp_path
-    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("memory_limit", [None, 0, 10, 1000])
@@ -197,21 +191,12 @@ def test_store_behaves_like_a_dict_of_sorted_lists(
     assert list(tmp_path.iterdir()) == []
 
 
-class FakeDeviceBuffer:
-    """Stands in for a CuPy/RMM buffer: exposes ``__cuda_array_interface__`` only."""
-
-    def __init__(self, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {
-            "shape": (nbytes,), "typestr": "|u1", "data": (0, False), "version": 3
-        }
-
-
 def test_device_shards_are_held_as_they_are_and_never_spilled(tmp_path: Path) -> None:
     store = DiskShardStore(memory_limit=0, directory=tmp_path)  # host shards spill at once
-    gpu = FakeDeviceBuffer(1000)
+    gpu = FakeDeviceArray(np.zeros(1000, np.uint8))
     assert store.append(ShardKey(0, 1), gpu)
     assert store.append(ShardKey(0, 0), b"host")
-    assert not store.append(ShardKey(0, 1), FakeDeviceBuffer(5))  # a duplicate
+    assert not store.append(ShardKey(0, 1), FakeDeviceArray(np.zeros(5, np.uint8)))  # a duplicate
     assert store.nbytes_device == 1000 and store.nbytes_memory == 0 and store.nbytes_disk == 4
     first, second = store.read(0)
     assert bytes(first) == b"host" and second is gpu  # input order, device buffer untouched

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -39,9 +39,18 @@ from shuffle._transport import (
     get_transport,
 )
 from shuffle._transport import ucx as ucx_module
-from shuffle._transport._frames import KIND_DATA, MAGIC, PREFIX, VERSION, prepare_frames
+from shuffle._transport._endpoint import FramedEndpoint
+from shuffle._transport._frames import (
+    FRAME_MAGIC,
+    FRAME_PREFIX,
+    FRAME_VERSION,
+    KIND_DATA,
+    prepare_frames,
+)
+from shuffle._transport._listener import ServingListener
 from shuffle._transport.local import LocalTransport
 from shuffle._transport.tcp import TcpTransport
+from tests.shuffle.support import FakeDeviceArray
 
 T = TypeVar("T")
 SECRET = b"s" * 32
@@ -87,6 +96,18 @@ async def eventually(predicate: Callable[[], bool], timeout: float = WAIT) -> No
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached before the deadline"
         await asyncio.sleep(0.01)
+
+
+def connections(listener: Listener) -> int:
+    assert isinstance(listener, ServingListener)
+    return listener.connection_count
+
+
+def holds_lock(endpoint: Endpoint, lock: str) -> bool:
+    """Whether ``endpoint``'s send or receive lock is held: an operation is under way."""
+    assert isinstance(endpoint, FramedEndpoint)
+    held: asyncio.Lock = getattr(endpoint, lock)
+    return held.locked()
 
 
 def config(secret: bytes = SECRET, **overrides: Any) -> TransportConfig:
@@ -150,7 +171,8 @@ class Harness:
         assert self.transport.closed
         for listener in self.listeners:
             assert listener.closed
-            assert getattr(listener, "connection_count", 0) == 0
+            assert isinstance(listener, ServingListener)
+            assert listener.connection_count == 0
         open_endpoints = [ep for ep in self.clients + self.served if not ep.closed]
         assert not open_endpoints
         if self.transport.scheme == "ucx":
@@ -326,7 +348,8 @@ def test_close_waits_for_in_flight_send(kind: str) -> None:
             client, server = await h.pair()
             big = bytes(16 * MiB)
             sending = asyncio.create_task(client.send([big]))
-            await asyncio.sleep(0)  # the send holds the send lock now
+            # The send started (it holds the send lock), or a local send already ended.
+            await eventually(lambda: sending.done() or holds_lock(client, "_send_lock"))
             closing = asyncio.create_task(client.close())
             (frame,) = await w(server.recv())
             assert len(frame) == len(big)
@@ -369,7 +392,7 @@ def test_close_and_abort_wake_pending_operations(kind: str) -> None:
             for stop in ("close", "abort"):
                 client, server = await h.pair()
                 pending = asyncio.create_task(client.recv())
-                await asyncio.sleep(0.05)
+                await eventually(lambda: holds_lock(client, "_recv_lock"))  # recv is waiting
                 if stop == "close":
                     await w(client.close())
                 else:
@@ -388,12 +411,16 @@ def test_close_is_bounded_when_the_peer_stops_reading(kind: str) -> None:
         async with harness(kind, config(close_timeout=0.5)) as h:
             client, _ = await h.pair()  # the server never reads
 
+            progress = [time.monotonic()]
+
             async def flood() -> None:
                 while True:
                     await client.send([bytes(MiB)])
+                    progress.append(time.monotonic())
 
             flooding = asyncio.create_task(flood())
-            await asyncio.sleep(0.5)  # long enough to fill every buffer on the way
+            # Every buffer on the way is full once a send makes no progress for a while.
+            await eventually(lambda: time.monotonic() - progress[-1] > 0.2)
             assert not flooding.done()
             started = time.monotonic()
             await w(client.close())
@@ -444,7 +471,8 @@ def test_handler_return_closes_and_listener_close_closes_everything(kind: str) -
 
             forever = await h.listen(wait_forever)
             clients = [await h.connect(forever.address) for _ in range(3)]
-            await eventually(lambda: getattr(forever, "connection_count", 3) == 3)
+            assert isinstance(forever, ServingListener)
+            await eventually(lambda: forever.connection_count == 3)
             await w(forever.close())
             assert forever.closed
             assert len(failures) == 3
@@ -528,7 +556,7 @@ def test_authentication_success_and_wrong_secret(
                     await h.connect(fake.address)
             finally:
                 await w(intruder.close())
-            await eventually(lambda: getattr(listener, "connection_count", 0) == 0)
+            await eventually(lambda: connections(listener) == 0)
             assert h.served == []  # the handler never saw the intruder
             client = await h.connect(listener.address)
             server = await h.accepted()
@@ -547,14 +575,14 @@ def test_silent_client_is_dropped_at_the_handshake_deadline(kind: str) -> None:
             await raw_client(kind, h, listener.address, payload=None)
             assert time.monotonic() - started < 5.0
             assert h.served == []
-            await eventually(lambda: getattr(listener, "connection_count", 0) == 0)
+            await eventually(lambda: connections(listener) == 0)
 
     run(main)
 
 
 GARBAGE = b"GET / HTTP/1.1\r\nHost: example\r\n\r\n" * 30
-ABSURD_COUNT = PREFIX.pack(MAGIC, VERSION, KIND_DATA, 0x7FFFFFFF)
-ABSURD_SIZE = PREFIX.pack(MAGIC, VERSION, KIND_DATA, 1) + struct.pack("<QB", 1 << 60, 0)
+ABSURD_COUNT = FRAME_PREFIX.pack(FRAME_MAGIC, FRAME_VERSION, KIND_DATA, 0x7FFFFFFF)
+ABSURD_SIZE = FRAME_PREFIX.pack(FRAME_MAGIC, FRAME_VERSION, KIND_DATA, 1) + struct.pack("<QB", 1 << 60, 0)
 
 
 async def raw_client(kind: str, h: Harness, address: str, payload: bytes | None) -> None:
@@ -645,16 +673,9 @@ def test_receiver_enforces_its_limits_after_the_handshake(kind: str) -> None:
 # --------------------------------------------------------------------------- misuse
 
 
-class FakeDeviceBuffer:
-    """Exposes the CUDA array interface without a device (only inspected, never read)."""
-
-    __cuda_array_interface__: ClassVar[dict[str, Any]] = {
-        "shape": (10, 4),
-        "typestr": "<f4",
-        "data": (0, False),
-        "strides": None,
-        "version": 3,
-    }
+def fake_device_frame() -> FakeDeviceArray:
+    """Device memory to be inspected, never read (no transport here reads it)."""
+    return FakeDeviceArray(np.zeros((10, 4), np.float32))
 
 
 def test_usage_errors(kind: str) -> None:
@@ -671,7 +692,7 @@ def test_usage_errors(kind: str) -> None:
                 [bytes(100), bytes(100), bytes(1)],
             ]
             if kind != "ucx":
-                bad_messages.append([FakeDeviceBuffer()])
+                bad_messages.append([fake_device_frame()])
             for message in bad_messages:
                 with pytest.raises(TransportUsageError):
                     await w(client.send(message))
@@ -738,11 +759,11 @@ def test_config_validation() -> None:
 
 def test_device_frames_are_passed_through_for_ucx_only() -> None:
     limits = FrameLimits()
-    (frame,) = prepare_frames([FakeDeviceBuffer()], limits, allow_device=True, who="test")
+    (frame,) = prepare_frames([fake_device_frame()], limits, allow_device=True, who="test")
     assert frame.memory_type == "cuda" and frame.nbytes == 160
-    assert isinstance(frame.data, FakeDeviceBuffer)  # sent as is, no host copy
+    assert isinstance(frame.data, FakeDeviceArray)  # sent as is, no host copy
     with pytest.raises(TransportUsageError):
-        prepare_frames([FakeDeviceBuffer()], limits, allow_device=False, who="test")
+        prepare_frames([fake_device_frame()], limits, allow_device=False, who="test")
 
 
 def test_get_transport(monkeypatch: pytest.MonkeyPatch) -> None:
