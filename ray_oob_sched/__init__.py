@@ -20,12 +20,12 @@ from ray_oob_sched._graph import InvalidGraphError
 from ray_oob_sched._options import InvalidOptionsError
 from ray_oob_sched._p2p import UnsupportedGraphError
 from ray_oob_sched._futures import RayFuture
-from ray_oob_sched._plugin import RaySchedule, RunStats
+from ray_oob_sched._plugin import DEFAULT, RaySchedule, RunStats
 from ray_oob_sched._restart import ShuffleActorLostError
 
 __version__ = "0.1.0"
 
-_schedule = RaySchedule()
+_schedule = DEFAULT
 
 #: The scheduler function: ``dask.config.set(scheduler=ray_oob_sched.get)``.
 get = _schedule.get

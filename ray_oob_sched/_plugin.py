@@ -75,6 +75,23 @@ class RaySchedule:
         self.last_stats: RunStats | None = None
         self._shuffle_service: Any = None  # shuffle._service.ShuffleService, on first use
 
+    # A scheduler is a service with a lock, Ray handles and actors: copies of
+    # dask.config (dask deep-copies it) share it, and the package's instance pickles
+    # by reference.
+    def __copy__(self) -> RaySchedule:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RaySchedule:
+        return self
+
+    def __reduce__(self) -> str:
+        if self is not DEFAULT:
+            raise TypeError(
+                "only ray_oob_sched's own scheduler (ray_oob_sched.get) can be pickled; "
+                "a RaySchedule made by hand holds a lock and Ray state"
+            )
+        return "DEFAULT"
+
     def shuffle_service(self) -> Any:
         """The out-of-band shuffle service (actors start on first use)."""
         if self._shuffle_service is None:
@@ -258,6 +275,10 @@ class RaySchedule:
         if result == "futures":
             out = {k: REGISTRY.register(RayFuture(k, r)) for k, r in out.items()}
         return _nested(keys, out)
+
+
+#: The package's scheduler: ``ray_oob_sched.get`` is its ``get``.
+DEFAULT = RaySchedule()
 
 
 def _shuffle_tasks(p2p: _p2p.P2PRewrite) -> dict[str, ShuffleTasks]:
