@@ -24,23 +24,21 @@ from dask._task_spec import DataNode
 from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.sizeof import sizeof
 
-from ray_oob_sched import _graph
+from ray_oob_sched import _graph, _p2p
 from ray_oob_sched._config import SchedulerConfig, ShuffleConfig
 from ray_oob_sched._executor import RayExecutor, may_be_actor_loss, user_error
 from ray_oob_sched._fuse import Group, group_size, plan
 from ray_oob_sched._futures import REGISTRY, RayFuture
 from ray_oob_sched._options import options_token, per_key_options
-from ray_oob_sched import _p2p
 from ray_oob_sched._refs import RefTable
-from ray_oob_sched._runtime import RayRuntime
 from ray_oob_sched._restart import RestartLimitError, ShuffleActorLostError, ShuffleTasks
+from ray_oob_sched._runtime import RayRuntime
 from ray_oob_sched._state import (
     Abandon,
     Instruction,
     Release,
     RestartShuffles,
     SchedulerState,
-    Submit,
 )
 from ray_oob_sched._worker import GroupSpec
 

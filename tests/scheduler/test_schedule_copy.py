@@ -21,7 +21,9 @@ def test_dask_config_deep_copies_with_enable_active():
         assert copy.copy(ray_oob_sched._schedule) is ray_oob_sched._schedule
 
 
-@pytest.mark.parametrize("dumps, loads", [(pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)])
+@pytest.mark.parametrize(
+    "dumps, loads", [(pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)]
+)
 def test_the_package_scheduler_pickles_by_reference(dumps, loads):
     with ray_oob_sched.enable():
         config = loads(dumps(dask.config.config))
