@@ -20,6 +20,7 @@ from ray_oob_sched._graph import InvalidGraphError
 from ray_oob_sched._options import InvalidOptionsError
 from ray_oob_sched._p2p import UnsupportedGraphError
 from ray_oob_sched._futures import RayFuture
+from ray_oob_sched._keywords import IgnoredKeywordsWarning
 from ray_oob_sched._plugin import DEFAULT, RaySchedule, RunStats
 from ray_oob_sched._restart import ShuffleActorLostError
 
@@ -77,6 +78,7 @@ def shutdown() -> bool:
 
 
 __all__ = [
+    "IgnoredKeywordsWarning",
     "InvalidGraphError",
     "InvalidOptionsError",
     "RayFuture",

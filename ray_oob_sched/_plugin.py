@@ -29,6 +29,7 @@ from ray_oob_sched._config import SchedulerConfig, ShuffleConfig
 from ray_oob_sched._executor import RayExecutor, may_be_actor_loss, user_error
 from ray_oob_sched._fuse import Group, group_size, plan
 from ray_oob_sched._futures import REGISTRY, RayFuture
+from ray_oob_sched._keywords import sort_keywords, warn_ignored
 from ray_oob_sched._options import options_token, per_key_options
 from ray_oob_sched._refs import RefTable
 from ray_oob_sched._restart import RestartLimitError, ShuffleActorLostError, ShuffleTasks
@@ -44,13 +45,6 @@ from ray_oob_sched._worker import GroupSpec
 
 logger = logging.getLogger("ray_oob_sched")
 Key = Hashable
-
-# Keywords that other dask schedulers take and that mean nothing here; accepted
-# so that code written for them keeps working. ``ray_persist`` is injected by
-# ray.util.dask's patch of dask.persist. Everything else is refused: ``cache=``
-# or ``rerun_exceptions_locally=`` would change what runs if silently ignored.
-_IGNORED_KWARGS = frozenset({"num_workers", "pool", "chunksize", "ray_persist"})
-
 
 @dataclass(frozen=True)
 class RunStats:
@@ -171,12 +165,8 @@ class RaySchedule:
     ) -> Any:
         start = time.perf_counter()
         self.last_stats = None
-        unknown = set(kwargs) - _IGNORED_KWARGS
-        if unknown:
-            raise TypeError(
-                f"ray_oob_sched.get got unexpected keyword arguments {sorted(unknown)}; "
-                "it takes callbacks= and ray_remote_args="
-            )
+        keywords = sort_keywords(kwargs)
+        warn_ignored(keywords.ignored, stacklevel=3)
         nodes, annotations = _graph.materialize(dsk)
         flat = _graph.output_keys(keys)
         graph = _graph.build(nodes, flat, resolve=REGISTRY.lookup)
@@ -188,7 +178,7 @@ class RaySchedule:
         per_key = per_key_options(
             graph.order,
             annotations,
-            compute_annotations=dask.get_annotations(),
+            compute_annotations={**dask.get_annotations(), **keywords.annotations},
             compute_remote_args=ray_remote_args,
         )
         for k, opts in per_key.items():
