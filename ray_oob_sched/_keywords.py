@@ -24,8 +24,7 @@ SILENT = frozenset({"num_workers", "pool", "chunksize", "ray_persist"})
 REFUSED = {
     "cache": "dask's local schedulers fill cache= with every computed value; "
     "ray_oob_sched keeps values in Ray: use dask.persist or ray_oob_sched.get_refs",
-    "actors": "distributed's actors= turns results into actor handles; "
-    "use Ray actors directly",
+    "actors": "distributed's actors= turns results into actor handles; use Ray actors directly",
 }
 
 
