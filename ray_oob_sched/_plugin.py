@@ -31,6 +31,7 @@ from ray_oob_sched._fuse import Group, group_size, plan
 from ray_oob_sched._futures import REGISTRY, RayFuture
 from ray_oob_sched._keywords import sort_keywords, warn_ignored
 from ray_oob_sched._options import options_token, per_key_options
+from ray_oob_sched._owned import owned
 from ray_oob_sched._refs import RefTable
 from ray_oob_sched._restart import RestartLimitError, ShuffleActorLostError, ShuffleTasks
 from ray_oob_sched._runtime import RayRuntime
@@ -490,16 +491,20 @@ class _Compute:
         self.executor.observe([self.refs[k] for g in groups for k in g.outputs if k in self.refs])
 
     def _fetch(self, out_refs: dict[Key, Any]) -> dict[Key, Any]:
+        """The values of ``out_refs``, the caller's own (``_owned``): read-only views
+        of Ray's store are copied once."""
         try:
-            return dict(zip(out_refs, self.executor.fetch(list(out_refs.values())), strict=True))
+            values = self.executor.fetch(list(out_refs.values()))
         except ray.exceptions.RayError:
             pass
+        else:
+            return {k: owned(v) for k, v in zip(out_refs, values, strict=True)}
         # Rare path: fetch one by one to name the key whose object failed.
         producer = {k: g for g in self.groups for k in g.outputs}
         values = {}
         for k, r in out_refs.items():
             try:
-                values[k] = self.executor.fetch([r])[0]
+                values[k] = owned(self.executor.fetch([r])[0])
             except ray.exceptions.RayError as e:
                 if k not in producer:
                     raise
