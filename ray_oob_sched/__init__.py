@@ -16,11 +16,11 @@ from typing import Any
 import dask.config
 
 from ray_oob_sched import _config  # noqa: F401  (registers the config defaults)
+from ray_oob_sched._futures import RayFuture
 from ray_oob_sched._graph import InvalidGraphError
+from ray_oob_sched._keywords import IgnoredKeywordsWarning
 from ray_oob_sched._options import InvalidOptionsError
 from ray_oob_sched._p2p import UnsupportedGraphError
-from ray_oob_sched._futures import RayFuture
-from ray_oob_sched._keywords import IgnoredKeywordsWarning
 from ray_oob_sched._plugin import DEFAULT, RaySchedule, RunStats
 from ray_oob_sched._restart import ShuffleActorLostError
 

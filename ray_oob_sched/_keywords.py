@@ -5,7 +5,9 @@ for dask's local schedulers or for distributed carries keywords meant for them.
 They are honoured where Ray can (``resources=``, ``retries=``, as the annotations
 of the same names), ignored silently where they only size a local pool, ignored
 with one warning where losing them cannot change a result (placement and priority
-hints), and refused where it could.
+hints), and refused where it could; so is a ``ray_``-prefixed keyword other than
+``ray_remote_args`` (taken before this module sees the rest): a misspelt one would
+drop the Ray options it meant to set.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ class Keywords:
 def sort_keywords(kwargs: Mapping[str, Any]) -> Keywords:
     """Split ``kwargs``; raise ``TypeError`` naming any refused keyword."""
     refused = sorted(set(kwargs).intersection(REFUSED))
+    misspelt = sorted(k for k in kwargs if k.startswith("ray_") and k not in SILENT)
+    if misspelt:
+        raise TypeError(
+            f"ray_oob_sched got unknown keywords {misspelt}; it takes callbacks= and "
+            "ray_remote_args= (Ray task options)"
+        )
     if refused:
         reasons = "; ".join(f"{k}=: {REFUSED[k]}" for k in refused)
         raise TypeError(f"ray_oob_sched cannot honour compute keywords {refused}: {reasons}")

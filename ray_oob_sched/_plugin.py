@@ -24,7 +24,7 @@ from dask._task_spec import DataNode
 from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.sizeof import sizeof
 
-from ray_oob_sched import _graph, _p2p
+from ray_oob_sched import _graph, _p2p, _taskconfig
 from ray_oob_sched._config import SchedulerConfig, ShuffleConfig
 from ray_oob_sched._executor import RayExecutor, may_be_actor_loss, user_error
 from ray_oob_sched._fuse import Group, group_size, plan
@@ -42,7 +42,8 @@ from ray_oob_sched._state import (
     RestartShuffles,
     SchedulerState,
 )
-from ray_oob_sched._worker import GroupSpec
+from ray_oob_sched._task_warnings import Forwarder
+from ray_oob_sched._worker import GroupSpec, GroupStatus, TaskContext
 
 logger = logging.getLogger("ray_oob_sched")
 Key = Hashable
@@ -241,7 +242,14 @@ class RaySchedule:
                 max_restarts=max_restarts,
             )
             runs = _ShuffleRuns(self.shuffle_service(), p2p) if p2p is not None else None
-            run = _Compute(graph, groups, state, refs, executor, callbacks, unpacks, runs)
+            context: Any = TaskContext(
+                config=_taskconfig.snapshot(), forward_warnings=config.forward_warnings
+            )
+            if len(context.config) > config.inline_data_bytes:
+                context = ray.put(context)  # once, not pickled into every task
+            run = _Compute(
+                graph, groups, state, refs, executor, callbacks, unpacks, runs, context=context
+            )
             out = run.execute(flat, fetch=result == "values")
         except BaseException as e:
             _clear_ray_frames(e)
@@ -319,8 +327,12 @@ class _Compute:
         callbacks: Any,
         unpacks: Mapping[Key, _p2p.Unpack],
         runs: _ShuffleRuns | None = None,
+        *,
+        context: Any,
     ) -> None:
         self.graph = graph
+        self.context = context  # TaskContext, or its ObjectRef
+        self.forwarder = Forwarder()
         self.unpacks = unpacks  # replaced entries after a restart: read at submission
         self.runs = runs
         self.groups = groups
@@ -390,7 +402,7 @@ class _Compute:
                     inputs=g.inputs,
                     outputs=g.outputs,
                 )
-                out = self.executor.submit(g, spec, args)
+                out = self.executor.submit(g, spec, self.context, args)
             self.in_flight[out[0]] = g.index
             for k, r in zip(g.outputs, out[1:], strict=True):
                 self.refs.add(k, r)
@@ -404,14 +416,15 @@ class _Compute:
         for ref, status in zip(done, statuses, strict=True):
             self._finish(ref, status)
 
-    def _finish(self, ref: Any, status: Any) -> None:
+    def _finish(self, ref: Any, status: GroupStatus) -> None:
         dsk, view = self.graph.nodes, self.state.view
         g = self.groups[self.in_flight.pop(ref)]
+        self.forwarder.emit(status.warnings)
         # Values stay in Ray: callbacks get None, not data nor refs (a kept
         # ref would outlive the compute).
         for key in g.keys:
             for f in self._posttask:
-                f(key, None, dsk, view, status)
+                f(key, None, dsk, view, status.worker)
         self._apply(self.state.group_finished(g.index))
 
     def _on_failures(self, done: Sequence[Any]) -> None:

@@ -35,3 +35,8 @@ def test_one_warning_names_every_ignored_keyword():
         warn_ignored(("bogus_keyword", "workers"), stacklevel=1)
     assert len(record) == 1
     assert "['bogus_keyword', 'workers']" in str(record[0].message)
+
+
+def test_a_misspelt_ray_keyword_is_refused_not_ignored():
+    with pytest.raises(TypeError, match=r"unknown keywords \['ray_remote_arg'\].*ray_remote_args="):
+        sort_keywords({"ray_remote_arg": {"num_cpus": 1}})
