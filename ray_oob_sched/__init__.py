@@ -23,6 +23,7 @@ from ray_oob_sched._options import InvalidOptionsError
 from ray_oob_sched._p2p import UnsupportedGraphError
 from ray_oob_sched._plugin import DEFAULT, RaySchedule, RunStats
 from ray_oob_sched._restart import ShuffleActorLostError
+from ray_oob_sched._store import UnsupportedStoreTargetError
 
 __version__ = "0.1.0"
 
@@ -86,6 +87,7 @@ __all__ = [
     "RunStats",
     "ShuffleActorLostError",
     "UnsupportedGraphError",
+    "UnsupportedStoreTargetError",
     "disable",
     "enable",
     "get",

@@ -24,7 +24,7 @@ from dask._task_spec import DataNode
 from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.sizeof import sizeof
 
-from ray_oob_sched import _graph, _p2p, _taskconfig
+from ray_oob_sched import _graph, _p2p, _store, _taskconfig
 from ray_oob_sched._config import SchedulerConfig, ShuffleConfig
 from ray_oob_sched._executor import RayExecutor, may_be_actor_loss, user_error
 from ray_oob_sched._fuse import Group, group_size, plan
@@ -170,6 +170,7 @@ class RaySchedule:
         keywords = sort_keywords(kwargs)
         warn_ignored(keywords.ignored, stacklevel=3)
         nodes, annotations = _graph.materialize(dsk)
+        nodes, stores = _store.rewrite(nodes)  # before anything runs: may refuse a target
         flat = _graph.output_keys(keys)
         graph = _graph.build(nodes, flat, resolve=REGISTRY.lookup)
         has_p2p = bool(_p2p.p2p_barriers(graph.nodes))
@@ -248,7 +249,16 @@ class RaySchedule:
             if len(context.config) > config.inline_data_bytes:
                 context = ray.put(context)  # once, not pickled into every task
             run = _Compute(
-                graph, groups, state, refs, executor, callbacks, unpacks, runs, context=context
+                graph,
+                groups,
+                state,
+                refs,
+                executor,
+                callbacks,
+                unpacks,
+                runs,
+                context=context,
+                stores=stores,
             )
             out = run.execute(flat, fetch=result == "values")
         except BaseException as e:
@@ -329,9 +339,12 @@ class _Compute:
         runs: _ShuffleRuns | None = None,
         *,
         context: Any,
+        stores: _store.StoreTargets,
     ) -> None:
         self.graph = graph
         self.context = context  # TaskContext, or its ObjectRef
+        self.stores = stores
+        self.returned_targets: dict[Key, int] = {}  # key -> token (``_store``)
         self.forwarder = Forwarder()
         self.unpacks = unpacks  # replaced entries after a restart: read at submission
         self.runs = runs
@@ -362,6 +375,7 @@ class _Compute:
                 self._apply(self.state.start())
                 while not self.state.done:
                     self._on_finished(self.executor.wait(list(self.in_flight)))
+                self._put_returned_targets()
                 out_refs = {k: self.refs[k] for k in flat}
                 values = self._fetch(out_refs) if fetch else out_refs
                 succeeded = True
@@ -372,6 +386,16 @@ class _Compute:
                 for cb in started:
                     if cb[4]:
                         cb[4](dsk, view, not succeeded)
+
+    def _put_returned_targets(self) -> None:
+        """Keys whose task returned a store target's stand-in get the real target,
+        now that every chunk is written; put into Ray once per target."""
+        put: dict[int, Any] = {}
+        for k, token in self.returned_targets.items():
+            if k in self.refs:
+                if token not in put:
+                    put[token] = ray.put(self.stores.target(token))
+                self.refs.add(k, put[token])
 
     def _apply(self, instructions: list[Instruction]) -> None:
         dsk, view = self.graph.nodes, self.state.view
@@ -419,6 +443,9 @@ class _Compute:
     def _finish(self, ref: Any, status: GroupStatus) -> None:
         dsk, view = self.graph.nodes, self.state.view
         g = self.groups[self.in_flight.pop(ref)]
+        if status.writes:
+            self.stores.write(status.writes)
+        self.returned_targets.update(status.targets)
         self.forwarder.emit(status.warnings)
         # Values stay in Ray: callbacks get None, not data nor refs (a kept
         # ref would outlive the compute).

@@ -44,11 +44,22 @@ class TaskContext:
 
 
 @dataclass(frozen=True, slots=True)
+class StagedWrite:
+    """A chunk for a store target in the caller's memory (``_store``)."""
+
+    token: int  # which target
+    index: Any
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
 class GroupStatus:
     """The first return of every group: small, so Ray keeps it in the owner's memory."""
 
     worker: str  # "host:pid", the worker id dask's callbacks receive
     warnings: tuple[TaskWarning, ...] = ()  # distinct warnings its tasks raised
+    writes: tuple[StagedWrite, ...] = ()  # chunks the driver writes into store targets
+    targets: tuple[tuple[Key, int], ...] = ()  # outputs that are such a target's stand-in
 
 
 _WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -66,6 +77,11 @@ class GroupScope:
         self.key: Key = None  # the key being computed
         self._pending: dict[Hashable, tuple[Deferred, list[Key]]] = {}
         self._keys: set[Key] = set()
+        self.staged: list[StagedWrite] = []
+
+    def stage(self, write: StagedWrite) -> None:
+        """Leave a chunk for the driver to write; it returns with the status."""
+        self.staged.append(write)
 
     def deferred(self, token: Hashable, factory: Callable[[], Deferred]) -> Any:
         """The pending item of ``token`` (made by ``factory`` on first use); the key
@@ -154,4 +170,11 @@ def _run(spec: GroupSpec, args: Sequence[Any], recorder: Recorder | None) -> tup
     finally:
         _SCOPE.reset(token)
     found = recorder.warnings() if recorder is not None else ()
-    return (GroupStatus(worker=_WORKER_ID, warnings=found), *(values[k] for k in spec.outputs))
+    outputs = [values[k] for k in spec.outputs]
+    targets = tuple(
+        (k, v.token) for k, v in zip(spec.outputs, outputs) if getattr(v, "is_store_target", False)
+    )
+    status = GroupStatus(
+        worker=_WORKER_ID, warnings=found, writes=tuple(scope.staged), targets=targets
+    )
+    return (status, *outputs)
