@@ -13,9 +13,14 @@ import pytest
 import ray_oob_sched
 
 
-def test_tasks_read_the_config_in_force_at_compute(ray_get, tmp_path):
+@pytest.mark.parametrize("inline_bytes", [65536, 0])  # 0: the context is put once
+def test_tasks_read_the_config_in_force_at_compute(ray_get, tmp_path, inline_bytes):
     task = dask.delayed(dask.config.get)("temporary-directory", None)
-    with dask.config.set({"temporary-directory": str(tmp_path)}):
+    settings = {
+        "temporary-directory": str(tmp_path),
+        "ray-oob-sched.scheduler.inline-data-bytes": inline_bytes,
+    }
+    with dask.config.set(settings):
         assert task.compute() == str(tmp_path)
     assert task.compute() is None  # the next compute's config, not a stale one
 
