@@ -16,17 +16,19 @@ from typing import Any
 import dask.config
 
 from ray_oob_sched import _config  # noqa: F401  (registers the config defaults)
+from ray_oob_sched._futures import RayFuture
 from ray_oob_sched._graph import InvalidGraphError
+from ray_oob_sched._keywords import IgnoredKeywordsWarning
 from ray_oob_sched._options import InvalidOptionsError
 from ray_oob_sched._p2p import UnsupportedGraphError
-from ray_oob_sched._futures import RayFuture
-from ray_oob_sched._plugin import RaySchedule, RunStats
+from ray_oob_sched._plugin import DEFAULT, RaySchedule, RunStats
 from ray_oob_sched._restart import ShuffleActorLostError
 from ray_oob_sched._runtime import RayClientNotSupportedError
+from ray_oob_sched._store import UnsupportedStoreTargetError
 
 __version__ = "0.1.0"
 
-_schedule = RaySchedule()
+_schedule = DEFAULT
 
 #: The scheduler function: ``dask.config.set(scheduler=ray_oob_sched.get)``.
 get = _schedule.get
@@ -78,6 +80,7 @@ def shutdown() -> bool:
 
 
 __all__ = [
+    "IgnoredKeywordsWarning",
     "InvalidGraphError",
     "InvalidOptionsError",
     "RayClientNotSupportedError",
@@ -86,6 +89,7 @@ __all__ = [
     "RunStats",
     "ShuffleActorLostError",
     "UnsupportedGraphError",
+    "UnsupportedStoreTargetError",
     "disable",
     "enable",
     "get",

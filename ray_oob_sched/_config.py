@@ -68,6 +68,7 @@ class SchedulerConfig:
     max_in_flight: int
     inline_data_bytes: int
     fuse: FuseConfig
+    forward_warnings: bool = True
 
     @classmethod
     def from_dask_config(cls, *, cluster_cpus: float) -> SchedulerConfig:
@@ -83,6 +84,7 @@ class SchedulerConfig:
         return cls(
             max_in_flight=max_in_flight,
             inline_data_bytes=_int("scheduler.inline-data-bytes", minimum=0),
+            forward_warnings=_bool("scheduler.forward-warnings"),
             fuse=FuseConfig(
                 enabled=_bool("scheduler.fuse.enabled"),
                 max_tasks=_int("scheduler.fuse.max-tasks", minimum=1),

@@ -20,7 +20,7 @@ import ray.exceptions
 from ray_oob_sched._fuse import Group
 from ray_oob_sched._graph import Key
 from ray_oob_sched._options import InvalidOptionsError
-from ray_oob_sched._worker import GroupSpec, GroupStatus, run_group
+from ray_oob_sched._worker import GroupSpec, GroupStatus, TaskContext, run_group
 
 logger = logging.getLogger("ray_oob_sched")
 
@@ -29,8 +29,8 @@ _SETTLE_S = 0.2
 
 
 @ray.remote
-def _ray_run_group(spec: GroupSpec, *args: Any) -> tuple[Any, ...]:
-    return run_group(spec, args)
+def _ray_run_group(spec: GroupSpec, context: TaskContext, *args: Any) -> tuple[Any, ...]:
+    return run_group(spec, args, context=context)
 
 
 def task_name(group: Group) -> str:
@@ -57,13 +57,18 @@ class RayExecutor:
                 ) from e
             self._options[token] = dict(opts)
 
-    def submit(self, group: Group, spec: GroupSpec, args: Sequence[Any]) -> list[Any]:
-        """Submit one group; returns ``[status_ref, *output_refs]``."""
+    def submit(
+        self, group: Group, spec: GroupSpec, context: Any, args: Sequence[Any]
+    ) -> list[Any]:
+        """Submit one group; returns ``[status_ref, *output_refs]``.
+
+        ``context`` is the compute's ``TaskContext``, or its ObjectRef when large
+        (put once per compute; Ray resolves it like the inputs)."""
         opts = self._options.get(group.options, {})
         try:
             refs = _ray_run_group.options(
                 name=task_name(group), num_returns=1 + len(group.outputs), **opts
-            ).remote(spec, *args)
+            ).remote(spec, context, *args)
         except Exception as e:  # typically a task that cannot be pickled
             _note(e, f"ray_oob_sched: could not submit dask keys {_keys_text(group)}")
             raise
@@ -94,9 +99,14 @@ class RayExecutor:
         return list(refs)
 
     @staticmethod
-    def statuses(status_refs: Sequence[Any]) -> list[str]:
-        """Worker ids of finished groups (tiny); raises a failed group's error."""
-        return [s.worker if isinstance(s, GroupStatus) else str(s) for s in ray.get(list(status_refs))]
+    def statuses(status_refs: Sequence[Any]) -> list[GroupStatus]:
+        """Statuses of finished groups (tiny); raises a failed group's error.
+
+        An unpack's status is its actor's worker id (a string)."""
+        return [
+            s if isinstance(s, GroupStatus) else GroupStatus(worker=str(s))
+            for s in ray.get(list(status_refs))
+        ]
 
     @classmethod
     def cancel(

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from ray_oob_sched._graph import Graph, Key
 
 
-
 @dataclass(frozen=True, slots=True)
 class Group:
     index: int

@@ -32,7 +32,6 @@ from ray_oob_sched._graph import Key
 from ray_oob_sched._worker import current_scope
 
 
-
 class UnsupportedGraphError(ValueError):
     """The graph contains a shape that ray_oob_sched cannot run (yet)."""
 

@@ -24,35 +24,29 @@ from dask._task_spec import DataNode
 from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.sizeof import sizeof
 
-from ray_oob_sched import _graph
+from ray_oob_sched import _graph, _p2p, _store, _taskconfig
 from ray_oob_sched._config import SchedulerConfig, ShuffleConfig
 from ray_oob_sched._executor import RayExecutor, may_be_actor_loss, user_error
 from ray_oob_sched._fuse import Group, group_size, plan
 from ray_oob_sched._futures import REGISTRY, RayFuture
-from ray_oob_sched._options import options_token, per_key_options
-from ray_oob_sched import _p2p
 from ray_oob_sched._graph import Key
+from ray_oob_sched._keywords import sort_keywords, warn_ignored
+from ray_oob_sched._options import options_token, per_key_options
+from ray_oob_sched._owned import owned
 from ray_oob_sched._refs import RefTable
-from ray_oob_sched._runtime import RayRuntime
 from ray_oob_sched._restart import RestartLimitError, ShuffleActorLostError, ShuffleTasks
+from ray_oob_sched._runtime import RayRuntime
 from ray_oob_sched._state import (
     Abandon,
     Instruction,
     Release,
     RestartShuffles,
     SchedulerState,
-    Submit,
 )
-from ray_oob_sched._worker import GroupSpec
+from ray_oob_sched._task_warnings import Forwarder
+from ray_oob_sched._worker import GroupSpec, GroupStatus, TaskContext
 
 logger = logging.getLogger("ray_oob_sched")
-
-# Keywords that other dask schedulers take and that mean nothing here; accepted
-# so that code written for them keeps working. ``ray_persist`` is injected by
-# ray.util.dask's patch of dask.persist. Everything else is refused: ``cache=``
-# or ``rerun_exceptions_locally=`` would change what runs if silently ignored.
-_IGNORED_KWARGS = frozenset({"num_workers", "pool", "chunksize", "ray_persist"})
-
 
 @dataclass(frozen=True)
 class RunStats:
@@ -75,11 +69,28 @@ class RaySchedule:
         self.last_stats: RunStats | None = None
         self._shuffle_service: Any = None  # shuffle.shell._service.ShuffleService, on first use
 
+    # A scheduler is a service with a lock, Ray handles and actors: copies of
+    # dask.config (dask deep-copies it) share it, and the package's instance pickles
+    # by reference.
+    def __copy__(self) -> RaySchedule:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RaySchedule:
+        return self
+
+    def __reduce__(self) -> str:
+        if self is not DEFAULT:
+            raise TypeError(
+                "only ray_oob_sched's own scheduler (ray_oob_sched.get) can be pickled; "
+                "a RaySchedule made by hand holds a lock and Ray state"
+            )
+        return "DEFAULT"
+
     def shuffle_service(self) -> Any:
         """The out-of-band shuffle service (actors start on first use)."""
         if self._shuffle_service is None:
-            from shuffle.device._options import DeviceOptions
             from shuffle._options import RunOptions
+            from shuffle.device._options import DeviceOptions
             from shuffle.shell._service import ShuffleService
 
             cfg = ShuffleConfig.from_dask_config()
@@ -158,13 +169,10 @@ class RaySchedule:
         start = time.perf_counter()
         self.last_stats = None
         self.runtime.refuse_ray_client()  # before any work, also on invalid graphs
-        unknown = set(kwargs) - _IGNORED_KWARGS
-        if unknown:
-            raise TypeError(
-                f"ray_oob_sched.get got unexpected keyword arguments {sorted(unknown)}; "
-                "it takes callbacks= and ray_remote_args="
-            )
+        keywords = sort_keywords(kwargs)
+        warn_ignored(keywords.ignored, stacklevel=3)
         nodes, annotations = _graph.materialize(dsk)
+        nodes, stores = _store.rewrite(nodes)  # before anything runs: may refuse a target
         flat = _graph.output_keys(keys)
         graph = _graph.build(nodes, flat, resolve=REGISTRY.lookup)
         has_p2p = bool(_p2p.p2p_barriers(graph.nodes))
@@ -175,7 +183,7 @@ class RaySchedule:
         per_key = per_key_options(
             graph.order,
             annotations,
-            compute_annotations=dask.get_annotations(),
+            compute_annotations={**dask.get_annotations(), **keywords.annotations},
             compute_remote_args=ray_remote_args,
         )
         for k, opts in per_key.items():
@@ -237,7 +245,23 @@ class RaySchedule:
                 max_restarts=max_restarts,
             )
             runs = _ShuffleRuns(self.shuffle_service(), p2p) if p2p is not None else None
-            run = _Compute(graph, groups, state, refs, executor, callbacks, unpacks, runs)
+            context: Any = TaskContext(
+                config=_taskconfig.snapshot(), forward_warnings=config.forward_warnings
+            )
+            if len(context.config) > config.inline_data_bytes:
+                context = ray.put(context)  # once, not pickled into every task
+            run = _Compute(
+                graph,
+                groups,
+                state,
+                refs,
+                executor,
+                callbacks,
+                unpacks,
+                runs,
+                context=context,
+                stores=stores,
+            )
             out = run.execute(flat, fetch=result == "values")
         except BaseException as e:
             _clear_ray_frames(e)
@@ -260,6 +284,10 @@ class RaySchedule:
         if result == "futures":
             out = {k: REGISTRY.register(RayFuture(k, r)) for k, r in out.items()}
         return _nested(keys, out)
+
+
+#: The package's scheduler: ``ray_oob_sched.get`` is its ``get``.
+DEFAULT = RaySchedule()
 
 
 def _shuffle_tasks(p2p: _p2p.P2PRewrite) -> dict[str, ShuffleTasks]:
@@ -311,8 +339,15 @@ class _Compute:
         callbacks: Any,
         unpacks: Mapping[Key, _p2p.Unpack],
         runs: _ShuffleRuns | None = None,
+        *,
+        context: Any,
+        stores: _store.StoreTargets,
     ) -> None:
         self.graph = graph
+        self.context = context  # TaskContext, or its ObjectRef
+        self.stores = stores
+        self.returned_targets: dict[Key, int] = {}  # key -> token (``_store``)
+        self.forwarder = Forwarder()
         self.unpacks = unpacks  # replaced entries after a restart: read at submission
         self.runs = runs
         self.groups = groups
@@ -342,6 +377,7 @@ class _Compute:
                 self._apply(self.state.start())
                 while not self.state.done:
                     self._on_finished(self.executor.wait(list(self.in_flight)))
+                self._put_returned_targets()
                 out_refs = {k: self.refs[k] for k in flat}
                 values = self._fetch(out_refs) if fetch else out_refs
                 succeeded = True
@@ -352,6 +388,16 @@ class _Compute:
                 for cb in started:
                     if cb[4]:
                         cb[4](dsk, view, not succeeded)
+
+    def _put_returned_targets(self) -> None:
+        """Keys whose task returned a store target's stand-in get the real target,
+        now that every chunk is written; put into Ray once per target."""
+        put: dict[int, Any] = {}
+        for k, token in self.returned_targets.items():
+            if k in self.refs:
+                if token not in put:
+                    put[token] = ray.put(self.stores.target(token))
+                self.refs.add(k, put[token])
 
     def _apply(self, instructions: list[Instruction]) -> None:
         dsk, view = self.graph.nodes, self.state.view
@@ -382,7 +428,7 @@ class _Compute:
                     inputs=g.inputs,
                     outputs=g.outputs,
                 )
-                out = self.executor.submit(g, spec, args)
+                out = self.executor.submit(g, spec, self.context, args)
             self.in_flight[out[0]] = g.index
             for k, r in zip(g.outputs, out[1:], strict=True):
                 self.refs.add(k, r)
@@ -396,14 +442,18 @@ class _Compute:
         for ref, status in zip(done, statuses, strict=True):
             self._finish(ref, status)
 
-    def _finish(self, ref: Any, status: Any) -> None:
+    def _finish(self, ref: Any, status: GroupStatus) -> None:
         dsk, view = self.graph.nodes, self.state.view
         g = self.groups[self.in_flight.pop(ref)]
+        if status.writes:
+            self.stores.write(status.writes)
+        self.returned_targets.update(status.targets)
+        self.forwarder.emit(status.warnings)
         # Values stay in Ray: callbacks get None, not data nor refs (a kept
         # ref would outlive the compute).
         for key in g.keys:
             for f in self._posttask:
-                f(key, None, dsk, view, status)
+                f(key, None, dsk, view, status.worker)
         self._apply(self.state.group_finished(g.index))
 
     def _on_failures(self, done: Sequence[Any]) -> None:
@@ -483,16 +533,20 @@ class _Compute:
         self.executor.observe([self.refs[k] for g in groups for k in g.outputs if k in self.refs])
 
     def _fetch(self, out_refs: dict[Key, Any]) -> dict[Key, Any]:
+        """The values of ``out_refs``, the caller's own (``_owned``): read-only views
+        of Ray's store are copied once."""
         try:
-            return dict(zip(out_refs, self.executor.fetch(list(out_refs.values())), strict=True))
+            values = self.executor.fetch(list(out_refs.values()))
         except ray.exceptions.RayError:
             pass
+        else:
+            return {k: owned(v) for k, v in zip(out_refs, values, strict=True)}
         # Rare path: fetch one by one to name the key whose object failed.
         producer = {k: g for g in self.groups for k in g.outputs}
         values = {}
         for k, r in out_refs.items():
             try:
-                values[k] = self.executor.fetch([r])[0]
+                values[k] = owned(self.executor.fetch([r])[0])
             except ray.exceptions.RayError as e:
                 if k not in producer:
                     raise

@@ -40,7 +40,6 @@ from ray_oob_sched._restart import (
 )
 
 
-
 @dataclass(frozen=True, slots=True)
 class Submit:
     group: Group

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 from dask._task_spec import GraphNode
 
 from ray_oob_sched._graph import Key
+from ray_oob_sched._task_warnings import Recorder, TaskWarning
+from ray_oob_sched._taskconfig import applied
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +35,30 @@ class GroupSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskContext:
+    """What every group of one compute runs under; built once per compute."""
+
+    config: bytes  # the caller's dask config (``_taskconfig.snapshot``)
+    forward_warnings: bool  # record warnings and return them with the status
+
+
+@dataclass(frozen=True, slots=True)
+class StagedWrite:
+    """A chunk for a store target in the caller's memory (``_store``)."""
+
+    token: int  # which target
+    index: Any
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
 class GroupStatus:
     """The first return of every group: small, so Ray keeps it in the owner's memory."""
 
     worker: str  # "host:pid", the worker id dask's callbacks receive
+    warnings: tuple[TaskWarning, ...] = ()  # distinct warnings its tasks raised
+    writes: tuple[StagedWrite, ...] = ()  # chunks the driver writes into store targets
+    targets: tuple[tuple[Key, int], ...] = ()  # outputs that are such a target's stand-in
 
 
 _WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -54,6 +76,11 @@ class GroupScope:
         self.key: Key = None  # the key being computed
         self._pending: dict[Hashable, tuple[Deferred, list[Key]]] = {}
         self._keys: set[Key] = set()
+        self.staged: list[StagedWrite] = []
+
+    def stage(self, write: StagedWrite) -> None:
+        """Leave a chunk for the driver to write; it returns with the status."""
+        self.staged.append(write)
 
     def deferred(self, token: Hashable, factory: Callable[[], Deferred]) -> Any:
         """The pending item of ``token`` (made by ``factory`` on first use); the key
@@ -90,14 +117,28 @@ def current_scope() -> GroupScope | None:
     return _SCOPE.get()
 
 
-def run_group(spec: GroupSpec, args: Sequence[Any]) -> tuple[Any, ...]:
+def run_group(
+    spec: GroupSpec, args: Sequence[Any], *, context: TaskContext | None = None
+) -> tuple[Any, ...]:
     """Compute ``spec.keys`` in order; return ``(status, *outputs)``.
 
     In-group intermediates are dropped right after their last in-group use, so a
     long group holds no more than a sequential scheduler would. A failing task's
     exception is re-raised unchanged, with a note naming its key. Deferred work
-    (module docstring) is finished before the outputs leave.
+    (module docstring) is finished before the outputs leave. With a ``context``,
+    the tasks run under the caller's dask config and their warnings come back in
+    the status.
     """
+    if context is None:
+        return _run(spec, args, None)
+    with applied(context.config):
+        if not context.forward_warnings:
+            return _run(spec, args, None)
+        with Recorder() as recorder:
+            return _run(spec, args, recorder)
+
+
+def _run(spec: GroupSpec, args: Sequence[Any], recorder: Recorder | None) -> tuple[Any, ...]:
     values: dict[Key, Any] = dict(zip(spec.inputs, args, strict=True))
     keep = set(spec.outputs)
     uses: dict[Key, int] = {}
@@ -116,11 +157,23 @@ def run_group(spec: GroupSpec, args: Sequence[Any]) -> tuple[Any, ...]:
             except BaseException as e:
                 e.add_note(f"ray_oob_sched: raised while computing dask key {key!r}")
                 raise
+            if recorder is not None:
+                recorder.after(key)
             for d in node.dependencies:
                 uses[d] -= 1
                 if uses[d] == 0 and d not in keep:
                     del values[d]
         scope.finish()
+        if recorder is not None:
+            recorder.after(scope.key)  # raised while finishing deferred work
     finally:
         _SCOPE.reset(token)
-    return (GroupStatus(worker=_WORKER_ID), *(values[k] for k in spec.outputs))
+    found = recorder.warnings() if recorder is not None else ()
+    outputs = [values[k] for k in spec.outputs]
+    targets = tuple(
+        (k, v.token) for k, v in zip(spec.outputs, outputs) if getattr(v, "is_store_target", False)
+    )
+    status = GroupStatus(
+        worker=_WORKER_ID, warnings=found, writes=tuple(scope.staged), targets=targets
+    )
+    return (status, *outputs)

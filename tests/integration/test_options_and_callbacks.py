@@ -118,3 +118,22 @@ def test_embedded_ray_is_started_once_and_logged(tmp_path):
     assert "cpus 1.0" in proc.stdout
     assert "shutdown True False" in proc.stdout
     assert proc.stderr.count("started an embedded local Ray") == 1
+
+
+def test_unknown_compute_keywords_are_ignored_with_one_warning(ray_get):
+    x = da.ones(10, chunks=5)
+    with pytest.warns(ray_oob_sched.IgnoredKeywordsWarning, match="bogus_keyword") as record:
+        assert x.sum().compute(bogus_keyword=10, workers=["w"]) == 10
+    assert len(record) == 1 and "workers" in str(record[0].message)
+
+
+def test_compute_wide_resources_keyword_is_honoured(ray_get):
+    assert dask.delayed(cpus_assigned)(0).compute(resources={"CPU": 0.5}) == 0.5
+
+
+def test_cache_keyword_is_refused_before_anything_runs(ray_get, tmp_path):
+    marker = tmp_path / "ran"
+    task = dask.delayed(marker.touch)()
+    with pytest.raises(TypeError, match=r"cannot honour compute keywords \['cache'\]"):
+        task.compute(cache={})
+    assert not marker.exists()

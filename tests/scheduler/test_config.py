@@ -70,6 +70,7 @@ def test_bad_window_names_the_key():
         ("SCHEDULER__FUSE__ENABLED", "false", "fuse.enabled", False),
         ("SCHEDULER__MAX_IN_FLIGHT", "5", "max_in_flight", 5),
         ("SCHEDULER__INLINE_DATA_BYTES", "0", "inline_data_bytes", 0),
+        ("SCHEDULER__FORWARD_WARNINGS", "false", "forward_warnings", False),
     ],
 )
 def test_environment_variables_work_as_for_dask(var, value, field, expected):
@@ -86,7 +87,8 @@ def test_environment_variables_work_as_for_dask(var, value, field, expected):
 
 
 @pytest.mark.parametrize(
-    "key, value", [("scheduler.fuse.max-tasks", 0), ("scheduler.inline-data-bytes", -1), ("scheduler.fuse.enabled", "maybe")]
+    "key, value", [("scheduler.fuse.max-tasks", 0), ("scheduler.inline-data-bytes", -1), ("scheduler.fuse.enabled", "maybe"),
+                   ("scheduler.forward-warnings", "sometimes")]
 )
 def test_out_of_range_values_name_their_key(key, value):
     with dask.config.set({f"ray-oob-sched.{key}": value}):

@@ -1,0 +1,234 @@
+"""Pure: ``da.store`` into targets that live in the caller's memory.
+
+``dask.array.store`` puts ``load_store_chunk(x, out, index, region=, lock=, ...)``
+calls into the graph, usually inside blockwise subgraphs, with the target ``out``
+as graph data. A Ray worker gets a pickled copy of that data: writing into a numpy
+array there fails (read-only) and into an ``np.memmap`` silently writes a private
+copy. So before anything runs, ``rewrite`` finds every store call and
+
+- a numpy target (``np.memmap`` included), which lives in the caller's memory, is
+  replaced by a ``DriverTarget`` stand-in: the worker stages each chunk in its
+  group (``GroupScope.stage``), the chunks ride back with the group's status as it
+  finishes, and the driver writes them into the real target under the caller's
+  lock (``StoreTargets.write``): streamed, never all held at once;
+- a target workers open themselves (zarr, h5py, TileDB) is left to the workers;
+- anything else, and a target made by a task (``delayed``), is refused with
+  ``UnsupportedStoreTargetError`` naming it and what to use.
+
+A task that returns the stand-in (``return_stored=True`` without
+``load_stored``: what ``store(..., return_stored=True)`` persists) is reported in
+the status; once every write is done, the driver puts the real target into Ray
+once and that key's result becomes it.
+
+The locks of driver targets are replaced by ``False`` in the graph (a
+``threading.Lock`` cannot travel) and held by the driver around its writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from dask._task_spec import DataNode, GraphNode, Task, TaskRef, _execute_subgraph
+from dask.array.core import load_store_chunk
+
+from ray_oob_sched._graph import Key
+from ray_oob_sched._worker import StagedWrite, current_scope
+
+#: Modules whose array objects workers open themselves (they pickle by path).
+WORKER_OPENABLE = ("zarr", "h5py", "tiledb")
+
+
+class UnsupportedStoreTargetError(TypeError):
+    """``da.store`` into a target that ray_oob_sched can write neither in the
+    workers nor on the driver."""
+
+
+class DriverTarget:
+    """Stands in, inside tasks, for a store target in the caller's memory.
+
+    ``load_store_chunk`` writes ``out[index] = x`` (region already applied) and,
+    with ``load_stored``, reads ``out[index]`` back; both happen in the same task.
+    """
+
+    __slots__ = ("_last", "dtype", "shape", "token")
+    #: Seen by ``run_group`` when a task returns the stand-in (``return_stored``).
+    is_store_target = True
+
+    def __init__(self, token: int, dtype: np.dtype[Any], shape: tuple[int, ...]) -> None:
+        self.token = token
+        self.dtype = dtype
+        self.shape = shape
+        self._last: tuple[Any, Any] | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (DriverTarget, (self.token, self.dtype, self.shape))
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        scope = current_scope()
+        if scope is None:
+            raise RuntimeError("a driver store target was written outside a ray_oob_sched task")
+        scope.stage(StagedWrite(self.token, index, value))
+        self._last = (index, value)
+
+    def __getitem__(self, index: Any) -> Any:
+        if self._last is None or not _same_index(self._last[0], index):
+            raise UnsupportedStoreTargetError(
+                "a task reads a store target that lives in the caller's memory before "
+                "the driver has written it (da.store(..., return_stored=True, "
+                "load_stored=False) used in the same compute); compute the store first, "
+                "or use load_stored=True"
+            )
+        shape = np.broadcast_to(np.empty((), bool), self.shape)[index].shape
+        return np.array(np.broadcast_to(np.asarray(self._last[1], self.dtype), shape))
+
+
+def _same_index(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 -- arrays as indices: compare by identity
+        return a is b
+
+
+class StoreTargets:
+    """The driver side: real targets and their locks, by token."""
+
+    def __init__(self) -> None:
+        self._targets: dict[int, tuple[Any, Any]] = {}  # token -> (target, lock)
+
+    def __bool__(self) -> bool:
+        return bool(self._targets)
+
+    def target(self, token: int) -> Any:
+        """The real target a stand-in with ``token`` replaced."""
+        return self._targets[token][0]
+
+    def add(self, target: Any, lock: Any) -> DriverTarget:
+        token = id(target)
+        self._targets.setdefault(token, (target, lock))
+        return DriverTarget(token, target.dtype, tuple(target.shape))
+
+    def write(self, writes: Sequence[StagedWrite]) -> None:
+        """Write staged chunks into their targets, each under the caller's lock."""
+        for w in writes:
+            target, lock = self._targets[w.token]
+            if lock:
+                lock.acquire()
+            try:
+                target[w.index] = w.value
+            finally:
+                if lock:
+                    lock.release()
+
+
+def rewrite(nodes: Mapping[Key, GraphNode]) -> tuple[dict[Key, GraphNode], StoreTargets]:
+    """``nodes`` with the store calls into driver targets rewritten (module doc)."""
+    stores = StoreTargets()
+    subs: dict[int, Any] = {}  # id of a target or its lock -> what replaces it
+    for node in nodes.values():
+        _find(node, _Scope({}, {}, nodes), stores, subs)
+    if not subs:
+        return dict(nodes), stores
+    return {k: _swap(node, subs) for k, node in nodes.items()}, stores
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """Resolves keys at one level: a subgraph's inputs, its inner nodes, the graph."""
+
+    inputs: Mapping[Key, Any]
+    inner: Mapping[Key, Any]
+    top: Mapping[Key, GraphNode]
+
+    def resolve(self, arg: Any) -> Any:
+        """The value ``arg`` stands for when it is data; ``_COMPUTED`` when a task
+        computes it."""
+        if isinstance(arg, DataNode):
+            return arg.value
+        if isinstance(arg, TaskRef):
+            key = arg.key
+            if key in self.inner:
+                return self.resolve(self.inner[key])
+            if key in self.inputs:
+                return self.inputs[key]
+            node = self.top.get(key)
+            return node.value if isinstance(node, DataNode) else _COMPUTED
+        if isinstance(arg, GraphNode):
+            return _COMPUTED
+        return arg
+
+
+_COMPUTED = object()
+
+
+def _find(node: Any, scope: _Scope, stores: StoreTargets, subs: dict[int, Any]) -> None:
+    if type(node) is not Task:
+        return
+    if node.func is load_store_chunk:
+        _check_store(node, scope, stores, subs)
+    elif node.func is _execute_subgraph:
+        inner, _, inkeys, *deps = node.args
+        inputs = {k: scope.resolve(d) for k, d in zip(inkeys, deps, strict=True)}
+        for child in inner.values():
+            _find(child, _Scope(inputs, inner, scope.top), stores, subs)
+
+
+def _check_store(node: Task, scope: _Scope, stores: StoreTargets, subs: dict[int, Any]) -> None:
+    out_arg = node.kwargs["out"] if "out" in node.kwargs else node.args[1]
+    target = scope.resolve(out_arg)
+    if target is _COMPUTED:
+        raise UnsupportedStoreTargetError(
+            f"da.store into a target computed by a task ({out_arg!r}, e.g. a delayed "
+            "target): it would be written in a Ray worker and lost; pass the target "
+            "object itself (a numpy array or np.memmap is written on the driver, a "
+            "zarr/h5py array by the workers)"
+        )
+    if type(target).__module__.split(".")[0] in WORKER_OPENABLE:
+        return
+    if not isinstance(target, np.ndarray):
+        raise UnsupportedStoreTargetError(
+            f"da.store into {type(target).__module__}.{type(target).__qualname__} "
+            f"{_short(target)}: ray_oob_sched can write a numpy array or np.memmap (on "
+            "the driver, as chunks arrive) or a zarr/h5py/TileDB array (in the "
+            "workers), not this target; copy into one of those, or use "
+            "scheduler='threads' for this store"
+        )
+    lock = scope.resolve(node.kwargs.get("lock", False))
+    if id(target) not in subs:
+        subs[id(target)] = stores.add(target, lock if lock is not _COMPUTED else None)
+    if lock and lock is not _COMPUTED:
+        subs[id(lock)] = False  # held by the driver around its writes
+
+
+def _swap(node: Any, subs: Mapping[int, Any]) -> Any:
+    """``node`` with every piece of data whose id is in ``subs`` replaced."""
+    if isinstance(node, DataNode):
+        new = subs.get(id(node.value), node.value)
+        return node if new is node.value else DataNode(node.key, new)
+    if type(node) is Task:
+        args = tuple(_swap_arg(a, subs) for a in node.args)
+        kwargs = {k: _swap_arg(v, subs) for k, v in node.kwargs.items()}
+        if all(a is b for a, b in zip(args, node.args)) and all(
+            kwargs[k] is v for k, v in node.kwargs.items()
+        ):
+            return node
+        return Task(node.key, node.func, *args, **kwargs)
+    return node
+
+
+def _swap_arg(arg: Any, subs: Mapping[int, Any]) -> Any:
+    if isinstance(arg, GraphNode):
+        return _swap(arg, subs)
+    if type(arg) is dict:  # a subgraph's inner nodes
+        new = {k: _swap_arg(v, subs) for k, v in arg.items()}
+        return arg if all(new[k] is v for k, v in arg.items()) else new
+    if isinstance(arg, (bool, int, float, str, bytes, type(None), TaskRef)):
+        return arg
+    return subs.get(id(arg), arg)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
