@@ -113,6 +113,16 @@ def test_metrics_on_rays_prometheus_export_match_what_the_rechunk_moved(p2p: OOB
     eventually(exported, f"Ray's metrics export shows {expected} for {actor.name}")
 
 
+def test_a_restart_is_counted_by_the_driver(p2p: OOB) -> None:
+    name = ("ray_oob_shuffle_restarts_total", "")
+    before = scrape().get(name, 0.0)
+    meta = pd.DataFrame({"k": pd.Series([], dtype=int), "_partitions": pd.Series([], dtype=int)})
+    handle = p2p.service.start_run("monitoring-restart", npartitions_out=2, meta=meta)
+    p2p.service.close_run(p2p.service.restart_run(handle))
+    # At least: a restart counted earlier in this process may still be on its way.
+    eventually(lambda: scrape().get(name, 0.0) >= before + 1, "the restart exported")
+
+
 # ------------------------------------------------------- status while it runs
 
 
