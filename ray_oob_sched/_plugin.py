@@ -312,7 +312,7 @@ class RaySchedule:
             if p2p is not None:
                 # Outputs already left the actors as objects: the runs can go.
                 for handle in p2p.handles:
-                    closed += self.shuffle_service().close_run(handle) or ()
+                    closed += self.shuffle_service().close_run(handle)
         self.last_stats = RunStats(
             dask_tasks=ntasks,
             ray_tasks=len(groups),
