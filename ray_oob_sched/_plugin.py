@@ -298,7 +298,7 @@ class RaySchedule:
             )
             runs = _ShuffleRuns(self.shuffle_service(), p2p) if p2p is not None else None
             run = _Compute(
-                graph, groups, state, refs, executor, callbacks, unpacks, runs, progress
+                graph, groups, state, refs, executor, callbacks, unpacks, runs, progress=progress
             )
             out = run.execute(flat, fetch=result == "values")
         except BaseException as e:
@@ -321,7 +321,9 @@ class RaySchedule:
             shuffles=len(p2p.runs) if p2p is not None else 0,
             seconds=time.perf_counter() - start,
             restarts=sum(state.restarts.values()),
-            shuffle_runs=_totals(p2p, progress, closed) if p2p and progress else (),
+            shuffle_runs=(
+                _totals(p2p, progress, closed) if p2p is not None and progress is not None else ()
+            ),
         )
         if result == "futures":
             out = {k: REGISTRY.register(RayFuture(k, r)) for k, r in out.items()}
@@ -410,6 +412,7 @@ class _Compute:
         callbacks: Any,
         unpacks: Mapping[Key, _p2p.Unpack],
         runs: _ShuffleRuns | None = None,
+        *,
         progress: ShuffleProgress | None = None,
     ) -> None:
         self.graph = graph
