@@ -25,6 +25,12 @@ from ray_oob_sched._plugin import DEFAULT, RaySchedule, RunStats
 from ray_oob_sched._restart import ShuffleActorLostError
 from ray_oob_sched._runtime import RayClientNotSupportedError
 from ray_oob_sched._store import UnsupportedStoreTargetError
+from ray_oob_sched._status import (
+    ActorRunStatus,
+    ShuffleRunStatus,
+    ShuffleRunTotals,
+    ShuffleStatus,
+)
 
 __version__ = "0.1.0"
 
@@ -70,6 +76,19 @@ def last_stats() -> RunStats | None:
     return _schedule.last_stats
 
 
+def shuffle_status(*, timeout: float = 2.0) -> ShuffleStatus:
+    """The shuffles and rechunks running now, from any thread of this driver.
+
+    For each run: its inputs received so far (transfer tasks finished, so their
+    pieces are stored at their owners) out of expected, outputs handed over, the
+    elapsed time, and per shuffle actor the pieces and bytes received and the bytes
+    held in memory and on disk. Asks each actor once with one ``timeout`` (seconds);
+    actors that do not answer in time are named in ``unanswered``. Empty when no
+    shuffle runs.
+    """
+    return _schedule.shuffle_status(timeout=timeout)
+
+
 def shutdown() -> bool:
     """Stop the shuffle actors, and the embedded Ray if this package started it.
 
@@ -80,6 +99,7 @@ def shutdown() -> bool:
 
 
 __all__ = [
+    "ActorRunStatus",
     "IgnoredKeywordsWarning",
     "InvalidGraphError",
     "InvalidOptionsError",
@@ -88,6 +108,9 @@ __all__ = [
     "RaySchedule",
     "RunStats",
     "ShuffleActorLostError",
+    "ShuffleRunStatus",
+    "ShuffleRunTotals",
+    "ShuffleStatus",
     "UnsupportedGraphError",
     "UnsupportedStoreTargetError",
     "disable",
@@ -95,5 +118,6 @@ __all__ = [
     "get",
     "get_refs",
     "last_stats",
+    "shuffle_status",
     "shutdown",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,13 @@ from ray_oob_sched._state import (
     RestartShuffles,
     SchedulerState,
 )
+from ray_oob_sched._status import (
+    ShuffleProgress,
+    ShuffleRunTotals,
+    ShuffleStatus,
+    run_status,
+    run_totals,
+)
 from ray_oob_sched._task_warnings import Forwarder
 from ray_oob_sched._worker import GroupSpec, GroupStatus, TaskContext
 
@@ -59,6 +67,18 @@ class RunStats:
     shuffles: int  # p2p shuffles run through the out-of-band shuffle actors
     seconds: float
     restarts: int = 0  # shuffle restarts after a shuffle actor died mid-run
+    #: per shuffle (its last run): inputs, pieces and bytes received, spilled, seconds
+    shuffle_runs: tuple[ShuffleRunTotals, ...] = ()
+
+    @property
+    def shuffle_bytes(self) -> int:
+        """Payload bytes the shuffle actors received over every shuffle of the compute."""
+        return sum(r.bytes_received for r in self.shuffle_runs)
+
+    @property
+    def shuffle_gb_per_s(self) -> float:
+        """``shuffle_bytes`` per second of the whole compute, in GB/s (10**9 bytes)."""
+        return self.shuffle_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
 class RaySchedule:
@@ -68,6 +88,9 @@ class RaySchedule:
         self.runtime = RayRuntime()
         self.last_stats: RunStats | None = None
         self._shuffle_service: Any = None  # shuffle.shell._service.ShuffleService, on first use
+        # Computes running shuffles now (several threads may compute at once).
+        self._active: dict[int, tuple[ShuffleProgress, _p2p.P2PRewrite]] = {}
+        self._active_lock = threading.Lock()
 
     # A scheduler is a service with a lock, Ray handles and actors: copies of
     # dask.config (dask deep-copies it) share it, and the package's instance pickles
@@ -120,6 +143,40 @@ class RaySchedule:
         if self._shuffle_service is not None:
             self._shuffle_service.close()
             self._shuffle_service = None
+
+    def shuffle_status(self, *, timeout: float = 2.0) -> ShuffleStatus:
+        """The shuffles running now, with their progress and bytes per actor.
+
+        Callable from any thread while computes run. Asks every shuffle actor once,
+        with one ``timeout`` (seconds); actors that do not answer in time are listed in
+        ``unanswered`` and their bytes left out.
+        """
+        if not timeout > 0:
+            raise ValueError(f"shuffle_status: timeout must be > 0 seconds, got {timeout!r}")
+        with self._active_lock:
+            active = list(self._active.values())
+        service = self._shuffle_service
+        if not active or service is None:
+            return ShuffleStatus(runs=())
+        usage = service.usage(timeout=timeout)
+        usages = [u for runs in usage.runs.values() for u in runs]
+        out = []
+        for progress, p2p in active:
+            now = progress.clock()
+            for sid, prog in progress.snapshot().items():
+                handle = p2p.runs[sid]
+                out.append(
+                    run_status(
+                        prog,
+                        shuffle_id=sid,
+                        run_id=int(handle.spec.run_id),
+                        kind=_kind(handle),
+                        usages=usages,
+                        node_of=usage.node_of,
+                        now=now,
+                    )
+                )
+        return ShuffleStatus(runs=tuple(out), unanswered=usage.unanswered)
 
     def get(
         self,
@@ -199,6 +256,8 @@ class RaySchedule:
         config = SchedulerConfig.from_dask_config(cluster_cpus=cpus)
         refs = RefTable()
         p2p: _p2p.P2PRewrite | None = None
+        progress: ShuffleProgress | None = None
+        closed: list[Any] = []  # shuffle._usage.RunUsage of every run closed
         max_restarts = 0
         try:
             if has_p2p:
@@ -208,6 +267,9 @@ class RaySchedule:
                 )
                 assert p2p is not None
                 graph = _graph.build(p2p.nodes, flat, resolve=REGISTRY.lookup)
+                progress = _progress_of(p2p)
+                with self._active_lock:
+                    self._active[id(progress)] = (progress, p2p)
             unpacks = p2p.unpacks if p2p is not None else {}
             for k, ref in graph.external.items():
                 refs.add(k, ref)
@@ -261,6 +323,7 @@ class RaySchedule:
                 runs,
                 context=context,
                 stores=stores,
+                progress=progress,
             )
             out = run.execute(flat, fetch=result == "values")
         except BaseException as e:
@@ -268,10 +331,13 @@ class RaySchedule:
             raise
         finally:
             refs.clear()
+            if progress is not None:
+                with self._active_lock:
+                    del self._active[id(progress)]
             if p2p is not None:
                 # Outputs already left the actors as objects: the runs can go.
                 for handle in p2p.handles:
-                    self.shuffle_service().close_run(handle)
+                    closed += self.shuffle_service().close_run(handle)
         self.last_stats = RunStats(
             dask_tasks=ntasks,
             ray_tasks=len(groups),
@@ -280,6 +346,9 @@ class RaySchedule:
             shuffles=len(p2p.runs) if p2p is not None else 0,
             seconds=time.perf_counter() - start,
             restarts=sum(state.restarts.values()),
+            shuffle_runs=(
+                _totals(p2p, progress, closed) if p2p is not None and progress is not None else ()
+            ),
         )
         if result == "futures":
             out = {k: REGISTRY.register(RayFuture(k, r)) for k, r in out.items()}
@@ -298,6 +367,39 @@ def _shuffle_tasks(p2p: _p2p.P2PRewrite) -> dict[str, ShuffleTasks]:
         sid: ShuffleTasks(transfers=frozenset(keys), unpacks=frozenset(unpacks.get(sid, ())))
         for sid, keys in p2p.transfers.items()
     }
+
+
+def _kind(handle: Any) -> str:
+    """"rechunk" for an array rechunk's run, else "shuffle"."""
+    from shuffle._rechunk import RechunkLayout
+
+    return "rechunk" if isinstance(handle.meta, RechunkLayout) else "shuffle"
+
+
+def _progress_of(p2p: _p2p.P2PRewrite) -> ShuffleProgress:
+    unpacks: dict[str, list[Key]] = {}
+    for k, u in p2p.unpacks.items():
+        unpacks.setdefault(str(u.handle.spec.shuffle_id), []).append(k)
+    # p2p.transfers lists each shuffle's transfer keys, then its barrier's.
+    transfers = {sid: keys[:-1] for sid, keys in p2p.transfers.items()}
+    return ShuffleProgress(transfers=transfers, unpacks=unpacks)
+
+
+def _totals(
+    p2p: _p2p.P2PRewrite, progress: ShuffleProgress, closed: Sequence[Any]
+) -> tuple[ShuffleRunTotals, ...]:
+    now = progress.clock()
+    return tuple(
+        run_totals(
+            prog,
+            shuffle_id=sid,
+            run_id=int(p2p.runs[sid].spec.run_id),
+            kind=_kind(p2p.runs[sid]),
+            usages=closed,
+            seconds=now - prog.started,
+        )
+        for sid, prog in progress.snapshot().items()
+    )
 
 
 class _ShuffleRuns:
@@ -342,12 +444,14 @@ class _Compute:
         *,
         context: Any,
         stores: _store.StoreTargets,
+        progress: ShuffleProgress | None = None,
     ) -> None:
         self.graph = graph
         self.context = context  # TaskContext, or its ObjectRef
         self.stores = stores
         self.returned_targets: dict[Key, int] = {}  # key -> token (``_store``)
         self.forwarder = Forwarder()
+        self.progress = progress
         self.unpacks = unpacks  # replaced entries after a restart: read at submission
         self.runs = runs
         self.groups = groups
@@ -409,6 +513,8 @@ class _Compute:
                 assert self.runs is not None
                 for sid in ins.shuffle_ids:
                     self.runs.restart(sid)
+                    if self.progress is not None:
+                        self.progress.restarted(sid)
                 continue
             if isinstance(ins, Abandon):
                 self._abandon(ins.groups)
@@ -449,6 +555,8 @@ class _Compute:
             self.stores.write(status.writes)
         self.returned_targets.update(status.targets)
         self.forwarder.emit(status.warnings)
+        if self.progress is not None:
+            self.progress.finished(g.keys)
         # Values stay in Ray: callbacks get None, not data nor refs (a kept
         # ref would outlive the compute).
         for key in g.keys:

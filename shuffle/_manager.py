@@ -38,6 +38,7 @@ from shuffle._options import DEFAULT_OPTIONS, RunOptions
 from shuffle._rechunk import RechunkLayout, is_rechunk
 from shuffle._run import ArrayRechunkRun, DataFrameShuffleRun, ShuffleRun
 from shuffle._spec import ShuffleRunSpec
+from shuffle._usage import ParticipantCounters, RunUsage
 from shuffle.wire._memory import HOST_REGISTRY, MemoryRegistry
 from shuffle.wire._message import decode_header
 
@@ -69,6 +70,7 @@ class ShuffleManager:
         self._accept_any_sender = accept_any_sender
         self._runs: dict[ShuffleId, ShuffleRun] = {}
         self._newest: dict[ShuffleId, RunId] = {}  # survives close, unlike _runs
+        self._retired = ParticipantCounters()  # what runs gone from _runs contributed
         self._closed = False
 
     def __repr__(self) -> str:
@@ -83,6 +85,15 @@ class ShuffleManager:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def counters(self) -> ParticipantCounters:
+        """Cumulative counters over every run this manager held, closed ones too."""
+        return self._retired + ParticipantCounters.of_runs(r.usage() for r in self._runs.values())
+
+    def _retire(self, run: ShuffleRun) -> RunUsage:
+        usage = run.usage()
+        self._retired += ParticipantCounters.of_runs([usage])
+        return usage
 
     async def get_or_create(
         self, spec: ShuffleRunSpec, meta: pd.DataFrame | RechunkLayout
@@ -131,7 +142,9 @@ class ShuffleManager:
         # Register before awaiting anything, so concurrent callers see the new run.
         self._runs[shuffle_id] = run
         self._newest[shuffle_id] = run_id
+        self._retired += ParticipantCounters(runs_opened=1)
         if current is not None:
+            self._retire(current)
             logger.info("%s: run %d supersedes run %d", shuffle_id, run_id, current.run_id)
             await current.fail(StaleRunError(shuffle_id, current.run_id, run_id))
         return run
@@ -157,11 +170,12 @@ class ShuffleManager:
         header = decode_header(frames[0])
         await self.get_run(header.shuffle_id, header.run_id).receive(frames)
 
-    async def close_run(self, shuffle_id: ShuffleId, run_id: RunId) -> None:
+    async def close_run(self, shuffle_id: ShuffleId, run_id: RunId) -> RunUsage | None:
         """Close run ``run_id`` (and any older run) of ``shuffle_id``; idempotent.
 
         Closing a run id not created yet also marks it closed here, so that a late
-        ``get_or_create`` of an abandoned run fails instead of recreating it.
+        ``get_or_create`` of an abandoned run fails instead of recreating it. Returns
+        the closed run's final usage, or ``None`` if no run was open.
         """
         newest = self._newest.get(shuffle_id)
         if newest is None or run_id >= newest:
@@ -169,13 +183,18 @@ class ShuffleManager:
         current = self._runs.get(shuffle_id)
         if current is not None and current.run_id <= run_id:
             del self._runs[shuffle_id]
+            usage = self._retire(current)
             await current.close()
+            return usage
+        return None
 
     async def close(self) -> None:
         """Close every run and refuse further runs and messages; idempotent."""
         self._closed = True
         runs = list(self._runs.values())
         self._runs.clear()
+        for run in runs:
+            self._retire(run)
         results = await asyncio.gather(*(run.close() for run in runs), return_exceptions=True)
         for run, result in zip(runs, results, strict=True):
             if isinstance(result, BaseException):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from shuffle._partition import concat_partition
 from shuffle._rechunk import RechunkLayout
 from shuffle._spec import ShuffleRunSpec
 from shuffle._store import DiskShardStore, spill_prefix
+from shuffle._usage import RunUsage
 from shuffle.device._cudf import CUDF_TAG, concat_cudf
 from shuffle.wire._arrow import pieces_to_tables
 from shuffle.wire._memory import HOST_REGISTRY, MemoryRegistry
@@ -101,6 +103,7 @@ class ShuffleRun(abc.ABC):
         self.options = options
         self.owned = spec.partitions_of(local)  # raises if local is no participant
         self.stats = ReceiveStats()
+        self._created = time.monotonic()
         self._accept_any_sender = accept_any_sender
         name = f"{spec.shuffle_id}[{spec.run_id}]@{local}"
         self._name = name
@@ -146,6 +149,25 @@ class ShuffleRun(abc.ABC):
     def spill_directory(self) -> Path | None:
         """This run's private spill directory while it exists (first spill to close)."""
         return self._store.directory
+
+    def usage(self) -> RunUsage:
+        """What this run received and holds now (cheap: reads counters, takes no lock)."""
+        store, stats = self._store, self.stats
+        return RunUsage(
+            shuffle_id=str(self.shuffle_id),
+            run_id=int(self.run_id),
+            kind=self.kind,
+            participant=self.local,
+            messages_received=stats.messages_received,
+            pieces_received=stats.shards_received,
+            bytes_received=stats.bytes_received,
+            memory_bytes=store.nbytes_memory,
+            disk_bytes=store.nbytes_disk,
+            device_bytes=store.nbytes_device,
+            bytes_spilled=store.bytes_spilled,
+            bytes_read_back=store.bytes_read_back,
+            seconds=time.monotonic() - self._created,
+        )
 
     def raise_if_closed(self) -> None:
         """Raise the first failure if there was one, else ``ShuffleClosedError`` if closed."""

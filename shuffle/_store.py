@@ -85,6 +85,9 @@ class DiskShardStore:
         self.nbytes_memory = 0
         self.nbytes_disk = 0
         self.nbytes_device = 0
+        # Cumulative, kept by cleanup(): what monitoring reads (shuffle._usage).
+        self.bytes_spilled = 0
+        self.bytes_read_back = 0
 
     def __repr__(self) -> str:
         return (
@@ -150,6 +153,7 @@ class DiskShardStore:
             if records:
                 assert self._directory is not None
                 data = memoryview((self._directory / f"{partition}.bin").read_bytes())
+                self.bytes_read_back += sum(n for _, _, n in records)
                 shards += [(source, data[start : start + n]) for source, start, n in records]
         shards.sort(key=lambda shard: shard[0])  # keys are unique, so this order is total
         return shards
@@ -202,6 +206,7 @@ class DiskShardStore:
         self._file_sizes[partition] = offset
         self.nbytes_memory -= moved
         self.nbytes_disk += moved
+        self.bytes_spilled += moved
 
     def _spill_directory(self) -> Path:
         if self._directory is None:

@@ -7,9 +7,15 @@ import asyncio
 import logging
 
 from ._endpoint import FramedEndpoint
-from ._errors import AuthenticationError, BrokenTransportError, ClosedResourceError, EndOfStream
+from ._errors import (
+    AuthenticationError,
+    BrokenTransportError,
+    ClosedResourceError,
+    EndOfStream,
+    ProtocolError,
+)
 from ._handshake import authenticate_server
-from .base import Handler, Listener, TransportConfig
+from .base import Handler, Listener, ListenerStats, TransportConfig
 
 logger = logging.getLogger("shuffle.transport")
 
@@ -23,6 +29,7 @@ class ServingListener(Listener):
         self._address = address
         self._closed = False
         self._connections: dict[asyncio.Task[None], FramedEndpoint] = {}
+        self._stats = ListenerStats()
 
     @abc.abstractmethod
     async def _stop_accepting(self) -> None:
@@ -35,6 +42,10 @@ class ServingListener(Listener):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def stats(self) -> ListenerStats:
+        return self._stats
 
     @property
     def connection_count(self) -> int:
@@ -56,6 +67,7 @@ class ServingListener(Listener):
         try:
             await authenticate_server(endpoint, self._config)
         except AuthenticationError as e:
+            self._stats.handshakes_failed += 1
             logger.warning("%s: dropped a connection: %s", self._address, e)
             endpoint.abort()
             return
@@ -67,6 +79,8 @@ class ServingListener(Listener):
         except (ClosedResourceError, EndOfStream) as e:
             logger.debug("%s: handler for %s ended: %r", self._address, endpoint.name, e)
         except BrokenTransportError as e:
+            if isinstance(e, ProtocolError):
+                self._stats.protocol_errors += 1
             logger.warning("%s: connection %s failed: %s", self._address, endpoint.name, e)
         except Exception:
             logger.exception("%s: handler for %s raised", self._address, endpoint.name)

@@ -219,8 +219,21 @@ class Endpoint(AsyncResource):
 Handler: TypeAlias = Callable[[Endpoint], Awaitable[None]]
 
 
+@dataclasses.dataclass
+class ListenerStats:
+    """Connections a listener refused, counted for monitoring (only ever grows)."""
+
+    handshakes_failed: int = 0  # failed authentication: wrong secret, not our protocol, timeout
+    protocol_errors: int = 0  # authenticated peers that sent invalid or oversized messages
+
+
 class Listener(AsyncResource):
     """Accepts connections; runs the handler for each authenticated one."""
+
+    @property
+    def stats(self) -> ListenerStats:
+        """What this listener refused so far; a listener that counts nothing says 0."""
+        return ListenerStats()
 
     @property
     @abc.abstractmethod

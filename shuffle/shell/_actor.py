@@ -64,10 +64,12 @@ from shuffle._transport import (
     get_transport,
     listen_in_range,
 )
+from shuffle._usage import RunUsage, refusal_reason
 from shuffle.device._allocator import refused_reason, transport_allocator
 from shuffle.device._arrays import to_host
 from shuffle.device._cuda import GpuStatus, gpu_status, registry_for
 from shuffle.device._options import DEFAULT_DEVICE_OPTIONS, DeviceOptions, DeviceUnavailableError
+from shuffle.shell._metrics import METRICS_INTERVAL, ActorMetrics, ActorSample
 from shuffle.wire._memory import MemoryRegistry
 from shuffle.wire._reply import ACK, encode_error
 
@@ -117,7 +119,10 @@ class ShuffleActor:
         device: DeviceOptions = DEFAULT_DEVICE_OPTIONS,
         actors_on_node: int = 1,
         ports: tuple[int, int] | None = None,
+        export_metrics: bool = False,
     ) -> None:
+        """``export_metrics``: export Ray metrics (``_metrics``) once started; only in a
+        Ray actor (``create_shuffle_actor``)."""
         options = resolve_memory_limit(options, actors_on_node=actors_on_node)
         self.name = name
         #: The runs' options, memory limit resolved (never "auto").
@@ -154,6 +159,10 @@ class ShuffleActor:
         self._listener: Listener | None = None
         self._start_lock = asyncio.Lock()
         self._closed = False
+        self._export_metrics = export_metrics
+        self._metrics: ActorMetrics | None = None
+        self._metrics_task: asyncio.Task[None] | None = None
+        self._refused: dict[str, int] = {}  # messages refused, by reason (shuffle._usage)
 
     def __repr__(self) -> str:  # Ray names the actor's log lines with it, once
         return f"ShuffleActor({self.name})"
@@ -175,6 +184,12 @@ class ShuffleActor:
                     raise
                 self._transport = transport
                 logger.info("%s listening on %s", self.name, self._listener.address)
+                if self._export_metrics:
+                    node = ray.get_runtime_context().get_node_id()
+                    self._metrics = ActorMetrics(node=node, actor=self.name)
+                    self._metrics_task = asyncio.get_running_loop().create_task(
+                        self._push_metrics_every(METRICS_INTERVAL), name=f"{self.name} metrics"
+                    )
             return self._listener.address
 
     async def start_run(self, spec: ShuffleRunSpec, meta: pd.DataFrame | RechunkLayout) -> None:
@@ -214,9 +229,35 @@ class ShuffleActor:
         """Whether this actor can hold device memory (probes RMM/CuPy once)."""
         return gpu_status()
 
-    async def close_run(self, shuffle_id: ShuffleId, run_id: RunId) -> None:
-        """Close the run (and any older one of the shuffle), deleting its spill files."""
-        await self._manager.close_run(shuffle_id, run_id)
+    async def close_run(self, shuffle_id: ShuffleId, run_id: RunId) -> RunUsage | None:
+        """Close the run (and any older one of the shuffle), deleting its spill files;
+        returns its final usage here (``None`` if it was not open)."""
+        usage = await self._manager.close_run(shuffle_id, run_id)
+        if self._metrics is not None:
+            if usage is not None:
+                self._metrics.run_closed(usage.seconds)
+            self._metrics.push(self.sample())
+        return usage
+
+    async def usage(self) -> list[RunUsage]:
+        """What each open run here received and holds now (``shuffle_status``)."""
+        return [run.usage() for run in self._manager.runs.values()]
+
+    def sample(self) -> ActorSample:
+        """This actor's counters and gauges, as its metrics export them."""
+        usages = [run.usage() for run in self._manager.runs.values()]
+        refused = dict(self._refused)
+        if self._listener is not None:
+            stats = self._listener.stats
+            refused["handshake"] = stats.handshakes_failed
+            refused["protocol"] = stats.protocol_errors
+        return ActorSample(
+            counters=self._manager.counters(),
+            refused=refused,
+            runs_active=len(usages),
+            memory_bytes=sum(u.memory_bytes for u in usages),
+            disk_bytes=sum(u.disk_bytes for u in usages),
+        )
 
     async def runs(self) -> list[RunInfo]:
         """The open runs here, for introspection and cleanup assertions."""
@@ -246,7 +287,11 @@ class ShuffleActor:
     async def close(self) -> None:
         """Close every run, the listener and the transport; idempotent."""
         self._closed = True
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()
         await self._manager.close()
+        if self._metrics is not None:
+            self._metrics.push(self.sample())
         if self._transport is not None:
             await self._transport.close()  # closes the listener and its endpoints
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -273,10 +318,21 @@ class ShuffleActor:
                     endpoint.name,
                     e,
                 )
+                reason = refusal_reason(e)
+                self._refused[reason] = self._refused.get(reason, 0) + 1
                 reply = encode_error(e)
             else:
                 reply = ACK
             await endpoint.send(reply)
+
+    async def _push_metrics_every(self, interval: float) -> None:
+        assert self._metrics is not None
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self._metrics.push(self.sample())
+            except Exception:  # monitoring must never stop the actor
+                logger.exception("%s: pushing metrics failed", self.name)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -346,4 +402,5 @@ def create_shuffle_actor(
         device=device,
         actors_on_node=actors_on_node,
         ports=ports,
+        export_metrics=True,
     )

@@ -41,9 +41,11 @@ from shuffle._options import DEFAULT_OPTIONS, RunOptions
 from shuffle._rechunk import RechunkLayout, is_rechunk
 from shuffle._spec import DEFAULT_PARTITION_COLUMN, ShuffleRunSpec
 from shuffle._transport import TransportName
+from shuffle._usage import RunUsage
 from shuffle.device._options import DEFAULT_DEVICE_OPTIONS, DeviceOptions, actor_num_gpus
 from shuffle.shell._actor import create_shuffle_actor
 from shuffle.shell._handle import RunHandle
+from shuffle.shell._metrics import count_restart
 from shuffle.shell._placement import (
     ActorsPerNode,
     Slot,
@@ -52,7 +54,7 @@ from shuffle.shell._placement import (
     slots,
 )
 
-__all__ = ["ActorInfo", "ShuffleService"]
+__all__ = ["ActorInfo", "ActorUsage", "ShuffleService"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,15 @@ class ActorInfo:
     index: int  # 0 .. actors on the node - 1
     address: str
     handle: Any = dataclasses.field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class ActorUsage:
+    """The open runs of every actor that answered ``ShuffleService.usage`` in time."""
+
+    runs: Mapping[str, Sequence[RunUsage]]  # by actor name
+    node_of: Mapping[str, str]  # actor name -> node id
+    unanswered: tuple[str, ...]  # actors that did not answer within the deadline
 
 
 class ShuffleService:
@@ -299,12 +310,34 @@ class ShuffleService:
         logger.info(
             "restarted %s: run %d replaces run %d", spec.shuffle_id, new.spec.run_id, spec.run_id
         )
+        count_restart(node=ray.get_runtime_context().get_node_id())
         return new
 
-    def close_run(self, handle: RunHandle) -> None:
+    def usage(self, *, timeout: float) -> ActorUsage:
+        """What every actor's open runs received and hold now, asked with one short
+        deadline; actors that do not answer in time (or died) are listed, not waited
+        for. Safe to call from another thread while a compute runs: it neither creates
+        nor re-creates actors."""
+        actors = list(self._actors.values())
+        refs = {a.handle.usage.remote(): a for a in actors}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout) if refs else ([], [])
+        runs: dict[str, Sequence[RunUsage]] = {}
+        for ref in done:
+            try:
+                runs[refs[ref].name] = ray.get(ref, timeout=0)
+            except Exception as e:  # noqa: BLE001 -- a dead actor: reported as unanswered
+                logger.debug("shuffle actor %s: usage failed: %r", refs[ref].name, e)
+        return ActorUsage(
+            runs=runs,
+            node_of={a.name: a.node_id for a in actors},
+            unanswered=tuple(sorted(a.name for a in actors if a.name not in runs)),
+        )
+
+    def close_run(self, handle: RunHandle) -> list[RunUsage]:
         """Close ``handle``'s run on every actor, deleting its data; idempotent.
 
-        Actors that died meanwhile are skipped: their runs died with them.
+        Actors that died meanwhile are skipped: their runs died with them. Returns the
+        closed run's final usage on every actor that still held it.
         """
         spec = handle.spec
         current = self._runs.get(spec.shuffle_id)
@@ -320,6 +353,7 @@ class ShuffleService:
         self._raise_failures(
             {n: r for n, r in results.items() if not isinstance(r, RayActorError)}, "close_run"
         )
+        return [r for r in results.values() if isinstance(r, RunUsage)]
 
     def close(self) -> None:
         """Close every open run, then close and kill every actor; idempotent."""

@@ -12,6 +12,7 @@ import dataclasses
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,7 +35,7 @@ from shuffle._ids import RunId, ShuffleId
 from shuffle._options import RunOptions
 from shuffle._rechunk import RechunkLayout
 from shuffle._spec import ShuffleRunSpec
-from shuffle._transport import Endpoint, TransportConfig, get_transport
+from shuffle._transport import AuthenticationError, Endpoint, TransportConfig, get_transport
 from shuffle.shell._actor import ShuffleActor
 from shuffle.shell._client import ClientConfig, ShuffleClient
 from shuffle.shell._handle import RunHandle
@@ -317,3 +318,84 @@ def test_a_process_using_the_client_exits_without_closing_it(loop: LoopThread) -
     finally:
         loop.run(transport.close())
     assert (result.returncode, result.stdout) == (0, "sent\n"), result.stderr
+
+
+# ------------------------------------------------------------------- monitoring
+
+
+def _eventually(predicate: Any, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {WAIT} s: {what}")
+        time.sleep(0.01)
+
+
+def test_actor_usage_and_counters_follow_what_it_received_spilled_and_refused(
+    loop: LoopThread, actors: dict[str, tuple[ShuffleActor, str]], client: ShuffleClient
+) -> None:
+    inputs = [make_input(i, 30) for i in range(2)]
+    assert all(df["_partitions"].nunique() == NOUT for df in inputs)  # a piece per output
+    handle = start_run(loop, actors, run_id=1)
+    for i, df in enumerate(inputs):
+        client.shuffle(df, handle, i)
+    client.shuffle(inputs[0], handle, 0)  # a retry: duplicates are not counted
+    usage = {name: loop.run(actor.usage()) for name, (actor, _) in actors.items()}
+    assert {name: [(u.shuffle_id, u.run_id) for u in us] for name, us in usage.items()} == {
+        "a0": [("s", 1)],
+        "a1": [("s", 1)],
+    }
+    runs = {name: us[0] for name, us in usage.items()}
+    stats = {
+        info.participant: info.stats for a, _ in actors.values() for info in loop.run(a.runs())
+    }
+    for name, u in runs.items():
+        owned = len(handle.spec.partitions_of(name))
+        assert u.pieces_received == len(inputs) * owned == stats[name].shards_received
+        assert u.bytes_received == stats[name].bytes_received > 0
+        # memory_limit=0: every piece went to disk, none is in memory
+        assert (u.memory_bytes, u.disk_bytes) == (0, u.bytes_received)
+        assert u.bytes_spilled == u.bytes_received and u.bytes_read_back == 0
+    outputs(loop, actors, handle)  # unpacks read the spilled pieces back
+    for name, (actor, _) in actors.items():
+        (u,) = loop.run(actor.usage())
+        assert u.bytes_read_back == runs[name].bytes_spilled
+        sample = actor.sample()
+        assert sample.runs_active == 1 and sample.disk_bytes == u.disk_bytes
+        closed = loop.run(actor.close_run(ShuffleId("s"), RunId(1)))
+        assert closed is not None and closed.bytes_received == u.bytes_received
+        assert loop.run(actor.close_run(ShuffleId("s"), RunId(1))) is None  # closed already
+        # Counters outlive the run; gauges drop to zero.
+        after = actor.sample()
+        assert after.counters.runs_opened == 1
+        assert after.counters.pieces_received == u.pieces_received
+        assert after.counters.bytes_received == u.bytes_received
+        assert after.counters.bytes_read_back == u.bytes_read_back
+        assert (after.runs_active, after.memory_bytes, after.disk_bytes) == (0, 0, 0)
+
+    # Refusals are counted by reason: a closed run, an unknown run, a failed handshake.
+    with pytest.raises(ShuffleClosedError):
+        client.shuffle(inputs[0], handle, 0)
+    unknown = dataclasses.replace(handle, spec=dataclasses.replace(handle.spec, run_id=RunId(7)))
+    with pytest.raises(UnknownRunError):
+        client.shuffle(inputs[0], unknown, 0)
+    intruder = get_transport("tcp", config=TransportConfig(secret=b"x" * 32))
+    address = actors["a0"][1]
+
+    async def intrude() -> None:
+        try:
+            with pytest.raises(AuthenticationError):
+                await intruder.connect(address)
+        finally:
+            await intruder.close()
+
+    a0, a1 = actors["a0"][0], actors["a1"][0]
+    before = a0.sample().refused["handshake"]
+    loop.run(intrude())
+    # At least: the client's pool may also hang up on a connection mid-handshake.
+    _eventually(lambda: a0.sample().refused["handshake"] > before, "a failed handshake counted")
+    # The client sends to both owners at once; the first refusal ends the transfer.
+    total = [a.sample().refused for a in (a0, a1)]
+    assert sum(r.get("closed_run", 0) for r in total) >= 1
+    assert sum(r.get("unknown_run", 0) for r in total) >= 1
+    assert a1.sample().refused["protocol"] == 0

@@ -428,6 +428,15 @@ async def test_newer_run_supersedes_and_stale_messages_are_rejected(
     spec2 = spec1.next_run(run_id=RunId(2))
     new = await create_runs(network, spec2, meta)
     assert list(spill_root.iterdir()) == []  # the old runs' spill files are gone
+    # What the superseded runs received stays in their managers' cumulative counters.
+    for name, manager in network.managers.items():
+        counters, gone = manager.counters(), old[name].usage()
+        assert counters.runs_opened == 2
+        assert (counters.bytes_received, counters.bytes_spilled) == (
+            gone.bytes_received,
+            gone.bytes_spilled,
+        )
+    assert sum(m.counters().pieces_received for m in network.managers.values()) > 0
     for run in old.values():
         assert run.closed
         with pytest.raises(StaleRunError, match=r"run 1 is stale, run 2 superseded it"):

@@ -57,6 +57,11 @@ def test_spills_the_partition_holding_most_memory(spill_root: Path) -> None:
         assert (store.nbytes_memory, store.nbytes_disk) == (50, 130)
         assert [bytes(p) for p in store.read(1)] == [b"b" * 60, b"d" * 70]
         assert [bytes(p) for p in store.read(0)] == [b"a" * 30, b"c" * 20]
+        # Cumulative counters for monitoring: spilled, read back from disk (partition 0
+        # was read from memory), and kept after cleanup.
+        assert (store.bytes_spilled, store.bytes_read_back) == (130, 130)
+        store.cleanup()
+        assert (store.nbytes_disk, store.bytes_spilled, store.bytes_read_back) == (0, 130, 130)
 
 
 def test_duplicate_keys_are_dropped(spill_root: Path) -> None:
