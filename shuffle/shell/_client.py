@@ -49,6 +49,7 @@ from shuffle._transport import (
 )
 from shuffle.device._cuda import registry_for
 from shuffle.shell._handle import RunHandle
+from shuffle.shell._limits import MESSAGE_LIMITS, check_payload
 from shuffle.shell._pool import EndpointPool
 from shuffle.wire._message import encode_message, payload_nbytes
 
@@ -186,7 +187,8 @@ class ShuffleClient:
             if scheme not in _SCHEMES:
                 raise ValueError(f"no shuffle transport for addresses of scheme {scheme!r}")
             transport = get_transport(
-                cast(TransportName, scheme), config=TransportConfig(secret=secret)
+                cast(TransportName, scheme),
+                config=TransportConfig(secret=secret, limits=MESSAGE_LIMITS),
             )
             pool = self._pools[key] = EndpointPool(
                 transport, request_timeout=self.config.request_timeout
@@ -217,6 +219,7 @@ class ShuffleClient:
                 shards=batch,
                 registry=registry,
             )
+            check_payload(message.header.nbytes, what=f"{name} to {owner}")
             await pool.send(handle.addresses[owner], message.frames())
 
         buffer: ShardsBuffer[ShardKey, Any] = ShardsBuffer(
