@@ -291,6 +291,11 @@ class ShuffleRun(abc.ABC):
                 "late input needs a new run"
             )
         check_input_partition(input_partition, where=str(self))
+        if self.spec.inputs_out_of_range([input_partition]):
+            raise ValueError(
+                f"{self}: input partition {input_partition} is out of range for "
+                f"{self.spec.npartitions_in} inputs"
+            )
 
     def _store_shard(self, key: ShardKey, payload: Any, meta: bytes = b"") -> bool:
         if isinstance(payload, Piece):
@@ -323,6 +328,12 @@ class ShuffleRun(abc.ABC):
         self.spec.check_run_id(header.run_id)
         if not self._accept_any_sender and header.sender not in self.spec.participants:
             raise FrameError(f"{self}: sender {header.sender!r} is not a participant")
+        beyond = self.spec.inputs_out_of_range(e.input_partition for e in header.entries)
+        if beyond:
+            raise FrameError(
+                f"{self} received shards of input partitions {beyond[:8]} from "
+                f"{header.sender!r}, but the run has {self.spec.npartitions_in} inputs"
+            )
         foreign = sorted(
             {e.output_partition for e in header.entries if e.output_partition not in self.owned}
         )
@@ -462,7 +473,7 @@ class DataFrameShuffleRun(ShuffleRun):
         super().__init__(**common)
         self.meta = meta
         self.output_meta = meta.drop(columns=spec.column) if spec.drop_column else meta
-        self._coverage = Coverage()
+        self._coverage = Coverage(npartitions_in=spec.npartitions_in)
 
     def _admit(self, entries: Sequence[Any]) -> None:
         # Joined pieces (shuffle._combine) must not overlap: a name-based dedupe
