@@ -327,6 +327,35 @@ def test_shards_of_unknown_input_partitions_are_refused_with_a_typed_error(
     assert_clean(svc, spill)
 
 
+def test_idle_raw_connections_neither_stop_a_shuffle_nor_stay(
+    service: tuple[ShuffleService, Path],
+) -> None:
+    """Raw connections to the actor's port (for UCX: held below the application) do not
+    stop a shuffle, and are closed within the handshake deadline plus the reaper's
+    period."""
+    svc, spill = service
+    (actor,) = svc.actors()
+    host, _, port = actor.address.partition("://")[2].rpartition(":")
+    socks = [socket.create_connection((host, int(port)), timeout=WAIT) for _ in range(300)]
+    try:
+        start_time = time.monotonic()
+        inputs = make_inputs(seed=6)
+        handle, outputs = run_shuffle(svc, "under-a-flood", inputs)
+        assert_outputs(outputs, inputs)
+        svc.close_run(handle)
+        for sock in socks:
+            sock.settimeout(max(0.1, start_time + 15.0 - time.monotonic()))
+            try:
+                assert sock.recv(16) == b""
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() - start_time < 15.0  # 10 s handshake deadline, 1 s period
+    finally:
+        for sock in socks:
+            sock.close()
+    assert_clean(svc, spill)
+
+
 def test_a_dead_actor_is_recreated(service: tuple[ShuffleService, Path]) -> None:
     svc, spill = service
     (before,) = svc.actors()

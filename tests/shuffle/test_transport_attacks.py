@@ -31,6 +31,7 @@ from shuffle._transport import (
 from shuffle._transport import ucx as ucx_module
 from shuffle._transport._frames import decode_sizes
 from shuffle._transport._listener import DropLog, ServingListener
+from shuffle._transport._reaper import select_stale
 from shuffle.shell._limits import MAX_PAYLOAD_NBYTES, MESSAGE_LIMITS, check_payload
 
 T = TypeVar("T")
@@ -78,11 +79,14 @@ def closed_by_server(sock: socket.socket) -> bool:
 
 
 @contextlib.contextmanager
-def raw_sockets(port: int, count: int) -> Iterator[list[socket.socket]]:
+def raw_sockets(port: int, count: int, first: bytes = b"") -> Iterator[list[socket.socket]]:
+    """``count`` raw connections to ``port``; every other one sends ``first``, then idles."""
     socks = []
     try:
-        for _ in range(count):
+        for i in range(count):
             sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+            if i % 2 and first:
+                sock.sendall(first)
             sock.setblocking(False)
             socks.append(sock)
         yield socks
@@ -125,7 +129,7 @@ async def _authenticated_roundtrip(kind: str, address: str) -> None:
 # ----------------------------------------------------------------- pending connections
 
 
-@pytest.mark.parametrize("kind", ["tcp"])
+@pytest.mark.parametrize("kind", ["tcp", pytest.param("ucx", marks=needs_ucx)])
 def test_idle_raw_connections_are_closed_at_the_deadline_and_a_client_still_gets_in(
     kind: str,
 ) -> None:
@@ -135,19 +139,31 @@ def test_idle_raw_connections_are_closed_at_the_deadline_and_a_client_still_gets
     deadline = 2.0
 
     async def main() -> None:
-        async with serving(kind, handshake_timeout=deadline) as (_, listener):
-            with raw_sockets(port_of(listener.address), 40) as socks:
+        async with serving(kind, handshake_timeout=deadline) as (transport, listener):
+            ports = {port_of(listener.address)}
+            if kind == "ucx":  # UCX's own TCP transport listens too
+                ports |= ucx_module._RUNTIME.tcp_ports
+            established = await w(transport.connect(listener.address))
+            await w(established.send([b"before"]))
+            assert [bytes(f) for f in await w(established.recv())] == [b"before"]
+            with contextlib.ExitStack() as stack:
+                # Half of them send a byte: a partial message or UCX header, never completed.
+                socks = [s for p in ports for s in stack.enter_context(raw_sockets(p, 20, b"R"))]
                 start = time.monotonic()
                 await _authenticated_roundtrip(kind, listener.address)
                 await eventually(lambda: all(closed_by_server(s) for s in socks))
                 elapsed = time.monotonic() - start
             assert deadline * 0.5 <= elapsed <= deadline + 3.0, elapsed
+            # Connections that did authenticate are left alone, and new ones get in.
+            await w(established.send([b"after"]))
+            assert [bytes(f) for f in await w(established.recv())] == [b"after"]
             await _authenticated_roundtrip(kind, listener.address)
+            assert listener.dropped_count >= len(socks)
 
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("kind", ["tcp"])
+@pytest.mark.parametrize("kind", ["tcp", pytest.param("ucx", marks=needs_ucx)])
 def test_pending_connections_beyond_the_cap_drop_the_oldest(kind: str) -> None:
     cap = 8
 
@@ -163,6 +179,15 @@ def test_pending_connections_beyond_the_cap_drop_the_oldest(kind: str) -> None:
                     assert not any(closed_by_server(s) for s in new)
 
     asyncio.run(main())
+
+
+def test_reaper_drops_the_stale_then_the_oldest_beyond_the_cap() -> None:
+    seen = {1: 0.0, 2: 5.0, 3: 9.5, 4: 9.0, 5: 9.9, 6: 9.8}
+    assert select_stale(seen, now=10.0, deadline=10.0, cap=10) == [1]
+    assert select_stale(seen, now=15.0, deadline=10.0, cap=10) == [1, 2]
+    # Beyond the cap the oldest go first: 2 (5.0) and 4 (9.0) of the five young ones.
+    assert select_stale(seen, now=10.0, deadline=10.0, cap=3) == [1, 2, 4]
+    assert select_stale({}, now=1.0, deadline=1.0, cap=1) == []
 
 
 def test_tcp_pending_connection_holds_no_receive_buffer() -> None:
