@@ -218,7 +218,10 @@ def rewrite(
         spec = nodes[b].spec
         if b in layouts:
             handle = start_run(
-                str(spec.id), npartitions_out=layouts[b].npartitions_out, meta=layouts[b]
+                str(spec.id),
+                npartitions_out=layouts[b].npartitions_out,
+                meta=layouts[b],
+                npartitions_in=layouts[b].npartitions_in,
             )
         else:
             # The graph is culled: its unpacks are the outputs this compute needs. With
@@ -233,6 +236,8 @@ def rewrite(
                 column=spec.column,
                 drop_column=spec.drop_column,
                 needed=None if len(needed) == spec.npartitions else needed,
+                # One transfer per input partition, numbered from 0 (dask's layout).
+                npartitions_in=len(nodes[b].dependencies),
             )
         out.handles.append(handle)  # the caller closes these, whatever happens next
         handles[str(spec.id)] = handle

@@ -166,8 +166,10 @@ def split_joined(meta: bytes) -> tuple[tuple[int, ...] | None, bytes]:
 class Coverage:
     """Which inputs the stored pieces of each output partition cover (module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, npartitions_in: int | None = None) -> None:
         self._by_partition: dict[int, dict[int, tuple[int, ...]]] = {}  # input -> its set
+        #: Joined pieces covering inputs beyond it are refused (``None``: unchecked).
+        self._npartitions_in = npartitions_in
 
     def admit(self, pieces: Iterable[tuple[int, int, bytes]]) -> None:
         """Check ``(output, input, meta)`` of one message's pieces and record them.
@@ -184,6 +186,11 @@ class Coverage:
                 raise FrameError(
                     f"a joined piece of output {output} is named {name}, not by its first "
                     f"input {inputs[0]}"
+                )
+            if self._npartitions_in is not None and inputs[-1] >= self._npartitions_in:
+                raise FrameError(
+                    f"a joined piece of output {output} covers input partition {inputs[-1]}, "
+                    f"but the run has {self._npartitions_in} inputs"
                 )
             stored = self._by_partition.get(output, {})
             fresh = new.setdefault(output, {})

@@ -198,6 +198,12 @@ class ShuffleRun(abc.ABC):
         self.spec.check_run_id(header.run_id)
         if not self._accept_any_sender and header.sender not in self.spec.participants:
             raise FrameError(f"{self}: sender {header.sender!r} is not a participant")
+        beyond = self.spec.inputs_out_of_range(e.input_partition for e in header.entries)
+        if beyond:
+            raise FrameError(
+                f"{self} received shards of input partitions {beyond[:8]} from "
+                f"{header.sender!r}, but the run has {self.spec.npartitions_in} inputs"
+            )
         foreign = sorted(
             {e.output_partition for e in header.entries if e.output_partition not in self.owned}
         )
@@ -309,7 +315,7 @@ class DataFrameShuffleRun(ShuffleRun):
         super().__init__(**common)
         self.meta = meta
         self.output_meta = meta.drop(columns=spec.column) if spec.drop_column else meta
-        self._coverage = Coverage()
+        self._coverage = Coverage(npartitions_in=spec.npartitions_in)
 
     def _admit(self, entries: Sequence[Any]) -> None:
         # Joined pieces (shuffle._combine) must not overlap: a name-based dedupe

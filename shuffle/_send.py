@@ -19,21 +19,36 @@ from dataclasses import dataclass
 from typing import Any
 
 from shuffle._buffer import ShardsBuffer
+from shuffle._exceptions import FrameError
 from shuffle._ids import ShardKey
 from shuffle._limiter import ResourceLimiter
 from shuffle._options import RunOptions
 from shuffle._spec import ShuffleRunSpec
 from shuffle._split import Shards
 from shuffle.wire._memory import HOST_REGISTRY, MemoryRegistry
-from shuffle.wire._message import encode_message, payload_nbytes
+from shuffle.wire._message import DEFAULT_MAX_MESSAGE_NBYTES, encode_message, payload_nbytes
 
-__all__ = ["Deliver", "Sent", "send_shards"]
+__all__ = ["MAX_PAYLOAD_NBYTES", "Deliver", "Sent", "check_payload", "send_shards"]
 
 logger = logging.getLogger(__name__)
 
 #: Delivers one encoded message (``[header, *buffers]``) to the named owner and returns
 #: once that owner has accepted it; raises if it did not.
 Deliver = Callable[[str, list[Any]], Awaitable[None]]
+
+
+#: The payload one message may carry; transports enforce it from the wire header too
+#: (``shuffle.shell._limits``).
+MAX_PAYLOAD_NBYTES = DEFAULT_MAX_MESSAGE_NBYTES
+
+
+def check_payload(nbytes: int, *, what: str) -> None:
+    """Raise ``FrameError`` if a message of ``nbytes`` of payload cannot travel."""
+    if nbytes > MAX_PAYLOAD_NBYTES:
+        raise FrameError(
+            f"{what}: a message of {nbytes} bytes exceeds the limit of {MAX_PAYLOAD_NBYTES} "
+            "bytes per message (one shard must fit; use more, smaller partitions)"
+        )
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,7 @@ async def send_shards(
             shards=batch,
             registry=registry,
         )
+        check_payload(message.header.nbytes, what=f"{name} to {owner}")
         await deliver(owner, message.frames())
 
     buffer: ShardsBuffer[ShardKey, Any] = ShardsBuffer(

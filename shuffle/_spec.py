@@ -10,7 +10,7 @@ partition.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from shuffle._exceptions import StaleRunError
@@ -60,6 +60,9 @@ class ShuffleRunSpec:
     #: The output partitions the compute asks for (ascending); senders drop the rows of
     #: the others, so selecting a few outputs moves only their rows. ``None``: all.
     needed: tuple[int, ...] | None = None
+    #: How many input partitions the run has; shards named by an input outside
+    #: ``[0, npartitions_in)`` are refused. ``None``: not known, not checked.
+    npartitions_in: int | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence but store a tuple, so the spec stays hashable.
@@ -70,6 +73,12 @@ class ShuffleRunSpec:
             raise ValueError(f"run_id must be an int >= 1, got {self.run_id!r}")
         if self.npartitions_out < 1:
             raise ValueError(f"npartitions_out must be >= 1, got {self.npartitions_out}")
+        if self.npartitions_in is not None and (
+            isinstance(self.npartitions_in, bool)
+            or not isinstance(self.npartitions_in, int)
+            or self.npartitions_in < 1
+        ):
+            raise ValueError(f"npartitions_in must be an int >= 1, got {self.npartitions_in!r}")
         if not self.participants:
             raise ValueError(f"shuffle {self.shuffle_id!r} needs at least one participant")
         if len(set(self.participants)) != len(self.participants):
@@ -92,6 +101,12 @@ class ShuffleRunSpec:
         return partitions_of(
             participant, npartitions=self.npartitions_out, participants=self.participants
         )
+
+    def inputs_out_of_range(self, inputs: Iterable[int]) -> list[int]:
+        """The input partitions of ``inputs`` this run does not have, sorted."""
+        if self.npartitions_in is None:
+            return []
+        return sorted({i for i in inputs if not 0 <= i < self.npartitions_in})
 
     def check_run_id(self, run_id: int) -> None:
         """Raise ``StaleRunError`` unless ``run_id`` is this run's id.

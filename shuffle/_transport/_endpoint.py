@@ -163,7 +163,10 @@ class FramedEndpoint(Endpoint):
 
     def _fail(self, error: BrokenTransportError) -> BrokenTransportError:
         if self._broken is None:
-            self._broken = error
+            # A copy, never the raised error: that one gets a traceback (and a cause)
+            # whose frames hold the message being received, which a stored error would
+            # keep alive, in a cycle through this endpoint, for as long as it exists.
+            self._broken = type(error)(str(error))
         self._abort_transport()
         return error
 

@@ -142,6 +142,9 @@ class TransportConfig:
     connect_timeout: float = 10.0
     #: Bound on a graceful ``close()`` before it falls back to ``abort()``.
     close_timeout: float = 5.0
+    #: Accepted connections a listener lets wait for their handshake at once; one more
+    #: drops the oldest of them (``_listener.py``).
+    max_pending: int = 256
     allocator: Allocator = dataclasses.field(default=host_allocator, compare=False)
 
     MIN_SECRET_BYTES: ClassVar[int] = 16
@@ -155,6 +158,8 @@ class TransportConfig:
         for name in ("handshake_timeout", "connect_timeout", "close_timeout"):
             if not getattr(self, name) > 0:
                 raise TransportUsageError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.max_pending >= 1:
+            raise TransportUsageError(f"max_pending must be >= 1, got {self.max_pending!r}")
 
 
 class AsyncResource(abc.ABC):

@@ -41,7 +41,9 @@ __all__ = ["TcpTransport"]
 logger = logging.getLogger("shuffle.transport.tcp")
 
 _RECV_BUFFER_BYTES = 256 * 1024
-_DIRECT_READ_BYTES = _RECV_BUFFER_BYTES // 2
+#: Until the handshake admitted the peer, the receive buffer holds handshake messages
+#: only (``HANDSHAKE_LIMITS``): an unauthenticated connection costs ~1 KiB, not 256.
+_HANDSHAKE_BUFFER_BYTES = 1024
 try:
     _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
 except (AttributeError, ValueError, OSError):
@@ -79,10 +81,19 @@ class _TcpEndpoint(FramedEndpoint):
         self._torn_down = False
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
-        self._rbuf = memoryview(bytearray(_RECV_BUFFER_BYTES))
+        self._rbuf = memoryview(bytearray(_HANDSHAKE_BUFFER_BYTES))
         self._rstart = 0
         self._rend = 0
         self._prefix = memoryview(bytearray(FRAME_PREFIX.size))
+
+    def _limits_changed(self) -> None:
+        """Authenticated: grow the receive buffer, keeping what it holds already."""
+        if len(self._rbuf) >= _RECV_BUFFER_BYTES:
+            return
+        held = self._rend - self._rstart
+        rbuf = memoryview(bytearray(_RECV_BUFFER_BYTES))
+        rbuf[:held] = self._rbuf[self._rstart : self._rend]
+        self._rbuf, self._rstart, self._rend = rbuf, 0, held
 
     # ---- readiness
 
@@ -133,7 +144,7 @@ class _TcpEndpoint(FramedEndpoint):
             view[:pos] = self._rbuf[self._rstart : self._rstart + pos]
             self._rstart += pos
         while pos < size:  # the buffer is empty here
-            if size - pos >= _DIRECT_READ_BYTES:
+            if size - pos >= len(self._rbuf) // 2:
                 pos += await self._recv_into(view[pos:])
                 continue
             self._rstart, self._rend = 0, await self._recv_into(self._rbuf)
@@ -233,20 +244,23 @@ class _TcpListener(ServingListener):
         loop = asyncio.get_running_loop()
         while True:
             try:
-                conn, _ = await loop.sock_accept(self._sock)
+                # No local keeps the accepted socket (or its endpoint) alive while this
+                # loop waits for the next one: a dropped connection is freed at once.
+                self._take((await loop.sock_accept(self._sock))[0])
             except OSError as e:  # e.g. EMFILE: keep serving, but do not spin
                 logger.warning("%s: accept failed: %s", self._address, e)
                 await asyncio.sleep(0.1)
-                continue
-            try:
-                _configure(conn)
-                name = f"tcp://{_sockname(conn, False)}<-{_sockname(conn, True)}"
-                endpoint = _TcpEndpoint(sock=conn, name=name, config=self._config)
-            except OSError as e:
-                logger.warning("%s: dropped a connection: %s", self._address, e)
-                conn.close()
-                continue
-            self._accept(endpoint)
+
+    def _take(self, conn: socket.socket) -> None:
+        try:
+            _configure(conn)
+            name = f"tcp://{_sockname(conn, False)}<-{_sockname(conn, True)}"
+            endpoint = _TcpEndpoint(sock=conn, name=name, config=self._config)
+        except OSError as e:
+            self._drops.dropped(e)
+            conn.close()
+            return
+        self._accept(endpoint)
 
     async def _stop_accepting(self) -> None:
         self._task.cancel()

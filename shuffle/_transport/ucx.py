@@ -78,6 +78,8 @@ from ._frames import (
     frame_header_nbytes,
 )
 from ._listener import ServingListener
+from ._reaper import ConnectionReaper, listening_ports
+from ._reaper import supported as reaper_supported
 from .base import Handler, TransportConfig
 
 __all__ = ["UcxTransport", "is_available"]
@@ -147,6 +149,9 @@ class _UcxRuntime:
         self._generation = 0
         self._resetting: concurrent.futures.Future[None] | None = None
         self._exit_hook_registered = False
+        #: TCP ports UCX's own transports listen on in this process (found by comparing
+        #: the process's listening sockets around ``ucxx.init``), guarded by the reaper.
+        self.tcp_ports: frozenset[int] = frozenset()
 
     async def acquire(self) -> tuple[ModuleType, int]:
         """Make sure ucxx is initialised for the running loop; returns the module and
@@ -188,6 +193,7 @@ class _UcxRuntime:
             done.set_result(None)
 
     def _init(self, ucxx: ModuleType, loop: asyncio.AbstractEventLoop) -> None:
+        before = listening_ports() if reaper_supported() else set()
         try:
             ucxx.init(progress_mode="thread", enable_python_future=True)
         except RuntimeError:
@@ -201,6 +207,7 @@ class _UcxRuntime:
         self._owned = True
         self._users = 0
         self._generation += 1
+        self.tcp_ports = frozenset(listening_ports() - before) if reaper_supported() else frozenset()
         self._loop = weakref.ref(loop)
         if not self._exit_hook_registered:
             # Runs before the interpreter joins non-daemon threads (atexit runs after).
@@ -387,6 +394,15 @@ class _UcxListener(ServingListener):
         )
         address = format_address("ucx", host, self._ucx_listener.port)
         super().__init__(config=config, handler=handler, address=address)
+        # Raw connections that never complete UCX's wire-up stay below ucxx; bound them.
+        self._reaper = ConnectionReaper(
+            listener_ports={self._ucx_listener.port},
+            data_ports=_RUNTIME.tcp_ports,
+            deadline=config.handshake_timeout,
+            cap=config.max_pending,
+            on_drop=self._drops.dropped,
+        )
+        self._reaper.start()
 
     def _on_connect(self, ep: Any) -> None:
         # Called by ucxx on our event loop once its own tag exchange is done.
@@ -396,6 +412,7 @@ class _UcxListener(ServingListener):
         self._accept(endpoint)
 
     async def _stop_accepting(self) -> None:
+        await self._reaper.stop()
         listener = self._ucx_listener
         # ucxx runs a handler coroutine per connection attempt that holds its context;
         # let those that already started finish (they reach _accept, which refuses).

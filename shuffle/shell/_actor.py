@@ -69,6 +69,7 @@ from shuffle.device._allocator import refused_reason, transport_allocator
 from shuffle.device._arrays import to_host
 from shuffle.device._cuda import GpuStatus, gpu_status, registry_for
 from shuffle.device._options import DEFAULT_DEVICE_OPTIONS, DeviceOptions, DeviceUnavailableError
+from shuffle.shell._limits import MESSAGE_LIMITS
 from shuffle.shell._metrics import METRICS_INTERVAL, ActorMetrics, ActorSample
 from shuffle.wire._memory import MemoryRegistry
 from shuffle.wire._reply import ACK, encode_error
@@ -137,6 +138,7 @@ class ShuffleActor:
         self.registry: MemoryRegistry = registry_for(device.mode)
         self._config = TransportConfig(
             secret=secret,
+            limits=MESSAGE_LIMITS,  # checked from the wire header, before allocating
             # Refused device frames are drained and answered with the reason (_serve).
             allocator=transport_allocator(
                 self.registry, where=f"shuffle actor {name}", drain_refused=True

@@ -47,6 +47,7 @@ from shuffle._transport import (
 )
 from shuffle.device._cuda import registry_for
 from shuffle.shell._handle import RunHandle
+from shuffle.shell._limits import MESSAGE_LIMITS
 from shuffle.shell._pool import EndpointPool
 
 __all__ = ["ClientConfig", "ShuffleClient"]
@@ -183,7 +184,8 @@ class ShuffleClient:
             if scheme not in _SCHEMES:
                 raise ValueError(f"no shuffle transport for addresses of scheme {scheme!r}")
             transport = get_transport(
-                cast(TransportName, scheme), config=TransportConfig(secret=secret)
+                cast(TransportName, scheme),
+                config=TransportConfig(secret=secret, limits=MESSAGE_LIMITS),
             )
             pool = self._pools[key] = EndpointPool(
                 transport, request_timeout=self.config.request_timeout

@@ -237,6 +237,7 @@ class ShuffleService:
         column: str = DEFAULT_PARTITION_COLUMN,
         drop_column: bool = True,
         needed: Sequence[int] | None = None,
+        npartitions_in: int | None = None,
     ) -> RunHandle:
         """Start a new run of ``shuffle_id`` on every actor and return its handle.
 
@@ -244,7 +245,8 @@ class ShuffleService:
         ``StaleRunError`` everywhere). ``meta`` is the input partitions' empty frame,
         partition column included, or for an array rechunk its ``RechunkLayout``.
         ``needed``: the output partitions that will be asked for, when not all are
-        (``ShuffleRunSpec.needed``).
+        (``ShuffleRunSpec.needed``). ``npartitions_in``: the number of input partitions;
+        actors refuse shards named by any other input.
         """
         actors = self.actors()
         spec = ShuffleRunSpec(
@@ -255,6 +257,7 @@ class ShuffleService:
             column=column,
             drop_column=drop_column,
             needed=None if needed is None else tuple(needed),
+            npartitions_in=npartitions_in,
         )
         schemes = {a.address.partition("://")[0] for a in actors}
         if len(schemes) != 1:

@@ -28,6 +28,7 @@ class FakeHandle:
     column: str | None
     needed: tuple[int, ...] | None = None
     meta: object = None
+    npartitions_in: int | None = None
 
 
 class FakeService:
@@ -35,7 +36,15 @@ class FakeService:
         self.started: list[FakeHandle] = []
 
     def start_run(
-        self, shuffle_id, *, npartitions_out, meta, column=None, drop_column=None, needed=None
+        self,
+        shuffle_id,
+        *,
+        npartitions_out,
+        meta,
+        column=None,
+        drop_column=None,
+        needed=None,
+        npartitions_in=None,
     ):
         if is_rechunk(meta):
             assert column is None and npartitions_out == meta.npartitions_out
@@ -44,6 +53,7 @@ class FakeService:
         spec = FakeSpec(shuffle_id, len(self.started) + 1)
         h = FakeHandle(spec, npartitions_out, column, None if needed is None else tuple(needed))
         h.meta = meta
+        h.npartitions_in = npartitions_in
         self.started.append(h)
         return h
 
@@ -91,6 +101,9 @@ def test_shuffle_becomes_transfers_barrier_and_actor_unpacks():
     new_barrier = rw.nodes[barrier]
     assert new_barrier.func is _p2p._barrier_done
     assert len(new_barrier.dependencies) == 4  # one transfer per input partition
+    # ... numbered 0..3, which actors check shards against.
+    assert handle.npartitions_in == 4
+    assert sorted(g.nodes[t].args[2] for t in new_barrier.dependencies) == [0, 1, 2, 3]
     for t in new_barrier.dependencies:
         assert isinstance(rw.nodes[t].func, _p2p._Transfer)
     # The rewritten graph is complete and valid; the unpacks depend on the barrier.
@@ -108,6 +121,7 @@ def test_selected_output_partitions_unpack_and_receive_only_those():
     assert sorted(u.partition for u in rw.unpacks.values()) == [1, 3]
     (handle,) = service.started
     assert handle.needed == (1, 3)  # senders drop the rows of partitions 0 and 2
+    assert handle.npartitions_in == 4  # every input still sends
 
 
 def test_selected_merge_outputs_are_the_needed_ones_of_both_sides():
@@ -130,6 +144,7 @@ def test_merge_unpacks_both_sides_then_merges():
     service = FakeService()
     rw = _p2p.rewrite(g.nodes, g.dependents, start_run=service.start_run)
     assert len(service.started) == 2
+    assert sorted(h.npartitions_in for h in service.started) == [2, 3]
     merges = [k for k, n in rw.nodes.items() if getattr(n, "func", None) is _p2p._merge_unpacked]
     assert merges
     for m in merges:
@@ -155,7 +170,7 @@ def test_p2p_rechunk_becomes_a_run_per_stage_with_flat_chunk_numbers():
     assert sorted(u.partition for u in rw.unpacks.values()) == list(range(10))
     (barrier,) = _p2p.p2p_barriers(g.nodes)
     transfers = rw.nodes[barrier].dependencies
-    assert len(transfers) == layout.npartitions_in
+    assert len(transfers) == layout.npartitions_in == handle.npartitions_in
     assert all(isinstance(rw.nodes[t].func, _p2p._Transfer) for t in transfers)
     assert not _p2p.p2p_barriers(rw.nodes)
 

@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
-from shuffle._exceptions import ShuffleClosedError, StaleRunError, UnknownRunError
-from shuffle._ids import RunId, ShuffleId
+from shuffle._exceptions import FrameError, ShuffleClosedError, StaleRunError, UnknownRunError
+from shuffle._ids import RunId, ShardKey, ShuffleId
 from shuffle._options import RunOptions
 from shuffle._store import spill_prefix
 from shuffle._transport import AuthenticationError, TransportName
@@ -34,6 +35,8 @@ from shuffle._transport import ucx as ucx_module
 from shuffle.shell._client import ClientConfig, ShuffleClient
 from shuffle.shell._handle import RunHandle
 from shuffle.shell._placement import actors_on_node, slots
+from shuffle.wire._arrow import table_to_buffer
+from shuffle.wire._message import encode_message
 
 ray = pytest.importorskip("ray")
 
@@ -275,6 +278,67 @@ def test_unauthenticated_clients_are_dropped_and_the_actor_keeps_serving(
     handle, outputs = run_shuffle(svc, "after-intruders", inputs)
     assert_outputs(outputs, inputs)
     svc.close_run(handle)
+    assert_clean(svc, spill)
+
+
+def test_shards_of_unknown_input_partitions_are_refused_with_a_typed_error(
+    service: tuple[ShuffleService, Path],
+) -> None:
+    svc, spill = service
+    inputs = make_inputs(seed=5)
+    handle = svc.start_run(
+        "input-range",
+        npartitions_out=NOUT,
+        meta=inputs[0].iloc[:0],
+        column=COLUMN,
+        npartitions_in=NIN,
+    )
+    spec = handle.spec
+    shard = table_to_buffer(pa.Table.from_pandas(inputs[0].iloc[:3].drop(columns=COLUMN)))
+    frames = encode_message(
+        shuffle_id=spec.shuffle_id,
+        run_id=spec.run_id,
+        sender="intruder-with-the-secret",
+        shards=[(ShardKey(0, 999999), shard)],
+    ).frames()
+    client = ShuffleClient(config=ClientConfig(request_timeout=WAIT))
+    try:
+        with pytest.raises(FrameError, match=r"input partitions \[999999\].* has 8 inputs"):
+            client.send(handle.addresses[spec.owner_of(0)], frames, secret=handle.secret)
+    finally:
+        client.close()
+    assert transfer_all(handle, inputs) == list(range(NIN))
+    assert_outputs(unpack(handle), inputs)  # no row of the refused shard
+    svc.close_run(handle)
+    assert_clean(svc, spill)
+
+
+def test_idle_raw_connections_neither_stop_a_shuffle_nor_stay(
+    service: tuple[ShuffleService, Path],
+) -> None:
+    """Raw connections to the actor's port (for UCX: held below the application) do not
+    stop a shuffle, and are closed within the handshake deadline plus the reaper's
+    period."""
+    svc, spill = service
+    (actor,) = svc.actors()
+    host, _, port = actor.address.partition("://")[2].rpartition(":")
+    socks = [socket.create_connection((host, int(port)), timeout=WAIT) for _ in range(300)]
+    try:
+        start_time = time.monotonic()
+        inputs = make_inputs(seed=6)
+        handle, outputs = run_shuffle(svc, "under-a-flood", inputs)
+        assert_outputs(outputs, inputs)
+        svc.close_run(handle)
+        for sock in socks:
+            sock.settimeout(max(0.1, start_time + 15.0 - time.monotonic()))
+            try:
+                assert sock.recv(16) == b""
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() - start_time < 15.0  # 10 s handshake deadline, 1 s period
+    finally:
+        for sock in socks:
+            sock.close()
     assert_clean(svc, spill)
 
 

@@ -30,13 +30,14 @@ from shuffle._exceptions import (
     ShuffleError,
     StaleRunError,
 )
+from shuffle._combine import joined_meta
 from shuffle._ids import RunId, ShardKey, ShuffleId
 from shuffle._manager import UnknownRunError
 from shuffle._options import RunOptions
 from shuffle._run import DataFrameShuffleRun
 from shuffle._spec import ShuffleRunSpec
 from shuffle.wire._arrow import table_to_buffer
-from shuffle.wire._message import encode_message
+from shuffle.wire._message import Piece, encode_message
 from tests.shuffle.support import Mode, Network
 
 COLORS = pd.CategoricalDtype(["red", "green", "blue"])
@@ -555,6 +556,54 @@ async def test_manager_rejects_bad_messages_and_keeps_serving(
         await receiver.receive(message())
     with pytest.raises(ShuffleClosedError):
         await receiver.get_or_create(spec.next_run(run_id=RunId(9)), inputs[0])
+
+
+async def test_shards_of_inputs_outside_the_spec_are_refused(
+    make_network: Callable[..., Network],
+) -> None:
+    """A run knows its input count: a shard named by input 999999 of 3 (or a joined piece
+    covering one) is refused like any bad frame, and adds nothing to the outputs."""
+    network = make_network(2)
+    inputs = make_inputs([20, 20, 20], npartitions_out=4)
+    spec = dataclasses.replace(make_spec(network, 4), npartitions_in=3)
+    runs = await create_runs(network, spec, inputs[0].iloc[:0])
+    receiver = network.managers["actor-1"]  # owns partitions 2 and 3
+    table = table_to_buffer(pa.Table.from_pandas(inputs[0].iloc[:1]))
+
+    def message(input_partition: int, meta: bytes = b"") -> list[Any]:
+        payload = Piece(table, meta, table.size) if meta else table
+        return encode_message(
+            shuffle_id=spec.shuffle_id,
+            run_id=spec.run_id,
+            sender="actor-0",
+            shards=[(ShardKey(2, input_partition), payload)],
+        ).frames()
+
+    with pytest.raises(FrameError, match=r"input partitions \[999999\].*has 3 inputs"):
+        await receiver.receive(message(999999))
+    with pytest.raises(FrameError, match=r"input partitions \[3\]"):
+        await receiver.receive(message(3))
+    with pytest.raises(FrameError, match="covers input partition 7, but the run has 3"):
+        await receiver.receive(message(1, joined_meta([1, 7], b"")))
+    assert runs["actor-1"].stats.messages_received == 0
+    assert runs["actor-1"].exception is None
+
+    await transfer(network, runs, inputs)
+    barrier(runs)
+    assert_outputs(unpack(runs, spec), expected_outputs(inputs, 4))
+    await network.close()
+
+
+def test_spec_validates_its_input_count() -> None:
+    spec = ShuffleRunSpec(
+        shuffle_id=ShuffleId("s"), run_id=RunId(1), npartitions_out=2, participants=("a",)
+    )
+    assert spec.inputs_out_of_range([0, 5, 2**32]) == []  # unknown count: unchecked
+    spec = dataclasses.replace(spec, npartitions_in=64)
+    assert spec.inputs_out_of_range([0, 63, 64, 999999, 64]) == [64, 999999]
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="npartitions_in must be an int >= 1"):
+            dataclasses.replace(spec, npartitions_in=bad)
 
 
 # ---------------------------------------------------------------- failures and closing
