@@ -75,7 +75,7 @@ def test_shuffle_of_four_times_the_budget_spills_and_cleans_up(oob: OOB) -> None
         got = ddf.shuffle("k", npartitions=5).compute()
     pd.testing.assert_frame_equal(got.sort_index(), pdf)
     (info,) = probe.infos
-    stored = info.stats.bytes_received + info.stats.bytes_local
+    stored = info.stats.bytes_received  # every piece arrives in a message
     assert stored >= 4 * BUDGET, "the test data must exceed the budget"
     assert info.spill_directory is not None
     # Memory never holds more than the budget, so the rest was on disk.
