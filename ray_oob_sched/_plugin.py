@@ -165,6 +165,7 @@ class RaySchedule:
         nodes, annotations = _graph.materialize(dsk)
         flat = _graph.output_keys(keys)
         graph = _graph.build(nodes, flat, resolve=REGISTRY.lookup)
+        _p2p.refuse_disk_shuffle(graph.nodes)
         has_p2p = bool(_p2p.p2p_barriers(graph.nodes))
 
         options_of: dict[Key, Hashable] = {}
