@@ -293,6 +293,11 @@ class _ShuffleRuns:
                 found[sid] = dead
         return found
 
+    def nodes_of(self, actors: Sequence[str]) -> tuple[list[str], list[str]]:
+        """The nodes ``actors`` ran on, and those of them that left the cluster."""
+        nodes = sorted({n for a in actors if (n := self.service.node_of(a)) is not None})
+        return nodes, [n for n in nodes if n in self.service.lost_nodes]
+
     def restart(self, shuffle_id: str) -> None:
         self.p2p.replace_run(self.service.restart_run(self.p2p.runs[shuffle_id]))
 
@@ -446,8 +451,15 @@ class _Compute:
         except RestartLimitError as limit:
             sid = limit.shuffle_id
             actors = dead.get(sid) or sorted({a for names in dead.values() for a in names})
+            nodes, lost = self.runs.nodes_of(actors)
             raise ShuffleActorLostError(
-                sid, self.runs.run_id(sid), actors, limit.restarts, self.state.max_restarts
+                sid,
+                self.runs.run_id(sid),
+                actors,
+                limit.restarts,
+                self.state.max_restarts,
+                nodes=nodes,
+                lost_nodes=lost,
             ) from err
         restarted = [
             s for i in instructions if isinstance(i, RestartShuffles) for s in i.shuffle_ids
