@@ -72,7 +72,7 @@ def _remove_when_ready(cluster: Any, node: Any, ready: Path, removed: Path, at: 
     removed.write_text("removed")
 
 
-def node_loss_scenario(max_restarts: int) -> None:
+def node_loss_scenario(max_restarts: int, transport: str) -> None:
     """Run in a subprocess by the tests below; raises on any failure."""
     from ray import cloudpickle
     from ray.cluster_utils import Cluster
@@ -99,7 +99,9 @@ def node_loss_scenario(max_restarts: int) -> None:
             (Path(tmp) / "spill").mkdir()
             with (
                 dask.config.set(config),
-                configured_service(Path(tmp) / "spill", actors_per_node=1) as oob,
+                configured_service(
+                    Path(tmp) / "spill", actors_per_node=1, transport=transport
+                ) as oob,
             ):
                 victim_node = workers[1]
                 (victim,) = [a for a in oob.service.actors() if a.node_id == victim_node.node_id]
@@ -145,7 +147,8 @@ def node_loss_scenario(max_restarts: int) -> None:
                     del outcome
                 assert oob.service.open_runs() == [] and run_infos(oob.service) == []
         print(
-            f"node loss OK: max-restarts={max_restarts}, {took:.1f} s from removal to outcome, "
+            f"node loss OK: max-restarts={max_restarts}, transport {transport}, "
+            f"{took:.1f} s from removal to outcome, "
             f"lost before Ray reported it dead: {bool(oob.service.lost_nodes)}",
             flush=True,
         )
@@ -154,10 +157,14 @@ def node_loss_scenario(max_restarts: int) -> None:
         cluster.shutdown()
 
 
-@pytest.mark.parametrize("max_restarts", [1, 0])
-def test_node_removed_mid_shuffle(max_restarts: int) -> None:
+# Each outcome on one transport: the loss shows the same way on both (a dead address).
+@pytest.mark.parametrize("max_restarts, transport", [(1, "auto"), (0, "tcp")])
+def test_node_removed_mid_shuffle(max_restarts: int, transport: str) -> None:
     root = Path(__file__).resolve().parents[2]
-    code = f"import tests.integration.test_node_loss as m; m.node_loss_scenario({max_restarts})"
+    code = (
+        "import tests.integration.test_node_loss as m; "
+        f"m.node_loss_scenario({max_restarts}, {transport!r})"
+    )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     result = subprocess.run(
