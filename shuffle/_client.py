@@ -468,7 +468,9 @@ def _drop_frame_locals(error: BaseException) -> None:
     only the garbage collector frees, and an idle Ray worker rarely runs it, so each
     failed transfer kept its input pinned in the store. The traceback stays printable
     (it needs code and line numbers, not locals). Frames still running (the caller's
-    own) cannot be cleared and are skipped.
+    own) cannot be cleared and are skipped. Called once the call's coroutine is done
+    (or, on the loop's timeout, with no loop frame in the tracebacks), so no frame
+    cleared here belongs to a coroutine that could still resume.
     """
     seen: set[int] = set()
     pending: list[BaseException | None] = [error]
