@@ -170,6 +170,13 @@ class ShuffleService:
         the node; creates what is missing, re-creates what died."""
         self._check_open()
         alive = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in self._lost_nodes]
+        # A crashed node's raylet is gone at once, while Ray reports the node alive for
+        # seconds and its actors' processes may still answer for a moment.
+        gone = {n["NodeID"] for n in alive if not self._raylet_answers(n)}
+        if gone:
+            logger.warning("lost node(s) %s: their raylets do not answer", sorted(gone))
+            self._lost_nodes |= gone
+            alive = [n for n in alive if n["NodeID"] not in gone]
         hosts = dict(sorted((n["NodeID"], n["NodeManagerAddress"]) for n in alive))
         if self.host is not None:
             hosts = dict.fromkeys(hosts, self.host)
@@ -406,14 +413,17 @@ class ShuffleService:
         connections (Ray notices a dead node only after its health checks fail, some
         seconds later)."""
         info = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
-        if info is None or not info["Alive"]:
-            return True
-        address = (info["NodeManagerAddress"], int(info["NodeManagerPort"]))
+        return info is None or not info["Alive"] or not self._raylet_answers(info)
+
+    def _raylet_answers(self, node: Mapping[str, Any]) -> bool:
+        """Whether the raylet of ``node`` (an entry of ``ray.nodes()``) accepts a
+        connection."""
+        address = (node["NodeManagerAddress"], int(node["NodeManagerPort"]))
         try:
             with socket.create_connection(address, timeout=min(self.timeout, _RAYLET_PROBE_S)):
-                return False
+                return True
         except OSError:
-            return True
+            return False
 
     def _create(self, node_id: str, host: str) -> tuple[str, Any]:
         num_gpus = actor_num_gpus(

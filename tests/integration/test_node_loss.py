@@ -14,6 +14,7 @@ session's is in use).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -66,8 +67,18 @@ def hold_until_removed(
 
 
 def _remove_when_ready(cluster: Any, node: Any, ready: Path, removed: Path, at: list) -> None:
+    """A crash of ``node``: its raylet and every worker it started die at once (Ray
+    learns of it late; removing the node alone lets workers outlive their raylet)."""
+    import psutil
+    from ray._private import ray_constants
+
     _wait_for(ready.exists, "no input partition reached the victim's actor")
-    cluster.remove_node(node, allow_graceful=False)  # a crash: Ray learns of it late
+    (raylet,) = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET]
+    workers = psutil.Process(raylet.process.pid).children(recursive=True)
+    cluster.remove_node(node, allow_graceful=False)
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
     at.append(time.monotonic())
     removed.write_text("removed")
 
