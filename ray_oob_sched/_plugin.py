@@ -232,6 +232,7 @@ class RaySchedule:
         nodes, stores = _store.rewrite(nodes)  # before anything runs: may refuse a target
         flat = _graph.output_keys(keys)
         graph = _graph.build(nodes, flat, resolve=REGISTRY.lookup)
+        _p2p.refuse_disk_shuffle(graph.nodes)
         has_p2p = bool(_p2p.p2p_barriers(graph.nodes))
 
         options_of: dict[Key, Hashable] = {}
@@ -424,6 +425,11 @@ class _ShuffleRuns:
                 found[sid] = dead
         return found
 
+    def nodes_of(self, actors: Sequence[str]) -> tuple[list[str], list[str]]:
+        """The nodes ``actors`` ran on, and those of them that left the cluster."""
+        nodes = sorted({n for a in actors if (n := self.service.node_of(a)) is not None})
+        return nodes, [n for n in nodes if n in self.service.lost_nodes]
+
     def restart(self, shuffle_id: str) -> None:
         self.p2p.replace_run(self.service.restart_run(self.p2p.runs[shuffle_id]))
 
@@ -605,8 +611,15 @@ class _Compute:
         except RestartLimitError as limit:
             sid = limit.shuffle_id
             actors = dead.get(sid) or sorted({a for names in dead.values() for a in names})
+            nodes, lost = self.runs.nodes_of(actors)
             raise ShuffleActorLostError(
-                sid, self.runs.run_id(sid), actors, limit.restarts, self.state.max_restarts
+                sid,
+                self.runs.run_id(sid),
+                actors,
+                limit.restarts,
+                self.state.max_restarts,
+                nodes=nodes,
+                lost_nodes=lost,
             ) from err
         restarted = [
             s for i in instructions if isinstance(i, RestartShuffles) for s in i.shuffle_ids

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ray_oob_sched._fuse import Group
 from ray_oob_sched._graph import Key
@@ -168,10 +169,20 @@ class ShuffleActorLostError(RuntimeError):
     """A shuffle actor died mid-run and the shuffle may not be restarted (again).
 
     Raised from the error that showed the loss (an actor or transport error).
+    ``nodes``: the nodes the lost actors ran on; ``lost_nodes``: those of them that
+    left the cluster (the actors died with them).
     """
 
     def __init__(
-        self, shuffle_id: str, run_id: int, actors: Sequence[str], restarts: int, limit: int
+        self,
+        shuffle_id: str,
+        run_id: int,
+        actors: Sequence[str],
+        restarts: int,
+        limit: int,
+        *,
+        nodes: Sequence[str] = (),
+        lost_nodes: Sequence[str] = (),
     ) -> None:
         super().__init__(shuffle_id, run_id, tuple(actors), restarts, limit)
         self.shuffle_id = shuffle_id
@@ -179,12 +190,27 @@ class ShuffleActorLostError(RuntimeError):
         self.actors = tuple(actors)
         self.restarts = restarts
         self.limit = limit
+        self.nodes = tuple(nodes)
+        self.lost_nodes = tuple(lost_nodes)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickles with its keywords (the base class pickles positional args only).
+        return (_lost_error, (self.args, self.nodes, self.lost_nodes))
 
     def __str__(self) -> str:
+        where = f" on node(s) {list(self.nodes)}" if self.nodes else ""
+        if self.lost_nodes:
+            where += f" (node(s) {list(self.lost_nodes)} left the cluster)"
         return (
             f"shuffle {self.shuffle_id!r} (run {self.run_id}) lost shuffle actor(s) "
-            f"{list(self.actors)} mid-run after {self.restarts} restart(s), the limit "
+            f"{list(self.actors)}{where} mid-run after {self.restarts} restart(s), the limit "
             f"(ray-oob-sched.shuffle.max-restarts = {self.limit}); the error that showed "
             "the loss is the cause. Find out why the actor died (node memory, Ray's logs) "
             "or allow more restarts"
         )
+
+
+def _lost_error(
+    args: tuple[Any, ...], nodes: Sequence[str], lost_nodes: Sequence[str]
+) -> ShuffleActorLostError:
+    return ShuffleActorLostError(*args, nodes=nodes, lost_nodes=lost_nodes)

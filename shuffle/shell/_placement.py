@@ -20,7 +20,7 @@ each node the union of its actors' blocks, also contiguous.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Literal, TypeAlias
 
 __all__ = [
@@ -59,6 +59,8 @@ def actors_on_node(setting: ActorsPerNode, *, node_cpus: float) -> int:
     return min(AUTO_MAX_ACTORS_PER_NODE, max(1, cpus // AUTO_CPUS_PER_ACTOR))
 
 
-def slots(counts: Mapping[str, int]) -> list[Slot]:
-    """Every node's slots, ``counts[node]`` of them, ordered by node then index."""
-    return [(node, i) for node in sorted(counts) for i in range(counts[node])]
+def slots(counts: Mapping[str, int], *, lost: Collection[str] = ()) -> list[Slot]:
+    """Every node's slots, ``counts[node]`` of them, ordered by node then index; none
+    on ``lost`` nodes (gone, though Ray may still report them alive), so the runs
+    started next share every output partition among the surviving nodes."""
+    return [(node, i) for node in sorted(counts) if node not in lost for i in range(counts[node])]

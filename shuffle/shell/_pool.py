@@ -67,10 +67,17 @@ class EndpointPool:
                 f"{address} did not acknowledge a shuffle message within "
                 f"{self._request_timeout:g} s (ClientConfig.request_timeout)"
             ) from None
+        finally:
+            # It holds this task, which keeps its cancellation, whose traceback holds
+            # this frame (and the message): no cycle.
+            del deadline
         error = decode_reply(reply, peer=address)
         if error is not None:
             error.add_note(f"reported by the shuffle actor at {address}")
-            raise error
+            try:
+                raise error
+            finally:
+                del error  # its traceback holds this frame (and the message): no cycle
 
     async def _exchange(self, address: str, frames: Sequence[Any]) -> list[Any]:
         endpoint = self._endpoints.get(address)

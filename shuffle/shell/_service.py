@@ -7,7 +7,13 @@ created on first use, pinned to its node, owned by the driver (so the actors die
 it) and reused by later shuffles. Every ``actors()`` call, hence every ``start_run``,
 asks each actor for its address: that doubles as a liveness check, and an actor found
 dead is re-created once (its successor in the same slot deletes the spill files the
-dead one left); actors on nodes that left the cluster are dropped. Every actor gets a
+dead one left); actors on nodes that left the cluster are dropped. A node whose actor
+died and that is gone (Ray reports it dead, or its raylet refuses connections: Ray
+notices a crashed node only after its health checks fail, ~15 s by default) is *lost*:
+its actor is not re-created there (that creation would wait for Ray, then be
+cancelled), its slots are dropped, and runs started since use the surviving nodes.
+The same holds for a node where a re-created actor cannot start and that is gone by
+then. Every actor gets a
 name never used before (``shuffle-<node>-<n>``, ``n`` counting every actor this
 service created), so a re-created actor is told apart from its predecessor. Runs list
 the actors by node, then slot index: each actor owns a contiguous block of output
@@ -26,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +41,7 @@ from typing import Any, Self, cast
 
 import pandas as pd
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnschedulableError, GetTimeoutError, RayActorError
 
 from shuffle._ids import RunIdMinter, ShuffleId
 from shuffle._options import DEFAULT_OPTIONS, RunOptions
@@ -57,6 +64,15 @@ from shuffle.shell._placement import (
 __all__ = ["ActorInfo", "ActorUsage", "ShuffleService"]
 
 logger = logging.getLogger(__name__)
+
+#: Bound on connecting to a raylet to learn whether its node is gone.
+_RAYLET_PROBE_S = 5.0
+
+
+def _is_dead(result: object) -> bool:
+    """Whether an actor call's result says its actor is dead or cannot be placed (its
+    node died before Ray created it there)."""
+    return isinstance(result, (RayActorError, ActorUnschedulableError))
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,10 @@ class ShuffleService:
         # By node id, as of the last actors():
         self._node_gpus: dict[str, float] = {}
         self._node_actors: dict[str, int] = {}
+        # Nodes found gone while Ray may still report them alive; never used again
+        # (a node that comes back gets a new id).
+        self._lost_nodes: set[str] = set()
+        self._node_of: dict[str, str] = {}  # actor name -> node id, every actor created
         self._closed = False
 
     def __repr__(self) -> str:
@@ -152,6 +172,15 @@ class ShuffleService:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def lost_nodes(self) -> frozenset[str]:
+        """Nodes whose actors died with them: no run started since uses them."""
+        return frozenset(self._lost_nodes)
+
+    def node_of(self, actor: str) -> str | None:
+        """The node actor ``actor`` (a participant name) was created on."""
+        return self._node_of.get(actor)
+
     def open_runs(self) -> list[RunHandle]:
         """The newest run of each shuffle that was started and not closed yet."""
         return list(self._runs.values())
@@ -160,7 +189,14 @@ class ShuffleService:
         """The started actors of every alive node, ordered by node id, then index on
         the node; creates what is missing, re-creates what died."""
         self._check_open()
-        alive = [n for n in ray.nodes() if n["Alive"]]
+        alive = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in self._lost_nodes]
+        # A crashed node's raylet is gone at once, while Ray reports the node alive for
+        # seconds and its actors' processes may still answer for a moment.
+        gone = {n["NodeID"] for n in alive if not self._raylet_answers(n)}
+        if gone:
+            logger.warning("lost node(s) %s: their raylets do not answer", sorted(gone))
+            self._lost_nodes |= gone
+            alive = [n for n in alive if n["NodeID"] not in gone]
         hosts = dict(sorted((n["NodeID"], n["NodeManagerAddress"]) for n in alive))
         if self.host is not None:
             hosts = dict.fromkeys(hosts, self.host)
@@ -175,14 +211,7 @@ class ShuffleService:
             for n in alive
         }
         wanted = slots(self._node_actors)
-        for slot in sorted(set(self._actors) - set(wanted)):
-            info = self._actors.pop(slot)
-            if slot[0] in hosts:  # its CPU count changed
-                why = f"node {slot[0]} now runs {self._node_actors[slot[0]]} shuffle actors"
-            else:
-                why = f"node {slot[0]} left the cluster"
-            logger.info("%s; dropping shuffle actor %s", why, info.name)
-            self._kill(info.handle)
+        self._drop(set(self._actors) - set(wanted), hosts)
         created = {s: self._create(s[0], hosts[s[0]]) for s in wanted if s not in self._actors}
 
         def actor_of(slot: Slot) -> tuple[str, Any]:  # (name, handle)
@@ -196,19 +225,46 @@ class ShuffleService:
             got = self._gather({names[t]: actor_of(t)[1].start.remote() for t in targets}, "start")
             return {t: got[names[t]] for t in targets}
 
+        def lose(nodes: set[str]) -> None:
+            # Their slots go; actors being created there are killed.
+            nonlocal wanted
+            if not nodes:
+                return
+            self._lost_nodes |= nodes
+            for slot in [s for s in created if s[0] in nodes]:
+                self._kill(created.pop(slot)[1])
+            wanted = [s for s in wanted if s[0] not in nodes]
+            self._drop({s for s in self._actors if s[0] in nodes}, hosts)
+            logger.warning(
+                "lost node(s) %s: their shuffle actors died and the node does not answer; "
+                "runs use the %d surviving node(s)",
+                sorted(nodes),
+                len({s[0] for s in wanted}),
+            )
+
         dead: list[Slot] = []
         try:
             results = start(wanted)
-            dead = [slot for slot in wanted if isinstance(results[slot], RayActorError)]
+            dead = [slot for slot in wanted if _is_dead(results[slot])]
             if dead:
                 logger.warning(
                     "shuffle actors %s died; re-creating them", [actor_of(d)[0] for d in dead]
                 )
                 for slot in dead:
                     self._kill(actor_of(slot)[1])  # unreachable rather than dead: make sure
+                # A dead node first: re-creating its actors would wait for Ray to
+                # notice the node's death, then fail.
+                lose({node for node in {d[0] for d in dead} if self._node_gone(node)})
+                dead = [d for d in dead if d in wanted]
                 created |= {slot: self._create(slot[0], hosts[slot[0]]) for slot in dead}
                 results |= start(dead)
-            self._raise_failures({actor_of(t)[0]: r for t, r in results.items()}, "start")
+                # A node where a new actor cannot start and that is gone by now.
+                again = {d[0] for d in dead if _is_dead(results[d])}
+                lose({node for node in again if self._node_gone(node)})
+                dead = [d for d in dead if d in wanted]
+            self._raise_failures(
+                {actor_of(t)[0]: r for t, r in results.items() if t in wanted}, "start"
+            )
         except BaseException:
             for _, handle in created.values():
                 self._kill(handle)
@@ -386,12 +442,43 @@ class ShuffleService:
 
     # ---- internals
 
+    def _drop(self, slots_: set[Slot], hosts: Mapping[str, str]) -> None:
+        """Forget and kill the actors of ``slots_``, no longer wanted."""
+        for slot in sorted(slots_):
+            info = self._actors.pop(slot)
+            if slot[0] in self._lost_nodes:
+                why = f"node {slot[0]} was lost"
+            elif slot[0] in hosts:  # its CPU count changed
+                why = f"node {slot[0]} now runs {self._node_actors[slot[0]]} shuffle actors"
+            else:
+                why = f"node {slot[0]} left the cluster"
+            logger.info("%s; dropping shuffle actor %s", why, info.name)
+            self._kill(info.handle)
+
+    def _node_gone(self, node_id: str) -> bool:
+        """Whether ``node_id`` left: Ray reports it dead, or its raylet refuses
+        connections (Ray notices a dead node only after its health checks fail, some
+        seconds later)."""
+        info = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
+        return info is None or not info["Alive"] or not self._raylet_answers(info)
+
+    def _raylet_answers(self, node: Mapping[str, Any]) -> bool:
+        """Whether the raylet of ``node`` (an entry of ``ray.nodes()``) accepts a
+        connection."""
+        address = (node["NodeManagerAddress"], int(node["NodeManagerPort"]))
+        try:
+            with socket.create_connection(address, timeout=min(self.timeout, _RAYLET_PROBE_S)):
+                return True
+        except OSError:
+            return False
+
     def _create(self, node_id: str, host: str) -> tuple[str, Any]:
         num_gpus = actor_num_gpus(
             self.device, node_gpus=self._node_gpus.get(node_id, 0.0), node=node_id
         )
         self._generation += 1  # never reused, also by a re-created actor of the same slot
         name = f"shuffle-{node_id[:8]}-{self._generation}"
+        self._node_of[name] = node_id
         logger.info(
             "creating shuffle actor %s on node %s (%s, %g GPUs)", name, node_id, host, num_gpus
         )

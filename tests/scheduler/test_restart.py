@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -9,7 +11,7 @@ import pytest
 
 from ray_oob_sched import _p2p
 from ray_oob_sched._fuse import Group
-from ray_oob_sched._restart import RestartLimitError, ShuffleTasks
+from ray_oob_sched._restart import RestartLimitError, ShuffleActorLostError, ShuffleTasks
 from ray_oob_sched._state import Abandon, Release, RestartShuffles, SchedulerState, Submit
 from tests.scheduler.test_p2p import FakeHandle, FakeService, FakeSpec, _graph_of
 
@@ -212,3 +214,16 @@ def test_rewrite_names_each_shuffles_tasks_and_replace_run_swaps_the_handle():
     assert {u.handle for u in rw.unpacks.values()} == {new}
     transfer = rw.nodes[rw.transfers[sid][0]].func
     assert transfer.handles[sid] is new  # what transfer tasks submitted from now on get
+
+
+def test_an_actor_lost_with_its_node_names_the_node_and_survives_pickling():
+    err = ShuffleActorLostError(
+        "shuffle-abc", 4, ["shuffle-n2-7"], 1, 1, nodes=["n2full"], lost_nodes=["n2full"]
+    )
+    text = str(err)
+    assert "['shuffle-n2-7'] on node(s) ['n2full']" in text
+    assert "(node(s) ['n2full'] left the cluster)" in text
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.actors, back.nodes, back.lost_nodes) == (err.actors, err.nodes, err.lost_nodes)
+    assert str(back) == text
+    assert "node(s)" not in str(ShuffleActorLostError("s", 1, ["a"], 0, 0))

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -190,6 +192,32 @@ def test_client_shuffles_to_actors_and_survives_a_dropped_connection(
     for actor, _ in actors.values():
         loop.run(actor.close_run(newer.spec.shuffle_id, newer.spec.run_id))
         assert loop.run(actor.runs()) == []
+
+
+def test_a_refused_transfer_leaves_nothing_for_the_garbage_collector(
+    loop: LoopThread, actors: dict[str, tuple[ShuffleActor, str]], client: ShuffleClient
+) -> None:
+    """In a Ray worker the input is a view of the object store: a cycle through the
+    failure (its traceback's frames, the send buffer keeping it) would pin it until the
+    worker's rare garbage collection. Reference counting alone must free it."""
+    handle = start_run(loop, actors, run_id=1)
+    for actor, _ in actors.values():  # the actors refuse every message of the run
+        loop.run(actor.close_run(handle.spec.shuffle_id, handle.spec.run_id))
+    df = make_input(1, 5_000)
+    alive = weakref.ref(df)
+    gc.collect()
+    gc.disable()
+    try:
+        try:  # not pytest.raises: its ExceptionInfo is part of a cycle of its own
+            client.shuffle(df, handle, 1)
+        except ShuffleClosedError:
+            pass
+        else:
+            pytest.fail("the closed run accepted a transfer")
+        del df
+        assert alive() is None, "a failed transfer's input outlives it (a reference cycle)"
+    finally:
+        gc.enable()
 
 
 def _stats(loop: LoopThread, actors: dict[str, tuple[ShuffleActor, str]]) -> dict[str, int]:

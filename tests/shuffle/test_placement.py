@@ -48,6 +48,29 @@ def test_slots_are_ordered_by_node_then_index() -> None:
 
 
 @given(
+    counts=st.dictionaries(st.sampled_from("abcdef"), st.integers(1, 4), min_size=2),
+    data=st.data(),
+    npartitions=st.integers(1, 200),
+)
+def test_a_lost_node_has_no_slots_and_the_survivors_own_every_partition(
+    counts: dict[str, int], data: st.DataObject, npartitions: int
+) -> None:
+    """Ray may report a lost node alive for a while: its slots go all the same, and
+    the next run's participants, the surviving nodes' actors, own every partition."""
+    lost = data.draw(st.sets(st.sampled_from(sorted(counts)), max_size=len(counts) - 1))
+    order = slots(counts, lost=lost)
+    assert order == [s for s in slots(counts) if s[0] not in lost]
+    assert {node for node, _ in order} == set(counts) - lost
+    participants = [f"{node}.{i}" for node, i in order]
+    owned = [
+        p
+        for name in participants
+        for p in partitions_of(name, npartitions=npartitions, participants=participants)
+    ]
+    assert owned == list(range(npartitions))
+
+
+@given(
     counts=st.dictionaries(st.sampled_from("abcdef"), st.integers(1, 4), min_size=1),
     npartitions=st.integers(1, 200),
 )
