@@ -548,10 +548,10 @@ def check_frame(df: Any, meta: Any, input_partition: int, *, where: str) -> None
     """A dataframe input partition must be a pandas or cuDF frame with meta's columns."""
     if not isinstance(df, pd.DataFrame) and not is_cudf_frame(df):
         raise TypeError(f"{where}: expected a pandas or cuDF DataFrame, got {type(df).__name__}")
-    if set(df.columns) != set(meta.columns):
+    if len(df.columns) != len(meta.columns) or set(df.columns) != set(meta.columns):
         raise ValueError(
             f"{where}: input partition {input_partition} has columns "
-            f"{sorted(map(str, df.columns))}, meta has {sorted(map(str, meta.columns))}"
+            f"{list(df.columns)!r}, meta has {list(meta.columns)!r}"
         )
 
 
