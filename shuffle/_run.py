@@ -593,7 +593,10 @@ def split_chunk(
 ) -> dict[str, list[tuple[int, Piece]]]:
     """Input chunk ``input_partition`` as ``{owner: [(output chunk, Piece)]}``."""
     shape = layout.input_shape(input_partition)
-    if tuple(getattr(array, "shape", ())) != shape:
+    got = tuple(getattr(array, "shape", ()))
+    if len(got) != len(shape) or any(
+        e is not None and e != g for e, g in zip(shape, got, strict=True)
+    ):
         raise ValueError(
             f"input chunk {layout.input_index(input_partition)} has shape "
             f"{getattr(array, 'shape', None)}, the rechunk expects {shape}"
@@ -618,10 +621,14 @@ def assemble_chunk(
             if missing
             else f"{where}: output chunk {layout.output_index(partition)} got unexpected pieces"
         )
-    shape = layout.output_shape(partition)
-    if len(pieces) == 1 and tuple(pieces[0][1].shape) == shape:
-        return pieces[0][1]  # one input covers the chunk: no copy
     first = pieces[0][1]
+    # Along an axis of unknown length every piece is a whole input chunk (_rechunk).
+    shape = tuple(
+        first.shape[axis] if n is None else n
+        for axis, n in enumerate(layout.output_shape(partition))
+    )
+    if len(pieces) == 1 and tuple(first.shape) == shape:
+        return first  # one input covers the chunk: no copy
     dtypes = {piece.dtype for _, piece in pieces}
     if len(dtypes) != 1:
         raise ValueError(f"{where}: pieces of output chunk {partition} disagree on dtype: {dtypes}")
