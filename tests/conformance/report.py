@@ -36,7 +36,8 @@ def outcomes(xml: Path) -> dict[str, tuple[str, str]]:
 def compare(out: Path, modules: list[str]) -> dict[str, Any]:
     """Counts per module and mode, and the tests passing under sync only."""
     report: dict[str, Any] = {"modules": {}, "regressions": []}
-    totals: dict[str, int | None] = dict.fromkeys([*MODES, "sync_passed_ray_passed"], None)
+    keys = [*MODES, "sync_passed_ray_passed", "sync_where_ray_ran"]
+    totals: dict[str, int | None] = dict.fromkeys(keys, None)
     for module in modules:
         runs = {}
         for mode in MODES:
@@ -65,7 +66,10 @@ def compare(out: Path, modules: list[str]) -> dict[str, Any]:
                     "error": line,
                 }
             )
-        report["modules"][module] = counts | {"sync_passed_ray_passed": both}
+        report["modules"][module] = counts | {
+            "sync_passed_ray_passed": both,
+            "sync_where_ray_ran": counts["sync"] if ray is not None else None,
+        }
         for key, value in report["modules"][module].items():
             if value is not None:
                 totals[key] = (totals[key] or 0) + value
@@ -84,8 +88,8 @@ def write_report(out: Path, *, modules: list[str]) -> str:
     rows = [*report["modules"].items(), ("total", report["totals"])]
     for module, c in rows:
         share = (
-            f"{100 * c['sync_passed_ray_passed'] / c['sync']:.1f}%"
-            if c["sync"] and c["ray"] is not None
+            f"{100 * c['sync_passed_ray_passed'] / c['sync_where_ray_ran']:.1f}%"
+            if c["sync_where_ray_ran"]
             else "-"
         )
         lines.append(

@@ -5,7 +5,7 @@
     .venv/bin/python -m tests.conformance.run --report-only --out conformance-results
 
 One pytest process per module and mode, on the installed dask's test files, with
-``tests/conformance/pytest.ini`` (not the project's settings) and the mode's plugin
+``tests/conformance/dask-tests.ini`` (not the project's settings) and the mode's plugin
 (``tests.conformance.plugin``). Each writes ``<out>/<mode>/<module>.xml`` (JUnit);
 ``report`` then writes ``<out>/report.json`` and ``<out>/report.md``: pass counts per
 module and mode, and every test that passes under sync but not under ray_oob_sched,
@@ -43,7 +43,7 @@ MODULES = (
 )
 MODES = ("sync", "ray", "distributed")
 LOCK = "/tmp/roos-ray.lock"
-INI = Path(__file__).with_name("pytest.ini")
+INI = Path(__file__).with_name("dask-tests.ini")
 
 
 def module_name(module: str) -> str:
