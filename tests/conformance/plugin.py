@@ -6,9 +6,11 @@
 - ``distributed``: a ``distributed.LocalCluster`` (2 worker processes, 1 thread
   each) whose ``Client`` is the default scheduler.
 
-A test that names a scheduler itself (``compute(scheduler="sync")``,
-``dask.config.set(scheduler=...)``) gets the one it named in every mode: it tests
-that scheduler, and rerouting it would change what it checks.
+A test that names a local scheduler (``compute(scheduler="sync")``,
+``dask.config.set(scheduler="threads")``) gets the mode's scheduler instead: dask's
+``assert_eq`` computes with ``scheduler="sync"``, so most of dask's tests would
+otherwise never reach the scheduler under test. The harness (not the library) points
+every name of ``dask.base.named_schedulers`` at the mode's ``get`` for the session.
 """
 
 from __future__ import annotations
@@ -60,9 +62,34 @@ def pytest_configure(config: pytest.Config) -> None:
         )
         _state["cluster"] = cluster
         _state["client"] = Client(cluster, set_as_default=True)  # type: ignore[no-untyped-call]
+    _route_named_schedulers(_mode_get(mode))
+
+
+def _mode_get(mode: str) -> Any:
+    if mode == "sync":
+        from dask.local import get_sync
+
+        return get_sync
+    if mode == "ray":
+        import ray_oob_sched
+
+        return ray_oob_sched.get
+    return _state["client"].get
+
+
+def _route_named_schedulers(get: Any) -> None:
+    from dask.base import named_schedulers
+
+    _state["named"] = dict(named_schedulers)
+    for name in named_schedulers:
+        named_schedulers[name] = get
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if "named" in _state:
+        from dask.base import named_schedulers
+
+        named_schedulers.update(_state.pop("named"))
     if "config" in _state:
         _state.pop("config").__exit__(None, None, None)
     if "client" in _state:
