@@ -12,6 +12,11 @@ output chunk ``[b0, b1)`` when that overlap is non-empty. An output chunk of len
 along an axis has no overlap; it is given exactly one (empty) contributor, the input
 chunk at its position, so that every output chunk receives at least one piece and the
 receiver learns the dtype from data rather than from a guess.
+
+An axis with unknown chunk lengths (NaN in dask's ``chunks``, e.g. after boolean
+indexing) cannot be cut, and dask only plans rechunks that leave such an axis as it
+is: there, input chunk ``i`` is output chunk ``i``, whole (``slice(None)``), and its
+length is learnt from the data. The layout writes unknown lengths as ``None``.
 """
 
 from __future__ import annotations
@@ -23,11 +28,11 @@ import math
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, cast
 
 __all__ = ["AxisPiece", "RechunkLayout", "is_rechunk"]
 
-Chunks = tuple[tuple[int, ...], ...]
+Chunks = tuple[tuple[int | None, ...], ...]  # None: unknown length (dask's NaN)
 NDIndex = tuple[int, ...]
 
 
@@ -46,8 +51,10 @@ def _bounds(chunks: Sequence[int]) -> list[int]:
     return [0, *itertools.accumulate(chunks)]
 
 
-def _axis_pieces(old: Sequence[int], new: Sequence[int]) -> list[AxisPiece]:
-    a, b = _bounds(old), _bounds(new)
+def _axis_pieces(old: Sequence[int | None], new: Sequence[int | None]) -> list[AxisPiece]:
+    if None in old:  # unknown lengths: unchanged (checked), every chunk goes whole
+        return [AxisPiece(i, i, slice(None), slice(None)) for i in range(len(old))]
+    a, b = _bounds(cast("Sequence[int]", old)), _bounds(cast("Sequence[int]", new))
     pieces = []
     for j in range(len(new)):
         b0, b1 = b[j], b[j + 1]
@@ -71,7 +78,8 @@ class RechunkLayout:
     """The old and new chunking of one array, and the pieces that turn one into the other.
 
     ``old`` and ``new`` are dask ``chunks`` (one tuple of chunk lengths per axis) of the
-    same shape. Immutable and small: the driver ships it to every actor and transfer.
+    same shape; an axis with unknown (NaN) lengths must be the same in both.
+    Immutable and small: the driver ships it to every actor and transfer.
     """
 
     old: Chunks
@@ -84,7 +92,7 @@ class RechunkLayout:
     )
 
     def __post_init__(self) -> None:
-        old, new = _known(self.old, "old"), _known(self.new, "new")
+        old, new = _chunk_lengths(self.old, "old"), _chunk_lengths(self.new, "new")
         object.__setattr__(self, "old", old)
         object.__setattr__(self, "new", new)
         if len(old) != len(new):
@@ -92,11 +100,19 @@ class RechunkLayout:
         for axis, (o, n) in enumerate(zip(old, new, strict=True)):
             if not o or not n:
                 raise ValueError(f"axis {axis} has no chunks: old {o}, new {n}")
-            if any(c < 0 for c in (*o, *n)):
+            if None in o or None in n:
+                if o != n:
+                    raise ValueError(
+                        f"axis {axis} has unknown chunk sizes (NaN) and would change from "
+                        f"{o} to {n}; compute them first (x.compute_chunk_sizes())"
+                    )
+                continue
+            ko, kn = cast("tuple[int, ...]", o), cast("tuple[int, ...]", n)  # no None
+            if any(c < 0 for c in (*ko, *kn)):
                 raise ValueError(f"axis {axis}: chunk lengths must be >= 0: {o} -> {n}")
-            if sum(o) != sum(n):
+            if sum(ko) != sum(kn):
                 raise ValueError(
-                    f"axis {axis}: old chunks {o} sum to {sum(o)}, new chunks {n} to {sum(n)}"
+                    f"axis {axis}: old chunks {o} sum to {sum(ko)}, new chunks {n} to {sum(kn)}"
                 )
         by_input, by_output = [], []
         for o, n in zip(old, new, strict=True):
@@ -135,10 +151,12 @@ class RechunkLayout:
     def flat_output(self, index: Sequence[int]) -> int:
         return _ravel(index, self.new, "output")
 
-    def input_shape(self, flat: int) -> tuple[int, ...]:
+    def input_shape(self, flat: int) -> tuple[int | None, ...]:
+        """The chunk's shape; ``None`` along axes of unknown length."""
         return tuple(axis[i] for axis, i in zip(self.old, self.input_index(flat), strict=True))
 
-    def output_shape(self, flat: int) -> tuple[int, ...]:
+    def output_shape(self, flat: int) -> tuple[int | None, ...]:
+        """The chunk's shape; ``None`` along axes of unknown length."""
         return tuple(axis[i] for axis, i in zip(self.new, self.output_index(flat), strict=True))
 
     def pieces_of_input(self, flat: int) -> Iterator[tuple[int, tuple[slice, ...]]]:
@@ -193,14 +211,18 @@ def _group(
     return tuple(map(tuple, groups))
 
 
-def _known(chunks: Any, what: str) -> Chunks:
+def _chunk_lengths(chunks: Any, what: str) -> Chunks:
+    """``chunks`` as integers, NaN (dask's unknown length) or ``None`` as ``None``."""
     try:
-        return tuple(tuple(operator.index(c) for c in axis) for axis in chunks)
+        return tuple(tuple(_length(c) for c in axis) for axis in chunks)
     except TypeError:
-        raise ValueError(
-            f"{what} chunks {chunks} are not all known integers; an array with unknown "
-            "chunk sizes (NaN) must get them first (x.compute_chunk_sizes())"
-        ) from None
+        raise ValueError(f"{what} chunks {chunks} are not integers or NaN") from None
+
+
+def _length(c: Any) -> int | None:
+    if c is None or (isinstance(c, float) and math.isnan(c)):
+        return None
+    return operator.index(c)
 
 
 def _unravel(flat: int, chunks: Chunks, what: str) -> NDIndex:

@@ -381,10 +381,14 @@ def assemble_chunk(
             if missing
             else f"{where}: output chunk {layout.output_index(partition)} got unexpected pieces"
         )
-    shape = layout.output_shape(partition)
-    if len(pieces) == 1 and tuple(pieces[0][1].shape) == shape:
-        return pieces[0][1]  # one input covers the chunk: no copy
     first = pieces[0][1]
+    # Along an axis of unknown length every piece is a whole input chunk (_rechunk).
+    shape = tuple(
+        first.shape[axis] if n is None else n
+        for axis, n in enumerate(layout.output_shape(partition))
+    )
+    if len(pieces) == 1 and tuple(first.shape) == shape:
+        return first  # one input covers the chunk: no copy
     dtypes = {piece.dtype for _, piece in pieces}
     if len(dtypes) != 1:
         raise ValueError(f"{where}: pieces of output chunk {partition} disagree on dtype: {dtypes}")

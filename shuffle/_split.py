@@ -108,10 +108,10 @@ def check_frame(df: Any, meta: Any, input_partition: int, *, where: str) -> None
     """A dataframe input partition must be a pandas or cuDF frame with meta's columns."""
     if not isinstance(df, pd.DataFrame) and not is_cudf_frame(df):
         raise TypeError(f"{where}: expected a pandas or cuDF DataFrame, got {type(df).__name__}")
-    if set(df.columns) != set(meta.columns):
+    if len(df.columns) != len(meta.columns) or set(df.columns) != set(meta.columns):
         raise ValueError(
             f"{where}: input partition {input_partition} has columns "
-            f"{sorted(map(str, df.columns))}, meta has {sorted(map(str, meta.columns))}"
+            f"{list(df.columns)!r}, meta has {list(meta.columns)!r}"
         )
 
 
@@ -158,7 +158,10 @@ def split_chunk(
 ) -> dict[str, list[tuple[int, Piece]]]:
     """Input chunk ``input_partition`` as ``{owner: [(output chunk, Piece)]}``."""
     shape = layout.input_shape(input_partition)
-    if tuple(getattr(array, "shape", ())) != shape:
+    got = tuple(getattr(array, "shape", ()))
+    if len(got) != len(shape) or any(
+        e is not None and e != g for e, g in zip(shape, got, strict=True)
+    ):
         raise ValueError(
             f"input chunk {layout.input_index(input_partition)} has shape "
             f"{getattr(array, 'shape', None)}, the rechunk expects {shape}"

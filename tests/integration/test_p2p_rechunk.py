@@ -84,3 +84,20 @@ def test_random_rechunks_match_numpy(p2p, data):
     a = (np.arange(int(np.prod(shape))) % 7).astype(dtype).reshape(shape)
     got = da.from_array(a, chunks=old).rechunk(new).compute()
     np.testing.assert_array_equal(got, a)
+
+
+def test_axes_of_unknown_length_are_carried_through(p2p):
+    # Boolean indexing leaves the rows' chunk lengths unknown (NaN); dask rechunks the
+    # other axes and keeps those, as distributed's p2p rechunk does.
+    a = np.random.default_rng(1).random((40, 8, 2))
+    keep = a[:, 0, 0] > 0.3
+    x = da.from_array(a, chunks=(7, 8, 2))[da.from_array(keep, chunks=7)]
+    y = x.rechunk({1: 4, 2: 1})
+    assert all(np.isnan(c) for c in y.chunks[0]) and y.chunks[1:] == ((4, 4), (1, 1))
+    (pers,) = dask.persist(y)
+    barriers = p2p_barriers(dict(y.__dask_graph__()))
+    assert barriers and ray_oob_sched.last_stats().shuffles == len(barriers)
+    np.testing.assert_array_equal(pers.compute(), a[keep])
+    lengths = [int(keep[i : i + 7].sum()) for i in range(0, 40, 7)]
+    blocks = [pers.blocks[i, j, 0].compute() for i in range(len(lengths)) for j in range(2)]
+    assert [b.shape for b in blocks] == [(n, 4, 1) for n in lengths for _ in range(2)]

@@ -14,6 +14,7 @@ from hypothesis.extra import numpy as hnp
 from shuffle._ids import RunId, ShuffleId
 from shuffle._partition import (
     UNKNOWN_CATEGORIES,
+    arrow_names,
     concat_partition,
     group_by_owner,
     split_by_partition,
@@ -288,6 +289,22 @@ def test_concat_rejects_foreign_columns() -> None:
     meta = pd.DataFrame({"a": pd.Series([], dtype="int64")})
     with pytest.raises(ValueError, match=r"received columns \['b'\] do not match meta"):
         concat_partition(tables_of(pd.DataFrame({"b": [1]})), meta=meta)
+
+
+def test_arrow_names_keep_distinct_strings_and_tell_types_apart() -> None:
+    assert arrow_names(["a", "b"]) == ["a", "b"]
+    assert arrow_names([0, "0", 0.0, ("0",)]) == ["0", "'0'", "0.0", "('0',)"]
+    assert arrow_names(["a", 1, "a"]) == ["0:'a'", "1:1", "2:'a'"]
+
+
+def test_concat_error_shows_label_types() -> None:
+    meta = pd.DataFrame({0: pd.Series([], dtype="int64"), "0": pd.Series([], dtype="int64")})
+    with pytest.raises(
+        ValueError,
+        match=r"received columns \['0', 'x'\] do not match meta's columns \[0, '0'\] "
+        r"\(Arrow names \['0', \"'0'\"\]\)",
+    ):
+        concat_partition(tables_of(pd.DataFrame({"0": [1], "x": [2]})), meta=meta)
 
 
 def test_unknown_categories_marker_matches_dask() -> None:

@@ -135,6 +135,50 @@ def test_split_then_assemble_matches_numpy(case: tuple[np.ndarray, RechunkLayout
         assert same(got, want), (index, got, want)
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_axes_of_unknown_length_are_carried_through(data: st.DataObject) -> None:
+    # What dask plans for an array with NaN chunks: those axes keep their chunks, the
+    # others change. The layout knows only that the lengths are unknown (NaN); the
+    # pieces must still rebuild numpy's blocks, whatever the real lengths are.
+    array, layout = data.draw(rechunks())
+    unknown = data.draw(st.lists(st.booleans(), min_size=layout.ndim, max_size=layout.ndim))
+    new = tuple(o if u else n for o, n, u in zip(layout.old, layout.new, unknown, strict=True))
+    nan = float("nan")
+
+    def hidden(chunks: Sequence[Sequence[int]]) -> tuple[tuple[float, ...], ...]:
+        return tuple(
+            tuple(nan if u else c for c in axis) for axis, u in zip(chunks, unknown, strict=True)
+        )
+
+    blind = RechunkLayout(hidden(layout.old), hidden(new))
+    received: dict[int, list[tuple[int, Any]]] = {p: [] for p in range(blind.npartitions_out)}
+    for index, chunk in blocks(array, layout.old).items():
+        i = blind.flat_input(index)
+        for p, piece in over_the_wire(split_chunk(chunk, blind, i, owner_of=str), i):
+            received[p].append((i, piece))
+    for index, want in blocks(array, new).items():
+        p = blind.flat_output(index)
+        assert same(assemble_chunk(received[p], blind, p, where="test"), want), index
+
+
+def test_unknown_lengths_are_none_and_must_not_change() -> None:
+    nan = float("nan")
+    layout = RechunkLayout(((nan, nan), (4, 4)), ((nan, nan), (8,)))
+    assert layout.old == ((None, None), (4, 4)) and layout.input_shape(1) == (None, 4)
+    assert list(layout.pieces_of_output(1)) == [
+        (2, (slice(None), slice(0, 4))),
+        (3, (slice(None), slice(4, 8))),
+    ]
+    with pytest.raises(ValueError, match=r"chunk \(0, 1\) has shape \(3, 5\), .* \(None, 4\)"):
+        split_chunk(np.zeros((3, 5)), layout, 1, owner_of=str)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(layout)) is pickle.loads(pickle.dumps(layout))
+    with pytest.raises(ValueError, match=r"axis 0 has unknown chunk sizes \(NaN\) and would"):
+        RechunkLayout(((nan, nan),), ((nan,),))
+
+
 @given(rechunks())
 @settings(max_examples=100, deadline=None)
 def test_every_input_byte_lands_exactly_once(case: tuple[np.ndarray, RechunkLayout]) -> None:
@@ -170,7 +214,8 @@ def test_flat_numbers_are_row_major_block_indices() -> None:
     [
         (((2, 2),), ((3,),), "sum to 4, new chunks"),
         (((2,),), ((2,), (1,)), "1-d chunks"),
-        (((float("nan"),),), ((2,),), "unknown chunk sizes"),
+        (((float("nan"),),), ((2,),), r"unknown chunk sizes \(NaN\) and would change"),
+        (((1.5,),), ((1.5,),), "not integers or NaN"),
         (((-1, 3),), ((2,),), ">= 0"),
         (((),), ((),), "no chunks"),
     ],

@@ -310,6 +310,35 @@ async def test_all_empty_inputs_give_meta_shaped_outputs(
     await network.close()
 
 
+NON_STRING_LABELS = {
+    "int": list(range(8)),
+    "float": [0.5, 1.0, 2.5, -3.0, float("inf"), 1e300, 7.0, 8.25],
+    "tuple": [("a", 1), ("a", 2), ("b", 1), ("b", 2), ("c", 1), ("c", 2), ("d", 1), ("d", 2)],
+    "mixed": [0, "0", 0.0, ("0",), None, True, "x", 1],
+    "duplicated": ["a", "a", "b", "b", 3, 3, "c", "c"],
+}
+
+
+@pytest.mark.parametrize("drop_column", [True, False])
+@pytest.mark.parametrize("labels", NON_STRING_LABELS.values(), ids=NON_STRING_LABELS.keys())
+async def test_column_labels_of_any_type_survive(
+    make_network: Callable[..., Network], labels: list[Any], drop_column: bool
+) -> None:
+    # Arrow names fields by strings: the labels' types must come back from meta.
+    network = make_network(3)
+    inputs = [
+        df.set_axis([*labels, COLUMN], axis=1).rename_axis(index=7)  # a non-str index name
+        for df in make_inputs([30, 0, 25, 40], npartitions_out=5)
+    ]
+    _, got = await shuffle(network, inputs, make_spec(network, 5, drop_column=drop_column))
+    assert_outputs(got, expected_outputs(inputs, 5, drop_column=drop_column))
+    for output in got:
+        assert [(type(c), c) for c in output.columns] == [
+            (type(c), c) for c in inputs[0].columns if not drop_column or c != COLUMN
+        ]
+    await network.close()
+
+
 @pytest.mark.parametrize("drop_column", [True, False])
 async def test_single_skewed_key_lands_in_one_partition(
     make_network: Callable[..., Network], drop_column: bool
