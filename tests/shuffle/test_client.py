@@ -34,7 +34,7 @@ from shuffle._ids import RunId, ShuffleId
 from shuffle._rechunk import RechunkLayout
 from shuffle._run import RunOptions
 from shuffle._spec import ShuffleRunSpec
-from shuffle._transport import Endpoint, TransportConfig, get_transport
+from shuffle._transport import AuthenticationError, Endpoint, TransportConfig, get_transport
 from shuffle.shell._actor import ShuffleActor
 from shuffle.shell._client import ClientConfig, ShuffleClient
 from shuffle.shell._handle import RunHandle
@@ -317,3 +317,21 @@ def test_a_process_using_the_client_exits_without_closing_it(loop: LoopThread) -
     finally:
         loop.run(transport.close())
     assert (result.returncode, result.stdout) == (0, "sent\n"), result.stderr
+
+
+def test_connect_opens_authenticated_connections_that_later_sends_reuse(
+    loop: LoopThread, actors: dict[str, tuple[ShuffleActor, str]], client: ShuffleClient
+) -> None:
+    addresses = [address for _, address in actors.values()]
+    client.connect(addresses, transport="tcp", secret=SECRET)
+    client.connect(addresses, transport="tcp", secret=SECRET)  # open ones are kept
+
+    def accepted() -> int:
+        return sum(len(a._listener._connections) for a, _ in actors.values())  # type: ignore[union-attr]
+
+    assert accepted() == 2  # one per actor, authenticated (the listener accepted it)
+    handle = start_run(loop, actors, run_id=1)
+    client.shuffle(make_input(0, 30), handle, 0)
+    assert accepted() == 2  # the send went over the warmed connections
+    with pytest.raises(AuthenticationError, match="does not know the shared secret"):
+        client.connect(addresses, transport="tcp", secret=b"x" * 32)  # a wrong secret
