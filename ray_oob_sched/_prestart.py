@@ -54,14 +54,9 @@ class Prestart:
         try:
             if self._stopped:
                 return
-            refs = self._refs = self.service.warm_senders(tasks=self._warm_tasks())
-            if refs:
-                ray.wait(refs, num_returns=len(refs), timeout=self._timeout)
-                for ref in refs:  # read every result, so that Ray logs no unhandled error
-                    try:
-                        ray.get(ref, timeout=0)
-                    except Exception as e:  # noqa: BLE001 -- warming is best effort
-                        logger.info("warming a shuffle sender failed: %r", e)
+            self._refs = self.service.warm_senders(tasks=self._warm_tasks())
+            _read_all(self._refs, timeout=self._timeout)
+            self._refs = []  # hold no refs once done: the driver's refs are the user's
         except Exception as e:  # noqa: BLE001 -- warming is best effort
             logger.info("warming the shuffle senders failed: %r", e)
 
@@ -89,3 +84,16 @@ class Prestart:
             except Exception as e:  # noqa: BLE001 -- finished already, or Ray is gone
                 logger.debug("cancelling a warm-up task: %r", e)
         self.join(timeout)
+
+
+def _read_all(refs: list[Any], *, timeout: float) -> None:
+    """Wait for the warm-up tasks (bounded) and read each result, so that Ray logs no
+    unhandled error; failures are logged, warming is best effort."""
+    if not refs:
+        return
+    ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception as e:  # noqa: BLE001 -- warming is best effort
+            logger.info("warming a shuffle sender failed: %r", e)
