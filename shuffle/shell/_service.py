@@ -30,7 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import pandas as pd
 import ray
@@ -55,7 +55,9 @@ from shuffle.shell._transfer import warm_sender
 
 __all__ = ["ActorInfo", "ShuffleService"]
 
-_warm_sender = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy="SPREAD")(warm_sender)
+_warm_sender: Any = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy="SPREAD")(
+    cast(Any, warm_sender)  # Ray's stubs type only functions without arguments here
+)
 
 logger = logging.getLogger(__name__)
 
