@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         with ray_oob_sched.enable():
-            series = maps.rechunk((days, args.tile, args.tile))  # p2p, through the actors
+            series = maps.rechunk((days, args.tile, args.tile))  # p2p: the actors (plain tasks if small)
             stats = series.map_blocks(
                 pixel_stats, chunks=((2,), *series.chunks[1:]), dtype="float32"
             )

@@ -48,11 +48,14 @@ def enable(**config: Any) -> dask.config.set:
     Also selects dask's peer-to-peer dataframe shuffle, which ray_oob_sched runs
     through its out-of-band shuffle actors (shuffle, set_index, sort_values,
     groupby with split_out, hash merge), and the p2p array rechunk, which runs
-    through the same actors (``method="tasks"`` per call opts out). Extra ``config`` keywords are set with it, as
+    through the same actors, or for a small plan (``shuffle.rechunk-tasks-max-pieces``)
+    as one plain Ray task per output chunk (``method="tasks"`` per call opts out). Extra ``config`` keywords are set with it, as
     ``dask.config.set`` takes them (``ray_oob_sched__scheduler__fuse__enabled=False``).
-    Used as a context manager, everything is restored on exit.
+    Used as a context manager, everything is restored on exit. With Ray running, the
+    shuffle actors start in the background now (``shuffle.prestart``), so the first
+    shuffle does not wait for them; ``shutdown()`` stops them.
     """
-    return dask.config.set(
+    settings = dask.config.set(
         {
             "scheduler": get,
             "dataframe.shuffle.method": "p2p",
@@ -60,6 +63,8 @@ def enable(**config: Any) -> dask.config.set:
         },
         **config,
     )
+    _schedule.prestart()  # with Ray running: actors start in the background
+    return settings
 
 
 def disable() -> dask.config.set:

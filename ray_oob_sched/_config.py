@@ -158,6 +158,8 @@ class ShuffleConfig:
     actors_per_node: int | Literal["auto"] = "auto"
     combine_bytes: int = 16 * 2**20
     port_range: tuple[int, int] | None = None
+    rechunk_tasks_max_pieces: int = 4096
+    prestart: bool = True
 
     @classmethod
     def from_dask_config(cls) -> ShuffleConfig:
@@ -205,4 +207,6 @@ class ShuffleConfig:
             actors_per_node=_actors_per_node(),
             combine_bytes=_int("shuffle.combine-bytes", minimum=0),
             port_range=_port_range(),
+            rechunk_tasks_max_pieces=_int("shuffle.rechunk-tasks-max-pieces", minimum=0),
+            prestart=_bool("shuffle.prestart"),
         )

@@ -14,6 +14,9 @@ our own copy of the graph (dask itself is never patched):
   output partition, so it becomes an ObjectRef owned by the driver. A merge
   unpack becomes two actor calls and a ``merge_chunk`` task.
 
+A rechunk partial with a small plan (``_rechunk_tasks``) starts no run: its
+unpacks become plain gather tasks reading the input chunks they overlap.
+
 A rechunk's chunks are numbered flat (row-major) in the run; the transfer turns
 dask's block index into that number, and unpacks name theirs. Shapes not understood
 are refused with an error naming the versions, never run another way.
@@ -193,12 +196,15 @@ def rewrite(
     dependents: Mapping[Key, set[Key]],
     *,
     start_run: StartRun,
+    rechunk_as_tasks: Callable[[Any], bool] = lambda layout: False,
 ) -> P2PRewrite | None:
     """Our runnable copy of a graph with p2p shapes, or None when it has none.
 
     ``start_run`` (the shuffle service's) is called once per shuffle: it starts
     the run on the actors and returns its handle. Every shape is checked before
     the first run starts, so a refused graph leaves nothing to clean up.
+    ``rechunk_as_tasks(layout)`` says which rechunk partials run as gather tasks
+    instead (``_rechunk_tasks``): they start no run.
     """
     barriers = p2p_barriers(nodes)
     if not barriers:
@@ -235,6 +241,10 @@ def rewrite(
                 raise _unsupported(f"a p2p unpack calling {func!r}", u)
 
     out = P2PRewrite(nodes=dict(nodes))
+    gathered = [b for b in barriers if b in layouts and rechunk_as_tasks(layouts[b])]
+    for b in gathered:
+        _gather_rechunk(out, nodes, dependents, b, layouts[b], rechunk_transfer)
+    barriers = [b for b in barriers if b not in gathered]
     handles = out.runs
     for b in barriers:
         spec = nodes[b].spec
@@ -307,6 +317,38 @@ def rewrite(
                     parts.append(TaskRef(key))
                 out.nodes[u] = Task(u, _merge_unpacked, *parts, *rest)
     return out
+
+
+def _pass_chunk(chunk: Any) -> Any:
+    return chunk
+
+
+def _gather_rechunk(
+    out: P2PRewrite,
+    nodes: Mapping[Key, GraphNode],
+    dependents: Mapping[Key, set[Key]],
+    barrier: Key,
+    layout: Any,
+    rechunk_transfer: Any,
+) -> None:
+    """Rewrite one (checked) rechunk partial as gather tasks, one per output chunk.
+
+    A transfer becomes its input chunk (fused with its producer like any task); an
+    unpack reads the transfers of the input chunks it overlaps. The barrier is left
+    without dependents, so the graph's cull drops it.
+    """
+    from ray_oob_sched._rechunk_tasks import gather_chunk, gather_inputs
+
+    by_input: dict[int, Key] = {}
+    for t in nodes[barrier].dependencies:
+        node = _resolve_alias(nodes, t)
+        assert isinstance(node, Task) and node.func is rechunk_transfer  # checked
+        by_input[layout.flat_input(tuple(node.args[2]))] = t  # (chunk, id, block index)
+        out.nodes[t] = Task(t, _pass_chunk, node.args[0])
+    for u in dependents.get(barrier, ()):
+        flat = layout.flat_output(tuple(nodes[u].args[1]))  # (id, block index, barrier)
+        refs = [TaskRef(by_input[i]) for i in gather_inputs(layout, flat)]
+        out.nodes[u] = Task(u, gather_chunk, layout, flat, *refs)
 
 
 def _unpack_partition(node: Any, shuffle_unpack: Any) -> int:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import dask
 import dask.base
 import ray
+import ray.util.client
 from dask._task_spec import DataNode
 from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.sizeof import sizeof
@@ -34,6 +35,8 @@ from ray_oob_sched._graph import Key
 from ray_oob_sched._keywords import sort_keywords, warn_ignored
 from ray_oob_sched._options import options_token, per_key_options
 from ray_oob_sched._owned import owned
+from ray_oob_sched._prestart import Prestart
+from ray_oob_sched._rechunk_tasks import rechunk_as_tasks
 from ray_oob_sched._refs import RefTable
 from ray_oob_sched._restart import RestartLimitError, ShuffleActorLostError, ShuffleTasks
 from ray_oob_sched._runtime import RayRuntime
@@ -88,6 +91,7 @@ class RaySchedule:
         self.runtime = RayRuntime()
         self.last_stats: RunStats | None = None
         self._shuffle_service: Any = None  # shuffle.shell._service.ShuffleService, on first use
+        self._prestart: Prestart | None = None
         # Computes running shuffles now (several threads may compute at once).
         self._active: dict[int, tuple[ShuffleProgress, _p2p.P2PRewrite]] = {}
         self._active_lock = threading.Lock()
@@ -110,7 +114,30 @@ class RaySchedule:
         return "DEFAULT"
 
     def shuffle_service(self) -> Any:
-        """The out-of-band shuffle service (actors start on first use)."""
+        """The out-of-band shuffle service (actors start on first use, or ahead of it:
+        ``prestart``)."""
+        service = self._service()
+        if self._prestart is not None:
+            self._prestart.wait()  # its actors() must not overlap ours
+        return service
+
+    def prestart(self) -> None:
+        """Start the shuffle actors and ready the workers' senders in the background
+        (``_prestart``), once, if Ray is running, no service exists yet, and
+        ``shuffle.prestart`` is on. Never blocks."""
+        if self._shuffle_service is not None or not ray.is_initialized():
+            return
+        if ray.util.client.ray.is_connected():
+            return  # refused at the first compute
+        cfg = ShuffleConfig.from_dask_config()
+        if cfg.prestart:
+            self._prestart = Prestart(
+                self._service(),
+                warm_tasks=lambda: int(self.runtime.cluster_cpus()),
+                timeout=cfg.timeout,
+            )
+
+    def _service(self) -> Any:
         if self._shuffle_service is None:
             from shuffle._options import RunOptions
             from shuffle.device._options import DeviceOptions
@@ -139,10 +166,19 @@ class RaySchedule:
         return self._shuffle_service
 
     def close(self) -> None:
-        """Stop the shuffle actors (they also die with the driver)."""
+        """Stop the shuffle actors (they also die with the driver), also those started
+        ahead of use."""
+        prestart, self._prestart = self._prestart, None
+        if prestart is not None:
+            try:
+                prestart.wait()
+            except TimeoutError as e:
+                logger.warning("closing the shuffle service: %s", e)
         if self._shuffle_service is not None:
             self._shuffle_service.close()
             self._shuffle_service = None
+        if prestart is not None:
+            prestart.stop()
 
     def shuffle_status(self, *, timeout: float = 2.0) -> ShuffleStatus:
         """The shuffles running now, with their progress and bytes per actor.
@@ -253,6 +289,7 @@ class RaySchedule:
         executor = RayExecutor(token_opts, keys_of=token_key)
 
         self.runtime.ensure()
+        self.prestart()
         cpus = self.runtime.cluster_cpus()
         config = SchedulerConfig.from_dask_config(cluster_cpus=cpus)
         refs = RefTable()
@@ -262,9 +299,18 @@ class RaySchedule:
         max_restarts = 0
         try:
             if has_p2p:
-                max_restarts = ShuffleConfig.from_dask_config().max_restarts
+                shuffle_config = ShuffleConfig.from_dask_config()
+                max_restarts = shuffle_config.max_restarts
+                as_tasks = functools.partial(
+                    rechunk_as_tasks,
+                    nodes=self.runtime.alive_nodes(),
+                    max_pieces=shuffle_config.rechunk_tasks_max_pieces,
+                )
                 p2p = _p2p.rewrite(
-                    graph.nodes, graph.dependents, start_run=self.shuffle_service().start_run
+                    graph.nodes,
+                    graph.dependents,
+                    start_run=lambda *a, **kw: self.shuffle_service().start_run(*a, **kw),
+                    rechunk_as_tasks=as_tasks,
                 )
                 assert p2p is not None
                 graph = _graph.build(p2p.nodes, flat, resolve=REGISTRY.lookup)
@@ -304,10 +350,10 @@ class RaySchedule:
                 outputs=graph.outputs,
                 sources=sources,
                 max_in_flight=config.max_in_flight,
-                shuffles=_shuffle_tasks(p2p) if p2p is not None else None,
+                shuffles=_shuffle_tasks(p2p) if p2p is not None and p2p.runs else None,
                 max_restarts=max_restarts,
             )
-            runs = _ShuffleRuns(self.shuffle_service(), p2p) if p2p is not None else None
+            runs = _ShuffleRuns(self.shuffle_service(), p2p) if p2p and p2p.runs else None
             context: Any = TaskContext(
                 config=_taskconfig.snapshot(), forward_warnings=config.forward_warnings
             )

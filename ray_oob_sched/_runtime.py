@@ -90,6 +90,9 @@ class RayRuntime:
     def cluster_cpus(self) -> float:
         return float(ray.cluster_resources().get("CPU", 1.0)) or 1.0
 
+    def alive_nodes(self) -> int:
+        return sum(1 for n in ray.nodes() if n["Alive"]) or 1
+
     def shutdown(self) -> bool:
         """Stop the embedded Ray if this package started it; True if it did."""
         with self._lock:

@@ -179,6 +179,24 @@ class RechunkLayout:
                 tuple(p.out_slice for p in combo),
             )
 
+    def sources_of_output(
+        self, flat: int
+    ) -> Iterator[tuple[int, tuple[slice, ...], tuple[slice, ...]]]:
+        """``(input chunk, slices of it, slices of the output chunk)`` per piece."""
+        index = self.output_index(flat)
+        per_axis = [self._by_output[axis][j] for axis, j in enumerate(index)]
+        for combo in itertools.product(*per_axis):
+            yield (
+                self.flat_input(tuple(p.input_chunk for p in combo)),
+                tuple(p.in_slice for p in combo),
+                tuple(p.out_slice for p in combo),
+            )
+
+    def outputs_of_input(self, flat: int) -> int:
+        """How many output chunks input chunk ``flat`` contributes to."""
+        index = self.input_index(flat)
+        return math.prod(len(self._by_input[axis][i]) for axis, i in enumerate(index))
+
     def inputs_of_output(self, flat: int) -> int:
         """How many pieces output chunk ``flat`` receives."""
         index = self.output_index(flat)

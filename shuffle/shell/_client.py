@@ -109,6 +109,11 @@ class ShuffleClient:
         """Send one message to the actor at ``address``; return once it acknowledged."""
         self._call(self._send(address, frames, secret), None)  # bounded by the request
 
+    def connect(self, addresses: Sequence[str], *, transport: str, secret: bytes) -> None:
+        """Open this process's transport (UCX context) and authenticated connections to
+        ``addresses`` ahead of the first send; connections already open are kept."""
+        self._call(self._connect(addresses, transport, secret), None)
+
     def shuffle(self, data: Any, handle: RunHandle, input_partition: int) -> None:
         """Send input partition ``input_partition`` of ``handle``'s run to its owners.
 
@@ -194,6 +199,10 @@ class ShuffleClient:
                 _, oldest = self._pools.popitem(last=False)
                 await oldest.close()
         return pool
+
+    async def _connect(self, addresses: Sequence[str], scheme: str, secret: bytes) -> None:
+        pool = await self._pool(scheme, secret)
+        await asyncio.gather(*(pool.connect(a) for a in addresses))
 
     async def _send(self, address: str, frames: Sequence[Any], secret: bytes) -> None:
         pool = await self._pool(address.partition("://")[0], secret)

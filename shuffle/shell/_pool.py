@@ -79,6 +79,15 @@ class EndpointPool:
             finally:
                 del error  # its traceback holds this frame (and the message): no cycle
 
+    async def connect(self, address: str) -> None:
+        """Open (and authenticate) the pooled endpoint to ``address`` unless it is open."""
+        if self._closed:
+            raise ClosedResourceError(f"{self!r} is closed")
+        lock = self._locks.setdefault(address, asyncio.Lock())
+        async with asyncio.timeout(self._request_timeout), lock:
+            if address not in self._endpoints:
+                self._endpoints[address] = await self._transport.connect(address)
+
     async def _exchange(self, address: str, frames: Sequence[Any]) -> list[Any]:
         endpoint = self._endpoints.get(address)
         if endpoint is not None:

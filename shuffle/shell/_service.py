@@ -60,8 +60,13 @@ from shuffle.shell._placement import (
     check_actors_per_node,
     slots,
 )
+from shuffle.shell._transfer import warm_sender
 
 __all__ = ["ActorInfo", "ActorUsage", "ShuffleService"]
+
+_warm_sender: Any = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy="SPREAD")(
+    cast(Any, warm_sender)  # Ray's stubs type only functions without arguments here
+)
 
 logger = logging.getLogger(__name__)
 
@@ -283,6 +288,21 @@ class ShuffleService:
                 if isinstance(result, Exception):
                     logger.warning("%s: removing spill files of a dead actor: %r", name, result)
         return [self._actors[slot] for slot in wanted]
+
+    def warm_senders(self, *, tasks: int) -> list[Any]:
+        """Submit ``tasks`` Ray tasks (one CPU each, spread over nodes) that each ready
+        their worker process to send to every started actor (``warm_sender``: imports,
+        client, UCX context, handshakes), so that transfers later run in those
+        processes do not pay for it; returns their refs. Starts no actor."""
+        actors = list(self._actors.values())
+        if not actors or tasks < 1:
+            return []
+        addresses = sorted(a.address for a in actors)
+        scheme = addresses[0].partition("://")[0]
+        return [
+            _warm_sender.remote(addresses, transport=scheme, secret=self._secret)
+            for _ in range(tasks)
+        ]
 
     def start_run(
         self,

@@ -24,7 +24,13 @@ from shuffle.shell._client import ShuffleClient
 from shuffle.shell._handle import RunHandle
 from shuffle.shell._process import get_client
 
-__all__ = ["InputBatch", "transfer"]
+__all__ = ["InputBatch", "transfer", "warm_sender"]
+
+
+def warm_sender(addresses: list[str], *, transport: str, secret: bytes) -> None:
+    """Ready this process to send to the actors at ``addresses``: its client, transport
+    (UCX context) and authenticated connections, as the first transfer would."""
+    get_client().connect(addresses, transport=transport, secret=secret)
 
 
 def transfer(data: Any, handle: RunHandle, input_partition: int | tuple[int, ...]) -> int:

@@ -13,6 +13,10 @@ from ray_oob_sched._futures import REGISTRY
 def ray_get(ray_session):
     """ray_oob_sched as the dask scheduler, with a check that nothing of ours leaks."""
     with ray_oob_sched.enable():
+        # The background start (actors, warm-up tasks) holds refs until it is done:
+        # let it finish before tests take stock of the driver's refs.
+        prestart = ray_oob_sched._schedule._prestart
+        assert prestart is None or prestart.join(60), "the background start did not finish"
         yield ray_oob_sched.get
     gc.collect()
     assert len(REGISTRY) == 0, "persisted futures left alive"

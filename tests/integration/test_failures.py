@@ -170,7 +170,10 @@ def test_unknown_keyword_is_refused(ray_get):
 
 def test_p2p_rechunk_of_objects_fails_with_the_fix_and_leaves_no_run(ray_get):
     x = da.from_array(np.array([None, "a"] * 800, dtype=object).reshape(40, 40), chunks=(40, 4))
-    with pytest.raises(TypeError, match="dtype object .* method='tasks'") as info:
+    with (
+        dask.config.set({"ray-oob-sched.shuffle.rechunk-tasks-max-pieces": 0}),
+        pytest.raises(TypeError, match="dtype object .* method='tasks'") as info,
+    ):
         x.rechunk((4, 40), method="p2p").compute()
     assert any("rechunk-transfer" in note for note in getattr(info.value, "__notes__", []))
     assert not ray_oob_sched._schedule.shuffle_service().open_runs()

@@ -11,6 +11,27 @@ from hypothesis import strategies as st
 
 import ray_oob_sched
 from ray_oob_sched._p2p import p2p_barriers
+from tests.integration.conftest import driver_refs
+
+
+@pytest.fixture(params=["actors", "tasks"])
+def p2p(request, ray_get, ray_session):
+    """A p2p rechunk through the shuffle actors, or (small partials) as gather tasks."""
+    refs_before = driver_refs(ray_session)
+    max_pieces = 0 if request.param == "actors" else 1_000_000
+    with dask.config.set(
+        {
+            "array.rechunk.method": "p2p",
+            "ray-oob-sched.shuffle.rechunk-tasks-max-pieces": max_pieces,
+        }
+    ):
+        yield request.param
+    service = ray_oob_sched._schedule._shuffle_service
+    if service is not None:
+        assert not service.open_runs(), "rechunk runs left open after the compute"
+        for actor in service.actors():
+            assert ray_session.get(actor.handle.runs.remote()) == []
+    assert driver_refs(ray_session) <= refs_before
 
 
 def test_enable_selects_p2p_rechunks():
@@ -36,7 +57,7 @@ def test_rechunk_matches_numpy(p2p, shape, old, new):
     np.testing.assert_array_equal(got, a)
     # One run per p2p stage that dask planned (small partials it concatenates).
     barriers = p2p_barriers(dict(y.__dask_graph__()))
-    assert ray_oob_sched.last_stats().shuffles == len(barriers)
+    assert ray_oob_sched.last_stats().shuffles == (len(barriers) if p2p == "actors" else 0)
     if shape == (64, 48):
         assert barriers
     # Every output chunk is a separate object with the new chunk's shape.
@@ -96,8 +117,28 @@ def test_axes_of_unknown_length_are_carried_through(p2p):
     assert all(np.isnan(c) for c in y.chunks[0]) and y.chunks[1:] == ((4, 4), (1, 1))
     (pers,) = dask.persist(y)
     barriers = p2p_barriers(dict(y.__dask_graph__()))
-    assert barriers and ray_oob_sched.last_stats().shuffles == len(barriers)
+    assert barriers
+    shuffles = len(barriers) if p2p == "actors" else 0
+    assert ray_oob_sched.last_stats().shuffles == shuffles
     np.testing.assert_array_equal(pers.compute(), a[keep])
     lengths = [int(keep[i : i + 7].sum()) for i in range(0, 40, 7)]
     blocks = [pers.blocks[i, j, 0].compute() for i in range(len(lengths)) for j in range(2)]
     assert [b.shape for b in blocks] == [(n, 4, 1) for n in lengths for _ in range(2)]
+
+
+def test_both_paths_give_identical_chunks(ray_get, ray_session):
+    a = np.random.default_rng(1).random((96, 80))
+    y = da.from_array(a, chunks=(4, 80)).rechunk((96, (10,) * 7 + (5, 5)), method="p2p")
+    got = {}
+    for path, max_pieces in (("actors", 0), ("tasks", 4096)):
+        with dask.config.set({"ray-oob-sched.shuffle.rechunk-tasks-max-pieces": max_pieces}):
+            (pers,) = dask.persist(y)
+            got[path] = [pers.blocks[i].compute() for i in np.ndindex(pers.numblocks)]
+            y.compute()
+            got[path + " shuffles"] = ray_oob_sched.last_stats().shuffles
+    assert got["actors shuffles"] >= 1 and got["tasks shuffles"] == 0
+    assert len(got["actors"]) == len(got["tasks"]) == 9
+    for x, t in zip(got["actors"], got["tasks"], strict=True):
+        assert x.shape == t.shape and x.dtype == t.dtype
+        np.testing.assert_array_equal(x, t)
+    np.testing.assert_array_equal(np.concatenate(got["tasks"], axis=1), a)

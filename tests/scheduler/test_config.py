@@ -109,6 +109,10 @@ def test_shuffle_config_reads_every_key():
         cfg = ShuffleConfig.from_dask_config()
     assert cfg.transport == "tcp" and cfg.memory_limit is None and cfg.timeout == 60.0
     assert (cfg.device, cfg.actor_num_gpus, cfg.gpu_results) == ("auto", 0.01, "device")
+    assert cfg.rechunk_tasks_max_pieces == 4096
+    with dask.config.set({"ray-oob-sched.shuffle.rechunk-tasks-max-pieces": -1}):
+        with pytest.raises(ValueError, match="shuffle.rechunk-tasks-max-pieces"):
+            ShuffleConfig.from_dask_config()
     with dask.config.set({"ray-oob-sched.shuffle.transport": "carrier-pigeon"}):
         with pytest.raises(ValueError, match="shuffle.transport"):
             ShuffleConfig.from_dask_config()

@@ -427,3 +427,21 @@ def test_actor_usage_and_counters_follow_what_it_received_spilled_and_refused(
     assert sum(r.get("closed_run", 0) for r in total) >= 1
     assert sum(r.get("unknown_run", 0) for r in total) >= 1
     assert a1.sample().refused["protocol"] == 0
+
+
+def test_connect_opens_authenticated_connections_that_later_sends_reuse(
+    loop: LoopThread, actors: dict[str, tuple[ShuffleActor, str]], client: ShuffleClient
+) -> None:
+    addresses = [address for _, address in actors.values()]
+    client.connect(addresses, transport="tcp", secret=SECRET)
+    client.connect(addresses, transport="tcp", secret=SECRET)  # open ones are kept
+
+    def accepted() -> int:
+        return sum(len(a._listener._connections) for a, _ in actors.values())  # type: ignore[union-attr]
+
+    assert accepted() == 2  # one per actor, authenticated (the listener accepted it)
+    handle = start_run(loop, actors, run_id=1)
+    client.shuffle(make_input(0, 30), handle, 0)
+    assert accepted() == 2  # the send went over the warmed connections
+    with pytest.raises(AuthenticationError, match="does not know the shared secret"):
+        client.connect(addresses, transport="tcp", secret=b"x" * 32)  # a wrong secret

@@ -1,0 +1,83 @@
+"""Small p2p rechunks as plain tasks: the choice (pure) and the gather function.
+
+dask plans a p2p rechunk as "partials", each an all-to-all exchange between its
+input and output chunks. Through the shuffle actors every piece is cut by a
+transfer task, sent, stored, assembled by the owning actor and returned as an
+object: four copies and an actor round trip, which pays off for many small pieces
+(one message carries many) and loses for a few large ones, where Ray's own object
+store already moves whole chunks cheaply. A partial whose plan is small runs as
+one *gather task* per output chunk instead: it takes the input chunks it overlaps
+as arguments (on one node Ray hands them over without a copy) and copies their
+slices into the output chunk, which is what dask's "tasks" method does, without
+its intermediate objects per piece.
+
+The rule (``rechunk_as_tasks``), from the partial's plan:
+
+- ``max_pieces`` (``shuffle.rechunk-tasks-max-pieces``): at most this many pieces
+  (input-chunk x output-chunk overlaps) in the partial; each is one argument of a
+  gather task, and Ray's per-argument cost grows with their number. 0: never.
+- on more than one node, only if no input chunk feeds more than one output chunk:
+  a gather task fetches whole input chunks, so an input read by several outputs
+  would cross the network several times, where the shuffle moves each byte once.
+
+Bytes do not enter on one node: there a gather task reads its inputs in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from shuffle._rechunk import RechunkLayout
+
+__all__ = ["gather_chunk", "gather_inputs", "plan_pieces", "rechunk_as_tasks"]
+
+
+def plan_pieces(layout: RechunkLayout, *, limit: int) -> int:
+    """Pieces in ``layout``'s plan, counted up to just past ``limit``."""
+    pieces = 0
+    for j in range(layout.npartitions_out):
+        pieces += layout.inputs_of_output(j)
+        if pieces > limit:
+            break
+    return pieces
+
+
+def rechunk_as_tasks(layout: RechunkLayout, *, nodes: int, max_pieces: int) -> bool:
+    """Whether the partial ``layout`` runs as gather tasks (module docstring)."""
+    if nodes < 1:
+        raise ValueError(f"nodes must be >= 1, got {nodes!r}")
+    if max_pieces <= 0 or layout.npartitions_out > max_pieces:
+        return False
+    if plan_pieces(layout, limit=max_pieces) > max_pieces:
+        return False
+    if nodes > 1:
+        return all(layout.outputs_of_input(i) <= 1 for i in range(layout.npartitions_in))
+    return True
+
+
+def gather_inputs(layout: RechunkLayout, partition: int) -> list[int]:
+    """The input chunks output chunk ``partition`` reads, in ``gather_chunk``'s order."""
+    return [i for i, _, _ in layout.sources_of_output(partition)]
+
+
+def gather_chunk(layout: RechunkLayout, partition: int, *chunks: Any) -> Any:
+    """Output chunk ``partition`` from its input chunks, given in ``gather_inputs`` order."""
+    sources = list(layout.sources_of_output(partition))
+    if len(chunks) != len(sources):
+        raise ValueError(
+            f"rechunk output chunk {layout.output_index(partition)} reads "
+            f"{len(sources)} input chunks, got {len(chunks)}"
+        )
+    shape = layout.output_shape(partition)
+    if len(sources) == 1:
+        (_, in_slices, _), (chunk,) = sources[0], chunks
+        piece = chunk[in_slices]
+        if tuple(piece.shape) == shape:
+            return piece
+    # empty_like keeps the array library (NumPy or CuPy) of the inputs.
+    out = np.empty_like(chunks[0], shape=shape)
+    for (_, in_slices, out_slices), chunk in zip(sources, chunks, strict=True):
+        out[out_slices] = chunk[in_slices]
+    return out
