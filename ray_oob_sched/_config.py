@@ -102,8 +102,10 @@ def ray_init_kwargs() -> dict[str, Any]:
 
 def _memory_limit() -> int | None | Literal["auto"]:
     value = get("shuffle.memory-limit")
-    if value is None or value == "auto":
-        return value
+    if value is None:
+        return None
+    if value == "auto":
+        return "auto"
     try:
         return _int("shuffle.memory-limit", minimum=0)
     except ValueError as e:
@@ -113,7 +115,7 @@ def _memory_limit() -> int | None | Literal["auto"]:
 def _actors_per_node() -> int | Literal["auto"]:
     value = get("shuffle.actors-per-node")
     if value == "auto":
-        return value
+        return "auto"
     try:
         return _int("shuffle.actors-per-node", minimum=1)
     except ValueError as e:

@@ -72,7 +72,8 @@ def frame_nbytes(frame: Any) -> int:
     index = frame.index
     if index.dtype != object and all(isinstance(d, np.dtype) and d != object for d in dtypes):
         # memory_usage costs ~0.25 ms per call; numpy columns are rows x itemsize.
-        return len(frame) * sum(d.itemsize for d in dtypes) + int(index.nbytes)
+        row_bytes: int = sum(d.itemsize for d in dtypes)
+        return len(frame) * row_bytes + int(index.nbytes)
     total = int(frame.memory_usage(index=True, deep=False).sum())
     if len(frame):
         step = max(1, len(frame) // _SAMPLE)

@@ -101,7 +101,8 @@ def schema_of(meta: bytes) -> pa.Schema:
 def _batch_meta(schema: pa.Schema) -> bytes | None:
     if _has_dictionary(schema):
         return None
-    return ARROW_TAG + schema.serialize().to_pybytes()
+    serialized: bytes = schema.serialize().to_pybytes()
+    return ARROW_TAG + serialized
 
 
 def _has_dictionary(schema: pa.Schema) -> bool:
