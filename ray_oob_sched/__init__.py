@@ -24,13 +24,13 @@ from ray_oob_sched._p2p import UnsupportedGraphError
 from ray_oob_sched._plugin import DEFAULT, RaySchedule, RunStats
 from ray_oob_sched._restart import ShuffleActorLostError
 from ray_oob_sched._runtime import RayClientNotSupportedError
-from ray_oob_sched._store import UnsupportedStoreTargetError
 from ray_oob_sched._status import (
     ActorRunStatus,
     ShuffleRunStatus,
     ShuffleRunTotals,
     ShuffleStatus,
 )
+from ray_oob_sched._store import UnsupportedStoreTargetError
 
 __version__ = "0.1.0"
 
@@ -48,9 +48,10 @@ def enable(**config: Any) -> dask.config.set:
     Also selects dask's peer-to-peer dataframe shuffle, which ray_oob_sched runs
     through its out-of-band shuffle actors (shuffle, set_index, sort_values,
     groupby with split_out, hash merge), and the p2p array rechunk, which runs
-    through the same actors (``method="tasks"`` per call opts out). Extra ``config`` keywords are set with it, as
-    ``dask.config.set`` takes them (``ray_oob_sched__scheduler__fuse__enabled=False``).
-    Used as a context manager, everything is restored on exit.
+    through the same actors (``method="tasks"`` per call opts out). Extra ``config``
+    keywords are set with it, as ``dask.config.set`` takes them
+    (``ray_oob_sched__scheduler__fuse__enabled=False``). Used as a context manager,
+    everything is restored on exit.
     """
     return dask.config.set(
         {
