@@ -11,10 +11,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import dask.config
 import yaml
+
+from shuffle._options import RunOptions
+from shuffle.device._options import DeviceMode, DeviceOptions, ResultMemory
 
 NAMESPACE = "ray-oob-sched"
 _HERE = os.path.dirname(__file__)
@@ -100,7 +103,7 @@ def ray_init_kwargs() -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in raw.items() if v is not None}
 
 
-def _memory_limit() -> int | None | Literal["auto"]:
+def _memory_limit() -> int | Literal["auto"] | None:
     value = get("shuffle.memory-limit")
     if value is None:
         return None
@@ -144,19 +147,35 @@ def _port_range() -> tuple[int, int] | None:
     )
 
 
+#: The transports a user may configure (tests also use "local").
+ServiceTransport = Literal["auto", "ucx", "tcp"]
+
+
+class ServiceOptions(TypedDict):
+    """The keyword arguments of ``shuffle.shell.ShuffleService``, from ``ShuffleConfig``."""
+
+    transport: ServiceTransport
+    options: RunOptions
+    timeout: float
+    host: str | None
+    device: DeviceOptions
+    actors_per_node: int | Literal["auto"]
+    port_range: tuple[int, int] | None
+
+
 @dataclass(frozen=True)
 class ShuffleConfig:
-    transport: str
-    memory_limit: int | None | Literal["auto"]
+    transport: ServiceTransport
+    memory_limit: int | Literal["auto"] | None
     spill_directory: str | None
     message_bytes: int
     send_buffer_bytes: int | None
     timeout: float
     max_restarts: int
     host: str | None
-    device: str = "auto"
+    device: DeviceMode = "auto"
     actor_num_gpus: float = 0.01
-    gpu_results: str = "device"
+    gpu_results: ResultMemory = "device"
     actors_per_node: int | Literal["auto"] = "auto"
     combine_bytes: int = 16 * 2**20
     port_range: tuple[int, int] | None = None
@@ -207,4 +226,26 @@ class ShuffleConfig:
             actors_per_node=_actors_per_node(),
             combine_bytes=_int("shuffle.combine-bytes", minimum=0),
             port_range=_port_range(),
+        )
+
+    def service_options(self) -> ServiceOptions:
+        """The shuffle service's constructor options: ``ShuffleService(**options)``."""
+        return ServiceOptions(
+            transport=self.transport,
+            options=RunOptions(
+                memory_limit=self.memory_limit,
+                spill_directory=self.spill_directory,
+                message_bytes=self.message_bytes,
+                send_buffer_bytes=self.send_buffer_bytes,
+                combine_bytes=self.combine_bytes,
+            ),
+            timeout=self.timeout,
+            host=self.host,
+            device=DeviceOptions(
+                mode=self.device,
+                actor_num_gpus=self.actor_num_gpus,
+                results=self.gpu_results,
+            ),
+            actors_per_node=self.actors_per_node,
+            port_range=self.port_range,
         )

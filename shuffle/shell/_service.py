@@ -92,9 +92,9 @@ class ShuffleService:
     ``device`` says whether device (GPU) payloads travel, how much of a GPU each actor
     on a GPU node reserves, and what unpack returns for device partitions.
     ``actors_per_node`` is the number of actors on every node, or ``"auto"``: one per 8
-    of the node's CPUs (Ray's ``CPU`` resource), clamped to [1, 4] (``_placement``). A node's actors share its
-    ``memory_limit="auto"`` budget. ``port_range``: the inclusive range of ports every
-    actor's listener binds in (firewalls); ``None``: any free port.
+    of the node's CPUs (Ray's ``CPU`` resource), clamped to [1, 4] (``_placement``). A
+    node's actors share its ``memory_limit="auto"`` budget. ``port_range``: the inclusive
+    range of ports every actor's listener binds in (firewalls); ``None``: any free port.
     """
 
     def __init__(
@@ -160,55 +160,12 @@ class ShuffleService:
         """The started actors of every alive node, ordered by node id, then index on
         the node; creates what is missing, re-creates what died."""
         self._check_open()
-        alive = [n for n in ray.nodes() if n["Alive"]]
-        hosts = dict(sorted((n["NodeID"], n["NodeManagerAddress"]) for n in alive))
-        if self.host is not None:
-            hosts = dict.fromkeys(hosts, self.host)
-        self._node_gpus = {n["NodeID"]: float(n["Resources"].get("GPU", 0)) for n in alive}
-        for node_id, gpus in self._node_gpus.items():
-            # Refuses (device mode cuda, a node without GPUs) before any actor is created.
-            actor_num_gpus(self.device, node_gpus=gpus, node=node_id)
-        self._node_actors = {
-            n["NodeID"]: actors_on_node(
-                self.actors_per_node, node_cpus=float(n["Resources"].get("CPU", 0))
-            )
-            for n in alive
-        }
+        hosts = self._survey_nodes()
         wanted = slots(self._node_actors)
-        for slot in sorted(set(self._actors) - set(wanted)):
-            info = self._actors.pop(slot)
-            if slot[0] in hosts:  # its CPU count changed
-                why = f"node {slot[0]} now runs {self._node_actors[slot[0]]} shuffle actors"
-            else:
-                why = f"node {slot[0]} left the cluster"
-            logger.info("%s; dropping shuffle actor %s", why, info.name)
-            self._kill(info.handle)
+        self._drop_unwanted(wanted, hosts=hosts)
         created = {s: self._create(s[0], hosts[s[0]]) for s in wanted if s not in self._actors}
-
-        def actor_of(slot: Slot) -> tuple[str, Any]:  # (name, handle)
-            if slot in created:
-                return created[slot]
-            return self._actors[slot].name, self._actors[slot].handle
-
-        def start(targets: Sequence[Slot]) -> dict[Slot, Any]:
-            # start() is idempotent: for running actors it is the liveness check.
-            names = {slot: actor_of(slot)[0] for slot in targets}
-            got = self._gather({names[t]: actor_of(t)[1].start.remote() for t in targets}, "start")
-            return {t: got[names[t]] for t in targets}
-
-        dead: list[Slot] = []
         try:
-            results = start(wanted)
-            dead = [slot for slot in wanted if isinstance(results[slot], RayActorError)]
-            if dead:
-                logger.warning(
-                    "shuffle actors %s died; re-creating them", [actor_of(d)[0] for d in dead]
-                )
-                for slot in dead:
-                    self._kill(actor_of(slot)[1])  # unreachable rather than dead: make sure
-                created |= {slot: self._create(slot[0], hosts[slot[0]]) for slot in dead}
-                results |= start(dead)
-            self._raise_failures({actor_of(t)[0]: r for t, r in results.items()}, "start")
+            results, dead = self._start_all(wanted, created=created, hosts=hosts)
         except BaseException:
             for _, handle in created.values():
                 self._kill(handle)
@@ -219,13 +176,7 @@ class ShuffleService:
                 name, node_id, index, results[node_id, index], handle
             )
         if gone:  # a killed actor could not delete its spill files: its successor does
-            refs = {
-                self._actors[slot].name: self._actors[slot].handle.remove_spill_of.remote(old)
-                for slot, old in gone.items()
-            }
-            for name, result in self._gather(refs, "remove_spill_of").items():
-                if isinstance(result, Exception):
-                    logger.warning("%s: removing spill files of a dead actor: %r", name, result)
+            self._remove_spill_of(gone)
         return [self._actors[slot] for slot in wanted]
 
     def start_run(
@@ -385,6 +336,92 @@ class ShuffleService:
             self._runs.clear()
 
     # ---- internals
+
+    def _survey_nodes(self) -> dict[str, str]:
+        """Read the alive nodes' GPUs and actor counts; the host each node's actors use,
+        by node id (sorted)."""
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        hosts = dict(sorted((n["NodeID"], n["NodeManagerAddress"]) for n in alive))
+        if self.host is not None:
+            hosts = dict.fromkeys(hosts, self.host)
+        self._node_gpus = {n["NodeID"]: float(n["Resources"].get("GPU", 0)) for n in alive}
+        for node_id, gpus in self._node_gpus.items():
+            # Refuses (device mode cuda, a node without GPUs) before any actor is created.
+            actor_num_gpus(self.device, node_gpus=gpus, node=node_id)
+        self._node_actors = {
+            n["NodeID"]: actors_on_node(
+                self.actors_per_node, node_cpus=float(n["Resources"].get("CPU", 0))
+            )
+            for n in alive
+        }
+        return hosts
+
+    def _drop_unwanted(self, wanted: Sequence[Slot], *, hosts: Mapping[str, str]) -> None:
+        """Kill the actors of slots that no longer exist: their node left the cluster,
+        or now runs fewer actors."""
+        for slot in sorted(set(self._actors) - set(wanted)):
+            info = self._actors.pop(slot)
+            if slot[0] in hosts:  # its CPU count changed
+                why = f"node {slot[0]} now runs {self._node_actors[slot[0]]} shuffle actors"
+            else:
+                why = f"node {slot[0]} left the cluster"
+            logger.info("%s; dropping shuffle actor %s", why, info.name)
+            self._kill(info.handle)
+
+    def _start_all(
+        self,
+        wanted: Sequence[Slot],
+        *,
+        created: dict[Slot, tuple[str, Any]],
+        hosts: Mapping[str, str],
+    ) -> tuple[dict[Slot, Any], list[Slot]]:
+        """Start (or, for running actors, check) every wanted actor; re-create the dead
+        ones once, adding them to ``created`` (so the caller kills them on failure).
+        Returns each slot's address and the slots whose actor died."""
+        results = self._start(wanted, created=created)
+        dead = [slot for slot in wanted if isinstance(results[slot], RayActorError)]
+        if dead:
+            logger.warning(
+                "shuffle actors %s died; re-creating them",
+                [self._actor_of(d, created=created)[0] for d in dead],
+            )
+            for slot in dead:
+                # Unreachable rather than dead: make sure.
+                self._kill(self._actor_of(slot, created=created)[1])
+            created |= {slot: self._create(slot[0], hosts[slot[0]]) for slot in dead}
+            results |= self._start(dead, created=created)
+        self._raise_failures(
+            {self._actor_of(t, created=created)[0]: r for t, r in results.items()}, "start"
+        )
+        return results, dead
+
+    def _start(
+        self, targets: Sequence[Slot], *, created: Mapping[Slot, tuple[str, Any]]
+    ) -> dict[Slot, Any]:
+        # start() is idempotent: for running actors it is the liveness check.
+        actors = {slot: self._actor_of(slot, created=created) for slot in targets}
+        refs = {name: handle.start.remote() for name, handle in actors.values()}
+        got = self._gather(refs, "start")
+        return {t: got[actors[t][0]] for t in targets}
+
+    def _actor_of(
+        self, slot: Slot, *, created: Mapping[Slot, tuple[str, Any]]
+    ) -> tuple[str, Any]:
+        """(name, handle) of the actor in ``slot``: a newly created one, else the known one."""
+        if slot in created:
+            return created[slot]
+        return self._actors[slot].name, self._actors[slot].handle
+
+    def _remove_spill_of(self, gone: Mapping[Slot, str]) -> None:
+        """Ask each re-created actor to delete the spill files of the dead actor (by name)
+        it replaced; failures are logged, not raised."""
+        refs = {
+            self._actors[slot].name: self._actors[slot].handle.remove_spill_of.remote(old)
+            for slot, old in gone.items()
+        }
+        for name, result in self._gather(refs, "remove_spill_of").items():
+            if isinstance(result, Exception):
+                logger.warning("%s: removing spill files of a dead actor: %r", name, result)
 
     def _create(self, node_id: str, host: str) -> tuple[str, Any]:
         num_gpus = actor_num_gpus(
