@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import secrets
 import statistics
@@ -42,11 +43,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shuffle.shell._actor import ACTOR_ENV  # noqa: E402
+from shuffle.shell._actor import ACTOR_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import transport_bandwidth  # noqa: E402
-from transport_bandwidth import _config, parse_size  # noqa: E402
+import transport_bandwidth
+from transport_bandwidth import _config, parse_size
 
 # The actors call _config; ship it by value, workers need not import this folder.
 ray.cloudpickle.register_pickle_by_value(transport_bandwidth)
@@ -107,7 +108,7 @@ class Sender:
 
         data = memoryview(_payload(nbytes))
         bounds = np.linspace(0, nbytes, frames + 1).astype(int).tolist()
-        message = [data[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        message = [data[a:b] for a, b in itertools.pairwise(bounds)]
         async with get_transport(transport, config=_config(secret)) as t:  # type: ignore[arg-type]
             ep = await asyncio.wait_for(t.connect(address), TIMEOUT)
             times = []

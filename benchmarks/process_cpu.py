@@ -29,7 +29,7 @@ import ray.cloudpickle
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import shuffle_bench  # noqa: E402
+import shuffle_bench
 
 # Workers cannot import this directory: ship the data functions by value.
 ray.cloudpickle.register_pickle_by_value(shuffle_bench)
@@ -84,7 +84,9 @@ def main() -> None:
                     {
                         "wall_s": round(wall, 3),
                         "cpu_s": round(sum(by_kind.values()), 2),
-                        "by_process": {k: round(v, 2) for k, v in by_kind.most_common() if v >= 0.01},
+                        "by_process": {
+                            k: round(v, 2) for k, v in by_kind.most_common() if v >= 0.01
+                        },
                         **shuffle_bench.shuffle_settings(),
                     }
                 )

@@ -228,7 +228,7 @@ class Bench:
             t, res, times = measure(fn, a.repeat, a.warmup)
             rss = _rss_mb()
             info = extra()
-        except Exception as e:  # report, go on with the others
+        except Exception as e:  # noqa: BLE001 -- report, go on with the others
             self.failed.append(f"{competitor}/{workload}")
             print(json.dumps({
                 "workload": workload, "competitor": competitor,

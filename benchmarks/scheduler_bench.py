@@ -64,8 +64,9 @@ def main() -> None:
     args = p.parse_args()
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    import ray_oob_sched
     from ray.util.dask import ray_dask_get
+
+    import ray_oob_sched
 
     schedulers: dict[str, Any] = {
         "ray_oob_sched": ray_oob_sched.get,
@@ -94,7 +95,7 @@ def main() -> None:
         results = {}
         for sname, sched in schedulers.items():
             with dask.config.set({"dataframe.shuffle.method": "tasks"}):
-                t, res = measure(lambda: run(sched), args.repeat)
+                t, res = measure(lambda run=run, sched=sched: run(sched), args.repeat)
             medians[sname] = t
             results[sname] = res
             print(json.dumps({
@@ -107,7 +108,9 @@ def main() -> None:
         if base:
             print(json.dumps({
                 "workload": name,
-                "speedup_vs": {k: round(v / base, 2) for k, v in medians.items() if k != "ray_oob_sched"},
+                "speedup_vs": {
+                    k: round(v / base, 2) for k, v in medians.items() if k != "ray_oob_sched"
+                },
             }), flush=True)
     ray.shutdown()
 

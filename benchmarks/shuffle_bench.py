@@ -172,7 +172,7 @@ def _split(df: pd.DataFrame, nout: int) -> list[pd.DataFrame]:
     order = np.argsort(target, kind="stable")
     bounds = np.searchsorted(target[order], np.arange(1, nout))
     ordered = df.take(order)
-    return [ordered.iloc[a:b] for a, b in zip([0, *bounds], [*bounds, len(df)])]
+    return [ordered.iloc[a:b] for a, b in zip([0, *bounds], [*bounds, len(df)], strict=False)]
 
 
 def floor_shuffle(s: Sizes, phases: dict[str, list[float]]) -> pd.DataFrame:
@@ -190,7 +190,7 @@ def floor_merge(s: Sizes, phases: dict[str, list[float]]) -> pd.DataFrame:
     left = pd.concat(s.pandas_parts(LEFT), ignore_index=True)
     right = pd.concat(s.pandas_parts(RIGHT, seed_offset=1), ignore_index=True)
     t1 = time.perf_counter()
-    pairs = zip(_split(left, s.out), _split(right, s.out))
+    pairs = zip(_split(left, s.out), _split(right, s.out), strict=False)
     out = pd.concat([summary(pd.merge(a, b, on="k")) for a, b in pairs], ignore_index=True)
     phases["generate_s"].append(t1 - t0)
     phases["split_s"].append(time.perf_counter() - t1)
@@ -371,7 +371,7 @@ class Bench:
                 t, res, times = measure(fn, a.repeat, a.warmup)
             rss = _rss_mb()
             info = {**extra(), **monitor.report(a.repeat + a.warmup)}
-        except Exception as e:  # report, go on with the others
+        except Exception as e:  # noqa: BLE001 -- report, go on with the others
             self.failed.append(f"{competitor}/{workload}")
             print(json.dumps({
                 "workload": workload, "competitor": competitor,

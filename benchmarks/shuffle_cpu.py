@@ -40,12 +40,12 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dask.dataframe.shuffle import partitioning_index  # noqa: E402
+from dask.dataframe.shuffle import partitioning_index
 
-from shuffle._ids import ShardKey  # noqa: E402
-from shuffle._partition import concat_partition, sort_by_partition  # noqa: E402
-from shuffle._store import DiskShardStore  # noqa: E402
-from shuffle.wire._arrow import encode_slices, pieces_to_tables  # noqa: E402
+from shuffle._ids import ShardKey
+from shuffle._partition import concat_partition, sort_by_partition
+from shuffle._store import DiskShardStore
+from shuffle.wire._arrow import encode_slices, pieces_to_tables
 
 BYTES_PER_ROW = 32  # the four numeric columns, as in shuffle_bench.py
 
@@ -66,7 +66,9 @@ def make_input(i: int, rows: int, nout: int, *, strings: bool, seed: int) -> pd.
         alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype="S1")
         chars = alphabet[rng.integers(0, 26, int(lengths.sum()))].tobytes().decode()
         ends = np.cumsum(lengths)
-        df["s"] = pd.array([chars[e - n : e] for e, n in zip(ends, lengths)], dtype="str")
+        df["s"] = pd.array(
+            [chars[e - n : e] for e, n in zip(ends, lengths, strict=True)], dtype="str"
+        )
     # what dask's p2p graphs add before the transfer (AssignPartitioningIndex)
     df["_partitions"] = partitioning_index(df["k"], nout)
     return df
@@ -102,7 +104,8 @@ def main() -> None:
     received = []  # (meta, payload)
     for i in range(nin):
         df = make_input(i, rows, args.out, strings=args.strings, seed=args.seed) if i else first
-        piece = encode_slices(*sort_by_partition(df, column="_partitions", npartitions=args.out)).get(0)
+        slices = sort_by_partition(df, column="_partitions", npartitions=args.out)
+        piece = encode_slices(*slices).get(0)
         if piece is not None:
             received.append((getattr(piece, "meta", b""), getattr(piece, "data", piece)))
     in_rows = sum(t.num_rows for t in pieces_to_tables(received))

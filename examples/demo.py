@@ -1,10 +1,10 @@
 """The main job: a real Dask workload on an embedded local Ray, with ray_oob_sched.
 
 Runs array workloads (a rechunk among them), a dataframe groupby/merge/set_index
-(the rechunk and the shuffles go through the out-of-band shuffle actors), a bag and a delayed graph, persists a
-collection and drops it again, and prints what each step did: Dask tasks, Ray
-tasks, objects, shuffles, time, and a check against dask's threaded scheduler or
-pandas.
+(the rechunk and the shuffles go through the out-of-band shuffle actors), a bag and a
+delayed graph, persists a collection and drops it again, and prints what each step
+did: Dask tasks, Ray tasks, objects, shuffles, time, and a check against dask's
+threaded scheduler or pandas.
 
     python examples/demo.py [--size 4096] [--rows 2000000]
 """
@@ -63,7 +63,10 @@ def main() -> None:
         cols = x.rechunk((args.size, 128))  # square blocks to column panels, p2p
         got = cols.std(axis=0).compute()
         expected = x.rechunk((args.size, 128), method="tasks").std(axis=0)
-        report("array: rechunk to columns (p2p)", np.allclose(got, expected.compute(scheduler="threads")))
+        report(
+            "array: rechunk to columns (p2p)",
+            np.allclose(got, expected.compute(scheduler="threads")),
+        )
 
         rng = np.random.default_rng(0)
         pdf = pd.DataFrame({"k": rng.integers(0, 10_000, args.rows), "v": rng.random(args.rows)})
@@ -94,7 +97,10 @@ def main() -> None:
         report("persist: x (data stays in Ray)", True)
         store = ray.available_resources().get("object_store_memory", 0.0)
         got = (xp + 1).mean().compute()
-        report("compute on the persisted array", np.isclose(got, (x + 1).mean().compute(scheduler="threads")))
+        report(
+            "compute on the persisted array",
+            np.isclose(got, (x + 1).mean().compute(scheduler="threads")),
+        )
         del xp
         gc.collect()
         freed = ray.available_resources().get("object_store_memory", 0.0) - store

@@ -5,8 +5,8 @@ project's setup installs); exits with a message saying what is missing otherwise
 Not part of CI. Steps, each checked against dask's threaded scheduler:
 
 1. device-to-device self-check: one CuPy array and one cuDF frame are encoded
-   (``shuffle.wire._ndarray``, ``shuffle.device._cudf``) and sent over the UCX transport between two endpoints
-   of this process into RMM buffers, then decoded and compared;
+   (``shuffle.wire._ndarray``, ``shuffle.device._cudf``) and sent over the UCX
+   transport between two endpoints of this process into RMM buffers, then decoded and compared;
 2. a dask_cudf ``shuffle(on="key")`` through ``ray_oob_sched.enable()`` (p2p, so the
    pieces go through the shuffle actors out of band);
 3. a CuPy-backed ``rechunk`` from row chunks to column chunks with ``method="p2p"``.

@@ -24,13 +24,13 @@ from ray_oob_sched._p2p import UnsupportedGraphError
 from ray_oob_sched._plugin import DEFAULT, RaySchedule, RunStats
 from ray_oob_sched._restart import ShuffleActorLostError
 from ray_oob_sched._runtime import RayClientNotSupportedError
-from ray_oob_sched._store import UnsupportedStoreTargetError
 from ray_oob_sched._status import (
     ActorRunStatus,
     ShuffleRunStatus,
     ShuffleRunTotals,
     ShuffleStatus,
 )
+from ray_oob_sched._store import UnsupportedStoreTargetError
 
 __version__ = "0.1.0"
 
@@ -49,11 +49,12 @@ def enable(**config: Any) -> dask.config.set:
     through its out-of-band shuffle actors (shuffle, set_index, sort_values,
     groupby with split_out, hash merge), and the p2p array rechunk, which runs
     through the same actors, or for a small plan (``shuffle.rechunk-tasks-max-pieces``)
-    as one plain Ray task per output chunk (``method="tasks"`` per call opts out). Extra ``config`` keywords are set with it, as
-    ``dask.config.set`` takes them (``ray_oob_sched__scheduler__fuse__enabled=False``).
-    Used as a context manager, everything is restored on exit. With Ray running, the
-    shuffle actors start in the background now (``shuffle.prestart``), so the first
-    shuffle does not wait for them; ``shutdown()`` stops them.
+    as one plain Ray task per output chunk (``method="tasks"`` per call opts out).
+    Extra ``config`` keywords are set with it, as ``dask.config.set`` takes them
+    (``ray_oob_sched__scheduler__fuse__enabled=False``). Used as a context manager,
+    everything is restored on exit. With Ray running, the shuffle actors start in the
+    background now (``shuffle.prestart``), so the first shuffle does not wait for them;
+    ``shutdown()`` stops them.
     """
     settings = dask.config.set(
         {

@@ -11,10 +11,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import dask.config
 import yaml
+
+from shuffle._options import RunOptions
+from shuffle.device._options import DeviceMode, DeviceOptions, ResultMemory
 
 NAMESPACE = "ray-oob-sched"
 _HERE = os.path.dirname(__file__)
@@ -100,10 +103,12 @@ def ray_init_kwargs() -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in raw.items() if v is not None}
 
 
-def _memory_limit() -> int | None | Literal["auto"]:
+def _memory_limit() -> int | Literal["auto"] | None:
     value = get("shuffle.memory-limit")
-    if value is None or value == "auto":
-        return value
+    if value is None:
+        return None
+    if value == "auto":
+        return "auto"
     try:
         return _int("shuffle.memory-limit", minimum=0)
     except ValueError as e:
@@ -113,7 +118,7 @@ def _memory_limit() -> int | None | Literal["auto"]:
 def _actors_per_node() -> int | Literal["auto"]:
     value = get("shuffle.actors-per-node")
     if value == "auto":
-        return value
+        return "auto"
     try:
         return _int("shuffle.actors-per-node", minimum=1)
     except ValueError as e:
@@ -142,19 +147,35 @@ def _port_range() -> tuple[int, int] | None:
     )
 
 
+#: The transports a user may configure (tests also use "local").
+ServiceTransport = Literal["auto", "ucx", "tcp"]
+
+
+class ServiceOptions(TypedDict):
+    """The keyword arguments of ``shuffle.shell.ShuffleService``, from ``ShuffleConfig``."""
+
+    transport: ServiceTransport
+    options: RunOptions
+    timeout: float
+    host: str | None
+    device: DeviceOptions
+    actors_per_node: int | Literal["auto"]
+    port_range: tuple[int, int] | None
+
+
 @dataclass(frozen=True)
 class ShuffleConfig:
-    transport: str
-    memory_limit: int | None | Literal["auto"]
+    transport: ServiceTransport
+    memory_limit: int | Literal["auto"] | None
     spill_directory: str | None
     message_bytes: int
     send_buffer_bytes: int | None
     timeout: float
     max_restarts: int
     host: str | None
-    device: str = "auto"
+    device: DeviceMode = "auto"
     actor_num_gpus: float = 0.01
-    gpu_results: str = "device"
+    gpu_results: ResultMemory = "device"
     actors_per_node: int | Literal["auto"] = "auto"
     combine_bytes: int = 16 * 2**20
     port_range: tuple[int, int] | None = None
@@ -209,4 +230,26 @@ class ShuffleConfig:
             port_range=_port_range(),
             rechunk_tasks_max_pieces=_int("shuffle.rechunk-tasks-max-pieces", minimum=0),
             prestart=_bool("shuffle.prestart"),
+        )
+
+    def service_options(self) -> ServiceOptions:
+        """The shuffle service's constructor options: ``ShuffleService(**options)``."""
+        return ServiceOptions(
+            transport=self.transport,
+            options=RunOptions(
+                memory_limit=self.memory_limit,
+                spill_directory=self.spill_directory,
+                message_bytes=self.message_bytes,
+                send_buffer_bytes=self.send_buffer_bytes,
+                combine_bytes=self.combine_bytes,
+            ),
+            timeout=self.timeout,
+            host=self.host,
+            device=DeviceOptions(
+                mode=self.device,
+                actor_num_gpus=self.actor_num_gpus,
+                results=self.gpu_results,
+            ),
+            actors_per_node=self.actors_per_node,
+            port_range=self.port_range,
         )

@@ -9,6 +9,7 @@ data, then one object per output key.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Hashable, Mapping, Sequence
@@ -160,10 +161,9 @@ class RayExecutor:
     def observe(refs: Sequence[Any]) -> None:
         """Read finished, failed refs so that their errors count as handled."""
         for ref in refs:
-            try:
+            # The error itself was raised to the user already.
+            with contextlib.suppress(Exception):
                 ray.get(ref, timeout=0)
-            except Exception:  # the error itself was raised to the user already
-                pass
 
     @staticmethod
     def succeeded(status_ref: Any) -> bool:

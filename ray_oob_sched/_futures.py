@@ -24,7 +24,7 @@ class RayFuture:
     """The result of one persisted dask key, held in Ray's object store."""
 
     __dask_future__ = True
-    __slots__ = ("key", "ref", "__weakref__")
+    __slots__ = ("__weakref__", "key", "ref")
 
     def __init__(self, key: Key, ref: Any) -> None:
         self.key = key

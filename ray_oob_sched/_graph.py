@@ -11,13 +11,14 @@ import heapq
 import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import dask.config
 from dask._task_spec import GraphNode, convert_legacy_graph
 from dask.core import flatten
 from dask.highlevelgraph import HighLevelGraph
 from dask.order import order as dask_order
+from dask.typing import Key as DaskKey
 
 #: What names a task in a dask graph (the whole package uses this one alias).
 Key = Hashable
@@ -183,7 +184,16 @@ def _toposort(
     if seen != len(nodes):
         raise InvalidGraphError(f"the graph has a cycle: {_find_cycle(dependencies)}")
 
-    priority = dask_order(nodes, dependencies) if len(nodes) > 1 else {}
+    # dask.order annotates its keys with dask's own Key type and the dependencies as sets;
+    # it only hashes and iterates them, so any hashable keys and frozensets do.
+    priority: dict[Any, int] = (
+        dask_order(
+            cast("Mapping[DaskKey, Any]", nodes),
+            cast("Mapping[DaskKey, set[DaskKey]]", dependencies),
+        )
+        if len(nodes) > 1
+        else {}
+    )
     missing = {k: len(d) for k, d in dependencies.items()}
     heap = [(priority.get(k, 0), i, k) for i, k in enumerate(ready)]
     heapq.heapify(heap)
@@ -214,7 +224,7 @@ def _find_cycle(dependencies: Mapping[Key, frozenset[Key]]) -> list[Key]:
             k, it = stack[-1]
             for d in it:
                 if state.get(d) == 1:
-                    return path[path.index(d) :] + [d]
+                    return [*path[path.index(d):], d]
                 if d not in state:
                     state[d] = 1
                     path.append(d)

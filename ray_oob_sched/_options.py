@@ -102,10 +102,10 @@ def options_token(options: Options) -> Hashable:
     unlike a repr it cannot make different options look the same. Unpicklable
     values fall back to identity.
     """
-    items = []
+    items: list[tuple[str, object]] = []
     for k, v in sorted(options.items()):
         try:
             items.append((k, pickle.dumps(v)))
-        except Exception:
+        except Exception:  # noqa: BLE001 -- pickling may fail with any error type
             items.append((k, ("id", id(v))))
     return tuple(items)

@@ -210,7 +210,7 @@ def _swap(node: Any, subs: Mapping[int, Any]) -> Any:
     if type(node) is Task:
         args = tuple(_swap_arg(a, subs) for a in node.args)
         kwargs = {k: _swap_arg(v, subs) for k, v in node.kwargs.items()}
-        if all(a is b for a, b in zip(args, node.args)) and all(
+        if all(a is b for a, b in zip(args, node.args, strict=False)) and all(
             kwargs[k] is v for k, v in node.kwargs.items()
         ):
             return node

@@ -148,7 +148,7 @@ def _run(spec: GroupSpec, args: Sequence[Any], recorder: Recorder | None) -> tup
     scope = GroupScope()
     token = _SCOPE.set(scope)
     try:
-        for key, node in zip(spec.keys, spec.nodes):
+        for key, node in zip(spec.keys, spec.nodes, strict=False):
             if scope.needs_finish(node.dependencies):
                 scope.finish()
             scope.key = key
@@ -171,7 +171,9 @@ def _run(spec: GroupSpec, args: Sequence[Any], recorder: Recorder | None) -> tup
     found = recorder.warnings() if recorder is not None else ()
     outputs = [values[k] for k in spec.outputs]
     targets = tuple(
-        (k, v.token) for k, v in zip(spec.outputs, outputs) if getattr(v, "is_store_target", False)
+        (k, v.token)
+        for k, v in zip(spec.outputs, outputs, strict=False)
+        if getattr(v, "is_store_target", False)
     )
     status = GroupStatus(
         worker=_WORKER_ID, warnings=found, writes=tuple(scope.staged), targets=targets

@@ -191,7 +191,7 @@ class ShardsBuffer(Generic[K, B]):
     async def _send_batch(self, destination: str, batch: list[tuple[K, B]], nbytes: int) -> None:
         try:
             await self._send(destination, batch)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- kept as the buffer's failure, raised to its users
             self._fail(e)
         else:
             self.nbytes_sent += nbytes

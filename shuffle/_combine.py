@@ -39,6 +39,8 @@ import pandas as pd
 
 from shuffle._exceptions import FrameError, InconsistentInputsError
 
+_OBJECT = np.dtype(object)
+
 __all__ = [
     "JOINED_TAG",
     "Coverage",
@@ -70,9 +72,10 @@ def frame_nbytes(frame: Any) -> int:
         return int(frame.memory_usage(deep=True).sum())  # cuDF: exact, and cheap
     dtypes = list(frame.dtypes)
     index = frame.index
-    if index.dtype != object and all(isinstance(d, np.dtype) and d != object for d in dtypes):
+    if index.dtype != _OBJECT and all(isinstance(d, np.dtype) and d != _OBJECT for d in dtypes):
         # memory_usage costs ~0.25 ms per call; numpy columns are rows x itemsize.
-        return len(frame) * sum(d.itemsize for d in dtypes) + int(index.nbytes)
+        row_bytes: int = sum(d.itemsize for d in dtypes)
+        return len(frame) * row_bytes + int(index.nbytes)
     total = int(frame.memory_usage(index=True, deep=False).sum())
     if len(frame):
         step = max(1, len(frame) // _SAMPLE)
@@ -86,7 +89,7 @@ def frame_nbytes(frame: Any) -> int:
 
 def _holds_objects(dtype: Any) -> bool:
     # memory_usage(deep=False) counts these as one pointer per value.
-    return dtype == object or (isinstance(dtype, pd.StringDtype) and dtype.storage == "python")
+    return dtype == _OBJECT or (isinstance(dtype, pd.StringDtype) and dtype.storage == "python")
 
 
 def _objects_nbytes(sample: list[Any], n: int) -> int:

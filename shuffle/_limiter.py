@@ -81,7 +81,7 @@ class ResourceLimiter:
                 raise self._timeout_error(timeout)
             try:
                 await asyncio.wait_for(self._not_full.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise self._timeout_error(timeout) from None
 
     def _timeout_error(self, timeout: float | None) -> LimiterTimeoutError:

@@ -122,13 +122,13 @@ class ShuffleManager:
             return current
         if current is None and newest == run_id:
             raise ShuffleClosedError(shuffle_id, run_id, f"already closed on {self.local!r}")
-        common: dict[str, Any] = dict(
-            spec=spec,
-            local=self.local,
-            options=self.options,
-            accept_any_sender=self._accept_any_sender,
-            registry=self.registry,
-        )
+        common: dict[str, Any] = {
+            "spec": spec,
+            "local": self.local,
+            "options": self.options,
+            "accept_any_sender": self._accept_any_sender,
+            "registry": self.registry,
+        }
         run: ShuffleRun
         if is_rechunk(meta):
             run = ArrayRechunkRun(layout=meta, **common)

@@ -21,7 +21,7 @@ class RunOptions:
     #: Bytes of received shards held in memory before spilling to disk; ``None`` never
     #: spills, ``0`` spills everything, ``"auto"`` is a share of the memory of the
     #: machine the run lives on (``auto_memory_limit``), resolved there.
-    memory_limit: int | None | Literal["auto"] = 256 * 2**20
+    memory_limit: int | Literal["auto"] | None = 256 * 2**20
     #: Where spill directories are created (default: the system's temporary directory).
     spill_directory: str | os.PathLike[str] | None = None
     #: Target size of one message; a single larger shard still travels alone.

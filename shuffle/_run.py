@@ -243,7 +243,7 @@ class ShuffleRun(abc.ABC):
         self.raise_if_closed()
         self._inputs_done = True
 
-    def _admit(self, entries: Sequence[Any]) -> None:
+    def _admit(self, entries: Sequence[Any]) -> None:  # noqa: B027 -- optional hook
         """Refuse (raise) a message whose entries contradict what is stored; the
         dataframe run checks joined pieces' coverage."""
 
@@ -330,7 +330,8 @@ class DataFrameShuffleRun(ShuffleRun):
         """
         shards = [(i, payload, split_joined(meta)[1]) for i, payload, meta in self._read(partition)]
         if any(meta.startswith(CUDF_TAG) for _, _, meta in shards):
-            out = concat_cudf([(meta, payload) for _, payload, meta in shards], meta=self.output_meta)
+            pieces = [(meta, payload) for _, payload, meta in shards]
+            out = concat_cudf(pieces, meta=self.output_meta)
         else:
             tables = pieces_to_tables([(meta, payload) for _, payload, meta in shards])
             out = concat_partition(tables, meta=self.output_meta)

@@ -85,7 +85,7 @@ class ShuffleRunSpec:
             raise ValueError(f"participants must be unique, got {self.participants}")
         if self.needed is not None:
             needed = tuple(sorted(set(self.needed)))
-            if needed and not (0 <= needed[0] and needed[-1] < self.npartitions_out):
+            if needed and not (needed[0] >= 0 and needed[-1] < self.npartitions_out):
                 raise ValueError(
                     f"shuffle {self.shuffle_id!r}: needed output partitions {needed} must "
                     f"lie in [0, {self.npartitions_out})"

@@ -7,8 +7,9 @@ private temporary directory: large sequential writes, one file per output partit
 Reads return the shards of one partition ordered by input partition, so the output
 does not depend on arrival order. Device shards (objects exposing
 ``__cuda_array_interface__``) are held as they are and never spilled: the budget is
-for host memory, and device memory is the device allocator's (RMM's) to manage. ``cleanup()`` deletes the directory; a
-``weakref.finalize`` does the same if an owner forgets.
+for host memory, and device memory is the device allocator's (RMM's) to manage.
+``cleanup()`` deletes the directory; a ``weakref.finalize`` does the same if an owner
+forgets.
 """
 
 from __future__ import annotations

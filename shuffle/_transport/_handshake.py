@@ -91,7 +91,7 @@ async def _run(role: str, endpoint: Endpoint, config: TransportConfig) -> None:
         raise
     except AuthenticationError as e:
         raise AuthenticationError(f"{endpoint.name}: {e}") from e
-    except asyncio.TimeoutError as e:
+    except TimeoutError as e:
         raise AuthenticationError(
             f"{endpoint.name}: handshake not completed within {config.handshake_timeout}s"
         ) from e

@@ -9,8 +9,8 @@ range an operator has to open small and predictable.
 
 from __future__ import annotations
 
-from .base import Handler, Listener, Transport
 from ._errors import BrokenTransportError
+from .base import Handler, Listener, Transport
 
 __all__ = ["PortRangeExhaustedError", "listen_in_range"]
 

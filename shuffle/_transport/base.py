@@ -55,7 +55,7 @@ if TYPE_CHECKING:
         from collections.abc import Buffer
     else:
         from typing_extensions import Buffer
-    from typing_extensions import Self
+    from typing import Self
 
 __all__ = [
     "HANDSHAKE_LIMITS",

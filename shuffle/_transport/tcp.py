@@ -293,7 +293,7 @@ class TcpTransport(BaseTransport):
             sock = await asyncio.wait_for(
                 self._connect_socket(host, port), self._config.connect_timeout
             )
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             raise BrokenTransportError(f"cannot connect to {address}: {e!r}") from e
         name = f"tcp://{_sockname(sock, False)}->{_sockname(sock, True)}"
         return _TcpEndpoint(sock=sock, name=name, config=self._config)

@@ -110,7 +110,7 @@ def is_available() -> bool:
     """Whether ucxx (and its UCX libraries) can be imported; does not start UCX."""
     try:
         _import_ucxx()
-    except Exception as e:  # ImportError, or OSError from loading libucx
+    except Exception as e:  # noqa: BLE001 -- ImportError, or OSError from loading libucx
         logger.debug("ucxx is not usable: %r", e)
         return False
     return True
@@ -207,7 +207,8 @@ class _UcxRuntime:
         self._owned = True
         self._users = 0
         self._generation += 1
-        self.tcp_ports = frozenset(listening_ports() - before) if reaper_supported() else frozenset()
+        supported = reaper_supported()
+        self.tcp_ports = frozenset(listening_ports() - before) if supported else frozenset()
         self._loop = weakref.ref(loop)
         if not self._exit_hook_registered:
             # Runs before the interpreter joins non-daemon threads (atexit runs after).
@@ -459,7 +460,7 @@ class UcxTransport(BaseTransport):
                 ),
                 timeout + 1.0,  # ucxx's own timeout covers only part of the wire-up
             )
-        except (ucxx.exceptions.UCXError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, ucxx.exceptions.UCXError, OSError) as e:
             # ucxx's frames in these tracebacks hold its context (see _scrub_tracebacks).
             _scrub_tracebacks(e)
             failure = f"cannot connect to {address}: {e!r}"

@@ -33,7 +33,8 @@ class RunHandle:
     """One run of one shuffle, as the driver started it on every participant.
 
     ``meta`` is the empty input frame of a dataframe shuffle, or the ``RechunkLayout`` of
-    an array rechunk (its partitions are flat chunk numbers). ``addresses`` maps each participant name of ``spec`` to its listener address;
+    an array rechunk (its partitions are flat chunk numbers). ``addresses`` maps each
+    participant name of ``spec`` to its listener address;
     ``transport`` is the transport those addresses belong to (``"tcp"`` or ``"ucx"``,
     never ``"auto"``); ``options`` carries the senders' knobs (message size, send budget,
     concurrency), ``device`` whether device payloads travel (senders pick their memory

@@ -113,9 +113,9 @@ class ShuffleService:
     ``device`` says whether device (GPU) payloads travel, how much of a GPU each actor
     on a GPU node reserves, and what unpack returns for device partitions.
     ``actors_per_node`` is the number of actors on every node, or ``"auto"``: one per 8
-    of the node's CPUs (Ray's ``CPU`` resource), clamped to [1, 4] (``_placement``). A node's actors share its
-    ``memory_limit="auto"`` budget. ``port_range``: the inclusive range of ports every
-    actor's listener binds in (firewalls); ``None``: any free port.
+    of the node's CPUs (Ray's ``CPU`` resource), clamped to [1, 4] (``_placement``). A
+    node's actors share its ``memory_limit="auto"`` budget. ``port_range``: the inclusive
+    range of ports every actor's listener binds in (firewalls); ``None``: any free port.
     """
 
     def __init__(
@@ -194,82 +194,12 @@ class ShuffleService:
         """The started actors of every alive node, ordered by node id, then index on
         the node; creates what is missing, re-creates what died."""
         self._check_open()
-        alive = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in self._lost_nodes]
-        # A crashed node's raylet is gone at once, while Ray reports the node alive for
-        # seconds and its actors' processes may still answer for a moment.
-        gone = {n["NodeID"] for n in alive if not self._raylet_answers(n)}
-        if gone:
-            logger.warning("lost node(s) %s: their raylets do not answer", sorted(gone))
-            self._lost_nodes |= gone
-            alive = [n for n in alive if n["NodeID"] not in gone]
-        hosts = dict(sorted((n["NodeID"], n["NodeManagerAddress"]) for n in alive))
-        if self.host is not None:
-            hosts = dict.fromkeys(hosts, self.host)
-        self._node_gpus = {n["NodeID"]: float(n["Resources"].get("GPU", 0)) for n in alive}
-        for node_id, gpus in self._node_gpus.items():
-            # Refuses (device mode cuda, a node without GPUs) before any actor is created.
-            actor_num_gpus(self.device, node_gpus=gpus, node=node_id)
-        self._node_actors = {
-            n["NodeID"]: actors_on_node(
-                self.actors_per_node, node_cpus=float(n["Resources"].get("CPU", 0))
-            )
-            for n in alive
-        }
+        hosts = self._survey_nodes()
         wanted = slots(self._node_actors)
-        self._drop(set(self._actors) - set(wanted), hosts)
+        self._drop(set(self._actors) - set(wanted), hosts=hosts)
         created = {s: self._create(s[0], hosts[s[0]]) for s in wanted if s not in self._actors}
-
-        def actor_of(slot: Slot) -> tuple[str, Any]:  # (name, handle)
-            if slot in created:
-                return created[slot]
-            return self._actors[slot].name, self._actors[slot].handle
-
-        def start(targets: Sequence[Slot]) -> dict[Slot, Any]:
-            # start() is idempotent: for running actors it is the liveness check.
-            names = {slot: actor_of(slot)[0] for slot in targets}
-            got = self._gather({names[t]: actor_of(t)[1].start.remote() for t in targets}, "start")
-            return {t: got[names[t]] for t in targets}
-
-        def lose(nodes: set[str]) -> None:
-            # Their slots go; actors being created there are killed.
-            nonlocal wanted
-            if not nodes:
-                return
-            self._lost_nodes |= nodes
-            for slot in [s for s in created if s[0] in nodes]:
-                self._kill(created.pop(slot)[1])
-            wanted = [s for s in wanted if s[0] not in nodes]
-            self._drop({s for s in self._actors if s[0] in nodes}, hosts)
-            logger.warning(
-                "lost node(s) %s: their shuffle actors died and the node does not answer; "
-                "runs use the %d surviving node(s)",
-                sorted(nodes),
-                len({s[0] for s in wanted}),
-            )
-
-        dead: list[Slot] = []
         try:
-            results = start(wanted)
-            dead = [slot for slot in wanted if _is_dead(results[slot])]
-            if dead:
-                logger.warning(
-                    "shuffle actors %s died; re-creating them", [actor_of(d)[0] for d in dead]
-                )
-                for slot in dead:
-                    self._kill(actor_of(slot)[1])  # unreachable rather than dead: make sure
-                # A dead node first: re-creating its actors would wait for Ray to
-                # notice the node's death, then fail.
-                lose({node for node in {d[0] for d in dead} if self._node_gone(node)})
-                dead = [d for d in dead if d in wanted]
-                created |= {slot: self._create(slot[0], hosts[slot[0]]) for slot in dead}
-                results |= start(dead)
-                # A node where a new actor cannot start and that is gone by now.
-                again = {d[0] for d in dead if _is_dead(results[d])}
-                lose({node for node in again if self._node_gone(node)})
-                dead = [d for d in dead if d in wanted]
-            self._raise_failures(
-                {actor_of(t)[0]: r for t, r in results.items() if t in wanted}, "start"
-            )
+            results, dead, wanted = self._start_all(wanted, created=created, hosts=hosts)
         except BaseException:
             for _, handle in created.values():
                 self._kill(handle)
@@ -280,13 +210,7 @@ class ShuffleService:
                 name, node_id, index, results[node_id, index], handle
             )
         if gone:  # a killed actor could not delete its spill files: its successor does
-            refs = {
-                self._actors[slot].name: self._actors[slot].handle.remove_spill_of.remote(old)
-                for slot, old in gone.items()
-            }
-            for name, result in self._gather(refs, "remove_spill_of").items():
-                if isinstance(result, Exception):
-                    logger.warning("%s: removing spill files of a dead actor: %r", name, result)
+            self._remove_spill_of(gone)
         return [self._actors[slot] for slot in wanted]
 
     def warm_senders(self, *, tasks: int) -> list[Any]:
@@ -462,8 +386,35 @@ class ShuffleService:
 
     # ---- internals
 
-    def _drop(self, slots_: set[Slot], hosts: Mapping[str, str]) -> None:
-        """Forget and kill the actors of ``slots_``, no longer wanted."""
+    def _survey_nodes(self) -> dict[str, str]:
+        """Read the alive nodes' GPUs and actor counts; the host each node's actors use,
+        by node id (sorted). Lost nodes stay out."""
+        alive = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in self._lost_nodes]
+        # A crashed node's raylet is gone at once, while Ray reports the node alive for
+        # seconds and its actors' processes may still answer for a moment.
+        gone = {n["NodeID"] for n in alive if not self._raylet_answers(n)}
+        if gone:
+            logger.warning("lost node(s) %s: their raylets do not answer", sorted(gone))
+            self._lost_nodes |= gone
+            alive = [n for n in alive if n["NodeID"] not in gone]
+        hosts = dict(sorted((n["NodeID"], n["NodeManagerAddress"]) for n in alive))
+        if self.host is not None:
+            hosts = dict.fromkeys(hosts, self.host)
+        self._node_gpus = {n["NodeID"]: float(n["Resources"].get("GPU", 0)) for n in alive}
+        for node_id, gpus in self._node_gpus.items():
+            # Refuses (device mode cuda, a node without GPUs) before any actor is created.
+            actor_num_gpus(self.device, node_gpus=gpus, node=node_id)
+        self._node_actors = {
+            n["NodeID"]: actors_on_node(
+                self.actors_per_node, node_cpus=float(n["Resources"].get("CPU", 0))
+            )
+            for n in alive
+        }
+        return hosts
+
+    def _drop(self, slots_: set[Slot], *, hosts: Mapping[str, str]) -> None:
+        """Forget and kill the actors of ``slots_``, no longer wanted: their node was
+        lost or left the cluster, or now runs fewer actors."""
         for slot in sorted(slots_):
             info = self._actors.pop(slot)
             if slot[0] in self._lost_nodes:
@@ -491,6 +442,99 @@ class ShuffleService:
                 return True
         except OSError:
             return False
+
+    def _start_all(
+        self,
+        wanted: Sequence[Slot],
+        *,
+        created: dict[Slot, tuple[str, Any]],
+        hosts: Mapping[str, str],
+    ) -> tuple[dict[Slot, Any], list[Slot], list[Slot]]:
+        """Start (or, for running actors, check) every wanted actor; re-create the dead
+        ones once, adding them to ``created`` (so the caller kills them on failure),
+        except on nodes found lost, whose slots go. Returns each slot's address, the
+        slots whose actor died and was re-created, and the slots still wanted."""
+        wanted = list(wanted)
+        results = self._start(wanted, created=created)
+        dead = [slot for slot in wanted if _is_dead(results[slot])]
+        if dead:
+            logger.warning(
+                "shuffle actors %s died; re-creating them",
+                [self._actor_of(d, created=created)[0] for d in dead],
+            )
+            for slot in dead:
+                # Unreachable rather than dead: make sure.
+                self._kill(self._actor_of(slot, created=created)[1])
+            # A dead node first: re-creating its actors would wait for Ray to notice the
+            # node's death, then fail.
+            lost = {node for node in {d[0] for d in dead} if self._node_gone(node)}
+            wanted = self._lose(lost, wanted=wanted, created=created, hosts=hosts)
+            dead = [d for d in dead if d in wanted]
+            created |= {slot: self._create(slot[0], hosts[slot[0]]) for slot in dead}
+            results |= self._start(dead, created=created)
+            # A node where a new actor cannot start and that is gone by now.
+            again = {d[0] for d in dead if _is_dead(results[d])}
+            lost = {node for node in again if self._node_gone(node)}
+            wanted = self._lose(lost, wanted=wanted, created=created, hosts=hosts)
+            dead = [d for d in dead if d in wanted]
+        self._raise_failures(
+            {self._actor_of(t, created=created)[0]: r for t, r in results.items() if t in wanted},
+            "start",
+        )
+        return results, dead, wanted
+
+    def _lose(
+        self,
+        nodes: set[str],
+        *,
+        wanted: list[Slot],
+        created: dict[Slot, tuple[str, Any]],
+        hosts: Mapping[str, str],
+    ) -> list[Slot]:
+        """Mark ``nodes`` lost: their slots go and actors being created there are
+        killed. Returns the slots still wanted."""
+        if not nodes:
+            return wanted
+        self._lost_nodes |= nodes
+        for slot in [s for s in created if s[0] in nodes]:
+            self._kill(created.pop(slot)[1])
+        wanted = [s for s in wanted if s[0] not in nodes]
+        self._drop({s for s in self._actors if s[0] in nodes}, hosts=hosts)
+        logger.warning(
+            "lost node(s) %s: their shuffle actors died and the node does not answer; "
+            "runs use the %d surviving node(s)",
+            sorted(nodes),
+            len({s[0] for s in wanted}),
+        )
+        return wanted
+
+    def _start(
+        self, targets: Sequence[Slot], *, created: Mapping[Slot, tuple[str, Any]]
+    ) -> dict[Slot, Any]:
+        # start() is idempotent: for running actors it is the liveness check.
+        actors = {slot: self._actor_of(slot, created=created) for slot in targets}
+        refs = {name: handle.start.remote() for name, handle in actors.values()}
+        got = self._gather(refs, "start")
+        return {t: got[actors[t][0]] for t in targets}
+
+    def _actor_of(
+        self, slot: Slot, *, created: Mapping[Slot, tuple[str, Any]]
+    ) -> tuple[str, Any]:
+        """(name, handle) of the actor in ``slot``: a newly created one, else the known one."""
+        if slot in created:
+            return created[slot]
+        return self._actors[slot].name, self._actors[slot].handle
+
+    def _remove_spill_of(self, gone: Mapping[Slot, str]) -> None:
+        """Ask each re-created actor to delete the spill files of the dead actor (by name)
+        it replaced; failures are logged, not raised."""
+        refs = {
+            self._actors[slot].name: self._actors[slot].handle.remove_spill_of.remote(old)
+            for slot, old in gone.items()
+        }
+        for name, result in self._gather(refs, "remove_spill_of").items():
+            if isinstance(result, Exception):
+                logger.warning("%s: removing spill files of a dead actor: %r", name, result)
 
     def _create(self, node_id: str, host: str) -> tuple[str, Any]:
         num_gpus = actor_num_gpus(

@@ -18,6 +18,7 @@ rebuilds one output partition's tables from pieces of either kind, in the order 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from collections.abc import Mapping, Sequence
@@ -48,10 +49,9 @@ def encode_slices(table: pa.Table, bounds: Mapping[int, tuple[int, int]]) -> dic
     meta = _batch_meta(table.schema)
     batches = table.to_batches()
     if meta is not None and len(batches) > 1:
-        try:
+        # ArrowInvalid: e.g. more than 2 GiB of text in a 32-bit-offset column.
+        with contextlib.suppress(pa.ArrowInvalid):
             batches = table.combine_chunks().to_batches()
-        except pa.ArrowInvalid:  # e.g. more than 2 GiB of text in a 32-bit-offset column
-            pass
     if meta is None or len(batches) != 1:
         return {p: table_to_buffer(table.slice(a, b - a)) for p, (a, b) in bounds.items()}
     batch = batches[0]
@@ -101,7 +101,8 @@ def schema_of(meta: bytes) -> pa.Schema:
 def _batch_meta(schema: pa.Schema) -> bytes | None:
     if _has_dictionary(schema):
         return None
-    return ARROW_TAG + schema.serialize().to_pybytes()
+    serialized: bytes = schema.serialize().to_pybytes()
+    return ARROW_TAG + serialized
 
 
 def _has_dictionary(schema: pa.Schema) -> bool:

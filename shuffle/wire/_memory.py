@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-class MemoryType(str, enum.Enum):
+class MemoryType(str, enum.Enum):  # noqa: UP042 -- StrEnum would change str() of members
     HOST = "host"
     CUDA = "cuda"
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,7 @@ def encode_piece(array: Any) -> Piece:
         meta = _meta(array.dtype, array.shape)
         contiguous = np.ascontiguousarray(array)
         # A uint8 view, because memoryview refuses some dtypes (datetime64, for one).
-        data = memoryview(contiguous.reshape(-1).view(np.uint8)) if contiguous.size else b""
+        data = contiguous.reshape(-1).view(np.uint8).data if contiguous.size else b""
         return Piece(memoryview(data), meta, contiguous.nbytes)
     cupy = sys.modules.get("cupy")  # loaded if a CuPy array exists; never imported here
     if cupy is not None and isinstance(array, cupy.ndarray):
@@ -138,11 +139,12 @@ def dtype_from_json(description: Any) -> np.dtype[Any]:
         if description.get("aligned"):
             # The descriptor's padding fields already give the offsets; restore the flag.
             names = dtype.names or ()
+            fields: Mapping[str, tuple[Any, ...]] = dtype.fields or {}
             dtype = np.dtype(
                 {
                     "names": names,
-                    "formats": [dtype.fields[n][0] for n in names],
-                    "offsets": [dtype.fields[n][1] for n in names],
+                    "formats": [fields[n][0] for n in names],
+                    "offsets": [fields[n][1] for n in names],
                     "itemsize": dtype.itemsize,
                     "aligned": True,
                 }

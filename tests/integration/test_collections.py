@@ -70,7 +70,9 @@ def test_dataframe_groupby_and_reductions(fuse):
 
 def test_dataframe_shuffle_merge_set_index(fuse):
     pdf, ddf = _frame()
-    dright = dd.from_pandas(pd.DataFrame({"k": np.arange(50), "w": np.arange(50) * 10}), npartitions=3)
+    dright = dd.from_pandas(
+        pd.DataFrame({"k": np.arange(50), "w": np.arange(50) * 10}), npartitions=3
+    )
     right = dright.compute(scheduler="sync")
     merged = ddf.merge(dright, on="k", shuffle_method="tasks").compute()
     expected = pdf.merge(right, on="k")
@@ -95,7 +97,10 @@ def test_bag_and_delayed(fuse):
     assert b.map(lambda v: v * 2).filter(lambda v: v % 3 == 0).sum().compute() == sum(
         v * 2 for v in range(1000) if (v * 2) % 3 == 0
     )
-    assert dict(b.map(lambda v: (v % 5, v)).foldby(0, lambda a, kv: a + kv[1], 0, combine=lambda a, b: a + b).compute()) == {
+    folded = b.map(lambda v: (v % 5, v)).foldby(
+        0, lambda a, kv: a + kv[1], 0, combine=lambda a, b: a + b
+    )
+    assert dict(folded.compute()) == {
         r: sum(v for v in range(1000) if v % 5 == r) for r in range(5)
     }
 

@@ -67,7 +67,8 @@ def _wait_until_no_slow_tasks(where, timeout=30):
     try:
         wait_for_condition(lambda: _none_still_running(where), timeout=timeout)
     except RuntimeError:
-        pytest.fail(f"slow tasks still running after cancel: {sorted(p.name for p in where.iterdir())}")
+        running = sorted(p.name for p in where.iterdir())
+        pytest.fail(f"slow tasks still running after cancel: {running}")
 
 
 @pytest.mark.parametrize("fuse", [True, False])
@@ -126,9 +127,16 @@ def _touch(path):
 @pytest.mark.parametrize(
     "extra, keys, match",
     [
-        ({"a": (np.add, "b", 1), "b": (np.add, "a", 1), "out": (sum, ["a", "side"])}, ["out"], "cycle"),
         (
-            {"out": (sum, ["side", "side"]), "dangling": Task("dangling", np.add, TaskRef("missing"), 1)},
+            {"a": (np.add, "b", 1), "b": (np.add, "a", 1), "out": (sum, ["a", "side"])},
+            ["out"],
+            "cycle",
+        ),
+        (
+            {
+                "out": (sum, ["side", "side"]),
+                "dangling": Task("dangling", np.add, TaskRef("missing"), 1),
+            },
             ["out", "dangling"],
             "missing",
         ),
@@ -172,7 +180,7 @@ def test_p2p_rechunk_of_objects_fails_with_the_fix_and_leaves_no_run(ray_get):
     x = da.from_array(np.array([None, "a"] * 800, dtype=object).reshape(40, 40), chunks=(40, 4))
     with (
         dask.config.set({"ray-oob-sched.shuffle.rechunk-tasks-max-pieces": 0}),
-        pytest.raises(TypeError, match="dtype object .* method='tasks'") as info,
+        pytest.raises(TypeError, match=r"dtype object .* method='tasks'") as info,
     ):
         x.rechunk((4, 40), method="p2p").compute()
     assert any("rechunk-transfer" in note for note in getattr(info.value, "__notes__", []))

@@ -13,7 +13,6 @@ from ray._private.internal_api import memory_summary
 from ray.util.state import list_objects
 
 import ray_oob_sched
-
 from tests.conftest import OBJECT_STORE_BYTES
 from tests.integration.conftest import driver_refs
 

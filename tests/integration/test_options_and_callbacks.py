@@ -12,7 +12,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import ray
-from dask.diagnostics import ProgressBar, Profiler
+from dask.diagnostics import Profiler, ProgressBar
 
 import ray_oob_sched
 from ray_oob_sched import InvalidOptionsError
@@ -62,7 +62,11 @@ def test_retries_annotation_retries_failing_tasks(ray_get, tmp_path):
 
 @pytest.mark.parametrize(
     "args, match",
-    [({"num_cpus": -1}, "num_cpus"), ({"not_an_option": 1}, "not_an_option"), ({"num_returns": 3}, "num_returns")],
+    [
+        ({"num_cpus": -1}, "num_cpus"),
+        ({"not_an_option": 1}, "not_an_option"),
+        ({"num_returns": 3}, "num_returns"),
+    ],
 )
 def test_wrong_options_fail_before_anything_runs(ray_get, tmp_path, args, match):
     marker = tmp_path / "ran"

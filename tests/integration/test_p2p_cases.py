@@ -296,7 +296,8 @@ def test_selected_partitions_move_only_their_rows(
     columns = list(rows.columns)
     pd.testing.assert_frame_equal(by_all(rows, columns), by_all(want, columns))
     assert probe.infos is not None and len(probe.infos) == len(inputs)  # one actor here
-    for info, ninputs in zip(sorted(probe.infos, key=lambda i: -i.stats.shards_received), inputs):
+    by_received = sorted(probe.infos, key=lambda i: -i.stats.shards_received)
+    for info, ninputs in zip(by_received, inputs, strict=True):
         # Every input is read, but only the chosen outputs are unpacked ...
         assert info.stats.outputs_read == len(chosen)
         # ... and only their rows travel to (and are stored by) the actors.

@@ -53,10 +53,14 @@ def test_set_index_sort_values_groupby_merge(p2p):
     pd.testing.assert_frame_equal(ddf.set_index("v").compute(), pdf.set_index("v").sort_index())
     assert ray_oob_sched.last_stats().shuffles == 1
     got = ddf.sort_values("v").persist().compute()
-    pd.testing.assert_frame_equal(got.reset_index(drop=True), pdf.sort_values("v").reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        got.reset_index(drop=True), pdf.sort_values("v").reset_index(drop=True)
+    )
     agg = ddf.groupby("k").v.sum(split_out=3).compute().sort_index()
     pd.testing.assert_series_equal(agg, pdf.groupby("k").v.sum(), check_names=False)
-    right = dd.from_pandas(pd.DataFrame({"k": np.arange(40), "w": np.arange(40) * 2}), npartitions=3)
+    right = dd.from_pandas(
+        pd.DataFrame({"k": np.arange(40), "w": np.arange(40) * 2}), npartitions=3
+    )
     merged = ddf.merge(right, on="k", broadcast=False).compute()
     assert ray_oob_sched.last_stats().shuffles == 2
     expected = pdf.merge(right.compute(scheduler="sync"), on="k")
@@ -72,7 +76,7 @@ def test_empty_and_skewed_partitions(p2p):
 
 
 def test_selected_partitions_only(p2p):
-    pdf, ddf = _frame(parts=4)
+    _pdf, ddf = _frame(parts=4)
     sel = ddf.shuffle("k", npartitions=6).partitions[[1, 4]]
     got = sel.compute()
     full = ddf.shuffle("k", npartitions=6, shuffle_method="tasks")

@@ -191,7 +191,7 @@ def test_actor_killed_mid_merge_restarts_both_sides(fresh_service):
 
 
 def test_no_restarts_left_fails_clearly_and_leaves_nothing(fresh_service):
-    pdf, ddf = _frame()
+    _pdf, ddf = _frame()
     gc.collect()
     before = driver_refs(ray)
     doomed, victim = _killing(ddf, fresh_service / "killed")

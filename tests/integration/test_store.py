@@ -96,7 +96,7 @@ class ListTarget:
 
 def test_store_into_an_unknown_target_names_it(ray_get, source):
     _, x = source
-    with pytest.raises(UnsupportedStoreTargetError, match="ListTarget.*numpy array or np.memmap"):
+    with pytest.raises(UnsupportedStoreTargetError, match=r"ListTarget.*numpy array or np.memmap"):
         da.store(x, ListTarget())
 
 

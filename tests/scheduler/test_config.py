@@ -52,7 +52,11 @@ def test_auto_window_scales_with_cluster():
 
 
 def test_values_come_from_dask_config():
-    with dask.config.set({"ray-oob-sched.scheduler.max-in-flight": 5, "ray-oob-sched.scheduler.fuse.enabled": False}):
+    settings = {
+        "ray-oob-sched.scheduler.max-in-flight": 5,
+        "ray-oob-sched.scheduler.fuse.enabled": False,
+    }
+    with dask.config.set(settings):
         cfg = SchedulerConfig.from_dask_config(cluster_cpus=2)
     assert cfg.max_in_flight == 5 and not cfg.fuse.enabled
 
@@ -87,13 +91,17 @@ def test_environment_variables_work_as_for_dask(var, value, field, expected):
 
 
 @pytest.mark.parametrize(
-    "key, value", [("scheduler.fuse.max-tasks", 0), ("scheduler.inline-data-bytes", -1), ("scheduler.fuse.enabled", "maybe"),
-                   ("scheduler.forward-warnings", "sometimes")]
+    "key, value",
+    [
+        ("scheduler.fuse.max-tasks", 0),
+        ("scheduler.inline-data-bytes", -1),
+        ("scheduler.fuse.enabled", "maybe"),
+        ("scheduler.forward-warnings", "sometimes"),
+    ],
 )
 def test_out_of_range_values_name_their_key(key, value):
-    with dask.config.set({f"ray-oob-sched.{key}": value}):
-        with pytest.raises(ValueError, match=key):
-            SchedulerConfig.from_dask_config(cluster_cpus=2)
+    with dask.config.set({f"ray-oob-sched.{key}": value}), pytest.raises(ValueError, match=key):
+        SchedulerConfig.from_dask_config(cluster_cpus=2)
 
 
 def test_init_kwargs_drop_nulls_and_use_underscores():
@@ -105,7 +113,11 @@ def test_init_kwargs_drop_nulls_and_use_underscores():
 def test_shuffle_config_reads_every_key():
     from ray_oob_sched._config import ShuffleConfig
 
-    with dask.config.set({"ray-oob-sched.shuffle.transport": "tcp", "ray-oob-sched.shuffle.memory-limit": None}):
+    settings = {
+        "ray-oob-sched.shuffle.transport": "tcp",
+        "ray-oob-sched.shuffle.memory-limit": None,
+    }
+    with dask.config.set(settings):
         cfg = ShuffleConfig.from_dask_config()
     assert cfg.transport == "tcp" and cfg.memory_limit is None and cfg.timeout == 60.0
     assert (cfg.device, cfg.actor_num_gpus, cfg.gpu_results) == ("auto", 0.01, "device")
@@ -114,7 +126,7 @@ def test_shuffle_config_reads_every_key():
         with pytest.raises(ValueError, match="shuffle.rechunk-tasks-max-pieces"):
             ShuffleConfig.from_dask_config()
     with dask.config.set({"ray-oob-sched.shuffle.transport": "carrier-pigeon"}):
-        with pytest.raises(ValueError, match="shuffle.transport"):
+        with pytest.raises(ValueError, match=r"shuffle.transport"):
             ShuffleConfig.from_dask_config()
 
 
@@ -130,7 +142,7 @@ def test_shuffle_memory_limit_takes_bytes_null_or_auto():
         with dask.config.set({"ray-oob-sched.shuffle.memory-limit": value}):
             assert ShuffleConfig.from_dask_config().memory_limit == value
     with dask.config.set({"ray-oob-sched.shuffle.memory-limit": "lots"}):
-        with pytest.raises(ValueError, match="memory-limit must be an integer >= 0.*'auto'"):
+        with pytest.raises(ValueError, match=r"memory-limit must be an integer >= 0.*'auto'"):
             ShuffleConfig.from_dask_config()
     with pytest.raises(ValueError, match="memory_limit must be >= 0, None or 'auto'"):
         RunOptions(memory_limit=-1)
@@ -157,7 +169,7 @@ def test_shuffle_host_is_null_or_a_name():
     with dask.config.set({"ray-oob-sched.shuffle.host": "127.0.0.1"}):
         assert ShuffleConfig.from_dask_config().host == "127.0.0.1"
     with dask.config.set({"ray-oob-sched.shuffle.host": " "}):
-        with pytest.raises(ValueError, match="shuffle.host must be a host name"):
+        with pytest.raises(ValueError, match=r"shuffle.host must be a host name"):
             ShuffleConfig.from_dask_config()
 @pytest.mark.parametrize(
     "key, value",
@@ -166,9 +178,50 @@ def test_shuffle_host_is_null_or_a_name():
 def test_bad_device_settings_name_their_key(key, value):
     from ray_oob_sched._config import ShuffleConfig
 
-    with dask.config.set({f"ray-oob-sched.{key}": value}):
-        with pytest.raises(ValueError, match=key):
-            ShuffleConfig.from_dask_config()
+    with dask.config.set({f"ray-oob-sched.{key}": value}), pytest.raises(ValueError, match=key):
+        ShuffleConfig.from_dask_config()
+
+
+def test_service_options_map_every_shuffle_setting():
+    from ray_oob_sched._config import ShuffleConfig
+    from shuffle.device._options import DeviceOptions
+    from shuffle.shell._service import ShuffleService
+
+    settings = {
+        "ray-oob-sched.shuffle.transport": "tcp",
+        "ray-oob-sched.shuffle.memory-limit": 1000,
+        "ray-oob-sched.shuffle.spill-directory": "/tmp/spill-here",
+        "ray-oob-sched.shuffle.message-bytes": 4096,
+        "ray-oob-sched.shuffle.send-buffer-bytes": 8192,
+        "ray-oob-sched.shuffle.combine-bytes": 0,
+        "ray-oob-sched.shuffle.timeout": 7.5,
+        "ray-oob-sched.shuffle.host": "127.0.0.1",
+        "ray-oob-sched.shuffle.device": "host",
+        "ray-oob-sched.shuffle.actor-num-gpus": 0.25,
+        "ray-oob-sched.shuffle.gpu-results": "host",
+        "ray-oob-sched.shuffle.actors-per-node": 3,
+        "ray-oob-sched.shuffle.port-range": "40000-40009",
+    }
+    with dask.config.set(settings):
+        options = ShuffleConfig.from_dask_config().service_options()
+    assert options == {
+        "transport": "tcp",
+        "options": RunOptions(
+            memory_limit=1000,
+            spill_directory="/tmp/spill-here",
+            message_bytes=4096,
+            send_buffer_bytes=8192,
+            combine_bytes=0,
+        ),
+        "timeout": 7.5,
+        "host": "127.0.0.1",
+        "device": DeviceOptions(mode="host", actor_num_gpus=0.25, results="host"),
+        "actors_per_node": 3,
+        "port_range": (40000, 40009),
+    }
+    service = ShuffleService(**options)  # starts no actors until used
+    assert (service.transport, service.timeout, service.port_range) == ("tcp", 7.5, (40000, 40009))
+    service.close()
 
 
 def test_device_settings_reach_the_shuffle_service():
@@ -194,11 +247,10 @@ def test_shuffle_actors_per_node_takes_a_positive_int_or_auto():
         with dask.config.set({"ray-oob-sched.shuffle.actors-per-node": value}):
             assert ShuffleConfig.from_dask_config().actors_per_node == value
     for bad in (0, -1, 1.5, "many", True, None):
-        with dask.config.set({"ray-oob-sched.shuffle.actors-per-node": bad}):
-            with pytest.raises(
-                ValueError, match=r"shuffle\.actors-per-node must be an integer >= 1.*'auto'"
-            ):
-                ShuffleConfig.from_dask_config()
+        with dask.config.set({"ray-oob-sched.shuffle.actors-per-node": bad}), pytest.raises(
+            ValueError, match=r"shuffle\.actors-per-node must be an integer >= 1.*'auto'"
+        ):
+            ShuffleConfig.from_dask_config()
 
 
 def test_shuffle_combine_bytes_reaches_the_service_and_refuses_bad_values():

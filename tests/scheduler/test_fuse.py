@@ -148,4 +148,5 @@ def test_unfusable_tasks_run_alone():
     ],
 )
 def test_group_size(ntasks, cpus, max_tasks, per_cpu, expected):
-    assert group_size(ntasks, cluster_cpus=cpus, max_tasks=max_tasks, tasks_per_cpu=per_cpu) == expected
+    got = group_size(ntasks, cluster_cpus=cpus, max_tasks=max_tasks, tasks_per_cpu=per_cpu)
+    assert got == expected

@@ -36,7 +36,10 @@ def test_dask_resources_and_retries_are_mapped():
 
 def test_compute_time_annotation_context_applies_to_all_keys():
     out = per_key_options(
-        ["a", "b"], {}, compute_annotations={"ray_remote_args": {"num_gpus": 1}}, compute_remote_args=None
+        ["a", "b"],
+        {},
+        compute_annotations={"ray_remote_args": {"num_gpus": 1}},
+        compute_remote_args=None,
     )
     assert out == {"a": {"num_gpus": 1}, "b": {"num_gpus": 1}}
 
@@ -48,14 +51,18 @@ def test_keys_without_options_are_left_out():
 @pytest.mark.parametrize("bad", [{"num_returns": 2}, {"name": "x"}])
 def test_reserved_options_are_refused(bad):
     with pytest.raises(InvalidOptionsError, match="set by ray_oob_sched"):
-        per_key_options(["a"], {"ray_remote_args": {"a": bad}}, compute_annotations={}, compute_remote_args=None)
+        per_key_options(
+            ["a"], {"ray_remote_args": {"a": bad}}, compute_annotations={}, compute_remote_args=None
+        )
     with pytest.raises(InvalidOptionsError, match="compute-wide"):
         per_key_options(["a"], {}, compute_annotations={}, compute_remote_args=bad)
 
 
 def test_ray_remote_args_must_be_a_mapping():
     with pytest.raises(InvalidOptionsError, match="must be a dict"):
-        per_key_options(["a"], {"ray_remote_args": {"a": 3}}, compute_annotations={}, compute_remote_args=None)
+        per_key_options(
+            ["a"], {"ray_remote_args": {"a": 3}}, compute_annotations={}, compute_remote_args=None
+        )
 
 
 def test_options_token_equal_for_equal_options():

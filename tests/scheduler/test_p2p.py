@@ -183,7 +183,7 @@ def test_unknown_p2p_shapes_are_refused_before_any_run_starts():
     nodes = dict(g.nodes)
     nodes[t] = type(nodes[t])(t, print, *nodes[t].args)  # a transfer dask never emits
     service = FakeService()
-    with pytest.raises(_p2p.UnsupportedGraphError, match="transfer calling .*distributed 20"):
+    with pytest.raises(_p2p.UnsupportedGraphError, match=r"transfer calling .*distributed 20"):
         _p2p.rewrite(nodes, g.dependents, start_run=service.start_run)
     assert not service.started
 

@@ -45,7 +45,12 @@ def test_a_ray_client_address_fails_the_first_compute_at_once():
     )
     env = {**os.environ, "RAY_ADDRESS": "ray://127.0.0.1:1"}
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     assert "refused: ray_oob_sched does not support Ray Client" in out.stdout

@@ -67,7 +67,7 @@ def test_without_restarts_keys_go_right_after_their_last_consumer_is_submitted()
 def test_transfer_inputs_are_held_until_the_shuffle_is_complete():
     state = _state()
     # Only the unrelated group's input goes at submission.
-    assert state.start() == _submits(0, 1, 2, 3, 4, 5) + [Submit(GROUPS[6]), Release(("d2",))]
+    assert state.start() == [*_submits(0, 1, 2, 3, 4, 5), Submit(GROUPS[6]), Release(("d2",))]
     for i in (0, 1, 2, 6):
         assert state.group_finished(i) == []
     assert state.group_finished(3) == []  # u1 still reads b

@@ -27,7 +27,7 @@ def run_here(nodes, stores):
     keys = tuple(graph.order)
     status, *outs = run_group(GroupSpec(keys, tuple(graph.nodes[k] for k in keys), (), keys), ())
     stores.write(status.writes)
-    return status, dict(zip(keys, outs))
+    return status, dict(zip(keys, outs, strict=False))
 
 
 @pytest.mark.parametrize("lock", [True, threading.Lock()])

@@ -37,7 +37,7 @@ def test_snapshot_pickles_lambdas_and_names_what_it_cannot_pickle():
     import threading
 
     with dask.config.set({"my.lock": threading.Lock()}):
-        with pytest.raises(TypeError, match="cannot be pickled.*remove"):
+        with pytest.raises(TypeError, match=r"cannot be pickled.*remove"):
             snapshot()
 
 

@@ -119,7 +119,9 @@ def test_dictionary_columns_travel_as_streams() -> None:
 
 def test_a_chunked_table_is_combined_into_one_batch() -> None:
     df = frame(rows=100).drop(columns="_partitions")
-    table = pa.concat_tables([pa.Table.from_pandas(df.iloc[:40]), pa.Table.from_pandas(df.iloc[40:])])
+    table = pa.concat_tables(
+        [pa.Table.from_pandas(df.iloc[:40]), pa.Table.from_pandas(df.iloc[40:])]
+    )
     assert len(table.to_batches()) == 2
     pieces = encode_slices(table, {0: (30, 60), 1: (0, 30)})
     assert all(isinstance(p, Piece) for p in pieces.values())

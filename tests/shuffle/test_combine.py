@@ -76,7 +76,7 @@ def test_frame_nbytes_is_deterministic_and_counts_object_values():
     rng = np.random.default_rng(0)
     values = ["x" * int(n) for n in rng.integers(1, 200, 5000)]
     words = pd.DataFrame({"w": pd.Series(values, dtype=object)})
-    assert words.dtypes["w"] == object
+    assert words.dtypes["w"] == np.dtype(object)
     sizes = {frame_nbytes(words) for _ in range(20)}
     assert len(sizes) == 1  # dask's sizeof samples at random: a retry could cut other sets
     (size,) = sizes

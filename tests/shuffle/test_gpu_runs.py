@@ -92,7 +92,9 @@ async def test_gpu_cupy_rechunk_through_runs() -> None:
 @needs_gpu
 async def test_gpu_cudf_shuffle_through_runs() -> None:
     cudf = pytest.importorskip("cudf")
-    pdf = pd.DataFrame({"k": np.arange(40) % 7, "v": np.arange(40.0), "_partitions": np.arange(40) % 3})
+    pdf = pd.DataFrame(
+        {"k": np.arange(40) % 7, "v": np.arange(40.0), "_partitions": np.arange(40) % 3}
+    )
     wire = device_network(["a", "b"])
     spec = _spec(wire, 3)
     meta = cudf.from_pandas(pdf.iloc[:0])

@@ -111,7 +111,9 @@ def same(a: np.ndarray, b: np.ndarray) -> bool:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rechunks(), st.integers(1, 4))
-def test_split_then_assemble_matches_numpy(case: tuple[np.ndarray, RechunkLayout], nowners: int) -> None:
+def test_split_then_assemble_matches_numpy(
+    case: tuple[np.ndarray, RechunkLayout], nowners: int
+) -> None:
     array, layout = case
     owners = [f"o{i}" for i in range(nowners)]
 
@@ -192,7 +194,9 @@ def test_every_input_byte_lands_exactly_once(case: tuple[np.ndarray, RechunkLayo
         assert volume == int(np.prod(layout.input_shape(i), dtype=np.int64))
     # Both directions describe the same pieces.
     forward = {(p, i) for i in range(layout.npartitions_in) for p, _ in layout.pieces_of_input(i)}
-    backward = {(p, i) for p in range(layout.npartitions_out) for i, _ in layout.pieces_of_output(p)}
+    backward = {
+        (p, i) for p in range(layout.npartitions_out) for i, _ in layout.pieces_of_output(p)
+    }
     assert forward == backward
 
 
@@ -249,9 +253,9 @@ def test_a_process_unpickles_one_layout_once() -> None:
 
 
 def test_piece_codec_refuses_what_it_cannot_send() -> None:
-    with pytest.raises(TypeError, match="dtype object .* method='tasks'"):
+    with pytest.raises(TypeError, match=r"dtype object .* method='tasks'"):
         encode_piece(np.array([None, 1]))
-    with pytest.raises(TypeError, match="MaskedArray .* method='tasks'"):
+    with pytest.raises(TypeError, match=r"MaskedArray .* method='tasks'"):
         encode_piece(np.ma.masked_array([1, 2], mask=[0, 1]))
     with pytest.raises(TypeError, match="list"):
         encode_piece([1, 2])

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shuffle._combine import joined_meta
 from shuffle._exceptions import (
     FrameError,
     LimiterTimeoutError,
@@ -30,7 +31,6 @@ from shuffle._exceptions import (
     ShuffleError,
     StaleRunError,
 )
-from shuffle._combine import joined_meta
 from shuffle._ids import RunId, ShardKey, ShuffleId
 from shuffle._manager import UnknownRunError
 from shuffle._options import RunOptions

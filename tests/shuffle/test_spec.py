@@ -66,11 +66,11 @@ def test_shard_key_is_a_named_pair() -> None:
 @pytest.mark.parametrize(
     ("npartitions", "nparticipants", "expected"),
     [
-        (10, 3, [range(0, 4), range(4, 7), range(7, 10)]),
-        (9, 3, [range(0, 3), range(3, 6), range(6, 9)]),
-        (1, 1, [range(0, 1)]),
-        (2, 4, [range(0, 1), range(1, 1), range(1, 2), range(2, 2)]),
-        (5, 1, [range(0, 5)]),
+        (10, 3, [range(4), range(4, 7), range(7, 10)]),
+        (9, 3, [range(3), range(3, 6), range(6, 9)]),
+        (1, 1, [range(1)]),
+        (2, 4, [range(1), range(1, 1), range(1, 2), range(2, 2)]),
+        (5, 1, [range(5)]),
     ],
 )
 def test_partitions_of_known_layouts(

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import pytest
 
 from shuffle._exceptions import FrameError
+from shuffle._send import MAX_PAYLOAD_NBYTES, check_payload
 from shuffle._transport import (
     EndOfStream,
     Endpoint,
@@ -32,7 +33,6 @@ from shuffle._transport import ucx as ucx_module
 from shuffle._transport._frames import decode_sizes
 from shuffle._transport._listener import DropLog, ServingListener
 from shuffle._transport._reaper import select_stale
-from shuffle._send import MAX_PAYLOAD_NBYTES, check_payload
 from shuffle.shell._limits import MESSAGE_LIMITS
 
 T = TypeVar("T")

@@ -111,7 +111,11 @@ def holds_lock(endpoint: Endpoint, lock: str) -> bool:
 
 
 def config(secret: bytes = SECRET, **overrides: Any) -> TransportConfig:
-    options: dict[str, Any] = dict(handshake_timeout=5.0, connect_timeout=5.0, close_timeout=5.0)
+    options: dict[str, Any] = {
+        "handshake_timeout": 5.0,
+        "connect_timeout": 5.0,
+        "close_timeout": 5.0,
+    }
     options.update(overrides)
     return TransportConfig(secret=secret, **options)
 
@@ -392,7 +396,7 @@ def test_close_and_abort_wake_pending_operations(kind: str) -> None:
             for stop in ("close", "abort"):
                 client, server = await h.pair()
                 pending = asyncio.create_task(client.recv())
-                await eventually(lambda: holds_lock(client, "_recv_lock"))  # recv is waiting
+                await eventually(lambda c=client: holds_lock(c, "_recv_lock"))  # recv is waiting
                 if stop == "close":
                     await w(client.close())
                 else:
@@ -582,7 +586,9 @@ def test_silent_client_is_dropped_at_the_handshake_deadline(kind: str) -> None:
 
 GARBAGE = b"GET / HTTP/1.1\r\nHost: example\r\n\r\n" * 30
 ABSURD_COUNT = FRAME_PREFIX.pack(FRAME_MAGIC, FRAME_VERSION, KIND_DATA, 0x7FFFFFFF)
-ABSURD_SIZE = FRAME_PREFIX.pack(FRAME_MAGIC, FRAME_VERSION, KIND_DATA, 1) + struct.pack("<QB", 1 << 60, 0)
+ABSURD_SIZE = FRAME_PREFIX.pack(FRAME_MAGIC, FRAME_VERSION, KIND_DATA, 1) + struct.pack(
+    "<QB", 1 << 60, 0
+)
 
 
 async def raw_client(kind: str, h: Harness, address: str, payload: bytes | None) -> None:
