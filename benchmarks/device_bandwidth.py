@@ -8,6 +8,8 @@ client process times ``send`` + ``recv(ack)`` per array size in two modes:
   else CuPy), so UCX copies device to device (``cuda_ipc`` on one node).
 * ``staged``: ``cupy.asnumpy`` on the client, a host frame over UCX, ``cupy.asarray``
   on the server (synchronised before the ack): the path the design avoids.
+* ``copies``: ``cupy.asarray(cupy.asnumpy(a))`` in the client alone, no transport:
+  what the staging's two PCIe copies cost by themselves.
 
 Arrays are random bytes; the first (untimed) message of each size and mode asks the
 server for a checksum of what it received, so wrong bytes fail the run. Prints one
@@ -147,6 +149,16 @@ def measure(
                         if i:
                             times.append(elapsed)
                     conn.send((mode, nbytes, times))
+                if not host_only:  # the staging copies alone, in this process: no transport
+                    times = []
+                    for i in range(reps + 1):
+                        xp.cuda.runtime.deviceSynchronize()
+                        start = time.perf_counter()
+                        xp.asarray(xp.asnumpy(array))
+                        xp.cuda.runtime.deviceSynchronize()
+                        if i:
+                            times.append(time.perf_counter() - start)
+                    conn.send(("copies", nbytes, times))
                 del array
             await ep.close()
 
@@ -258,15 +270,17 @@ def main() -> int:
         print(f"UCX protocols chosen for tagged messages (full log: {args.ucx_log}):")
         for line in transports_chosen(args.ucx_log)[:45]:
             print("  " + line[:150])
-    print(f"{'MiB':>6} {'device GB/s':>12} {'staged GB/s':>12} {'device/staged':>14}")
+    # copies: cupy.asnumpy + cupy.asarray in one process, the staging's floor.
+    print(f"{'MiB':>6} {'device':>8} {'staged':>8} {'copies':>8} {'device/staged':>14}  (GB/s)")
     for nbytes in sizes:
         dev, staged = table.get(("device", nbytes)), table.get(("staged", nbytes))
+        copies = table.get(("copies", nbytes))
         ratio = f"{dev / staged:.2f}" if dev and staged else "-"
         print(
-            f"{nbytes / 2**20:>6g} {dev or float('nan'):>12.2f} "
-            f"{staged or float('nan'):>12.2f} {ratio:>14}"
+            f"{nbytes / 2**20:>6g} {dev or float('nan'):>8.2f} {staged or float('nan'):>8.2f} "
+            f"{copies or float('nan'):>8.2f} {ratio:>14}"
         )
-    return 1 if failed or len(table) < len(sizes) * (1 if args.host_only else 2) else 0
+    return 1 if failed or len(table) < len(sizes) * (1 if args.host_only else 3) else 0
 
 
 if __name__ == "__main__":
