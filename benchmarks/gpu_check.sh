@@ -5,11 +5,14 @@
 #   3. benchmarks/device_rechunk.py (a CuPy rechunk through runs against NumPy);
 #   4. the rest of tests/shuffle.
 # Each step has its own time limit and none stops the others. Logs (and JUnit XML) go to
-# $OUT (default ./gpu-check-out). Wheels in ./.whl (e.g. ucxx-cu13, libucxx-cu13,
+# $OUT (default /tmp/gpu-check-out). Wheels in ./.whl (e.g. ucxx-cu13, libucxx-cu13,
 # libucx-cu13, rmm-cu13, dask) are installed into /tmp/site first when present.
-#   bash benchmarks/gpu_check.sh            # RECHUNK_ROWS/RECHUNK_COLS pick the size
+#   bash benchmarks/gpu_check.sh
+# Environment: STEPS (a subset of the step names below), RECHUNK_ROWS/RECHUNK_COLS (the
+# rechunked array, default 2 GiB of float32), GPU_TESTS_LIMIT, BANDWIDTH_LIMIT,
+# RECHUNK_LIMIT, SHUFFLE_TESTS_LIMIT (seconds), PYTHON (default python3).
 set -u
-OUT=${OUT:-$PWD/gpu-check-out}
+OUT=${OUT:-/tmp/gpu-check-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
