@@ -67,6 +67,9 @@ class ShardsBuffer(Generic[K, B]):
         self._sending: dict[str, asyncio.Task[None]] = {}
         self._drained = asyncio.Event()  # set when nothing is queued or in flight
         self._drained.set()
+        #: Set when no send task is registered, i.e. every send's bookkeeping has run.
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._exception: Exception | None = None
         self._closed = False
         self.nbytes_buffered = 0  # written and neither sent nor dropped yet
@@ -169,6 +172,7 @@ class ShardsBuffer(Generic[K, B]):
                 name=f"{self.name}-send-{destination}",
             )
             self._sending[destination] = task
+            self._idle.clear()
             # Bookkeeping runs as a done callback, not in the coroutine's ``finally``: a
             # task cancelled before its first step never runs its body at all, and would
             # keep its bytes in the limiter and its slot in ``_sending`` for ever.
@@ -200,6 +204,8 @@ class ShardsBuffer(Generic[K, B]):
     def _send_done(self, destination: str, nbytes: int, task: asyncio.Task[None]) -> None:
         self._release(nbytes)
         del self._sending[destination]
+        if not self._sending:
+            self._idle.set()
         if not self._queues and not self._sending:
             self._drained.set()
         # A cancelled send (abort, failure, loop shutdown) starts no more.
@@ -230,6 +236,9 @@ class ShardsBuffer(Generic[K, B]):
         # Sends catch their own errors; gather only collects cancellations.
         if self._sending:
             await asyncio.gather(*self._sending.values(), return_exceptions=True)
+        # Since Python 3.12, gather over tasks that are already done returns without
+        # yielding, before their done callbacks (``_send_done``: the bytes' release) ran.
+        await self._idle.wait()
 
     def _raise_if_failed(self) -> None:
         if self._exception is not None:

@@ -38,6 +38,10 @@ from shuffle._options import RunOptions
 from shuffle._rechunk import RechunkLayout
 from shuffle._spec import ShuffleRunSpec
 from shuffle._transport import AuthenticationError, Endpoint, TransportConfig, get_transport
+
+# The actor module imports Ray (a dependency of the project, absent on some GPU nodes).
+pytest.importorskip("ray")
+
 from shuffle.shell._actor import ShuffleActor
 from shuffle.shell._client import ClientConfig, ShuffleClient
 from shuffle.shell._handle import RunHandle

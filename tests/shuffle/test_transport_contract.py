@@ -833,7 +833,10 @@ def test_ucx_process_exits_without_transport_close(tmp_path: Any) -> None:
     result = subprocess.run(
         [sys.executable, str(script)],
         cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        # Keep an inherited PYTHONPATH: ucxx may be installed on it (as on a GPU node).
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
+        )},
         capture_output=True,
         text=True,
         timeout=60,
