@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         with ray_oob_sched.enable():
-            series = maps.rechunk((days, args.tile, args.tile))  # p2p: the actors (plain tasks if small)
+            # p2p: through the shuffle actors (as plain tasks if the plan is small)
+            series = maps.rechunk((days, args.tile, args.tile))
             stats = series.map_blocks(
                 pixel_stats, chunks=((2,), *series.chunks[1:]), dtype="float32"
             )

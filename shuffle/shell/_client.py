@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import socket
@@ -308,10 +309,8 @@ def _drop_frame_locals(error: BaseException) -> None:
         tb = current.__traceback__
         while tb is not None:
             if tb.tb_frame.f_code.co_filename.startswith(_OWN_DIR):
-                try:
+                with contextlib.suppress(RuntimeError):  # still executing
                     tb.tb_frame.clear()
-                except RuntimeError:  # still executing
-                    pass
             tb = tb.tb_next
         pending += [current.__cause__, current.__context__]
         if isinstance(current, BaseExceptionGroup):

@@ -2,10 +2,10 @@
 
 Every case is compared with dask's sync scheduler running the same expression as a
 task-based shuffle; duplicated labels with pandas, because dask's task-based shuffle
-multiplies duplicated columns (4 columns named "v" come back for 2). Only what dask itself supports is tried: it sorts by string
-labels only, hashes no float or tuple label, sets no index from a duplicated one,
-and refuses an explicit p2p ``shuffle()`` of a frame with any non-string or
-duplicated label (under distributed too).
+multiplies duplicated columns (4 columns named "v" come back for 2). Only what dask
+itself supports is tried: it sorts by string labels only, hashes no float or tuple
+label, sets no index from a duplicated one, and refuses an explicit p2p ``shuffle()``
+of a frame with any non-string or duplicated label (under distributed too).
 """
 
 from __future__ import annotations

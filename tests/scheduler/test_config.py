@@ -123,7 +123,7 @@ def test_shuffle_config_reads_every_key():
     assert (cfg.device, cfg.actor_num_gpus, cfg.gpu_results) == ("auto", 0.01, "device")
     assert cfg.rechunk_tasks_max_pieces == 4096
     with dask.config.set({"ray-oob-sched.shuffle.rechunk-tasks-max-pieces": -1}):
-        with pytest.raises(ValueError, match="shuffle.rechunk-tasks-max-pieces"):
+        with pytest.raises(ValueError, match=r"shuffle\.rechunk-tasks-max-pieces"):
             ShuffleConfig.from_dask_config()
     with dask.config.set({"ray-oob-sched.shuffle.transport": "carrier-pigeon"}):
         with pytest.raises(ValueError, match=r"shuffle.transport"):

@@ -251,7 +251,7 @@ def test_disk_shuffles_are_refused_and_other_methods_are_not(op):
             return _graph_of(df.shuffle("k", shuffle_method=method))
         return _graph_of(df.merge(df, on="k", shuffle_method=method, broadcast=False))
 
-    with pytest.raises(_p2p.UnsupportedGraphError, match="shuffle_method='disk'.*'tasks'"):
+    with pytest.raises(_p2p.UnsupportedGraphError, match=r"shuffle_method='disk'.*'tasks'"):
         _p2p.refuse_disk_shuffle(graph("disk").nodes)
     for method in ("tasks", "p2p"):
         _p2p.refuse_disk_shuffle(graph(method).nodes)

@@ -71,13 +71,15 @@ def test_gather_tasks_rebuild_every_output_chunk(data):
     a = np.arange(int(np.prod(shape)), dtype="i4").reshape(shape)
     bounds = [np.cumsum((0, *c)) for c in old]
     inputs = [
-        a[tuple(slice(b[i], b[i + 1]) for b, i in zip(bounds, layout.input_index(f)))]
+        a[tuple(slice(b[i], b[i + 1]) for b, i in zip(bounds, layout.input_index(f), strict=True))]
         for f in range(layout.npartitions_in)
     ]
     out_bounds = [np.cumsum((0, *c)) for c in new]
     for j in range(layout.npartitions_out):
         got = gather_chunk(layout, j, *(inputs[i] for i in gather_inputs(layout, j)))
-        where = tuple(slice(b[i], b[i + 1]) for b, i in zip(out_bounds, layout.output_index(j)))
+        where = tuple(
+            slice(b[i], b[i + 1]) for b, i in zip(out_bounds, layout.output_index(j), strict=True)
+        )
         np.testing.assert_array_equal(got, a[where])
         assert got.dtype == a.dtype
 
