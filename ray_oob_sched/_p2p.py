@@ -25,14 +25,18 @@ are refused with an error naming the versions, never run another way.
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from dask._task_spec import Alias, GraphNode, Task, TaskRef
+from dask.typing import Key as DaskKey
 
 from ray_oob_sched._graph import Key
 from ray_oob_sched._worker import current_scope
+
+if TYPE_CHECKING:
+    from shuffle._rechunk import RechunkLayout
 
 
 class UnsupportedGraphError(ValueError):
@@ -74,7 +78,10 @@ def _versions() -> str:
     import dask
     import distributed
 
-    return f"dask {dask.__version__}, distributed {distributed.__version__}"
+    # As dask's and distributed's __init__ set it ("unknown" when not installed).
+    return ", ".join(
+        f"{m.__name__} {getattr(m, '__version__', 'unknown')}" for m in (dask, distributed)
+    )
 
 
 def _barrier_class() -> type | None:
@@ -134,7 +141,7 @@ def _merge_unpacked(left: Any, right: Any, *args: Any) -> Any:
     from dask.dataframe.multi import merge_chunk
 
     how, left_on, right_on, result_meta, suffixes, left_index, right_index, indicator = args
-    return merge_chunk(
+    return merge_chunk(  # type: ignore[no-untyped-call]
         left,
         right,
         how=how,
@@ -175,20 +182,53 @@ class _Transfer:
         return batch.add(df, input_partition)
 
 
-def _known_functions() -> tuple[Any, Any, Any, Any]:
-    from dask.dataframe.dask_expr._merge import create_assign_index_merge_transfer
-    from dask.dataframe.dask_expr._shuffle import _shuffle_transfer
-    from distributed.shuffle._merge import merge_unpack
-    from distributed.shuffle._shuffle import DataFrameShuffleSpec, shuffle_unpack
+@dataclass(frozen=True)
+class _Known:
+    """dask's and distributed's p2p functions and specs: the only shapes we rewrite."""
 
-    merge_code = create_assign_index_merge_transfer().__code__
-    return _shuffle_transfer, merge_code, (shuffle_unpack, merge_unpack), DataFrameShuffleSpec
+    shuffle_transfer: Any
+    merge_code: Any  # the code object of dask's merge-transfer closures
+    shuffle_unpack: Any
+    merge_unpack: Any
+    df_spec: type[Any]
+    rechunk_transfer: Any
+    rechunk_unpack: Any
+    array_spec: type[Any]
 
+    @classmethod
+    def load(cls) -> _Known:
+        """Imported only for graphs with p2p barriers: they need dask.dataframe."""
+        from dask.dataframe.dask_expr._merge import create_assign_index_merge_transfer
+        from dask.dataframe.dask_expr._shuffle import _shuffle_transfer
+        from distributed.shuffle._merge import merge_unpack
+        from distributed.shuffle._rechunk import (
+            ArrayRechunkSpec,
+            rechunk_transfer,
+            rechunk_unpack,
+        )
+        from distributed.shuffle._shuffle import DataFrameShuffleSpec, shuffle_unpack
 
-def _known_rechunk_functions() -> tuple[Any, Any, Any]:
-    from distributed.shuffle._rechunk import ArrayRechunkSpec, rechunk_transfer, rechunk_unpack
+        merge = create_assign_index_merge_transfer()  # type: ignore[no-untyped-call]
+        return cls(
+            shuffle_transfer=_shuffle_transfer,
+            merge_code=merge.__code__,
+            shuffle_unpack=shuffle_unpack,
+            merge_unpack=merge_unpack,
+            df_spec=DataFrameShuffleSpec,
+            rechunk_transfer=rechunk_transfer,
+            rechunk_unpack=rechunk_unpack,
+            array_spec=ArrayRechunkSpec,
+        )
 
-    return rechunk_transfer, rechunk_unpack, ArrayRechunkSpec
+    def is_transfer(self, func: Any, *, rechunk: bool) -> bool:
+        """Whether ``func`` is a transfer function we replace, for a rechunk or not."""
+        if rechunk:
+            return func is self.rechunk_transfer
+        return func is self.shuffle_transfer or getattr(func, "__code__", None) is self.merge_code
+
+    def unpacks(self, *, rechunk: bool) -> tuple[Any, ...]:
+        """The unpack functions we replace, for a rechunk or not."""
+        return (self.rechunk_unpack,) if rechunk else (self.shuffle_unpack, self.merge_unpack)
 
 
 def rewrite(
@@ -209,146 +249,203 @@ def rewrite(
     barriers = p2p_barriers(nodes)
     if not barriers:
         return None
-    shuffle_transfer, merge_code, (shuffle_unpack, merge_unpack), df_spec = _known_functions()
-    rechunk_transfer, rechunk_unpack, array_spec = _known_rechunk_functions()
-    layouts: dict[Key, Any] = {}  # rechunk barrier -> RechunkLayout
-    for b in barriers:
-        spec = nodes[b].spec
-        if isinstance(spec, array_spec):
-            from shuffle._rechunk import RechunkLayout
+    steps = _Rewriter(nodes=nodes, dependents=dependents, known=_Known.load())
+    steps.plan_rechunks(barriers)
+    steps.check_shapes(barriers)
+    with_runs = steps.gather_small_rechunks(barriers, as_tasks=rechunk_as_tasks)
+    steps.start_runs(with_runs, start_run=start_run)
+    steps.rewrite_transfers(with_runs)
+    steps.rewrite_unpacks(with_runs)
+    return steps.out
 
-            try:
-                layouts[b] = RechunkLayout(spec.old, spec.new)
-            except ValueError as e:
-                raise _unsupported(f"a p2p rechunk that cannot be planned ({e})", b) from None
-        elif not isinstance(spec, df_spec):
-            raise _unsupported(f"a p2p {type(spec).__name__}", b)
 
-    for b in barriers:
-        rechunk = b in layouts
-        for t in nodes[b].dependencies:
-            func = getattr(_resolve_alias(nodes, t), "func", None)
-            if rechunk:
-                ok = func is rechunk_transfer
+class _Rewriter:
+    """One graph's rewrite: each method is one pass of ``rewrite``, run in that order."""
+
+    def __init__(
+        self, *, nodes: Mapping[Key, GraphNode], dependents: Mapping[Key, set[Key]], known: _Known
+    ) -> None:
+        self.nodes = nodes  # dask's graph, never modified
+        self.dependents = dependents
+        self.known = known
+        self.layouts: dict[Key, RechunkLayout] = {}  # rechunk barrier -> its plan
+        self.out = P2PRewrite(nodes=dict(nodes))
+
+    def plan_rechunks(self, barriers: Sequence[Key]) -> None:
+        """Plan each rechunk barrier's layout and refuse unknown barrier specs, so a
+        rechunk we cannot plan fails before any run starts."""
+        from shuffle._rechunk import RechunkLayout
+
+        for b in barriers:
+            spec = _spec(self.nodes, b)
+            if isinstance(spec, self.known.array_spec):
+                try:
+                    self.layouts[b] = RechunkLayout(spec.old, spec.new)
+                except ValueError as e:
+                    raise _unsupported(f"a p2p rechunk that cannot be planned ({e})", b) from None
+            elif not isinstance(spec, self.known.df_spec):
+                raise _unsupported(f"a p2p {type(spec).__name__}", b)
+
+    def check_shapes(self, barriers: Sequence[Key]) -> None:
+        """Refuse transfers and unpacks calling functions we do not replace: they would
+        call into a distributed worker that is not there."""
+        for b in barriers:
+            rechunk = b in self.layouts
+            for t in self.nodes[b].dependencies:
+                func = getattr(_resolve_alias(self.nodes, t), "func", None)
+                if not self.known.is_transfer(func, rechunk=rechunk):
+                    raise _unsupported(f"a p2p transfer calling {func!r}", t)
+            for u in self.dependents.get(b, ()):
+                func = getattr(self.nodes[u], "func", None)
+                if func not in self.known.unpacks(rechunk=rechunk):
+                    raise _unsupported(f"a p2p unpack calling {func!r}", u)
+
+    def gather_small_rechunks(
+        self, barriers: Sequence[Key], *, as_tasks: Callable[[Any], bool]
+    ) -> list[Key]:
+        """Rewrite the rechunk partials that ``as_tasks`` picks as gather tasks (cheaper
+        than a run for small plans); return the barriers that need a run."""
+        gathered = [b for b in barriers if b in self.layouts and as_tasks(self.layouts[b])]
+        for b in gathered:
+            self._gather_rechunk(b, self.layouts[b])
+        return [b for b in barriers if b not in gathered]
+
+    def _gather_rechunk(self, barrier: Key, layout: RechunkLayout) -> None:
+        """Rewrite one (checked) rechunk partial as gather tasks, one per output chunk.
+
+        A transfer becomes its input chunk (fused with its producer like any task); an
+        unpack reads the transfers of the input chunks it overlaps. The barrier is left
+        without dependents, so the graph's cull drops it.
+        """
+        from ray_oob_sched._rechunk_tasks import gather_chunk, gather_inputs
+
+        by_input: dict[int, Key] = {}
+        for t in self.nodes[barrier].dependencies:
+            node = _resolve_alias(self.nodes, t)
+            assert isinstance(node, Task) and node.func is self.known.rechunk_transfer  # checked
+            by_input[layout.flat_input(tuple(node.args[2]))] = t  # (chunk, id, block index)
+            self.out.nodes[t] = Task(t, _pass_chunk, node.args[0])
+        for u in self.dependents.get(barrier, ()):
+            # (id, block index, barrier)
+            flat = layout.flat_output(tuple(_task(self.nodes, u).args[1]))
+            refs = [_ref(by_input[i]) for i in gather_inputs(layout, flat)]
+            self.out.nodes[u] = Task(u, gather_chunk, layout, flat, *refs)
+
+    def start_runs(self, barriers: Sequence[Key], *, start_run: StartRun) -> None:
+        """Start one run per shuffle; each handle is recorded as soon as it exists, so
+        the caller closes every started run whatever happens next."""
+        for b in barriers:
+            spec = _spec(self.nodes, b)
+            if b in self.layouts:
+                layout = self.layouts[b]
+                handle = start_run(
+                    str(spec.id),
+                    npartitions_out=layout.npartitions_out,
+                    meta=layout,
+                    npartitions_in=layout.npartitions_in,
+                )
             else:
-                ok = func is shuffle_transfer or getattr(func, "__code__", None) is merge_code
-            if not ok:
-                raise _unsupported(f"a p2p transfer calling {func!r}", t)
-        for u in dependents.get(b, ()):
-            func = getattr(nodes[u], "func", None)
-            allowed = (rechunk_unpack,) if rechunk else (shuffle_unpack, merge_unpack)
-            if func not in allowed:
-                raise _unsupported(f"a p2p unpack calling {func!r}", u)
+                # The graph is culled: its unpacks are the outputs this compute needs. With
+                # a selection (``.partitions[...]``) senders drop the other outputs' rows.
+                needed = sorted(
+                    {
+                        _unpack_partition(self.nodes[u], self.known.shuffle_unpack)
+                        for u in self.dependents.get(b, ())
+                    }
+                )
+                handle = start_run(
+                    str(spec.id),
+                    npartitions_out=spec.npartitions,
+                    meta=spec.meta,
+                    column=spec.column,
+                    drop_column=spec.drop_column,
+                    needed=None if len(needed) == spec.npartitions else needed,
+                    # One transfer per input partition, numbered from 0 (dask's layout).
+                    npartitions_in=len(self.nodes[b].dependencies),
+                )
+            self.out.handles.append(handle)  # the caller closes these, whatever happens next
+            self.out.runs[str(spec.id)] = handle
 
-    out = P2PRewrite(nodes=dict(nodes))
-    gathered = [b for b in barriers if b in layouts and rechunk_as_tasks(layouts[b])]
-    for b in gathered:
-        _gather_rechunk(out, nodes, dependents, b, layouts[b], rechunk_transfer)
-    barriers = [b for b in barriers if b not in gathered]
-    handles = out.runs
-    for b in barriers:
-        spec = nodes[b].spec
-        if b in layouts:
-            handle = start_run(
-                str(spec.id),
-                npartitions_out=layouts[b].npartitions_out,
-                meta=layouts[b],
-                npartitions_in=layouts[b].npartitions_in,
-            )
-        else:
-            # The graph is culled: its unpacks are the outputs this compute needs. With
-            # a selection (``.partitions[...]``) senders drop the other outputs' rows.
-            needed = sorted(
-                {_unpack_partition(nodes[u], shuffle_unpack) for u in dependents.get(b, ())}
-            )
-            handle = start_run(
-                str(spec.id),
-                npartitions_out=spec.npartitions,
-                meta=spec.meta,
-                column=spec.column,
-                drop_column=spec.drop_column,
-                needed=None if len(needed) == spec.npartitions else needed,
-                # One transfer per input partition, numbered from 0 (dask's layout).
-                npartitions_in=len(nodes[b].dependencies),
-            )
-        out.handles.append(handle)  # the caller closes these, whatever happens next
-        handles[str(spec.id)] = handle
-
-    transfer_fn = _Transfer(handles)
-    merge_transfer_fns: dict[int, Any] = {}
-    for b in barriers:
-        barrier = nodes[b]
-        handle = handles[str(barrier.spec.id)]
-        transfers = sorted(barrier.dependencies, key=repr)
-        for t in transfers:
-            node = _resolve_alias(nodes, t)
-            assert isinstance(node, Task)  # checked above
-            if node.func is shuffle_transfer or node.func is rechunk_transfer:
-                out.nodes[t] = Task(t, transfer_fn, *node.args)
-            else:
+    def rewrite_transfers(self, barriers: Sequence[Key]) -> None:
+        """Make transfers send out-of-band through ``_Transfer`` and each barrier a cheap
+        task over its transfers; record what a restart of each shuffle re-runs."""
+        transfer_fn = _Transfer(self.out.runs)  # the live dict: restarts update it
+        merge_transfer_fns: dict[int, Any] = {}  # one swapped closure per dask closure
+        for b in barriers:
+            spec = _spec(self.nodes, b)
+            handle = self.out.runs[str(spec.id)]
+            transfers = sorted(self.nodes[b].dependencies, key=repr)
+            for t in transfers:
+                node = _resolve_alias(self.nodes, t)
+                assert isinstance(node, Task)  # checked
+                if node.func is self.known.shuffle_transfer or (
+                    node.func is self.known.rechunk_transfer
+                ):
+                    self.out.nodes[t] = Task(t, transfer_fn, *node.args)
+                    continue
                 fn = merge_transfer_fns.get(id(node.func))
                 if fn is None:
+                    assert isinstance(node.func, types.FunctionType)  # checked: has merge code
                     fn = merge_transfer_fns[id(node.func)] = _with_transfer(node.func, transfer_fn)
-                out.nodes[t] = Task(t, fn, *node.args)
-        out.nodes[b] = Task(b, _barrier_done, handle.spec.run_id, *(TaskRef(t) for t in transfers))
-        out.transfers[str(barrier.spec.id)] = (*transfers, b)
+                self.out.nodes[t] = Task(t, fn, *node.args)
+            self.out.nodes[b] = Task(
+                b, _barrier_done, handle.spec.run_id, *(_ref(t) for t in transfers)
+            )
+            self.out.transfers[str(spec.id)] = (*transfers, b)
 
-    for b in barriers:
-        for u in dependents.get(b, ()):
-            node = nodes[u]
-            if node.func is rechunk_unpack:
-                sid, index = node.args[0], node.args[1]
-                out.nodes[u] = Task(u, _must_be_actor_call, TaskRef(b))
-                out.unpacks[u] = Unpack(handles[str(sid)], layouts[b].flat_output(tuple(index)))
-            elif node.func is shuffle_unpack:
-                sid, partition = node.args[0], node.args[1]
-                out.nodes[u] = Task(u, _must_be_actor_call, TaskRef(b))
-                out.unpacks[u] = Unpack(handles[str(sid)], int(partition))
-            else:  # merge_unpack, checked above
-                if out.nodes[u].func is _merge_unpacked:
-                    continue  # a merge unpack is a dependent of both its barriers
-                sid_l, sid_r, partition, bar_l, bar_r, *rest = node.args
-                parts = []
-                for side, sid, bar in (("left", sid_l, bar_l), ("right", sid_r, bar_r)):
-                    key = ("ray-oob-unpack", side, u)
-                    barrier_key = bar.key if isinstance(bar, (Alias, TaskRef)) else bar
-                    out.nodes[key] = Task(key, _must_be_actor_call, TaskRef(barrier_key))
-                    out.unpacks[key] = Unpack(handles[str(sid)], int(partition))
-                    parts.append(TaskRef(key))
-                out.nodes[u] = Task(u, _merge_unpacked, *parts, *rest)
-    return out
+    def rewrite_unpacks(self, barriers: Sequence[Key]) -> None:
+        """Make unpacks actor calls on their run (``Unpack``), so outputs leave the
+        actors as driver-owned objects; a merge unpack becomes two and a merge task."""
+        for b in barriers:
+            for u in self.dependents.get(b, ()):
+                node = _task(self.nodes, u)
+                if node.func is self.known.rechunk_unpack:
+                    sid, index = node.args[0], node.args[1]
+                    partition = self.layouts[b].flat_output(tuple(index))
+                    self.out.nodes[u] = Task(u, _must_be_actor_call, _ref(b))
+                    self.out.unpacks[u] = Unpack(self.out.runs[str(sid)], partition)
+                elif node.func is self.known.shuffle_unpack:
+                    sid, partition = node.args[0], node.args[1]
+                    self.out.nodes[u] = Task(u, _must_be_actor_call, _ref(b))
+                    self.out.unpacks[u] = Unpack(self.out.runs[str(sid)], int(partition))
+                else:  # merge_unpack, checked
+                    self._rewrite_merge_unpack(u, node)
+
+    def _rewrite_merge_unpack(self, key: Key, node: Task) -> None:
+        """One merge unpack as an actor call per side and a ``merge_chunk`` task; it is
+        a dependent of both its barriers, so the second visit finds it done."""
+        current = self.out.nodes[key]
+        if isinstance(current, Task) and current.func is _merge_unpacked:
+            return
+        sid_l, sid_r, partition, bar_l, bar_r, *rest = node.args
+        parts = []
+        for side, sid, bar in (("left", sid_l, bar_l), ("right", sid_r, bar_r)):
+            unpack_key = ("ray-oob-unpack", side, key)
+            barrier_key = bar.key if isinstance(bar, (Alias, TaskRef)) else bar
+            self.out.nodes[unpack_key] = Task(unpack_key, _must_be_actor_call, _ref(barrier_key))
+            self.out.unpacks[unpack_key] = Unpack(self.out.runs[str(sid)], int(partition))
+            parts.append(_ref(unpack_key))
+        self.out.nodes[key] = Task(key, _merge_unpacked, *parts, *rest)
+
+
+def _spec(nodes: Mapping[Key, GraphNode], barrier: Key) -> Any:
+    """The ``ShuffleSpec`` of a ``P2PBarrierTask`` (distributed's, untyped here)."""
+    return cast(Any, nodes[barrier]).spec
+
+
+def _task(nodes: Mapping[Key, GraphNode], key: Key) -> Task:
+    node = nodes[key]
+    assert isinstance(node, Task)  # checked by _Rewriter.check_shapes
+    return node
+
+
+def _ref(key: Key) -> TaskRef:
+    # Our keys are Hashable; a graph's keys are dask's Key (str, int, float or tuple).
+    return TaskRef(cast(DaskKey, key))
 
 
 def _pass_chunk(chunk: Any) -> Any:
     return chunk
-
-
-def _gather_rechunk(
-    out: P2PRewrite,
-    nodes: Mapping[Key, GraphNode],
-    dependents: Mapping[Key, set[Key]],
-    barrier: Key,
-    layout: Any,
-    rechunk_transfer: Any,
-) -> None:
-    """Rewrite one (checked) rechunk partial as gather tasks, one per output chunk.
-
-    A transfer becomes its input chunk (fused with its producer like any task); an
-    unpack reads the transfers of the input chunks it overlaps. The barrier is left
-    without dependents, so the graph's cull drops it.
-    """
-    from ray_oob_sched._rechunk_tasks import gather_chunk, gather_inputs
-
-    by_input: dict[int, Key] = {}
-    for t in nodes[barrier].dependencies:
-        node = _resolve_alias(nodes, t)
-        assert isinstance(node, Task) and node.func is rechunk_transfer  # checked
-        by_input[layout.flat_input(tuple(node.args[2]))] = t  # (chunk, id, block index)
-        out.nodes[t] = Task(t, _pass_chunk, node.args[0])
-    for u in dependents.get(barrier, ()):
-        flat = layout.flat_output(tuple(nodes[u].args[1]))  # (id, block index, barrier)
-        refs = [TaskRef(by_input[i]) for i in gather_inputs(layout, flat)]
-        out.nodes[u] = Task(u, gather_chunk, layout, flat, *refs)
 
 
 def _unpack_partition(node: Any, shuffle_unpack: Any) -> int:

@@ -15,14 +15,14 @@ import os
 import threading
 import time
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import dask
 import dask.base
 import ray
 import ray.util.client
 from dask._task_spec import DataNode
+from dask.base import get_annotations
 from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.sizeof import sizeof
 
@@ -58,6 +58,7 @@ from ray_oob_sched._task_warnings import Forwarder
 from ray_oob_sched._worker import GroupSpec, GroupStatus, TaskContext
 
 logger = logging.getLogger("ray_oob_sched")
+
 
 @dataclass(frozen=True)
 class RunStats:
@@ -127,7 +128,7 @@ class RaySchedule:
         ``shuffle.prestart`` is on. Never blocks."""
         if self._shuffle_service is not None or not ray.is_initialized():
             return
-        if ray.util.client.ray.is_connected():
+        if ray.util.client.ray.is_connected():  # type: ignore[no-untyped-call]
             return  # refused at the first compute
         cfg = ShuffleConfig.from_dask_config()
         if cfg.prestart:
@@ -225,16 +226,21 @@ class RaySchedule:
     ) -> Any:
         """Compute ``keys`` of ``dsk`` on Ray and return their values."""
         return self._run(
-            dsk, keys, "values", callbacks=callbacks, ray_remote_args=ray_remote_args, **kwargs
+            dsk,
+            keys,
+            result="values",
+            callbacks=callbacks,
+            ray_remote_args=ray_remote_args,
+            **kwargs,
         )
 
     def get_refs(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
         """Like ``get``, but return ObjectRefs (in the shape of ``keys``), not values."""
-        return self._run(dsk, keys, "refs", **kwargs)
+        return self._run(dsk, keys, result="refs", **kwargs)
 
     def get_futures(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
         """Like ``get``, but return RayFutures, which later graphs may refer to."""
-        return self._run(dsk, keys, "futures", **kwargs)
+        return self._run(dsk, keys, result="futures", **kwargs)
 
     def persist(
         self, collections: Sequence[Any], optimize_graph: bool = True, **kwargs: Any
@@ -244,7 +250,7 @@ class RaySchedule:
         # and rebuilds the collections around the futures we return.
         schedule = functools.partial(self.get_futures)
         return list(
-            dask.base.persist(
+            dask.base.persist(  # type: ignore[no-untyped-call]
                 *collections, optimize_graph=optimize_graph, scheduler=schedule, **kwargs
             )
         )
@@ -253,8 +259,8 @@ class RaySchedule:
         self,
         dsk: Any,
         keys: Any,
-        result: Literal["values", "refs", "futures"],
         *,
+        result: Literal["values", "refs", "futures"],
         callbacks: Any = None,
         ray_remote_args: dict[str, Any] | None = None,
         **kwargs: Any,
@@ -263,8 +269,49 @@ class RaySchedule:
         self.last_stats = None
         self.runtime.refuse_ray_client()  # before any work, also on invalid graphs
         keywords = sort_keywords(kwargs)
-        warn_ignored(keywords.ignored, stacklevel=3)
-        nodes, annotations = _graph.materialize(dsk)
+        warn_ignored(keywords.ignored, stacklevel=3)  # counted from here: keep it in _run
+        prepared = self._prepare(
+            dsk, keys, annotations=keywords.annotations, ray_remote_args=ray_remote_args
+        )
+        refs = RefTable()
+        shuffles = _Shuffles()
+        try:
+            graph = prepared.graph
+            if prepared.has_p2p:
+                graph = self._start_shuffles(prepared, shuffles=shuffles)
+            _seed_refs(graph, refs=refs, config=prepared.config)
+            planned = _plan(graph, prepared=prepared, sources=frozenset(refs), shuffles=shuffles)
+            out = self._execute(
+                planned,
+                prepared=prepared,
+                refs=refs,
+                shuffles=shuffles,
+                callbacks=callbacks,
+                fetch=result == "values",
+            )
+        except BaseException as e:
+            _clear_ray_frames(e)
+            raise
+        finally:
+            self._end_compute(refs=refs, shuffles=shuffles)
+        self.last_stats = _finish_stats(
+            planned, shuffles=shuffles, seconds=time.perf_counter() - start
+        )
+        if result == "futures":
+            out = {k: REGISTRY.register(RayFuture(k, r)) for k, r in out.items()}
+        return _nested(keys, out)
+
+    def _prepare(
+        self,
+        dsk: Any,
+        keys: Any,
+        *,
+        annotations: Mapping[str, Any],
+        ray_remote_args: dict[str, Any] | None,
+    ) -> _Prepared:
+        """Materialise and check the graph, resolve every key's Ray options and read the
+        config: all that can refuse a compute does so here, before anything runs."""
+        nodes, graph_annotations = _graph.materialize(dsk)
         nodes, stores = _store.rewrite(nodes)  # before anything runs: may refuse a target
         flat = _graph.output_keys(keys)
         graph = _graph.build(nodes, flat, resolve=REGISTRY.lookup)
@@ -276,8 +323,8 @@ class RaySchedule:
         token_key: dict[Hashable, Key] = {}
         per_key = per_key_options(
             graph.order,
-            annotations,
-            compute_annotations={**dask.get_annotations(), **keywords.annotations},
+            graph_annotations,
+            compute_annotations={**get_annotations(), **annotations},
             compute_remote_args=ray_remote_args,
         )
         for k, opts in per_key.items():
@@ -291,115 +338,195 @@ class RaySchedule:
         self.runtime.ensure()
         self.prestart()
         cpus = self.runtime.cluster_cpus()
-        config = SchedulerConfig.from_dask_config(cluster_cpus=cpus)
-        refs = RefTable()
-        p2p: _p2p.P2PRewrite | None = None
-        progress: ShuffleProgress | None = None
-        closed: list[Any] = []  # shuffle._usage.RunUsage of every run closed
-        max_restarts = 0
-        try:
-            if has_p2p:
-                shuffle_config = ShuffleConfig.from_dask_config()
-                max_restarts = shuffle_config.max_restarts
-                as_tasks = functools.partial(
-                    rechunk_as_tasks,
-                    nodes=self.runtime.alive_nodes(),
-                    max_pieces=shuffle_config.rechunk_tasks_max_pieces,
-                )
-                p2p = _p2p.rewrite(
-                    graph.nodes,
-                    graph.dependents,
-                    start_run=lambda *a, **kw: self.shuffle_service().start_run(*a, **kw),
-                    rechunk_as_tasks=as_tasks,
-                )
-                assert p2p is not None
-                graph = _graph.build(p2p.nodes, flat, resolve=REGISTRY.lookup)
-                progress = _progress_of(p2p)
-                with self._active_lock:
-                    self._active[id(progress)] = (progress, p2p)
-            unpacks = p2p.unpacks if p2p is not None else {}
-            for k, ref in graph.external.items():
-                refs.add(k, ref)
-            for k in graph.order:
-                node = graph.nodes[k]
-                if isinstance(node, DataNode):
-                    if isinstance(node.value, ray.ObjectRef):
-                        refs.add(k, node.value)  # placed in the graph by the user
-                    elif sizeof(node.value) > config.inline_data_bytes:
-                        refs.add(k, ray.put(node.value))
-            sources = frozenset(refs)
-            ntasks = sum(1 for k in graph.order if k not in sources)
-            size = 1
-            if config.fuse.enabled:
-                size = group_size(
-                    ntasks,
-                    cluster_cpus=cpus,
-                    max_tasks=config.fuse.max_tasks,
-                    tasks_per_cpu=config.fuse.tasks_per_cpu,
-                )
-            groups = plan(
-                graph,
-                sources=sources,
-                size=size,
-                options_of=options_of,
-                fusable=lambda k: k not in unpacks,
-                max_hoisted=config.fuse.max_hoisted if config.fuse.enabled else 0,
-            )
-            state = SchedulerState(
-                groups,
-                outputs=graph.outputs,
-                sources=sources,
-                max_in_flight=config.max_in_flight,
-                shuffles=_shuffle_tasks(p2p) if p2p is not None and p2p.runs else None,
-                max_restarts=max_restarts,
-            )
-            runs = _ShuffleRuns(self.shuffle_service(), p2p) if p2p and p2p.runs else None
-            context: Any = TaskContext(
-                config=_taskconfig.snapshot(), forward_warnings=config.forward_warnings
-            )
-            if len(context.config) > config.inline_data_bytes:
-                context = ray.put(context)  # once, not pickled into every task
-            run = _Compute(
-                graph,
-                groups,
-                state,
-                refs,
-                executor,
-                callbacks,
-                unpacks,
-                runs,
-                context=context,
-                stores=stores,
-                progress=progress,
-            )
-            out = run.execute(flat, fetch=result == "values")
-        except BaseException as e:
-            _clear_ray_frames(e)
-            raise
-        finally:
-            refs.clear()
-            if progress is not None:
-                with self._active_lock:
-                    del self._active[id(progress)]
-            if p2p is not None:
-                # Outputs already left the actors as objects: the runs can go.
-                for handle in p2p.handles:
-                    closed += self.shuffle_service().close_run(handle)
-        self.last_stats = RunStats(
-            dask_tasks=ntasks,
-            ray_tasks=len(groups),
-            objects=sum(len(g.outputs) for g in groups),
-            from_store=len(sources),
-            shuffles=len(p2p.runs) if p2p is not None else 0,
-            seconds=time.perf_counter() - start,
-            restarts=sum(state.restarts.values()),
-            shuffle_runs=(
-                _totals(p2p, progress, closed) if p2p is not None and progress is not None else ()
-            ),
+        return _Prepared(
+            graph=graph,
+            flat=flat,
+            stores=stores,
+            executor=executor,
+            options_of=options_of,
+            config=SchedulerConfig.from_dask_config(cluster_cpus=cpus),
+            cpus=cpus,
+            has_p2p=has_p2p,
         )
-        if result == "futures":
-            out = {k: REGISTRY.register(RayFuture(k, r)) for k, r in out.items()}
-        return _nested(keys, out)
+
+    def _start_shuffles(self, prepared: _Prepared, *, shuffles: _Shuffles) -> _graph.Graph:
+        """Rewrite the p2p shapes, starting their runs, and list them as active (for
+        ``shuffle_status``); return the graph to run. Fills ``shuffles`` as it goes,
+        so the cleanup closes whatever started."""
+        shuffle_config = ShuffleConfig.from_dask_config()
+        shuffles.max_restarts = shuffle_config.max_restarts
+        as_tasks = functools.partial(
+            rechunk_as_tasks,
+            nodes=self.runtime.alive_nodes(),
+            max_pieces=shuffle_config.rechunk_tasks_max_pieces,
+        )
+        graph = prepared.graph
+        p2p = _p2p.rewrite(
+            graph.nodes,
+            graph.dependents,
+            start_run=lambda *a, **kw: self.shuffle_service().start_run(*a, **kw),
+            rechunk_as_tasks=as_tasks,
+        )
+        assert p2p is not None  # has_p2p
+        shuffles.p2p = p2p
+        graph = _graph.build(p2p.nodes, prepared.flat, resolve=REGISTRY.lookup)
+        progress = shuffles.progress = _progress_of(p2p)
+        with self._active_lock:
+            self._active[id(progress)] = (progress, p2p)
+        return graph
+
+    def _execute(
+        self,
+        planned: _Planned,
+        *,
+        prepared: _Prepared,
+        refs: RefTable,
+        shuffles: _Shuffles,
+        callbacks: Any,
+        fetch: bool,
+    ) -> dict[Key, Any]:
+        """Run the planned groups; return ``{key: value}`` (``{key: ref}`` without
+        ``fetch``) for the requested keys."""
+        p2p, config = shuffles.p2p, prepared.config
+        runs = _ShuffleRuns(self.shuffle_service(), p2p) if p2p and p2p.runs else None
+        context: Any = TaskContext(
+            config=_taskconfig.snapshot(), forward_warnings=config.forward_warnings
+        )
+        if len(context.config) > config.inline_data_bytes:
+            context = ray.put(context)  # once, not pickled into every task
+        run = _Compute(
+            graph=planned.graph,
+            groups=planned.groups,
+            state=planned.state,
+            refs=refs,
+            executor=prepared.executor,
+            callbacks=callbacks,
+            unpacks=planned.unpacks,
+            runs=runs,
+            context=context,
+            stores=prepared.stores,
+            progress=shuffles.progress,
+        )
+        return run.execute(prepared.flat, fetch=fetch)
+
+    def _end_compute(self, *, refs: RefTable, shuffles: _Shuffles) -> None:
+        """Whatever happened: drop the compute's refs, unlist it from the active
+        shuffles and close its runs (noting their usage for the stats)."""
+        refs.clear()
+        if shuffles.progress is not None:
+            with self._active_lock:
+                del self._active[id(shuffles.progress)]
+        if shuffles.p2p is not None:
+            # Outputs already left the actors as objects: the runs can go.
+            for handle in shuffles.p2p.handles:
+                shuffles.closed += self.shuffle_service().close_run(handle)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A checked compute before anything runs: its graph, per-key options, config."""
+
+    graph: _graph.Graph  # before the p2p rewrite
+    flat: list[Key]  # the requested keys
+    stores: _store.StoreTargets
+    executor: RayExecutor
+    options_of: Mapping[Key, Hashable]  # key -> options token (fusion keeps them apart)
+    config: SchedulerConfig
+    cpus: float
+    has_p2p: bool
+
+
+@dataclass
+class _Shuffles:
+    """One compute's shuffles, filled as they start: what the cleanup closes and the
+    stats report."""
+
+    p2p: _p2p.P2PRewrite | None = None
+    progress: ShuffleProgress | None = None
+    max_restarts: int = 0
+    closed: list[Any] = field(default_factory=list)  # shuffle._usage.RunUsage per run
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """The graph to run, grouped into Ray tasks, and the state machine over it."""
+
+    graph: _graph.Graph
+    groups: list[Group]
+    sources: frozenset[Key]  # keys already in Ray
+    ntasks: int  # dask tasks to run
+    state: SchedulerState
+    unpacks: Mapping[Key, _p2p.Unpack]  # kept current by restarts
+
+
+def _seed_refs(graph: _graph.Graph, *, refs: RefTable, config: SchedulerConfig) -> None:
+    """Add the objects the graph starts from: persisted futures, ObjectRefs the user
+    placed, and literals too large to inline (put once, not pickled into tasks)."""
+    for k, ref in graph.external.items():
+        refs.add(k, ref)
+    for k in graph.order:
+        node = graph.nodes[k]
+        if isinstance(node, DataNode):
+            if isinstance(node.value, ray.ObjectRef):
+                refs.add(k, node.value)  # placed in the graph by the user
+            elif sizeof(node.value) > config.inline_data_bytes:
+                refs.add(k, ray.put(node.value))
+
+
+def _plan(
+    graph: _graph.Graph, *, prepared: _Prepared, sources: frozenset[Key], shuffles: _Shuffles
+) -> _Planned:
+    """Group the tasks not in ``sources`` (fused to the configured size; unpacks stay
+    alone, being actor calls) and set up the state machine over the groups."""
+    config, p2p = prepared.config, shuffles.p2p
+    unpacks = p2p.unpacks if p2p is not None else {}
+    ntasks = sum(1 for k in graph.order if k not in sources)
+    size = 1
+    if config.fuse.enabled:
+        size = group_size(
+            ntasks,
+            cluster_cpus=prepared.cpus,
+            max_tasks=config.fuse.max_tasks,
+            tasks_per_cpu=config.fuse.tasks_per_cpu,
+        )
+    groups = plan(
+        graph,
+        sources=sources,
+        size=size,
+        options_of=prepared.options_of,
+        fusable=lambda k: k not in unpacks,
+        max_hoisted=config.fuse.max_hoisted if config.fuse.enabled else 0,
+    )
+    state = SchedulerState(
+        groups,
+        outputs=graph.outputs,
+        sources=sources,
+        max_in_flight=config.max_in_flight,
+        shuffles=_shuffle_tasks(p2p) if p2p is not None and p2p.runs else None,
+        max_restarts=shuffles.max_restarts,
+    )
+    return _Planned(
+        graph=graph, groups=groups, sources=sources, ntasks=ntasks, state=state, unpacks=unpacks
+    )
+
+
+def _finish_stats(planned: _Planned, *, shuffles: _Shuffles, seconds: float) -> RunStats:
+    """What a successful compute did (``RaySchedule.last_stats``)."""
+    p2p, progress = shuffles.p2p, shuffles.progress
+    return RunStats(
+        dask_tasks=planned.ntasks,
+        ray_tasks=len(planned.groups),
+        objects=sum(len(g.outputs) for g in planned.groups),
+        from_store=len(planned.sources),
+        shuffles=len(p2p.runs) if p2p is not None else 0,
+        seconds=seconds,
+        restarts=sum(planned.state.restarts.values()),
+        shuffle_runs=(
+            _totals(p2p, progress, shuffles.closed)
+            if p2p is not None and progress is not None
+            else ()
+        ),
+    )
 
 
 #: The package's scheduler: ``ray_oob_sched.get`` is its ``get``.
@@ -485,6 +612,7 @@ class _Compute:
 
     def __init__(
         self,
+        *,
         graph: _graph.Graph,
         groups: Sequence[Group],
         state: SchedulerState,
@@ -493,7 +621,6 @@ class _Compute:
         callbacks: Any,
         unpacks: Mapping[Key, _p2p.Unpack],
         runs: _ShuffleRuns | None = None,
-        *,
         context: Any,
         stores: _store.StoreTargets,
         progress: ShuffleProgress | None = None,
@@ -521,7 +648,8 @@ class _Compute:
         dsk, view = self.graph.nodes, self.state.view
         succeeded = False
         with local_callbacks(self.callbacks) as cbs:
-            _, start_state_cbs, self._pretask, self._posttask, _ = unpack_callbacks(cbs)
+            unpacked = unpack_callbacks(cbs)  # type: ignore[no-untyped-call]
+            _, start_state_cbs, self._pretask, self._posttask, _ = unpacked
             started: list[Any] = []
             try:
                 for cb in cbs:
@@ -710,15 +838,15 @@ class _Compute:
             return {k: owned(v) for k, v in zip(out_refs, values, strict=True)}
         # Rare path: fetch one by one to name the key whose object failed.
         producer = {k: g for g in self.groups for k in g.outputs}
-        values = {}
+        by_key: dict[Key, Any] = {}
         for k, r in out_refs.items():
             try:
-                values[k] = owned(self.executor.fetch([r])[0])
+                by_key[k] = owned(self.executor.fetch([r])[0])
             except ray.exceptions.RayError as e:
                 if k not in producer:
                     raise
                 raise user_error(e, producer[k]) from e
-        return values
+        return by_key
 
 
 # Trailing separators: "site-packages/ray" must not match "site-packages/raydp".
