@@ -141,7 +141,7 @@ def _merge_unpacked(left: Any, right: Any, *args: Any) -> Any:
     from dask.dataframe.multi import merge_chunk
 
     how, left_on, right_on, result_meta, suffixes, left_index, right_index, indicator = args
-    return merge_chunk(  # type: ignore[no-untyped-call]
+    return merge_chunk(
         left,
         right,
         how=how,
@@ -208,7 +208,7 @@ class _Known:
         )
         from distributed.shuffle._shuffle import DataFrameShuffleSpec, shuffle_unpack
 
-        merge = create_assign_index_merge_transfer()  # type: ignore[no-untyped-call]
+        merge = create_assign_index_merge_transfer()
         return cls(
             shuffle_transfer=_shuffle_transfer,
             merge_code=merge.__code__,

@@ -9,6 +9,7 @@ reaches the driver and dropping the collection frees the objects.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -16,7 +17,7 @@ import threading
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import dask.base
 import ray
@@ -57,6 +58,9 @@ from ray_oob_sched._status import (
 from ray_oob_sched._task_warnings import Forwarder
 from ray_oob_sched._worker import GroupSpec, GroupStatus, TaskContext
 
+if TYPE_CHECKING:
+    from shuffle.shell._service import ShuffleService
+
 logger = logging.getLogger("ray_oob_sched")
 
 
@@ -91,7 +95,7 @@ class RaySchedule:
     def __init__(self) -> None:
         self.runtime = RayRuntime()
         self.last_stats: RunStats | None = None
-        self._shuffle_service: Any = None  # shuffle.shell._service.ShuffleService, on first use
+        self._shuffle_service: ShuffleService | None = None  # on first use
         self._prestart: Prestart | None = None
         # Computes running shuffles now (several threads may compute at once).
         self._active: dict[int, tuple[ShuffleProgress, _p2p.P2PRewrite]] = {}
@@ -114,7 +118,7 @@ class RaySchedule:
             )
         return "DEFAULT"
 
-    def shuffle_service(self) -> Any:
+    def shuffle_service(self) -> ShuffleService:
         """The out-of-band shuffle service (actors start on first use, or ahead of it:
         ``prestart``)."""
         service = self._service()
@@ -128,7 +132,7 @@ class RaySchedule:
         ``shuffle.prestart`` is on. Never blocks."""
         if self._shuffle_service is not None or not ray.is_initialized():
             return
-        if ray.util.client.ray.is_connected():  # type: ignore[no-untyped-call]
+        if ray.util.client.ray.is_connected():
             return  # refused at the first compute
         cfg = ShuffleConfig.from_dask_config()
         if cfg.prestart:
@@ -138,32 +142,12 @@ class RaySchedule:
                 timeout=cfg.timeout,
             )
 
-    def _service(self) -> Any:
+    def _service(self) -> ShuffleService:
         if self._shuffle_service is None:
-            from shuffle._options import RunOptions
-            from shuffle.device._options import DeviceOptions
             from shuffle.shell._service import ShuffleService
 
             cfg = ShuffleConfig.from_dask_config()
-            self._shuffle_service = ShuffleService(
-                transport=cfg.transport,  # type: ignore[arg-type]
-                options=RunOptions(
-                    memory_limit=cfg.memory_limit,
-                    spill_directory=cfg.spill_directory,
-                    message_bytes=cfg.message_bytes,
-                    send_buffer_bytes=cfg.send_buffer_bytes,
-                    combine_bytes=cfg.combine_bytes,
-                ),
-                timeout=cfg.timeout,
-                host=cfg.host,
-                device=DeviceOptions(
-                    mode=cfg.device,  # type: ignore[arg-type]
-                    actor_num_gpus=cfg.actor_num_gpus,
-                    results=cfg.gpu_results,  # type: ignore[arg-type]
-                ),
-                actors_per_node=cfg.actors_per_node,
-                port_range=cfg.port_range,
-            )
+            self._shuffle_service = ShuffleService(**cfg.service_options())
         return self._shuffle_service
 
     def close(self) -> None:
@@ -250,7 +234,7 @@ class RaySchedule:
         # and rebuilds the collections around the futures we return.
         schedule = functools.partial(self.get_futures)
         return list(
-            dask.base.persist(  # type: ignore[no-untyped-call]
+            dask.base.persist(
                 *collections, optimize_graph=optimize_graph, scheduler=schedule, **kwargs
             )
         )
@@ -648,7 +632,7 @@ class _Compute:
         dsk, view = self.graph.nodes, self.state.view
         succeeded = False
         with local_callbacks(self.callbacks) as cbs:
-            unpacked = unpack_callbacks(cbs)  # type: ignore[no-untyped-call]
+            unpacked = unpack_callbacks(cbs)
             _, start_state_cbs, self._pretask, self._posttask, _ = unpacked
             started: list[Any] = []
             try:
@@ -871,10 +855,8 @@ def _clear_ray_frames(exc: BaseException) -> None:
         while tb is not None:
             frame = tb.tb_frame
             if frame.f_code.co_filename.startswith(_OWN_DIRS):
-                try:
+                with contextlib.suppress(RuntimeError):  # still executing (an outer frame)
                     frame.clear()
-                except RuntimeError:  # still executing (an outer frame of ours)
-                    pass
             tb = tb.tb_next
         todo += [e.__cause__, e.__context__]
 

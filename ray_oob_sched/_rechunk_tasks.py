@@ -70,12 +70,14 @@ def gather_chunk(layout: RechunkLayout, partition: int, *chunks: Any) -> Any:
             f"rechunk output chunk {layout.output_index(partition)} reads "
             f"{len(sources)} input chunks, got {len(chunks)}"
         )
-    shape = layout.output_shape(partition)
-    if len(sources) == 1:
-        (_, in_slices, _), (chunk,) = sources[0], chunks
-        piece = chunk[in_slices]
-        if tuple(piece.shape) == shape:
-            return piece
+    first = chunks[0][sources[0][1]]
+    # Along an axis of unknown length every piece is a whole input chunk (_rechunk).
+    shape = tuple(
+        first.shape[axis] if n is None else n
+        for axis, n in enumerate(layout.output_shape(partition))
+    )
+    if len(sources) == 1 and tuple(first.shape) == shape:
+        return first  # one input covers the chunk: no copy
     # empty_like keeps the array library (NumPy or CuPy) of the inputs.
     out = np.empty_like(chunks[0], shape=shape)
     for (_, in_slices, out_slices), chunk in zip(sources, chunks, strict=True):
