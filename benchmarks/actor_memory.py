@@ -155,7 +155,11 @@ def main() -> None:
             (actor,) = DEFAULT.shuffle_service().actors()
             pid = ray.get(actor.handle.__ray_call__.remote(lambda _self: __import__("os").getpid()))
             base = proc_status(pid)
-            print(json.dumps({"actor_pid": pid, "start_rss_mb": base["VmRSS"] / MiB}))
+            start = {
+                "start_rss_mb": round(base["VmRSS"] / MiB),
+                "start_anon_mb": round(base["RssAnon"] / MiB),
+            }
+            print(json.dumps({"actor_pid": pid, **start}))
             for run in range(1, a.runs + 1):
                 meta = gen_partition(0, 0, 0)
                 ddf = dd.from_map(
