@@ -70,7 +70,8 @@ def in_actor_arrow(actor: Any) -> dict[str, Any]:
         pool = pa.default_memory_pool()
         return {"arrow_bytes": pa.total_allocated_bytes(), "arrow_pool": pool.backend_name}
 
-    return ray.get(actor.__ray_call__.remote(probe))
+    out: dict[str, Any] = ray.get(actor.__ray_call__.remote(probe))
+    return out
 
 
 def in_actor_release(actor: Any, pid: int) -> dict[str, int]:
@@ -162,7 +163,7 @@ def main() -> None:
             print(json.dumps({"actor_pid": pid, **start}))
             for run in range(1, a.runs + 1):
                 meta = gen_partition(0, 0, 0)
-                ddf = dd.from_map(
+                ddf = dd.from_map(  # type: ignore[no-untyped-call]
                     gen_partition,
                     range(a.partitions),
                     args=(rows, run),
