@@ -13,7 +13,10 @@ receives: senders (transfer tasks, ``shuffle._send``) split inputs and send piec
 * **barrier**: ``inputs_done()`` declares that every sender returned (the driver's
   barrier passed), so every shard is stored; from then on outputs may be read.
 * **unpack**: ``get_output_partition(p)`` concatenates the shards of ``p`` in
-  input-partition order, so the result does not depend on arrival order.
+  input-partition order, so the result does not depend on arrival order. It reads
+  back only ``p``'s spilled shards and releases ``p``'s shards from the store as it
+  reads them, so unpacking holds the memory budget plus the outputs being built; an
+  output is read once.
 
 ``ShuffleRun`` holds all of that; its two kinds differ only in rebuilding:
 ``DataFrameShuffleRun`` concatenates Arrow (or cuDF) pieces into a frame,
@@ -118,6 +121,7 @@ class ShuffleRun(abc.ABC):
         # shards' header meta where not empty: output partition -> input -> meta
         self._metas: dict[int, dict[int, bytes]] = {}
         self._inputs_done = False
+        self._outputs_read: set[int] = set()  # handed over, their shards released
         self._exception: Exception | None = None
         self._closed = False
 
@@ -252,7 +256,9 @@ class ShuffleRun(abc.ABC):
         """Output ``partition`` (owned here), rebuilt from its shards in input order.
 
         Valid once ``inputs_done`` was called; the run cannot check that every sender
-        returned, the driver's barrier does. May be called again (a retried unpack task).
+        returned, the driver's barrier does. Read once: the shards are released as
+        they are read, and a second read raises ``ShuffleClosedError`` (an unpack is
+        never retried within a run: a lost output restarts the shuffle under a new run).
         """
 
     def _read(self, partition: int) -> list[tuple[int, Any, bytes]]:
@@ -265,8 +271,17 @@ class ShuffleRun(abc.ABC):
             )
         if not self._inputs_done:
             raise RuntimeError(f"{self}: get_output_partition called before inputs_done()")
+        if partition in self._outputs_read:
+            raise ShuffleClosedError(
+                self.shuffle_id,
+                self.run_id,
+                f"output partition {partition} was already handed over by {self.local!r} "
+                "and its shards released",
+            )
+        self._outputs_read.add(partition)
         try:
-            items = self._store.read_items(partition)
+            # Released as read: unpacking holds the budget plus the outputs being built.
+            items = self._store.read_items(partition, release=True)
         except BufferClosedError:
             self.raise_if_closed()  # closed from the event loop while a thread read
             raise

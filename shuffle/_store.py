@@ -5,7 +5,9 @@ transfer task resends pieces that may already have arrived. When memory exceeds 
 budget, the partition holding the most memory is appended to its own file in a
 private temporary directory: large sequential writes, one file per output partition.
 Reads return the shards of one partition ordered by input partition, so the output
-does not depend on arrival order. Device shards (objects exposing
+does not depend on arrival order; a releasing read (how outputs are unpacked) reads
+back only that partition's file and drops its shards, so unpacking stays within the
+budget. Device shards (objects exposing
 ``__cuda_array_interface__``) are held as they are and never spilled: the budget is
 for host memory, and device memory is the device allocator's (RMM's) to manage.
 ``cleanup()`` deletes the directory; a ``weakref.finalize`` does the same if an owner
@@ -144,8 +146,15 @@ class DiskShardStore:
         """The shards of ``partition``, ordered by input partition; ``[]`` if none arrived."""
         return [payload for _, payload in self.read_items(partition)]
 
-    def read_items(self, partition: int) -> list[tuple[int, Any]]:
-        """``(input partition, shard)`` of ``partition``, ordered by input partition."""
+    def read_items(self, partition: int, *, release: bool = False) -> list[tuple[int, Any]]:
+        """``(input partition, shard)`` of ``partition``, ordered by input partition.
+
+        Only this partition's spill file is read back. ``release``: the store forgets
+        the partition's shards in the same step (its memory is the caller's from then
+        on, its spill file is deleted), so a store being unpacked holds at most its
+        budget plus what its readers hold. Keys are kept: a late duplicate is still
+        dropped rather than stored again.
+        """
         with self._lock:
             self._raise_if_closed()
             shards: list[tuple[int, Any]] = list(self._memory.get(partition, ()))
@@ -153,11 +162,24 @@ class DiskShardStore:
             records = self._disk.get(partition)
             if records:
                 assert self._directory is not None
-                data = memoryview((self._directory / f"{partition}.bin").read_bytes())
+                path = self._directory / f"{partition}.bin"
+                data = memoryview(path.read_bytes())
                 self.bytes_read_back += sum(n for _, _, n in records)
                 shards += [(source, data[start : start + n]) for source, start, n in records]
+            if release:
+                self._release(partition)
         shards.sort(key=lambda shard: shard[0])  # keys are unique, so this order is total
         return shards
+
+    def _release(self, partition: int) -> None:
+        self._memory.pop(partition, None)
+        self.nbytes_memory -= self._memory_by_partition.pop(partition, 0)
+        device = self._device.pop(partition, ())
+        self.nbytes_device -= sum(cai_nbytes(p.__cuda_array_interface__) for _, p in device)
+        if self._disk.pop(partition, None) is not None:
+            assert self._directory is not None
+            self.nbytes_disk -= self._file_sizes.pop(partition)
+            (self._directory / f"{partition}.bin").unlink(missing_ok=True)
 
     def cleanup(self) -> None:
         """Forget every shard and delete the spill directory; idempotent."""

@@ -11,7 +11,9 @@ the manager, answer with an ack or the typed error that refused it (``_reply``),
 keep serving; a refused message never closes the connection or affects other runs.
 Output partitions leave as the return value of ``get_output_partition``, so they
 become ObjectRefs owned by the caller. The concatenation runs in a thread, so the
-loop keeps receiving meanwhile.
+loop keeps receiving meanwhile. An output's shards are released as it is read, and
+each closed run ends with ``release_memory`` (Arrow's pool, then glibc's
+``malloc_trim``), so the actor does not keep its high-water mark between runs.
 
 ``memory_limit="auto"`` is resolved here, once, from this node's memory: the node's
 auto budget (``AUTO_MEMORY_FRACTION`` of its memory per run) is shared by the
@@ -38,6 +40,7 @@ import dataclasses
 import gc
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +54,7 @@ from shuffle._ids import RunId, ShuffleId
 from shuffle._manager import ShuffleManager
 from shuffle._options import AUTO_MEMORY_FRACTION, DEFAULT_OPTIONS, RunOptions, auto_memory_limit
 from shuffle._rechunk import RechunkLayout
+from shuffle._release import release_memory
 from shuffle._run import ReceiveStats
 from shuffle._spec import ShuffleRunSpec
 from shuffle._store import remove_spill_directories
@@ -121,9 +125,11 @@ class ShuffleActor:
         actors_on_node: int = 1,
         ports: tuple[int, int] | None = None,
         export_metrics: bool = False,
+        release: Callable[[], None] = release_memory,
     ) -> None:
         """``export_metrics``: export Ray metrics (``_metrics``) once started; only in a
-        Ray actor (``create_shuffle_actor``)."""
+        Ray actor (``create_shuffle_actor``). ``release``: gives freed memory back to the
+        OS, run after each closed run (``shuffle._release``)."""
         options = resolve_memory_limit(options, actors_on_node=actors_on_node)
         self.name = name
         #: The runs' options, memory limit resolved (never "auto").
@@ -165,6 +171,7 @@ class ShuffleActor:
         self._metrics: ActorMetrics | None = None
         self._metrics_task: asyncio.Task[None] | None = None
         self._refused: dict[str, int] = {}  # messages refused, by reason (shuffle._usage)
+        self._release = release
 
     def __repr__(self) -> str:  # Ray names the actor's log lines with it, once
         return f"ShuffleActor({self.name})"
@@ -232,9 +239,13 @@ class ShuffleActor:
         return gpu_status()
 
     async def close_run(self, shuffle_id: ShuffleId, run_id: RunId) -> RunUsage | None:
-        """Close the run (and any older one of the shuffle), deleting its spill files;
-        returns its final usage here (``None`` if it was not open)."""
+        """Close the run (and any older one of the shuffle), deleting its spill files,
+        and give the memory it freed back to the OS; returns its final usage here
+        (``None`` if it was not open)."""
         usage = await self._manager.close_run(shuffle_id, run_id)
+        if usage is not None:
+            # Once per run, in a thread: trimming a large heap takes milliseconds.
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._release)
         if self._metrics is not None:
             if usage is not None:
                 self._metrics.run_closed(usage.seconds)

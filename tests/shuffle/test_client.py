@@ -246,21 +246,19 @@ def test_an_input_batch_sends_staged_inputs_joined_and_a_retry_is_dropped(
     batch.finish()
     assert batch.staged == []
     whole = pd.concat(inputs[i] for i in range(4))
-    got = outputs(loop, actors, handle)
-    for p in range(NOUT):
-        expected = whole[whole["_partitions"] == p].drop(columns="_partitions")
-        pd.testing.assert_frame_equal(got[p], expected)  # one joined piece: input order
     # One piece per output partition with rows, not one per input and output.
-    assert _stats(loop, actors)["shards_received"] == sum(
-        1 for p in range(NOUT) if (whole["_partitions"] == p).any()
-    )
+    pieces = sum(1 for p in range(NOUT) if (whole["_partitions"] == p).any())
+    assert _stats(loop, actors)["shards_received"] == pieces
     retry = InputBatch(handle, client=client)  # a retried task stages the same inputs
     for i in (0, 1, 2, 3):
         retry.add(inputs[i], i)
     retry.flush()
     assert _stats(loop, actors)["duplicates_ignored"] > 0
-    for p, frame in enumerate(outputs(loop, actors, handle)):
-        pd.testing.assert_frame_equal(frame, got[p])
+    assert _stats(loop, actors)["shards_received"] == pieces
+    got = outputs(loop, actors, handle)  # outputs are read once (released as read)
+    for p in range(NOUT):
+        expected = whole[whole["_partitions"] == p].drop(columns="_partitions")
+        pd.testing.assert_frame_equal(got[p], expected)  # one joined piece: input order
 
 
 def test_a_retry_that_cuts_other_sets_is_refused_not_merged(
@@ -272,7 +270,6 @@ def test_a_retry_that_cuts_other_sets_is_refused_not_merged(
     for i in (0, 1):
         first.add(inputs[i], i)
     first.flush()
-    got = outputs(loop, actors, handle)
     # The retry computed more (say, a random source said otherwise): {0, 1, 2} under
     # the name 0 would be dropped as a duplicate, and input 2's rows lost.
     retry = InputBatch(handle, client=client)
@@ -280,8 +277,10 @@ def test_a_retry_that_cuts_other_sets_is_refused_not_merged(
         retry.add(inputs[i], i)
     with pytest.raises(InconsistentInputsError, match=r"overlaps one covering \[0, 1\]"):
         retry.flush()
+    whole = pd.concat([inputs[0], inputs[1]])
     for p, frame in enumerate(outputs(loop, actors, handle)):
-        pd.testing.assert_frame_equal(frame, got[p])  # nothing of the refused message
+        expected = whole[whole["_partitions"] == p].drop(columns="_partitions")
+        pd.testing.assert_frame_equal(frame, expected)  # nothing of the refused message
 
 
 def test_an_input_batch_sends_once_it_holds_combine_bytes(
@@ -449,3 +448,47 @@ def test_connect_opens_authenticated_connections_that_later_sends_reuse(
     assert accepted() == 2  # the send went over the warmed connections
     with pytest.raises(AuthenticationError, match="does not know the shared secret"):
         client.connect(addresses, transport="tcp", secret=b"x" * 32)  # a wrong secret
+
+
+def test_closing_a_run_gives_memory_back_once(loop: LoopThread, tmp_path: Path) -> None:
+    released: list[str] = []
+    actor = ShuffleActor(
+        name="a0",
+        secret=SECRET,
+        transport="tcp",
+        host="127.0.0.1",
+        options=RunOptions(spill_directory=tmp_path),
+        release=lambda: released.append(threading.current_thread().name),
+    )
+    loop.run(actor.start())
+    handle = start_run(loop, {"a0": (actor, "")}, run_id=1)
+    assert released == []  # nothing while a run is open
+    loop.run(actor.close_run(handle.spec.shuffle_id, handle.spec.run_id))
+    assert len(released) == 1 and released[0].startswith("a0-unpack")  # off the loop
+    loop.run(actor.close_run(handle.spec.shuffle_id, handle.spec.run_id))  # not open
+    assert len(released) == 1
+    loop.run(actor.close())
+
+
+def test_release_memory_returns_freed_heap_to_the_os() -> None:
+    # A child process, so that this process's heap does not matter: it frees 200
+    # MiB of small blocks that glibc keeps (a few pinned at the top of its heap),
+    # then calls release_memory.
+    code = """
+import sys
+from shuffle._release import release_memory
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+blocks = [bytearray(4000) for _ in range(50_000)]
+keep = [bytearray(4000) for _ in range(10)]
+del blocks
+before = anon()
+release_memory()
+print(before - anon())
+"""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("measured through /proc")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout) > 100 * 2**20

@@ -414,12 +414,36 @@ async def test_duplicate_deliveries_and_retried_inputs_are_ignored(
     await network.close()
 
 
-async def test_output_partitions_can_be_read_again(make_network: Callable[..., Network]) -> None:
-    network = make_network(2)
-    inputs = make_inputs([10, 10], npartitions_out=2)
-    spec = make_spec(network, 2)
-    runs, first = await shuffle(network, inputs, spec)
-    assert_outputs(unpack(runs, spec), first)  # a retried unpack task
+async def test_unpacking_releases_each_output_and_holds_at_most_the_budget(
+    make_network: Callable[..., Network],
+) -> None:
+    budget = 3000
+    network = make_network(1, memory_limit=budget)
+    inputs = make_inputs([80] * 6, npartitions_out=5)
+    spec = make_spec(network, 5)
+    runs = await create_runs(network, spec, inputs[0].iloc[:0])
+    await transfer(network, runs, inputs)
+    barrier(runs)
+    (run,) = runs.values()
+    store = run._store
+    assert store.nbytes_disk > 0 and store.nbytes_memory <= budget  # some spilled
+    expected = expected_outputs(inputs, 5)
+    for p in range(spec.npartitions_out):
+        held = store.nbytes_memory + store.nbytes_disk
+        read_back = store.bytes_read_back
+        got = run.get_output_partition(p)
+        pd.testing.assert_frame_equal(got, expected[p])
+        taken = held - (store.nbytes_memory + store.nbytes_disk)
+        # Only p's shards left the store (and were read back): what stays is within
+        # the budget in memory, and shrinks by one output per read.
+        assert 0 < taken <= store.bytes_read_back - read_back + budget
+        assert store.nbytes_memory <= budget
+        assert p not in store.partitions
+        assert not (store.directory / f"{p}.bin").exists()
+    assert (store.nbytes_memory, store.nbytes_disk) == (0, 0)
+    assert list(store.directory.iterdir()) == []
+    with pytest.raises(ShuffleClosedError, match="output partition 0 was already handed over"):
+        run.get_output_partition(0)  # read once: a lost output restarts the shuffle
     await network.close()
 
 

@@ -208,3 +208,26 @@ def test_device_shards_are_held_as_they_are_and_never_spilled(tmp_path: Path) ->
     assert store.partitions == [0]
     store.cleanup()
     assert store.nbytes_device == 0 and list(tmp_path.iterdir()) == []
+
+
+def test_a_released_read_reads_back_only_its_partition_and_forgets_it(spill_root: Path) -> None:
+    with DiskShardStore(memory_limit=100, directory=spill_root) as store:
+        store.append(ShardKey(0, 0), b"a" * 30)
+        store.append(ShardKey(1, 0), b"b" * 60)
+        store.append(ShardKey(0, 1), b"c" * 20)  # partition 1 spills
+        store.append(ShardKey(2, 0), b"d" * 40)
+        store.append(ShardKey(1, 1), b"e" * 70)  # partition 1 again: 2 shards on disk
+        assert (store.nbytes_memory, store.nbytes_disk) == (90, 130)
+        read = [bytes(p) for _, p in store.read_items(1, release=True)]
+        assert read == [b"b" * 60, b"e" * 70]
+        assert store.bytes_read_back == 130  # partition 1's file, nothing else
+        assert (store.nbytes_memory, store.nbytes_disk) == (90, 0)
+        assert store.partitions == [0, 2]
+        assert list(store.directory.iterdir()) == []  # its spill file is gone
+        assert [bytes(p) for _, p in store.read_items(0, release=True)] == [b"a" * 30, b"c" * 20]
+        assert (store.nbytes_memory, store.nbytes_disk) == (40, 0)
+        # Keys stay known: a late duplicate of a released shard is not stored again.
+        assert not store.append(ShardKey(0, 0), b"a" * 30)
+        assert store.read(0) == []
+        assert store.read(2) == [b"d" * 40]  # a plain read keeps the shards
+        assert store.nbytes_memory == 40
