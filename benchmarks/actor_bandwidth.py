@@ -153,9 +153,14 @@ def _pinned(cls: type, node_id: str) -> Any:
 def _record(path: str, nbytes: int, times: list[float], **extra: Any) -> dict[str, Any]:
     median = statistics.median(times)
     return {
-        "benchmark": "actor_bandwidth", "path": path, "nbytes": nbytes,
-        "repetitions": len(times), "median_s": round(median, 6),
-        "min_s": round(min(times), 6), "GB/s": round(nbytes / median / 1e9, 3), **extra,
+        "benchmark": "actor_bandwidth",
+        "path": path,
+        "nbytes": nbytes,
+        "repetitions": len(times),
+        "median_s": round(median, 6),
+        "min_s": round(min(times), 6),
+        "GB/s": round(nbytes / median / 1e9, 3),
+        **extra,
     }
 
 
@@ -209,9 +214,12 @@ def main() -> None:
             reps = ray.get(call, timeout=TIMEOUT)
             get_s = statistics.median(r["get_s"] for r in reps)
             rec = _record(
-                "objectref", nbytes, [r["total_s"] for r in reps],
+                "objectref",
+                nbytes,
+                [r["total_s"] for r in reps],
                 put_median_s=round(statistics.median(r["put_s"] for r in reps), 6),
-                get_median_s=round(get_s, 6), get_GB_per_s=round(nbytes / get_s / 1e9, 3),
+                get_median_s=round(get_s, 6),
+                get_GB_per_s=round(nbytes / get_s / 1e9, 3),
             )
             results.setdefault("objectref", {})[nbytes] = rec["GB/s"]
             results.setdefault("objectref_get", {})[nbytes] = rec["get_GB_per_s"]
@@ -219,7 +227,8 @@ def main() -> None:
         for nbytes in sizes:
             ratios = {
                 f"{name}/{ref}": round(results[name][nbytes] / results[ref][nbytes], 2)
-                for name in transports if name in results
+                for name in transports
+                if name in results
                 for ref in ("objectref", "objectref_get")
             }
             print(json.dumps({"ratios": ratios, "nbytes": nbytes}), flush=True)

@@ -135,7 +135,8 @@ def _probe_impl(address: str, secret: bytes) -> dict[str, float]:
     async def steps() -> None:
         t = time.perf_counter()
         transport = get_transport(
-            address.partition("://")[0], config=TransportConfig(secret=secret)  # type: ignore[arg-type]
+            address.partition("://")[0],
+            config=TransportConfig(secret=secret),  # type: ignore[arg-type]
         )
         runtime = getattr(transport, "_runtime", None)
         if runtime is not None:

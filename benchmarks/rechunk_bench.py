@@ -166,9 +166,12 @@ class Workload:
     def describe(self) -> dict[str, Any]:
         old, new = self.chunks(self.old), self.chunks(self.new)
         return {
-            "shape": list(self.shape), "dtype": self.dtype,
-            "old_chunk": list(self.old), "new_chunk": list(self.new),
-            "input_chunks": math.prod(map(len, old)), "output_chunks": math.prod(map(len, new)),
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "old_chunk": list(self.old),
+            "new_chunk": list(self.new),
+            "input_chunks": math.prod(map(len, old)),
+            "output_chunks": math.prod(map(len, new)),
         }
 
 
@@ -181,8 +184,12 @@ def workloads(args: argparse.Namespace) -> dict[str, Workload]:
             "rows_to_cols", (n, n), "float64", (block, n), (n, block), args.seed
         ),
         "time_to_space": Workload(
-            "time_to_space", (t, lev, lat, lon), "float32",
-            (args.time_chunk, lev, lat, lon), (t, lev, *args.space_chunks), args.seed + 1,
+            "time_to_space",
+            (t, lev, lat, lon),
+            "float32",
+            (args.time_chunk, lev, lat, lon),
+            (t, lev, *args.space_chunks),
+            args.seed + 1,
         ),
     }
 
@@ -230,25 +237,41 @@ class Bench:
             info = extra()
         except Exception as e:  # noqa: BLE001 -- report, go on with the others
             self.failed.append(f"{competitor}/{workload}")
-            print(json.dumps({
-                "workload": workload, "competitor": competitor,
-                "error": f"{type(e).__name__}: {e}"[:2000],
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "workload": workload,
+                        "competitor": competitor,
+                        "error": f"{type(e).__name__}: {e}"[:2000],
+                    }
+                ),
+                flush=True,
+            )
             traceback.print_exc(file=sys.stderr)
             return
         self.medians[workload][competitor] = t
         self.results[workload][competitor] = np.asarray(res)
-        print(json.dumps({
-            "workload": workload, "competitor": competitor, "median_s": round(t, 4),
-            "gb_per_s": round(w.nbytes / t / 1e9, 3), "input_bytes": w.nbytes,
-            "dask_chunk_size": dask.config.get("array.chunk-size"),
-            **w.describe(), **info,
-            # peak of the whole driver process during this competitor's runs, and
-            # how far above its RSS at the start (imports, Ray's core worker) it went
-            "driver_peak_rss_mb": round(rss, 1) if exact else None,
-            "driver_rss_growth_mb": round(rss - rss0, 1) if exact else None,
-            "repeat": a.repeat, "times_s": [round(x, 4) for x in times],
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "workload": workload,
+                    "competitor": competitor,
+                    "median_s": round(t, 4),
+                    "gb_per_s": round(w.nbytes / t / 1e9, 3),
+                    "input_bytes": w.nbytes,
+                    "dask_chunk_size": dask.config.get("array.chunk-size"),
+                    **w.describe(),
+                    **info,
+                    # peak of the whole driver process during this competitor's runs, and
+                    # how far above its RSS at the start (imports, Ray's core worker) it went
+                    "driver_peak_rss_mb": round(rss, 1) if exact else None,
+                    "driver_rss_growth_mb": round(rss - rss0, 1) if exact else None,
+                    "repeat": a.repeat,
+                    "times_s": [round(x, 4) for x in times],
+                }
+            ),
+            flush=True,
+        )
 
     def report(self) -> None:
         for workload in self.work:
@@ -256,12 +279,19 @@ class Bench:
             med = self.medians[workload]
             base = med.get("ray_oob_sched")
             if base:
-                print(json.dumps({
-                    "workload": workload,
-                    "speedup_vs": {
-                        k: round(v / base, 2) for k, v in med.items() if k != "ray_oob_sched"
-                    },
-                }), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "workload": workload,
+                            "speedup_vs": {
+                                k: round(v / base, 2)
+                                for k, v in med.items()
+                                if k != "ray_oob_sched"
+                            },
+                        }
+                    ),
+                    flush=True,
+                )
 
     def _check(self, workload: str) -> None:
         """Every competitor against the driver's values, and against each other."""
@@ -283,18 +313,33 @@ class Bench:
             if not (ok and same):
                 bad.append(name)
                 self.failed.append(f"check {workload}: {name}")
-                print(json.dumps({
-                    "workload": workload, "check": "MISMATCH", "competitor": name,
-                    "shape": list(got.shape), "expected_shape": list(expected.shape),
-                    "max_rel_error": _max_rel_error(got, expected),
-                }), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "workload": workload,
+                            "check": "MISMATCH",
+                            "competitor": name,
+                            "shape": list(got.shape),
+                            "expected_shape": list(expected.shape),
+                            "max_rel_error": _max_rel_error(got, expected),
+                        }
+                    ),
+                    flush=True,
+                )
         if not bad:
-            print(json.dumps({
-                "workload": workload, "check": "same", "competitors": names,
-                "against": "driver-side values from the same generator",
-                "total_sum": float(expected[..., 0].sum()),
-                "total_checksum": float(expected[..., 1].sum()),
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "workload": workload,
+                        "check": "same",
+                        "competitors": names,
+                        "against": "driver-side values from the same generator",
+                        "total_sum": float(expected[..., 0].sum()),
+                        "total_checksum": float(expected[..., 1].sum()),
+                    }
+                ),
+                flush=True,
+            )
 
 
 def _max_rel_error(got: np.ndarray, expected: np.ndarray) -> float | None:
@@ -320,14 +365,20 @@ def run_ray(bench: Bench, skip: set[str]) -> None:
                 def stats(ntasks: int = ntasks, shape: dict[str, int] = shape) -> dict[str, Any]:
                     st = ray_oob_sched.last_stats()
                     return {
-                        "method": "p2p", "dask_tasks": ntasks, **shape,
-                        "ray_tasks": st.ray_tasks, "objects": st.objects,
-                        "shuffles": st.shuffles, **shuffle_settings(),
+                        "method": "p2p",
+                        "dask_tasks": ntasks,
+                        **shape,
+                        "ray_tasks": st.ray_tasks,
+                        "objects": st.objects,
+                        "shuffles": st.shuffles,
+                        **shuffle_settings(),
                     }
 
                 bench.run(
-                    "ray_oob_sched", name,
-                    lambda coll=coll: coll.compute(scheduler=ray_oob_sched.get), stats,
+                    "ray_oob_sched",
+                    name,
+                    lambda coll=coll: coll.compute(scheduler=ray_oob_sched.get),
+                    stats,
                 )
         if "ray_dask_get" not in skip:
             from ray.util.dask import ray_dask_get
@@ -336,7 +387,8 @@ def run_ray(bench: Bench, skip: set[str]) -> None:
                 coll = w.summaries("tasks")
                 ntasks = graph_len(coll)
                 bench.run(
-                    "ray_dask_get", name,
+                    "ray_dask_get",
+                    name,
                     lambda coll=coll: coll.compute(scheduler=ray_dask_get),
                     lambda n=ntasks: {"method": "tasks", "dask_tasks": n, "ray_tasks": n},
                 )
@@ -352,14 +404,18 @@ def run_distributed(bench: Bench) -> None:
 
     # distributed's P2P logs every shuffle start and end at WARNING level.
     logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         for name, w in bench.work.items():
             coll = w.summaries("p2p")
             ntasks, shape = graph_len(coll), p2p_shape(coll)
             bench.run(
-                "distributed", name,
+                "distributed",
+                name,
                 lambda coll=coll: coll.compute(scheduler=client.get),
                 lambda n=ntasks, s=shape: {"method": "p2p", "dask_tasks": n, **s},
             )
@@ -371,7 +427,8 @@ def run_threads(bench: Bench) -> None:
         coll = w.summaries("tasks")
         ntasks = graph_len(coll)
         bench.run(
-            "threads", name,
+            "threads",
+            name,
             lambda coll=coll: coll.compute(scheduler="threads", num_workers=n),
             lambda n=ntasks: {"method": "tasks", "dask_tasks": n},
         )
@@ -382,18 +439,27 @@ def main() -> None:
     p.add_argument("--size", type=int, default=8192, help="rows_to_cols: N of the N x N array")
     p.add_argument("--chunks", type=int, default=8, help="rows_to_cols: row blocks = column blocks")
     p.add_argument(
-        "--climate", type=int, nargs=4, default=[512, 4, 180, 360], metavar=("T", "L", "Y", "X"),
+        "--climate",
+        type=int,
+        nargs=4,
+        default=[512, 4, 180, 360],
+        metavar=("T", "L", "Y", "X"),
         help="time_to_space: shape (time, level, lat, lon)",
     )
     p.add_argument(
         "--time-chunk", type=int, default=1, help="time_to_space: time steps per input chunk"
     )
     p.add_argument(
-        "--space-chunks", type=int, nargs=2, default=[18, 36], metavar=("Y", "X"),
+        "--space-chunks",
+        type=int,
+        nargs=2,
+        default=[18, 36],
+        metavar=("Y", "X"),
         help="time_to_space: (lat, lon) of an output chunk (full time and levels)",
     )
     p.add_argument(
-        "--dask-chunk-size", default=None,
+        "--dask-chunk-size",
+        default=None,
         help="dask's array.chunk-size (e.g. 128MiB): bounds the transfers of a p2p rechunk "
         "and the intermediate chunks of a tasks rechunk (default: dask's)",
     )

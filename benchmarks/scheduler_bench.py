@@ -79,9 +79,7 @@ def main() -> None:
     x = da.random.default_rng(0).random((args.array, args.array), chunks=args.chunk)
     arr = (x + x.T).sum()
     rng = np.random.default_rng(0)
-    pdf = pd.DataFrame(
-        {"k": rng.integers(0, 1000, args.rows), "v": rng.random(args.rows)}
-    )
+    pdf = pd.DataFrame({"k": rng.integers(0, 1000, args.rows), "v": rng.random(args.rows)})
     ddf = dd.from_pandas(pdf, npartitions=args.partitions)
     grp = ddf.groupby("k").v.agg(["sum", "mean", "count"])
 
@@ -98,20 +96,35 @@ def main() -> None:
                 t, res = measure(lambda run=run, sched=sched: run(sched), args.repeat)
             medians[sname] = t
             results[sname] = res
-            print(json.dumps({
-                "workload": name, "scheduler": sname, "median_s": round(t, 4),
-                "dask_tasks": ntasks, "tasks_per_s": round(ntasks / t, 1),
-                "repeat": args.repeat,
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "workload": name,
+                        "scheduler": sname,
+                        "median_s": round(t, 4),
+                        "dask_tasks": ntasks,
+                        "tasks_per_s": round(ntasks / t, 1),
+                        "repeat": args.repeat,
+                    }
+                ),
+                flush=True,
+            )
         _check_same(name, results)
         base = medians.get("ray_oob_sched")
         if base:
-            print(json.dumps({
-                "workload": name,
-                "speedup_vs": {
-                    k: round(v / base, 2) for k, v in medians.items() if k != "ray_oob_sched"
-                },
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "workload": name,
+                        "speedup_vs": {
+                            k: round(v / base, 2)
+                            for k, v in medians.items()
+                            if k != "ray_oob_sched"
+                        },
+                    }
+                ),
+                flush=True,
+            )
     ray.shutdown()
 
 

@@ -248,9 +248,11 @@ class Monitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="bench-monitor", daemon=True)
         self._ray = ray.is_initialized()
-        self._nodes = [
-            (n["NodeManagerAddress"], n["NodeManagerPort"]) for n in ray.nodes() if n["Alive"]
-        ] if self._ray else []
+        self._nodes = (
+            [(n["NodeManagerAddress"], n["NodeManagerPort"]) for n in ray.nodes() if n["Alive"]]
+            if self._ray
+            else []
+        )
         self._tasks: dict[bytes, int] = {}  # worker id -> executed tasks, latest sample
         self._tasks0: dict[bytes, int] = {}
         self._store0: dict[str, int] = {}
@@ -267,8 +269,11 @@ class Monitor:
             return
         from ray._private.internal_api import node_stats
 
-        used, totals = 0, dict.fromkeys(
-            ("spilled_bytes_total", "restored_bytes_total", "cumulative_created_objects"), 0
+        used, totals = (
+            0,
+            dict.fromkeys(
+                ("spilled_bytes_total", "restored_bytes_total", "cumulative_created_objects"), 0
+            ),
         )
         for address, port in self._nodes:
             reply = node_stats(address, port, include_memory_info=False)
@@ -373,25 +378,42 @@ class Bench:
             info = {**extra(), **monitor.report(a.repeat + a.warmup)}
         except Exception as e:  # noqa: BLE001 -- report, go on with the others
             self.failed.append(f"{competitor}/{workload}")
-            print(json.dumps({
-                "workload": workload, "competitor": competitor,
-                "error": f"{type(e).__name__}: {e}"[:2000],
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "workload": workload,
+                        "competitor": competitor,
+                        "error": f"{type(e).__name__}: {e}"[:2000],
+                    }
+                ),
+                flush=True,
+            )
             traceback.print_exc(file=sys.stderr)
             return
         self.medians[workload][competitor] = t
         self.results[workload][competitor] = total(res)
-        print(json.dumps({
-            "workload": workload, "competitor": competitor, "median_s": round(t, 4),
-            "gb_per_s": round(input_bytes / t / 1e9, 3), "input_bytes": input_bytes,
-            "partitions": self.sizes.partitions, "out": self.sizes.out,
-            "rows_per_partition": self.sizes.rows, **info,
-            # peak of the whole driver process during this competitor's runs, and
-            # how far above its RSS at the start (imports, Ray's core worker) it went
-            "driver_peak_rss_mb": round(rss, 1) if exact else None,
-            "driver_rss_growth_mb": round(rss - rss0, 1) if exact else None,
-            "repeat": a.repeat, "times_s": [round(x, 4) for x in times],
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "workload": workload,
+                    "competitor": competitor,
+                    "median_s": round(t, 4),
+                    "gb_per_s": round(input_bytes / t / 1e9, 3),
+                    "input_bytes": input_bytes,
+                    "partitions": self.sizes.partitions,
+                    "out": self.sizes.out,
+                    "rows_per_partition": self.sizes.rows,
+                    **info,
+                    # peak of the whole driver process during this competitor's runs, and
+                    # how far above its RSS at the start (imports, Ray's core worker) it went
+                    "driver_peak_rss_mb": round(rss, 1) if exact else None,
+                    "driver_rss_growth_mb": round(rss - rss0, 1) if exact else None,
+                    "repeat": a.repeat,
+                    "times_s": [round(x, 4) for x in times],
+                }
+            ),
+            flush=True,
+        )
 
     def report(self) -> None:
         for workload in self.args.workloads:
@@ -399,12 +421,19 @@ class Bench:
             med = self.medians[workload]
             base = med.get("ray_oob_sched")
             if base:
-                print(json.dumps({
-                    "workload": workload,
-                    "speedup_vs": {
-                        k: round(v / base, 2) for k, v in med.items() if k != "ray_oob_sched"
-                    },
-                }), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "workload": workload,
+                            "speedup_vs": {
+                                k: round(v / base, 2)
+                                for k, v in med.items()
+                                if k != "ray_oob_sched"
+                            },
+                        }
+                    ),
+                    flush=True,
+                )
 
 
 def _check_same(workload: str, results: dict[str, dict[str, Any]], failed: list[str]) -> None:
@@ -427,15 +456,31 @@ def _check_same(workload: str, results: dict[str, dict[str, Any]], failed: list[
         if not ok:
             same = False
             failed.append(f"check {workload}: {name}")
-            print(json.dumps({
-                "workload": workload, "check": "MISMATCH", names[0]: ref, name: got,
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "workload": workload,
+                        "check": "MISMATCH",
+                        names[0]: ref,
+                        name: got,
+                    }
+                ),
+                flush=True,
+            )
     if same:
         shown = {k: v for k, v in ref.items() if not isinstance(v, list)}
-        print(json.dumps({
-            "workload": workload, "check": "same", "competitors": names,
-            "partitions_compared": len(ref["rows_by_partition"]), **shown,
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "workload": workload,
+                    "check": "same",
+                    "competitors": names,
+                    "partitions_compared": len(ref["rows_by_partition"]),
+                    **shown,
+                }
+            ),
+            flush=True,
+        )
 
 
 # -- competitors ---------------------------------------------------------------
@@ -473,13 +518,17 @@ def run_ray(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]], skip: set[s
                     def stats(ntasks: int = ntasks) -> dict[str, Any]:
                         st = ray_oob_sched.last_stats()
                         return {
-                            "dask_tasks": ntasks, "ray_tasks": st.ray_tasks,
-                            "objects": st.objects, "shuffles": st.shuffles,
+                            "dask_tasks": ntasks,
+                            "ray_tasks": st.ray_tasks,
+                            "objects": st.objects,
+                            "shuffles": st.shuffles,
                             **shuffle_settings(),
                         }
 
                     bench.run(
-                        "ray_oob_sched", name, nbytes,
+                        "ray_oob_sched",
+                        name,
+                        nbytes,
                         lambda name=name: fresh(bench, name).compute(scheduler=ray_oob_sched.get),
                         stats,
                     )
@@ -490,7 +539,9 @@ def run_ray(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]], skip: set[s
                 with dask.config.set({"dataframe.shuffle.method": "tasks"}):
                     ntasks = graph_len(coll)
                     bench.run(
-                        "ray_dask_get", name, nbytes,
+                        "ray_dask_get",
+                        name,
+                        nbytes,
                         lambda name=name: fresh(bench, name).compute(scheduler=ray_dask_get),
                         # one Ray task, and one object, per Dask task
                         lambda n=ntasks: {"dask_tasks": n, "ray_tasks": n, "objects": n},
@@ -507,14 +558,19 @@ def run_distributed(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]]) -> 
 
     # distributed's P2P logs every shuffle start and end at WARNING level.
     logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         for name, (nbytes, coll) in work.items():
             with dask.config.set({"dataframe.shuffle.method": "p2p"}):
                 ntasks = graph_len(coll)
                 bench.run(
-                    "distributed", name, nbytes,
+                    "distributed",
+                    name,
+                    nbytes,
                     lambda name=name: fresh(bench, name).compute(scheduler=client.get),
                     lambda n=ntasks: {"dask_tasks": n},
                 )
@@ -546,7 +602,9 @@ def main() -> None:
     p.add_argument("--store-mb", type=int, default=4096, help="Ray object store, MiB")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--sample-interval", type=float, default=0.25,
+        "--sample-interval",
+        type=float,
+        default=0.25,
         help="seconds between memory and task-count samples",
     )
     p.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=WORKLOADS)

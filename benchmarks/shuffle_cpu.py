@@ -127,30 +127,57 @@ def main() -> None:
     assert len(out) == in_rows, (len(out), in_rows)
 
     common = {
-        "partition_mb": args.partition_mb, "inputs": nin, "out": args.out,
-        "strings": args.strings, "rows_per_input": rows, "repeat": args.repeat,
+        "partition_mb": args.partition_mb,
+        "inputs": nin,
+        "out": args.out,
+        "strings": args.strings,
+        "rows_per_input": rows,
+        "repeat": args.repeat,
     }
     # Per GiB of shuffled input: N senders' share is 1/N each, an output's rows are
     # ~1/M of all; scale each stage by how many calls one GiB takes.
     out_gib = in_rows * BYTES_PER_ROW / 2**30
     per_gib = {
-        "split": split_ms / gib, "encode": encode_ms / gib,
-        "decode": decode_ms / out_gib, "concat": concat_ms / out_gib, "store": store_ms / out_gib,
+        "split": split_ms / gib,
+        "encode": encode_ms / gib,
+        "decode": decode_ms / out_gib,
+        "concat": concat_ms / out_gib,
+        "store": store_ms / out_gib,
     }
-    for stage, ms in (("split", split_ms), ("encode", encode_ms), ("decode", decode_ms),
-                      ("concat", concat_ms), ("store", store_ms)):
+    for stage, ms in (
+        ("split", split_ms),
+        ("encode", encode_ms),
+        ("decode", decode_ms),
+        ("concat", concat_ms),
+        ("store", store_ms),
+    ):
         pieces = len(bounds) if stage in ("split", "encode") else len(received)
-        print(json.dumps({
-            "stage": stage, "cpu_ms": round(ms, 3), "pieces": pieces,
-            "cpu_s_per_gib": round(per_gib[stage] / 1e3, 3), **common,
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "stage": stage,
+                    "cpu_ms": round(ms, 3),
+                    "pieces": pieces,
+                    "cpu_s_per_gib": round(per_gib[stage] / 1e3, 3),
+                    **common,
+                }
+            ),
+            flush=True,
+        )
     sender = per_gib["split"] + per_gib["encode"]
     receiver = per_gib["decode"] + per_gib["concat"] + per_gib["store"]
-    print(json.dumps({
-        "total": True, "sender_cpu_s_per_gib": round(sender / 1e3, 3),
-        "receiver_cpu_s_per_gib": round(receiver / 1e3, 3),
-        "cpu_s_per_gib": round((sender + receiver) / 1e3, 3), **common,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "total": True,
+                "sender_cpu_s_per_gib": round(sender / 1e3, 3),
+                "receiver_cpu_s_per_gib": round(receiver / 1e3, 3),
+                "cpu_s_per_gib": round((sender + receiver) / 1e3, 3),
+                **common,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -104,8 +104,10 @@ def main() -> None:
         del xp
         gc.collect()
         freed = ray.available_resources().get("object_store_memory", 0.0) - store
-        print(f"dropped the persisted array: object store usage down by "
-              f"~{max(freed, 0) / 2**20:.0f} MiB ({time.perf_counter() - t0:.2f} s)")
+        print(
+            f"dropped the persisted array: object store usage down by "
+            f"~{max(freed, 0) / 2**20:.0f} MiB ({time.perf_counter() - t0:.2f} s)"
+        )
     print("demo finished: every result was correct")
 
 

@@ -92,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ray_oob_sched.enable():
             joined = orders.merge(customers, on="customer_id", how="inner", broadcast=False)
-            revenue = joined.groupby(["region", "day"]).amount.agg(
-                ["sum", "count"], split_out=4
-            )
+            revenue = joined.groupby(["region", "day"]).amount.agg(["sum", "count"], split_out=4)
             got_revenue = revenue.compute()
             shuffles_and_seconds(totals)
             joined.sort_values("amount").to_parquet(target, engine="pyarrow", write_index=False)
@@ -107,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         p_orders = pd.concat(
             [orders_part(i, rows=per_orders, customers=n_customers) for i in range(args.partitions)]
         )
-        p_customers = pd.concat(
-            [customers_part(i, rows=per_customers) for i in range(cust_parts)]
-        )
+        p_customers = pd.concat([customers_part(i, rows=per_customers) for i in range(cust_parts)])
         p_joined = p_orders.merge(p_customers, on="customer_id", how="inner")
         p_revenue = p_joined.groupby(["region", "day"]).amount.agg(["sum", "count"])
         moved = sum(

@@ -42,9 +42,7 @@ def get(key: str) -> Any:
 def _int(key: str, *, minimum: int) -> int:
     value = get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"{NAMESPACE}.{key} must be an integer >= {minimum}, got {value!r}"
-        )
+        raise ValueError(f"{NAMESPACE}.{key} must be an integer >= {minimum}, got {value!r}")
     return value
 
 

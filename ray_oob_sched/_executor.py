@@ -58,9 +58,7 @@ class RayExecutor:
                 ) from e
             self._options[token] = dict(opts)
 
-    def submit(
-        self, group: Group, spec: GroupSpec, context: Any, args: Sequence[Any]
-    ) -> list[Any]:
+    def submit(self, group: Group, spec: GroupSpec, context: Any, args: Sequence[Any]) -> list[Any]:
         """Submit one group; returns ``[status_ref, *output_refs]``.
 
         ``context`` is the compute's ``TaskContext``, or its ObjectRef when large
@@ -147,7 +145,8 @@ class RayExecutor:
             if elapsed >= deadline_s:
                 logger.warning(
                     "%d cancelled Ray tasks had not stopped after %.0f s",
-                    len(pending), deadline_s,
+                    len(pending),
+                    deadline_s,
                 )
                 break
             wait_s = (grace_s if not force else deadline_s) - elapsed

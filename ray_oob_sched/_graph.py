@@ -224,7 +224,7 @@ def _find_cycle(dependencies: Mapping[Key, frozenset[Key]]) -> list[Key]:
             k, it = stack[-1]
             for d in it:
                 if state.get(d) == 1:
-                    return [*path[path.index(d):], d]
+                    return [*path[path.index(d) :], d]
                 if d not in state:
                     state[d] = 1
                     path.append(d)

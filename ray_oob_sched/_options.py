@@ -61,8 +61,7 @@ def check_reserved(options: Options, where: str) -> None:
     bad = RESERVED.intersection(options)
     if bad:
         raise InvalidOptionsError(
-            f"{where}: Ray options {sorted(bad)} are set by ray_oob_sched itself; "
-            "remove them"
+            f"{where}: Ray options {sorted(bad)} are set by ray_oob_sched itself; remove them"
         )
 
 

@@ -528,7 +528,7 @@ def _shuffle_tasks(p2p: _p2p.P2PRewrite) -> dict[str, ShuffleTasks]:
 
 
 def _kind(handle: Any) -> str:
-    """"rechunk" for an array rechunk's run, else "shuffle"."""
+    """ "rechunk" for an array rechunk's run, else "shuffle"."""
     from shuffle._rechunk import RechunkLayout
 
     return "rechunk" if isinstance(handle.meta, RechunkLayout) else "shuffle"
@@ -623,9 +623,7 @@ class _Compute:
         self.executor = executor
         self.callbacks = callbacks
         self.in_flight: dict[Any, int] = {}  # status ref -> group index
-        state.view.update(
-            cache=refs, dependencies=graph.dependencies, dependents=graph.dependents
-        )
+        state.view.update(cache=refs, dependencies=graph.dependencies, dependents=graph.dependents)
 
     def execute(self, flat: list[Key], *, fetch: bool) -> dict[Key, Any]:
         """Run every group; return ``{key: value}`` (or ``{key: ref}``) for ``flat``."""

@@ -148,9 +148,7 @@ def plan_restart(
     while True:
         redo = {i for i in submitted if layout.feeds.get(i, frozenset()) & shuffles}
         redo |= {
-            i
-            for i in submitted
-            if i not in finished_set and layout.unpack_of.get(i) in shuffles
+            i for i in submitted if i not in finished_set and layout.unpack_of.get(i) in shuffles
         }
         stale = {k for i in redo if i not in finished_set for k in groups[i].outputs}
         for i in submitted:  # plan order: a producer's staleness is known first

@@ -196,8 +196,7 @@ class ShuffleRun(abc.ABC):
         header = message.header
         if header.shuffle_id != self.shuffle_id:
             raise FrameError(
-                f"{self} received a message of shuffle {header.shuffle_id!r} from "
-                f"{header.sender!r}"
+                f"{self} received a message of shuffle {header.shuffle_id!r} from {header.sender!r}"
             )
         self.spec.check_run_id(header.run_id)
         if not self._accept_any_sender and header.sender not in self.spec.participants:

@@ -93,9 +93,7 @@ class ShuffleRunSpec:
             object.__setattr__(self, "needed", needed)
 
     def owner_of(self, partition: int) -> str:
-        return owner_of(
-            partition, npartitions=self.npartitions_out, participants=self.participants
-        )
+        return owner_of(partition, npartitions=self.npartitions_out, participants=self.participants)
 
     def partitions_of(self, participant: str) -> range:
         return partitions_of(

@@ -130,9 +130,7 @@ def shard_frame(df: Any, spec: ShuffleRunSpec) -> dict[str, list[tuple[int, Any]
     )
     shards: dict[int, Any]
     if is_cudf_frame(df):
-        shards = split_cudf(
-            df, column=column, npartitions=npartitions, drop_column=drop, keep=keep
-        )
+        shards = split_cudf(df, column=column, npartitions=npartitions, drop_column=drop, keep=keep)
     else:
         table, bounds = sort_by_partition(
             df, column=column, npartitions=npartitions, drop_column=drop, keep=keep

@@ -305,7 +305,6 @@ class _UcxEndpoint(FramedEndpoint):
             if isinstance(result, BaseException):
                 raise result
 
-
     async def _send_message(self, kind: int, frames: list[OutFrame]) -> None:
         sizes, memtypes = [f.nbytes for f in frames], [f.memory_type for f in frames]
         groups = coalesce_groups(sizes, memtypes)

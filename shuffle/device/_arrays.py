@@ -43,9 +43,7 @@ def contiguous_device_array(array: Any) -> tuple[Any, int]:
     return array, cai_nbytes(array.__cuda_array_interface__)
 
 
-def device_array(
-    buffer: Any, *, dtype: np.dtype[Any], shape: tuple[int, ...], nbytes: int
-) -> Any:
+def device_array(buffer: Any, *, dtype: np.dtype[Any], shape: tuple[int, ...], nbytes: int) -> Any:
     """A CuPy array of ``dtype`` and ``shape`` over the received device ``buffer``
     (a view that keeps ``buffer`` alive); ``nbytes`` is what the meta describes."""
     if dtype.kind not in CUPY_KINDS:

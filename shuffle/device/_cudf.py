@@ -153,6 +153,7 @@ def unpack_meta(meta: Any) -> tuple[dict[str, Any], memoryview]:
 
 # --------------------------------------------------------------------------- codec
 
+
 def _import_cudf() -> tuple[Any, Any]:
     try:
         import cudf

@@ -326,5 +326,3 @@ async def _with_deadline(coro: Coroutine[Any, Any, T], timeout: float) -> T:
         if not deadline.expired():
             raise  # a deadline inside, e.g. a request's, with its own message
         raise TimeoutError(f"shuffle client call did not finish within {timeout:g} s") from None
-
-

@@ -517,9 +517,7 @@ class ShuffleService:
         got = self._gather(refs, "start")
         return {t: got[actors[t][0]] for t in targets}
 
-    def _actor_of(
-        self, slot: Slot, *, created: Mapping[Slot, tuple[str, Any]]
-    ) -> tuple[str, Any]:
+    def _actor_of(self, slot: Slot, *, created: Mapping[Slot, tuple[str, Any]]) -> tuple[str, Any]:
         """(name, handle) of the actor in ``slot``: a newly created one, else the known one."""
         if slot in created:
             return created[slot]

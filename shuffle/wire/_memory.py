@@ -29,8 +29,6 @@ class MemoryType(str, enum.Enum):  # noqa: UP042 -- StrEnum would change str() o
     CUDA = "cuda"
 
 
-
-
 @dataclass(frozen=True)
 class MemoryHooks:
     """How one kind of memory is recognised, sent, measured and received into."""

@@ -354,8 +354,7 @@ def decode_message(
             hooks = _hooks_for(registry, entry, i)
             if not hooks.owns(buffer):
                 raise FrameError(
-                    f"buffer {i} is a {type(buffer).__name__}, not {entry.memory_type.value} "
-                    "memory"
+                    f"buffer {i} is a {type(buffer).__name__}, not {entry.memory_type.value} memory"
                 )
             nbytes = hooks.nbytes(buffer)
         if nbytes != entry.nbytes:

@@ -102,8 +102,7 @@ def _parse(raw: bytes) -> tuple[np.dtype[Any], tuple[int, ...]]:
 def _check_size(nbytes: int, expected: int, dtype: np.dtype[Any], shape: tuple[int, ...]) -> None:
     if nbytes != expected:
         raise FrameError(
-            f"array piece of shape {shape} and dtype {dtype} needs {expected} bytes, "
-            f"got {nbytes}"
+            f"array piece of shape {shape} and dtype {dtype} needs {expected} bytes, got {nbytes}"
         )
 
 

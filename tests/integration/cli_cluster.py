@@ -114,9 +114,7 @@ def cli_cluster(
     default, every device)."""
     temp_dir = tempfile.mkdtemp(prefix="roos-cl-", dir="/tmp")  # short: unix socket paths
     gcs_port, client_port = free_ports(2)
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     env |= {
         # Its own token: the default token file (~/.ray/auth_token) is shared by every
         # Ray on this machine.

@@ -189,9 +189,19 @@ def test_the_cluster_example_joins_through_ray_address(cluster):
     first = free_ports(1)[0]
     stdout = _run_argv(
         cluster,
-        [str(EXAMPLES / "cluster.py"), "--size", "100000", "--transport", setup.transport,
-         "--actors-per-node", "1", "--memory-limit", "64MiB",
-         "--port-range", f"{first}-{first + 7}"],
+        [
+            str(EXAMPLES / "cluster.py"),
+            "--size",
+            "100000",
+            "--transport",
+            setup.transport,
+            "--actors-per-node",
+            "1",
+            "--memory-limit",
+            "64MiB",
+            "--port-range",
+            f"{first}-{first + 7}",
+        ],
         RAY_ADDRESS=cluster.gcs_address,
     )
     assert f"connected to the cluster at {cluster.gcs_address}: 2 node(s)" in stdout

@@ -192,8 +192,12 @@ def test_sort_values(
 def test_hash_merge(oob: OOB, layout: str, nout: int, how: str) -> None:
     left, right = make_frame(layout), right_frame()
     merged = as_dask(left, layout).merge(
-        as_dask(right, "empty-parts", nparts=3), on="k", how=how, npartitions=nout,
-        shuffle_method="p2p", broadcast=False,
+        as_dask(right, "empty-parts", nparts=3),
+        on="k",
+        how=how,
+        npartitions=nout,
+        shuffle_method="p2p",
+        broadcast=False,
     )
     got = merged.compute()
     assert ray_oob_sched.last_stats().shuffles == 2  # one per side

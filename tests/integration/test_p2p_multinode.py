@@ -107,11 +107,7 @@ def check_task_counts(oob: OOB, address: str) -> str:
     while True:
         new = [t for t in tasks() if (t.task_id, t.attempt_number) not in before]
         unpacks = [t for t in new if t.func_or_class_name.endswith(".unpack")]
-        if (
-            len(new) >= submitted
-            and len(unpacks) == m
-            and all(t.state == "FINISHED" for t in new)
-        ):
+        if len(new) >= submitted and len(unpacks) == m and all(t.state == "FINISHED" for t in new):
             break
         assert time.monotonic() < deadline, f"{len(new)} of {submitted} tasks listed"
         time.sleep(0.5)

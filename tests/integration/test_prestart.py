@@ -41,10 +41,10 @@ def test_enable_and_a_compute_without_shuffle_start_the_actors(fresh, prestart):
     if prestart:
         # Task events reach the state API within about a second: poll, bounded.
         wait_for_condition(
-            lambda: len(
-                list_tasks(filters=[("name", "=", "warm_sender"), ("state", "=", "FINISHED")])
-            )
-            >= 1,
+            lambda: (
+                len(list_tasks(filters=[("name", "=", "warm_sender"), ("state", "=", "FINISHED")]))
+                >= 1
+            ),
             timeout=30,
         )
 

@@ -103,8 +103,11 @@ def fresh_service(ray_get, tmp_path, request):
     per_node = getattr(request, "param", 1)
     # Small groups, so that the partition waiting for the kill never holds back the
     # transfers it waits for.
-    with configured_service(spill, actors_per_node=per_node), dask.config.set(
-        {"dataframe.shuffle.method": "p2p", "ray-oob-sched.scheduler.fuse.max-tasks": 2}
+    with (
+        configured_service(spill, actors_per_node=per_node),
+        dask.config.set(
+            {"dataframe.shuffle.method": "p2p", "ray-oob-sched.scheduler.fuse.max-tasks": 2}
+        ),
     ):
         yield tmp_path
 

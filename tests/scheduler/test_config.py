@@ -171,6 +171,8 @@ def test_shuffle_host_is_null_or_a_name():
     with dask.config.set({"ray-oob-sched.shuffle.host": " "}):
         with pytest.raises(ValueError, match=r"shuffle.host must be a host name"):
             ShuffleConfig.from_dask_config()
+
+
 @pytest.mark.parametrize(
     "key, value",
     [("shuffle.device", "tpu"), ("shuffle.gpu-results", "disk"), ("shuffle.actor-num-gpus", 2)],
@@ -247,8 +249,11 @@ def test_shuffle_actors_per_node_takes_a_positive_int_or_auto():
         with dask.config.set({"ray-oob-sched.shuffle.actors-per-node": value}):
             assert ShuffleConfig.from_dask_config().actors_per_node == value
     for bad in (0, -1, 1.5, "many", True, None):
-        with dask.config.set({"ray-oob-sched.shuffle.actors-per-node": bad}), pytest.raises(
-            ValueError, match=r"shuffle\.actors-per-node must be an integer >= 1.*'auto'"
+        with (
+            dask.config.set({"ray-oob-sched.shuffle.actors-per-node": bad}),
+            pytest.raises(
+                ValueError, match=r"shuffle\.actors-per-node must be an integer >= 1.*'auto'"
+            ),
         ):
             ShuffleConfig.from_dask_config()
 

@@ -66,8 +66,7 @@ class Network:
         self.sends = 0
         self.log: list[tuple[str, list[Any]]] = []  # every delivered message
         self.managers = {
-            name: ShuffleManager(local=name, options=options, registry=registry)
-            for name in names
+            name: ShuffleManager(local=name, options=options, registry=registry) for name in names
         }
 
     @property

@@ -63,7 +63,9 @@ def device_network(names: list[str]) -> Network:
 
 def _spec(wire: Network, n: int) -> ShuffleRunSpec:
     return ShuffleRunSpec(
-        shuffle_id=ShuffleId("gpu"), run_id=RunId(1), npartitions_out=n,
+        shuffle_id=ShuffleId("gpu"),
+        run_id=RunId(1),
+        npartitions_out=n,
         participants=tuple(wire.managers),
     )
 
@@ -109,4 +111,3 @@ async def test_gpu_cudf_shuffle_through_runs() -> None:
         expected = pdf[pdf._partitions == p].drop(columns="_partitions")
         pd.testing.assert_frame_equal(out.to_pandas(), expected)
     await asyncio.gather(*(m.close() for m in wire.managers.values()))
-

@@ -98,9 +98,7 @@ def test_listeners_take_the_free_ports_of_the_range_in_order_then_fail_naming_it
                 assert (_port(a), _port(b)) == (first + 1, first + 2)
                 with pytest.raises(PortRangeExhaustedError, match=f"{first}-{first + 2}"):
                     await asyncio.wait_for(
-                        listen_in_range(
-                            transport, host="127.0.0.1", ports=ports, handler=_ignore
-                        ),
+                        listen_in_range(transport, host="127.0.0.1", ports=ports, handler=_ignore),
                         WAIT,
                     )
                 # A connection through the advertised address works.

@@ -203,7 +203,12 @@ def test_every_input_byte_lands_exactly_once(case: tuple[np.ndarray, RechunkLayo
 def test_flat_numbers_are_row_major_block_indices() -> None:
     layout = RechunkLayout(((2, 2), (1, 1, 1)), ((4,), (3,)))
     assert [layout.input_index(i) for i in range(6)] == [
-        (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)
+        (0, 0),
+        (0, 1),
+        (0, 2),
+        (1, 0),
+        (1, 1),
+        (1, 2),
     ]
     assert all(layout.flat_input(layout.input_index(i)) == i for i in range(6))
     assert layout.npartitions_in == 6 and layout.npartitions_out == 1

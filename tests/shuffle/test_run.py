@@ -185,9 +185,7 @@ def barrier(runs: dict[str, DataFrameShuffleRun]) -> None:
 
 
 def unpack(runs: dict[str, DataFrameShuffleRun], spec: ShuffleRunSpec) -> list[pd.DataFrame]:
-    return [
-        runs[spec.owner_of(p)].get_output_partition(p) for p in range(spec.npartitions_out)
-    ]
+    return [runs[spec.owner_of(p)].get_output_partition(p) for p in range(spec.npartitions_out)]
 
 
 async def shuffle(

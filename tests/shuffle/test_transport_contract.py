@@ -834,9 +834,12 @@ def test_ucx_process_exits_without_transport_close(tmp_path: Any) -> None:
         [sys.executable, str(script)],
         cwd=root,
         # Keep an inherited PYTHONPATH: ucxx may be installed on it (as on a GPU node).
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
-        )},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
+        },
         capture_output=True,
         text=True,
         timeout=60,
@@ -862,7 +865,11 @@ def test_coalescing_plan_groups_runs_of_small_host_frames_in_order() -> None:
     # Small host runs are cut by large frames, device frames and the group budget;
     # empty frames travel not at all.
     assert coalesce_groups(sizes, memtypes, frame_bytes=64 * k, group_bytes=50) == [
-        (0, 2), (3,), (4,), (5, 6), (7, 8)
+        (0, 2),
+        (3,),
+        (4,),
+        (5, 6),
+        (7, 8),
     ]
     assert coalesce_groups([], []) == []
     assert coalesce_groups([0, 0], ["host", "host"]) == []
