@@ -45,7 +45,12 @@ def oob(ray_session: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.fixture
 def p2p(oob: OOB, ray_get: Any) -> Any:
-    with cleanup_checked(oob):
+    # Rechunks through the actors, whose counters these tests read: small plans would
+    # otherwise run as plain gather tasks.
+    with (
+        dask.config.set({"ray-oob-sched.shuffle.rechunk-tasks-max-pieces": 0}),
+        cleanup_checked(oob),
+    ):
         yield oob
 
 
