@@ -23,6 +23,12 @@ from ray.util.state import list_objects
 from shuffle import ShuffleClosedError
 from tests.integration.p2p_support import WAIT, configured_service
 
+
+def _address() -> str:
+    """This session's Ray: the state API would refuse "auto" where several run."""
+    return str(ray.get_runtime_context().gcs_address)
+
+
 pytestmark = pytest.mark.ray
 
 NPARTS = 8
@@ -39,7 +45,10 @@ def close_runs_under(df: pd.DataFrame, *, actors: list[Any], first_row: int) -> 
 
 
 def _objects() -> set[str]:
-    return {o.object_id for o in list_objects(limit=10_000, raise_on_missing_output=False)}
+    return {
+        o.object_id
+        for o in list_objects(address=_address(), limit=10_000, raise_on_missing_output=False)
+    }
 
 
 @pytest.mark.parametrize("max_tasks", [1, 4], ids=["unfused", "fused"])
@@ -70,7 +79,9 @@ def test_a_refused_shuffle_leaves_no_input_in_the_store(ray_get, tmp_path, max_t
             time.sleep(0.2)  # the driver's frees reach the store asynchronously
         held = [
             (o.pid, o.type, o.reference_type)
-            for o in list_objects(limit=10_000, detail=True, raise_on_missing_output=False)
+            for o in list_objects(
+                address=_address(), limit=10_000, detail=True, raise_on_missing_output=False
+            )
             if o.object_id in left
         ]
         assert not left, f"objects of the failed compute stay in the store: {held}"

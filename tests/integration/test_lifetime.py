@@ -9,6 +9,7 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
+import ray
 from ray._private.internal_api import memory_summary
 from ray.util.state import list_objects
 
@@ -16,11 +17,17 @@ import ray_oob_sched
 from tests.conftest import OBJECT_STORE_BYTES
 from tests.integration.conftest import driver_refs
 
+
+def _address() -> str:
+    """This session's Ray: the state API would refuse "auto" where several run."""
+    return str(ray.get_runtime_context().gcs_address)
+
+
 MB = 2**20
 
 
 def spilled_mib() -> int:
-    m = re.search(r"Spilled (\d+) MiB", memory_summary(stats_only=True))
+    m = re.search(r"Spilled (\d+) MiB", memory_summary(address=_address(), stats_only=True))
     return int(m.group(1)) if m else 0
 
 
@@ -78,12 +85,12 @@ def test_tree_reduction_frees_leaves_as_it_goes(unfused):
 def test_no_reference_of_ours_remains_after_compute(ray_get, ray_session):
     gc.collect()
     refs_before = driver_refs(ray_session)
-    objects_before = {o.object_id for o in list_objects(limit=10_000)}
+    objects_before = {o.object_id for o in list_objects(address=_address(), limit=10_000)}
     x = da.ones((2000, 2000), chunks=250)
     assert (x + x.T).sum().compute() == 2 * 2000 * 2000
     gc.collect()
     assert driver_refs(ray_session) <= refs_before
-    left = {o.object_id for o in list_objects(limit=10_000)} - objects_before
+    left = {o.object_id for o in list_objects(address=_address(), limit=10_000)} - objects_before
     assert not left, f"objects of the compute still listed: {left}"
 
 
