@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
     connect(args)
     try:
-        with ray_oob_sched.enable(), dask.config.set(shuffle_settings(args)):
+        # The settings go in before enable(): it starts the shuffle actors with them.
+        with dask.config.set(shuffle_settings(args)), ray_oob_sched.enable():
             ok = run_workloads(args.size)
     finally:
         ray_oob_sched.shutdown()  # stops the shuffle actors; never a cluster it joined
