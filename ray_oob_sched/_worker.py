@@ -24,6 +24,7 @@ from dask._task_spec import GraphNode
 from ray_oob_sched._graph import Key
 from ray_oob_sched._task_warnings import Recorder, TaskWarning
 from ray_oob_sched._taskconfig import applied
+from shuffle._tracebacks import PACKAGE_DIR, drop_frame_locals
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,8 @@ class GroupStatus:
 
 
 _WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+#: Frames of this package and of the shuffle's whose locals a failure drops.
+_OWN_DIRS = (os.path.join(os.path.dirname(os.path.abspath(__file__)), ""), PACKAGE_DIR)
 
 
 class Deferred(Protocol):
@@ -129,13 +132,20 @@ def run_group(
     the tasks run under the caller's dask config and their warnings come back in
     the status.
     """
-    if context is None:
-        return _run(spec, args, None)
-    with applied(context.config):
-        if not context.forward_warnings:
+    try:
+        if context is None:
             return _run(spec, args, None)
-        with Recorder() as recorder:
-            return _run(spec, args, recorder)
+        with applied(context.config):
+            if not context.forward_warnings:
+                return _run(spec, args, None)
+            with Recorder() as recorder:
+                return _run(spec, args, recorder)
+    except BaseException as e:
+        # The failed group's frames hold its inputs (views of Ray's object store) and
+        # staged transfers that may hold the failure: a cycle that would keep the
+        # inputs pinned until the worker's garbage collector runs.
+        drop_frame_locals(e, dirs=_OWN_DIRS)
+        raise
 
 
 def _run(spec: GroupSpec, args: Sequence[Any], recorder: Recorder | None) -> tuple[Any, ...]:

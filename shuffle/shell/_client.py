@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import os
 import socket
@@ -40,6 +39,7 @@ from typing import Any, TypeVar, cast
 
 from shuffle._send import send_shards
 from shuffle._split import Shards, split_input
+from shuffle._tracebacks import PACKAGE_DIR, drop_frame_locals
 from shuffle._transport import (
     ClosedResourceError,
     TransportConfig,
@@ -276,45 +276,10 @@ class ShuffleClient:
                     f"{self!r}: its loop did not answer within {bound:g} s"
                 ) from None
         except BaseException as e:
-            _drop_frame_locals(e)
+            drop_frame_locals(e, dirs=(PACKAGE_DIR,))
             raise
         finally:
             del future  # the error's traceback holds this frame; the future holds the error
-
-
-#: The ``shuffle`` package's folder: its frames (senders, buffers, pools) are the ones cleared.
-_OWN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "")
-
-
-def _drop_frame_locals(error: BaseException) -> None:
-    """Drop the locals of this package's finished frames in ``error``'s tracebacks.
-
-    A failed send's traceback runs through the loop's coroutines, whose frames hold
-    the pieces being sent (views of the input partition: Ray's object store memory)
-    and the send buffer, which keeps the failure to raise it: a reference cycle that
-    only the garbage collector frees, and an idle Ray worker rarely runs it, so each
-    failed transfer kept its input pinned in the store. The traceback stays printable
-    (it needs code and line numbers, not locals). Frames still running (the caller's
-    own) cannot be cleared and are skipped. Called once the call's coroutine is done
-    (or, on the loop's timeout, with no loop frame in the tracebacks), so no frame
-    cleared here belongs to a coroutine that could still resume.
-    """
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        tb = current.__traceback__
-        while tb is not None:
-            if tb.tb_frame.f_code.co_filename.startswith(_OWN_DIR):
-                with contextlib.suppress(RuntimeError):  # still executing
-                    tb.tb_frame.clear()
-            tb = tb.tb_next
-        pending += [current.__cause__, current.__context__]
-        if isinstance(current, BaseExceptionGroup):
-            pending += current.exceptions
 
 
 async def _with_deadline(coro: Coroutine[Any, Any, T], timeout: float) -> T:
