@@ -9,7 +9,6 @@ reaches the driver and dropping the collection frees the objects.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -57,6 +56,7 @@ from ray_oob_sched._status import (
 )
 from ray_oob_sched._task_warnings import Forwarder
 from ray_oob_sched._worker import GroupSpec, GroupStatus, TaskContext
+from shuffle._tracebacks import drop_frame_locals
 
 if TYPE_CHECKING:
     from shuffle.shell._service import ShuffleService
@@ -842,21 +842,7 @@ def _clear_ray_frames(exc: BaseException) -> None:
     keeps the exception (``sys.last_value``, a test's ``excinfo``) would keep the
     objects alive. User code's frames are left intact for post-mortem debugging.
     """
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        tb = e.__traceback__
-        while tb is not None:
-            frame = tb.tb_frame
-            if frame.f_code.co_filename.startswith(_OWN_DIRS):
-                with contextlib.suppress(RuntimeError):  # still executing (an outer frame)
-                    frame.clear()
-            tb = tb.tb_next
-        todo += [e.__cause__, e.__context__]
+    drop_frame_locals(exc, dirs=_OWN_DIRS)
 
 
 def _nested(keys: Any, values: dict[Key, Any]) -> Any:
