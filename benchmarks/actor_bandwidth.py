@@ -13,6 +13,13 @@ machine) and two actors, each pinned to its own node, as the shuffle actors are:
   Timed from before the put to the call's return (``median_s``), and the receiver's
   wait for the object alone (``get_median_s``); ``put_median_s`` is the put.
 
+Two ceilings, measured in the receiver's process, put the figures in context: ``memcpy``
+copies N bytes into a buffer that was written before (the machine's copy bandwidth at that
+size), ``memcpy_fresh`` into a newly allocated one each time, as a receive buffer is (the
+kernel then maps and zeroes every page on first touch). A transfer between two processes
+costs at least one or two such copies, so where ``memcpy_fresh`` is near the transports'
+figures, the copies, not the protocol, set the bandwidth.
+
 ``--frames K`` sends each out-of-band message as K equal frames instead of one, as a
 batched shuffle message of K small pieces travels, which shows the per-frame cost.
 
@@ -90,6 +97,21 @@ class Receiver:
         value = await refs[0]
         elapsed = time.perf_counter() - start
         return int(value.nbytes), elapsed
+
+    def copy(self, nbytes: int, reps: int, fresh: bool) -> list[float]:
+        """Seconds per copy of ``nbytes``, into a reused or a newly allocated buffer."""
+        data = _payload(nbytes)
+        target = np.empty_like(data)
+        np.copyto(target, data)  # written once: its pages are mapped
+        times = []
+        for i in range(reps + 1):  # the first one warms up
+            start = time.perf_counter()
+            if fresh:
+                target = np.empty_like(data)
+            np.copyto(target, data)
+            if i:
+                times.append(time.perf_counter() - start)
+        return times
 
     async def close(self) -> None:
         for t in self._transports:
@@ -224,6 +246,14 @@ def main() -> None:
             results.setdefault("objectref", {})[nbytes] = rec["GB/s"]
             results.setdefault("objectref_get", {})[nbytes] = rec["get_GB_per_s"]
             print(json.dumps(rec), flush=True)
+        for name, fresh in (("memcpy", False), ("memcpy_fresh", True)):
+            for nbytes in sizes:
+                times = ray.get(
+                    receiver.copy.remote(nbytes, args.repetitions, fresh), timeout=TIMEOUT
+                )
+                rec = _record(name, nbytes, times)
+                results.setdefault(name, {})[nbytes] = rec["GB/s"]
+                print(json.dumps(rec), flush=True)
         for nbytes in sizes:
             ratios = {
                 f"{name}/{ref}": round(results[name][nbytes] / results[ref][nbytes], 2)
