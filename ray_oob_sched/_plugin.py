@@ -27,7 +27,7 @@ from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.sizeof import sizeof
 
 from ray_oob_sched import _graph, _p2p, _store, _taskconfig
-from ray_oob_sched._config import SchedulerConfig, ShuffleConfig
+from ray_oob_sched._config import SchedulerConfig, ServiceOptions, ShuffleConfig
 from ray_oob_sched._executor import RayExecutor, may_be_actor_loss, user_error
 from ray_oob_sched._fuse import Group, group_size, plan
 from ray_oob_sched._futures import REGISTRY, RayFuture
@@ -96,6 +96,7 @@ class RaySchedule:
         self.runtime = RayRuntime()
         self.last_stats: RunStats | None = None
         self._shuffle_service: ShuffleService | None = None  # on first use
+        self._service_options: ServiceOptions | None = None  # what it was started with
         self._prestart: Prestart | None = None
         # Computes running shuffles now (several threads may compute at once).
         self._active: dict[int, tuple[ShuffleProgress, _p2p.P2PRewrite]] = {}
@@ -146,9 +147,25 @@ class RaySchedule:
         if self._shuffle_service is None:
             from shuffle.shell._service import ShuffleService
 
-            cfg = ShuffleConfig.from_dask_config()
-            self._shuffle_service = ShuffleService(**cfg.service_options())
+            options = ShuffleConfig.from_dask_config().service_options()
+            self._shuffle_service = ShuffleService(**options)
+            self._service_options = options
         return self._shuffle_service
+
+    def _reconfigure(self, options: ServiceOptions) -> None:
+        """Stop the service if its settings are no longer dask.config's, so that the next
+        use starts one with ``options``. Only between shuffles: a compute running a
+        shuffle keeps the actors its runs live on (the caller holds ``_active_lock``)."""
+        if self._shuffle_service is None or options == self._service_options:
+            return
+        if self._active:
+            logger.warning(
+                "shuffle settings changed while other computes run shuffles; this "
+                "compute uses the running shuffle actors, with the settings they started with"
+            )
+            return
+        logger.info("shuffle settings changed: restarting the shuffle actors")
+        self.close()
 
     def close(self) -> None:
         """Stop the shuffle actors (they also die with the driver), also those started
@@ -338,6 +355,8 @@ class RaySchedule:
         ``shuffle_status``); return the graph to run. Fills ``shuffles`` as it goes,
         so the cleanup closes whatever started."""
         shuffle_config = ShuffleConfig.from_dask_config()
+        with self._active_lock:
+            self._reconfigure(shuffle_config.service_options())
         shuffles.max_restarts = shuffle_config.max_restarts
         as_tasks = functools.partial(
             rechunk_as_tasks,

@@ -233,6 +233,8 @@ class DiskShardStore:
 
     def _spill_directory(self) -> Path:
         if self._directory is None:
+            if self._parent is not None:  # a configured spill directory may not exist yet
+                Path(self._parent).mkdir(parents=True, exist_ok=True)
             self._directory = Path(tempfile.mkdtemp(prefix=self._prefix, dir=self._parent))
             self._remove_directory = weakref.finalize(
                 self, shutil.rmtree, self._directory, ignore_errors=True

@@ -64,6 +64,17 @@ def test_spills_the_partition_holding_most_memory(spill_root: Path) -> None:
         assert (store.nbytes_disk, store.bytes_spilled, store.bytes_read_back) == (0, 130, 130)
 
 
+def test_a_missing_spill_directory_is_created(spill_root: Path) -> None:
+    parent = spill_root / "not" / "there"
+    with DiskShardStore(memory_limit=0, directory=parent) as store:
+        store.append(ShardKey(0, 0), b"piece")
+        assert [bytes(p) for p in store.read(0)] == [b"piece"]
+        assert len(list(parent.iterdir())) == 1  # the store's own folder, in it
+    assert list(parent.iterdir()) == []
+    for folder in (parent, parent.parent):  # what the store created, the test removes
+        folder.rmdir()
+
+
 def test_duplicate_keys_are_dropped(spill_root: Path) -> None:
     with DiskShardStore(memory_limit=0, directory=spill_root) as store:
         assert store.append(ShardKey(1, 4), b"first")
