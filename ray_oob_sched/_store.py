@@ -6,14 +6,17 @@ as graph data. A Ray worker gets a pickled copy of that data: writing into a num
 array there fails (read-only) and into an ``np.memmap`` silently writes a private
 copy. So before anything runs, ``rewrite`` finds every store call and
 
-- a numpy target (``np.memmap`` included), which lives in the caller's memory, is
-  replaced by a ``DriverTarget`` stand-in: the worker stages each chunk in its
-  group (``GroupScope.stage``), the chunks ride back with the group's status as it
-  finishes, and the driver writes them into the real target under the caller's
-  lock (``StoreTargets.write``): streamed, never all held at once;
-- a target workers open themselves (zarr, h5py, TileDB) is left to the workers;
-- anything else, and a target made by a task (``delayed``), is refused with
-  ``UnsupportedStoreTargetError`` naming it and what to use.
+- a target workers open themselves (a zarr array on a path or a remote store, h5py,
+  TileDB) is left to the workers;
+- any other target object lives in the caller's memory (a numpy array, an
+  ``np.memmap``, a zarr array in a ``MemoryStore``, an object of the caller's own
+  class) and is replaced by a ``DriverTarget`` stand-in: the worker stages each
+  chunk in its group (``GroupScope.stage``), the chunks ride back with the group's
+  status as it finishes, and the driver writes them into the real target under the
+  caller's lock (``StoreTargets.write``): streamed, never all held at once, as dask's
+  local schedulers write it;
+- a target made by a task (``delayed``) is refused with
+  ``UnsupportedStoreTargetError``: it would exist only in a worker.
 
 A task that returns the stand-in (``return_stored=True`` without
 ``load_stored``: what ``store(..., return_stored=True)`` persists) is reported in
@@ -39,6 +42,8 @@ from ray_oob_sched._worker import StagedWrite, current_scope
 
 #: Modules whose array objects workers open themselves (they pickle by path).
 WORKER_OPENABLE = ("zarr", "h5py", "tiledb")
+#: zarr's stores that keep the data in the process that made them.
+IN_MEMORY_STORES = frozenset({"MemoryStore", "KVStore", "GpuMemoryStore", "ManagedMemoryStore"})
 
 
 class UnsupportedStoreTargetError(TypeError):
@@ -57,7 +62,7 @@ class DriverTarget:
     #: Seen by ``run_group`` when a task returns the stand-in (``return_stored``).
     is_store_target = True
 
-    def __init__(self, token: int, dtype: np.dtype[Any], shape: tuple[int, ...]) -> None:
+    def __init__(self, token: int, dtype: Any, shape: tuple[int, ...] | None) -> None:
         self.token = token
         self.dtype = dtype
         self.shape = shape
@@ -74,6 +79,11 @@ class DriverTarget:
         self._last = (index, value)
 
     def __getitem__(self, index: Any) -> Any:
+        if self.shape is None:  # a target of the caller's own class, without a shape
+            raise UnsupportedStoreTargetError(
+                "a task reads back a store target that has no shape (load_stored=True); "
+                "give the target class shape and dtype attributes, or use load_stored=False"
+            )
         if self._last is None or not _same_index(self._last[0], index):
             raise UnsupportedStoreTargetError(
                 "a task reads a store target that lives in the caller's memory before "
@@ -108,7 +118,10 @@ class StoreTargets:
     def add(self, target: Any, lock: Any) -> DriverTarget:
         token = id(target)
         self._targets.setdefault(token, (target, lock))
-        return DriverTarget(token, target.dtype, tuple(target.shape))
+        shape = getattr(target, "shape", None)
+        return DriverTarget(
+            token, getattr(target, "dtype", None), None if shape is None else tuple(shape)
+        )
 
     def write(self, writes: Sequence[StagedWrite]) -> None:
         """Write staged chunks into their targets, each under the caller's lock."""
@@ -182,24 +195,28 @@ def _check_store(node: Task, scope: _Scope, stores: StoreTargets, subs: dict[int
         raise UnsupportedStoreTargetError(
             f"da.store into a target computed by a task ({out_arg!r}, e.g. a delayed "
             "target): it would be written in a Ray worker and lost; pass the target "
-            "object itself (a numpy array or np.memmap is written on the driver, a "
-            "zarr/h5py array by the workers)"
+            "object itself (an array in the caller's memory is written on the driver, "
+            "a zarr/h5py array on disk by the workers)"
         )
-    if type(target).__module__.split(".")[0] in WORKER_OPENABLE:
+    if _worker_openable(target):
         return
-    if not isinstance(target, np.ndarray):
-        raise UnsupportedStoreTargetError(
-            f"da.store into {type(target).__module__}.{type(target).__qualname__} "
-            f"{_short(target)}: ray_oob_sched can write a numpy array or np.memmap (on "
-            "the driver, as chunks arrive) or a zarr/h5py/TileDB array (in the "
-            "workers), not this target; copy into one of those, or use "
-            "scheduler='threads' for this store"
-        )
     lock = scope.resolve(node.kwargs.get("lock", False))
     if id(target) not in subs:
         subs[id(target)] = stores.add(target, lock if lock is not _COMPUTED else None)
     if lock and lock is not _COMPUTED:
         subs[id(lock)] = False  # held by the driver around its writes
+
+
+def _worker_openable(target: Any) -> bool:
+    """Whether workers write ``target`` themselves: an array of a library that pickles
+    it by path, unless its data lives in the caller's memory (zarr's in-memory
+    stores: a worker would write into its own copy)."""
+    if type(target).__module__.split(".")[0] not in WORKER_OPENABLE:
+        return False
+    store = getattr(target, "store", None)
+    if isinstance(store, dict):  # zarr 2 accepts a plain dict as its store
+        return False
+    return type(store).__name__ not in IN_MEMORY_STORES
 
 
 def _swap(node: Any, subs: Mapping[int, Any]) -> Any:
@@ -227,8 +244,3 @@ def _swap_arg(arg: Any, subs: Mapping[int, Any]) -> Any:
     if isinstance(arg, (bool, int, float, str, bytes, type(None), TaskRef)):
         return arg
     return subs.get(id(arg), arg)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."

@@ -31,11 +31,35 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--conformance-mode", choices=MODES, required=True, help="where dask's computes run"
     )
+    parser.addoption(
+        "--conformance-progress",
+        default=None,
+        help="file that names the test running now (empty between tests): after a crash, "
+        "the test that crashed the process",
+    )
+
+
+def _progress(config: pytest.Config, nodeid: str) -> None:
+    path = config.getoption("--conformance-progress")
+    if path:
+        with open(path, "w") as f:
+            f.write(nodeid)
+
+
+@pytest.hookimpl
+def pytest_runtest_logstart(nodeid: str, location: Any) -> None:
+    _progress(_state["pytest_config"], nodeid)
+
+
+@pytest.hookimpl
+def pytest_runtest_logfinish(nodeid: str, location: Any) -> None:
+    _progress(_state["pytest_config"], "")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     import dask
 
+    _state["pytest_config"] = config
     mode = config.getoption("--conformance-mode")
     if mode == "sync":
         _state["config"] = dask.config.set(scheduler="sync")

@@ -1,8 +1,10 @@
 """Compare the JUnit files of a conformance run (``tests.conformance.run``).
 
 Outcomes per test id: ``passed``, ``failed`` (a failure or an error in setup or
-teardown), ``skipped`` (skips and expected failures). A module whose XML is missing
-(not run, crashed, timed out) counts no test in that mode.
+teardown), ``skipped`` (skips and expected failures), ``crashed`` (the test killed its
+process by a signal; the runner ran the module again without it and lists it in
+``<module>.crashed``). A module whose XML is missing (not run, timed out) counts no test
+in that mode.
 """
 
 from __future__ import annotations
@@ -33,16 +35,30 @@ def outcomes(xml: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
+def crashed(path: Path) -> dict[str, tuple[str, str]]:
+    """``{test id: ("crashed", ...)}`` from a ``.crashed`` file of pytest node ids."""
+    out: dict[str, tuple[str, str]] = {}
+    for nodeid in path.read_text().split():
+        parts = nodeid.split("::")
+        classname = ".".join([parts[0].removesuffix(".py").replace("/", "."), *parts[1:-1]])
+        out[f"{classname}::{parts[-1]}"] = ("crashed", "the test crashed its process")
+    return out
+
+
+def _results(out: Path, mode: str, module: str) -> dict[str, tuple[str, str]] | None:
+    xml, crash = out / mode / f"{module}.xml", out / mode / f"{module}.crashed"
+    if not xml.exists():
+        return None
+    return outcomes(xml) | (crashed(crash) if crash.exists() else {})
+
+
 def compare(out: Path, modules: list[str]) -> dict[str, Any]:
     """Counts per module and mode, and the tests passing under sync only."""
     report: dict[str, Any] = {"modules": {}, "regressions": []}
     keys = [*MODES, "sync_passed_ray_passed", "sync_where_ray_ran"]
     totals: dict[str, int | None] = dict.fromkeys(keys, None)
     for module in modules:
-        runs = {}
-        for mode in MODES:
-            xml = out / mode / f"{module}.xml"
-            runs[mode] = outcomes(xml) if xml.exists() else None
+        runs = {mode: _results(out, mode, module) for mode in MODES}
         counts: dict[str, int | None] = {
             mode: None if r is None else sum(o == "passed" for o, _ in r.values())
             for mode, r in runs.items()

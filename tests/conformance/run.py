@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import dask
@@ -51,10 +52,16 @@ def module_name(module: str) -> str:
     return module.removesuffix(".py").replace("/", ".")
 
 
-def command(module: str, mode: str, out: Path) -> list[str]:
+#: Tests that crashed their process in one module and mode: each crash reruns the module
+#: without the tests that crashed so far, up to this many times.
+MAX_CRASHES = 5
+
+
+def command(module: str, mode: str, out: Path, *, deselect: Sequence[str] = ()) -> list[str]:
     """The pytest command line of one module in one mode."""
     package = Path(dask.__file__).parent
     xml = out / mode / f"{module_name(module)}.xml"
+    progress = out / mode / f"{module_name(module)}.running"
     pytest = [
         sys.executable,
         "-m",
@@ -64,8 +71,10 @@ def command(module: str, mode: str, out: Path) -> list[str]:
         f"--rootdir={package.parent}",
         f"--conformance-mode={mode}",
         f"--junitxml={xml}",
+        f"--conformance-progress={progress}",
         "-o",
         "junit_family=xunit2",
+        *(f"--deselect={nodeid}" for nodeid in deselect),
         str(package / module),
     ]
     if mode == "ray":
@@ -74,21 +83,42 @@ def command(module: str, mode: str, out: Path) -> list[str]:
 
 
 def run_one(module: str, mode: str, out: Path, *, timeout: float) -> None:
+    """Run one module in one mode. A test that crashes the process (a signal) is
+    recorded in ``<module>.crashed`` and the module runs again without it."""
     (out / mode).mkdir(parents=True, exist_ok=True)
-    log = out / mode / f"{module_name(module)}.log"
+    name = module_name(module)
+    progress, crashed_file = out / mode / f"{name}.running", out / mode / f"{name}.crashed"
+    crashed: list[str] = []
     start = time.monotonic()
+    while True:
+        progress.write_text("")
+        rc = _run_pytest(
+            command(module, mode, out, deselect=crashed),
+            out / mode / f"{name}.log",
+            timeout=timeout - (time.monotonic() - start),
+        )
+        nodeid = progress.read_text().strip()
+        if not (isinstance(rc, int) and rc < 0 and nodeid and len(crashed) < MAX_CRASHES):
+            break
+        crashed.append(nodeid)
+    progress.unlink()
+    crashed_file.unlink(missing_ok=True)
+    if crashed:
+        crashed_file.write_text("".join(f"{nodeid}\n" for nodeid in crashed))
+    note = f" (crashed in {len(crashed)} tests, run without them)" if crashed else ""
+    print(f"{mode:12} {module:45} rc={rc} {time.monotonic() - start:6.0f} s{note}", flush=True)
+
+
+def _run_pytest(cmd: list[str], log: Path, *, timeout: float) -> int | str:
     with log.open("w") as f:
         # A session of its own: on timeout the whole group goes (flock forks pytest).
-        proc = subprocess.Popen(
-            command(module, mode, out), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc: int | str = proc.wait(timeout=timeout)
+            return proc.wait(timeout=max(timeout, 1.0))
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            rc = "timeout"
-    print(f"{mode:12} {module:45} rc={rc} {time.monotonic() - start:6.0f} s", flush=True)
+            return "timeout"
 
 
 def main(argv: list[str] | None = None) -> None:

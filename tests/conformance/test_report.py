@@ -7,7 +7,7 @@ from pathlib import Path
 from tests.conformance.report import compare, write_report
 
 
-def junit(path: Path, cases: dict[str, str]) -> None:
+def junit(path: Path, cases: dict[str, str], *, classname: str = "m") -> None:
     body = {
         "passed": "",
         "failed": '<failure message="AssertionError: x is y&#10;more">trace</failure>',
@@ -16,7 +16,7 @@ def junit(path: Path, cases: dict[str, str]) -> None:
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = "".join(
-        f'<testcase classname="m" name="{name}">{body[outcome]}</testcase>'
+        f'<testcase classname="{classname}" name="{name}">{body[outcome]}</testcase>'
         for name, outcome in cases.items()
     )
     path.write_text(f'<testsuites><testsuite name="pytest">{rows}</testsuite></testsuites>')
@@ -50,3 +50,15 @@ def test_counts_and_the_tests_that_pass_under_sync_only(tmp_path: Path) -> None:
     text = write_report(tmp_path, modules=["mod"])
     assert "| total | 3 | 2 | 2 | 33.3% |" in text
     assert (tmp_path / "report.json").exists()
+
+
+def test_tests_that_crashed_their_process_count_as_crashed(tmp_path: Path) -> None:
+    both = {"a": "passed", "b": "passed"}
+    junit(tmp_path / "sync" / "pkg.mod.xml", both, classname="pkg.mod")
+    junit(tmp_path / "ray" / "pkg.mod.xml", {"a": "passed"}, classname="pkg.mod")  # without b
+    (tmp_path / "ray" / "pkg.mod.crashed").write_text("pkg/mod.py::b\n")
+    junit(tmp_path / "distributed" / "pkg.mod.xml", both, classname="pkg.mod")
+    report = compare(tmp_path, ["pkg.mod"])
+    assert report["modules"]["pkg.mod"]["sync_passed_ray_passed"] == 1
+    (regression,) = report["regressions"]
+    assert (regression["test"], regression["ray"]) == ("pkg.mod::b", "crashed")

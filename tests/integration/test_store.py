@@ -91,13 +91,28 @@ class ListTarget:
         self.items = []
 
     def __setitem__(self, index, value):
-        self.items.append(value)
+        self.items.append((index, np.array(value)))
 
 
-def test_store_into_an_unknown_target_names_it(ray_get, source):
-    _, x = source
-    with pytest.raises(UnsupportedStoreTargetError, match=r"ListTarget.*numpy array or np.memmap"):
-        da.store(x, ListTarget())
+def test_store_into_a_target_of_the_callers_own_class(ray_get, source):
+    data, x = source
+    expected = data * 2
+    target = ListTarget()
+    da.store(x, target)
+    assert len(target.items) == x.npartitions
+    out = np.zeros_like(expected)
+    for index, value in target.items:
+        out[index] = value
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_store_into_a_zarr_array_in_memory(ray_get, source):
+    zarr = pytest.importorskip("zarr")
+    data, x = source
+    expected = data * 2
+    z = zarr.zeros(expected.shape, chunks=(50, 300), dtype=expected.dtype)  # a MemoryStore
+    x.to_zarr(z)
+    np.testing.assert_array_equal(z[:], expected)
 
 
 def test_store_through_many_small_groups(ray_get):

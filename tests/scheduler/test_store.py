@@ -79,13 +79,32 @@ def test_a_delayed_target_is_refused():
         rewrite(nodes_of(da.store(da.ones(8, chunks=4), target, compute=False)))
 
 
-def test_an_unknown_target_is_refused_by_name():
-    class Sink:
-        def __setitem__(self, index, value):
-            pass
+def test_a_target_of_the_callers_own_class_is_written_on_the_driver():
+    class Sink:  # a local class: it cannot be pickled, so it must not travel
+        def __init__(self):
+            self.writes = []
 
-    with pytest.raises(UnsupportedStoreTargetError, match=r"\.Sink .*numpy array or np\.memmap"):
-        rewrite(nodes_of(da.store(da.ones(8, chunks=4), Sink(), compute=False)))
+        def __setitem__(self, index, value):
+            self.writes.append(np.asarray(value).tolist())
+
+    sink = Sink()
+    nodes, stores = rewrite(nodes_of(da.store(da.arange(8, chunks=4), sink, compute=False)))
+    run_here(pickle.loads(pickle.dumps(nodes)), stores)
+    assert sorted(sink.writes) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_a_target_without_a_shape_refuses_reads_back():
+    with pytest.raises(UnsupportedStoreTargetError, match="has no shape"):
+        DriverTarget(1, None, None)[0:4]
+
+
+def test_a_zarr_array_in_memory_is_written_on_the_driver():
+    zarr = pytest.importorskip("zarr")
+    z = zarr.zeros((8,), chunks=(4,), dtype="f8")  # in a MemoryStore of this process
+    nodes, stores = rewrite(nodes_of(da.store(da.ones(8, chunks=4), z, compute=False)))
+    assert stores  # not left to the workers, who would write into their own copies
+    run_here(nodes, stores)
+    np.testing.assert_array_equal(z[:], np.ones(8))
 
 
 def test_the_stand_in_refuses_reads_of_unwritten_chunks():
