@@ -23,6 +23,7 @@ import pytest
 
 from shuffle._manager import ShuffleManager
 from shuffle._options import RunOptions
+from shuffle._partition import sort_by_partition
 from shuffle._send import Sent, send_shards
 from shuffle._spec import ShuffleRunSpec
 from shuffle._split import split_input
@@ -30,6 +31,12 @@ from shuffle.device._cai import cai_nbytes
 from shuffle.wire._memory import HOST_REGISTRY, MemoryRegistry
 
 Mode = Literal["direct", "delay", "chaos"]
+
+
+def split_by_partition(df: Any, **options: Any) -> dict[int, Any]:
+    """``sort_by_partition``'s table cut into ``{output partition: table}``: an oracle."""
+    table, bounds = sort_by_partition(df, **options)
+    return {p: table.slice(start, stop - start) for p, (start, stop) in bounds.items()}
 
 
 def copy_host_frames(frames: Sequence[Any]) -> list[Any]:
