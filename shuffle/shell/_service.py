@@ -42,6 +42,7 @@ import pandas as pd
 import ray
 from ray.exceptions import ActorUnschedulableError, GetTimeoutError, RayActorError
 
+from shuffle._closable import Closable
 from shuffle._ids import RunIdMinter, ShuffleId
 from shuffle._options import DEFAULT_OPTIONS, RunOptions
 from shuffle._rechunk import RechunkLayout, is_rechunk
@@ -100,7 +101,7 @@ class ActorUsage:
     unanswered: tuple[str, ...]  # actors that did not answer within the deadline
 
 
-class ShuffleService:
+class ShuffleService(Closable):
     """Shuffle actors, some per node, and the runs started on them (module docstring).
 
     ``transport`` is ``"ucx"``, ``"tcp"`` or ``"auto"`` (UCX when the actors can import
@@ -166,10 +167,6 @@ class ShuffleService:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     @property
     def lost_nodes(self) -> frozenset[str]:
