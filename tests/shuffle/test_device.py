@@ -16,11 +16,9 @@ import contextlib
 import gc
 import json
 import logging
-import os
 import sys
 import types
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -33,7 +31,6 @@ from hypothesis.extra import numpy as hnp
 from shuffle._exceptions import FrameError
 from shuffle._ids import RunId, ShardKey, ShuffleId
 from shuffle._transport import BrokenTransportError, ProtocolError, TransportConfig, get_transport
-from shuffle._transport import ucx as ucx_module
 from shuffle.device import _cuda, _cudf
 from shuffle.device._allocator import RefusedFrame, refused_reason, transport_allocator
 from shuffle.device._arrays import to_host
@@ -58,6 +55,7 @@ from tests.shuffle.support import (
     make_fake_cupy,
     needs_gpu,
     read_device,
+    skip_without_ucx,
 )
 
 SECRET = b"d" * 32
@@ -68,17 +66,8 @@ WAIT = 20.0
 
 
 def needs_ucx(test: F) -> F:
-    skip = pytest.mark.skipif(not ucx_module.is_available(), reason="ucxx cannot be imported")
-    marked = pytest.mark.ucx(pytest.mark.usefixtures("loopback")(skip(test)))
+    marked = pytest.mark.ucx(pytest.mark.usefixtures("loopback_only")(skip_without_ucx(test)))
     return marked  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def loopback() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as patch:
-        if "UCX_NET_DEVICES" not in os.environ:
-            patch.setenv("UCX_NET_DEVICES", "lo")
-        yield
 
 
 # --------------------------------------------------------------------------- CAI and hooks
