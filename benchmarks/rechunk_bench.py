@@ -36,7 +36,6 @@ import itertools
 import json
 import math
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,9 +49,12 @@ import ray
 from shuffle_bench import (
     _reset_peak_rss,
     _rss_mb,
+    distributed_client,
     graph_len,
     init_ray,
     measure,
+    report_failure,
+    report_speedups,
     shuffle_settings,
 )
 
@@ -236,18 +238,7 @@ class Bench:
             rss = _rss_mb()
             info = extra()
         except Exception as e:  # noqa: BLE001 -- report, go on with the others
-            self.failed.append(f"{competitor}/{workload}")
-            print(
-                json.dumps(
-                    {
-                        "workload": workload,
-                        "competitor": competitor,
-                        "error": f"{type(e).__name__}: {e}"[:2000],
-                    }
-                ),
-                flush=True,
-            )
-            traceback.print_exc(file=sys.stderr)
+            report_failure(self.failed, competitor=competitor, workload=workload, error=e)
             return
         self.medians[workload][competitor] = t
         self.results[workload][competitor] = np.asarray(res)
@@ -276,22 +267,7 @@ class Bench:
     def report(self) -> None:
         for workload in self.work:
             self._check(workload)
-            med = self.medians[workload]
-            base = med.get("ray_oob_sched")
-            if base:
-                print(
-                    json.dumps(
-                        {
-                            "workload": workload,
-                            "speedup_vs": {
-                                k: round(v / base, 2)
-                                for k, v in med.items()
-                                if k != "ray_oob_sched"
-                            },
-                        }
-                    ),
-                    flush=True,
-                )
+            report_speedups(workload, self.medians[workload])
 
     def _check(self, workload: str) -> None:
         """Every competitor against the driver's values, and against each other."""
@@ -398,18 +374,7 @@ def run_ray(bench: Bench, skip: set[str]) -> None:
 
 
 def run_distributed(bench: Bench) -> None:
-    import logging
-
-    from distributed import Client, LocalCluster
-
-    # distributed's P2P logs every shuffle start and end at WARNING level.
-    logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with distributed_client() as client:
         for name, w in bench.work.items():
             coll = w.summaries("p2p")
             ntasks, shape = graph_len(coll), p2p_shape(coll)

@@ -41,6 +41,7 @@ included; counts are per run, i.e. divided by the number of runs):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import re
@@ -49,7 +50,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -352,6 +353,58 @@ def graph_len(coll: Any) -> int:
     return len(expr.__dask_graph__())
 
 
+def report_failure(failed: list[str], *, competitor: str, workload: str, error: Exception) -> None:
+    """Print a competitor's failure as a JSON line (traceback to stderr) and note it in
+    ``failed``: the other competitors still run."""
+    failed.append(f"{competitor}/{workload}")
+    print(
+        json.dumps(
+            {
+                "workload": workload,
+                "competitor": competitor,
+                "error": f"{type(error).__name__}: {error}"[:2000],
+            }
+        ),
+        flush=True,
+    )
+    traceback.print_exc(file=sys.stderr)
+
+
+def report_speedups(workload: str, medians: dict[str, float]) -> None:
+    """Print each competitor's median over ray_oob_sched's (when it ran)."""
+    base = medians.get("ray_oob_sched")
+    if base:
+        print(
+            json.dumps(
+                {
+                    "workload": workload,
+                    "speedup_vs": {
+                        k: round(v / base, 2) for k, v in medians.items() if k != "ray_oob_sched"
+                    },
+                }
+            ),
+            flush=True,
+        )
+
+
+@contextlib.contextmanager
+def distributed_client() -> Iterator[Any]:
+    """A client of a two-process ``distributed.LocalCluster``, the P2P competitor."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    # distributed's P2P logs every shuffle start and end at WARNING level.
+    logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, sizes: Sizes) -> None:
         self.args = args
@@ -377,18 +430,7 @@ class Bench:
             rss = _rss_mb()
             info = {**extra(), **monitor.report(a.repeat + a.warmup)}
         except Exception as e:  # noqa: BLE001 -- report, go on with the others
-            self.failed.append(f"{competitor}/{workload}")
-            print(
-                json.dumps(
-                    {
-                        "workload": workload,
-                        "competitor": competitor,
-                        "error": f"{type(e).__name__}: {e}"[:2000],
-                    }
-                ),
-                flush=True,
-            )
-            traceback.print_exc(file=sys.stderr)
+            report_failure(self.failed, competitor=competitor, workload=workload, error=e)
             return
         self.medians[workload][competitor] = t
         self.results[workload][competitor] = total(res)
@@ -418,22 +460,7 @@ class Bench:
     def report(self) -> None:
         for workload in self.args.workloads:
             _check_same(workload, self.results[workload], self.failed)
-            med = self.medians[workload]
-            base = med.get("ray_oob_sched")
-            if base:
-                print(
-                    json.dumps(
-                        {
-                            "workload": workload,
-                            "speedup_vs": {
-                                k: round(v / base, 2)
-                                for k, v in med.items()
-                                if k != "ray_oob_sched"
-                            },
-                        }
-                    ),
-                    flush=True,
-                )
+            report_speedups(workload, self.medians[workload])
 
 
 def _check_same(workload: str, results: dict[str, dict[str, Any]], failed: list[str]) -> None:
@@ -552,18 +579,7 @@ def run_ray(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]], skip: set[s
 
 
 def run_distributed(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]]) -> None:
-    import logging
-
-    from distributed import Client, LocalCluster
-
-    # distributed's P2P logs every shuffle start and end at WARNING level.
-    logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with distributed_client() as client:
         for name, (nbytes, coll) in work.items():
             with dask.config.set({"dataframe.shuffle.method": "p2p"}):
                 ntasks = graph_len(coll)
