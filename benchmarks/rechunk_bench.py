@@ -50,12 +50,13 @@ from shuffle_bench import (
     _reset_peak_rss,
     _rss_mb,
     distributed_client,
+    driver_rss,
     graph_len,
     init_ray,
+    last_stats,
     measure,
     report_failure,
     report_speedups,
-    shuffle_settings,
 )
 
 COMPETITORS = ("ray_oob_sched", "ray_dask_get", "distributed", "threads")
@@ -253,10 +254,7 @@ class Bench:
                     "dask_chunk_size": dask.config.get("array.chunk-size"),
                     **w.describe(),
                     **info,
-                    # peak of the whole driver process during this competitor's runs, and
-                    # how far above its RSS at the start (imports, Ray's core worker) it went
-                    "driver_peak_rss_mb": round(rss, 1) if exact else None,
-                    "driver_rss_growth_mb": round(rss - rss0, 1) if exact else None,
+                    **driver_rss(exact=exact, start=rss0, peak=rss),
                     "repeat": a.repeat,
                     "times_s": [round(x, 4) for x in times],
                 }
@@ -336,25 +334,12 @@ def run_ray(bench: Bench, skip: set[str]) -> None:
         if "ray_oob_sched" not in skip:
             for name, w in bench.work.items():
                 coll = w.summaries("p2p")
-                ntasks, shape = graph_len(coll), p2p_shape(coll)
-
-                def stats(ntasks: int = ntasks, shape: dict[str, int] = shape) -> dict[str, Any]:
-                    st = ray_oob_sched.last_stats()
-                    return {
-                        "method": "p2p",
-                        "dask_tasks": ntasks,
-                        **shape,
-                        "ray_tasks": st.ray_tasks,
-                        "objects": st.objects,
-                        "shuffles": st.shuffles,
-                        **shuffle_settings(),
-                    }
-
+                info = {"method": "p2p", "dask_tasks": graph_len(coll), **p2p_shape(coll)}
                 bench.run(
                     "ray_oob_sched",
                     name,
                     lambda coll=coll: coll.compute(scheduler=ray_oob_sched.get),
-                    stats,
+                    lambda info=info: info | last_stats(),
                 )
         if "ray_dask_get" not in skip:
             from ray.util.dask import ray_dask_get

@@ -323,6 +323,16 @@ class Monitor:
         return out
 
 
+def driver_rss(*, exact: bool, start: float, peak: float) -> dict[str, float | None]:
+    """The peak RSS of the whole driver process during a competitor's runs, and how far
+    above its RSS at the start (imports, Ray's core worker) it went; ``None`` unless the
+    peak was reset at the start (``exact``)."""
+    return {
+        "driver_peak_rss_mb": round(peak, 1) if exact else None,
+        "driver_rss_growth_mb": round(peak - start, 1) if exact else None,
+    }
+
+
 def measure(fn: Callable[[], Any], repeat: int, warmup: int) -> tuple[float, Any, list[float]]:
     result = None
     for _ in range(warmup):  # imports, worker and actor start, function export
@@ -333,6 +343,19 @@ def measure(fn: Callable[[], Any], repeat: int, warmup: int) -> tuple[float, Any
         result = fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), result, times
+
+
+def last_stats() -> dict[str, Any]:
+    """What ray_oob_sched's last compute ran (Ray tasks, objects, shuffles), and how."""
+    import ray_oob_sched
+
+    st = ray_oob_sched.last_stats()
+    return {
+        "ray_tasks": st.ray_tasks,
+        "objects": st.objects,
+        "shuffles": st.shuffles,
+        **shuffle_settings(),
+    }
 
 
 def shuffle_settings() -> dict[str, Any]:
@@ -446,10 +469,7 @@ class Bench:
                     "out": self.sizes.out,
                     "rows_per_partition": self.sizes.rows,
                     **info,
-                    # peak of the whole driver process during this competitor's runs, and
-                    # how far above its RSS at the start (imports, Ray's core worker) it went
-                    "driver_peak_rss_mb": round(rss, 1) if exact else None,
-                    "driver_rss_growth_mb": round(rss - rss0, 1) if exact else None,
+                    **driver_rss(exact=exact, start=rss0, peak=rss),
                     "repeat": a.repeat,
                     "times_s": [round(x, 4) for x in times],
                 }
@@ -541,23 +561,12 @@ def run_ray(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]], skip: set[s
             for name, (nbytes, coll) in work.items():
                 with dask.config.set({"dataframe.shuffle.method": "p2p"}):
                     ntasks = graph_len(coll)
-
-                    def stats(ntasks: int = ntasks) -> dict[str, Any]:
-                        st = ray_oob_sched.last_stats()
-                        return {
-                            "dask_tasks": ntasks,
-                            "ray_tasks": st.ray_tasks,
-                            "objects": st.objects,
-                            "shuffles": st.shuffles,
-                            **shuffle_settings(),
-                        }
-
                     bench.run(
                         "ray_oob_sched",
                         name,
                         nbytes,
                         lambda name=name: fresh(bench, name).compute(scheduler=ray_oob_sched.get),
-                        stats,
+                        lambda n=ntasks: {"dask_tasks": n, **last_stats()},
                     )
         if "ray_dask_get" not in skip:
             from ray.util.dask import ray_dask_get
