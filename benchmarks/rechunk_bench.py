@@ -35,7 +35,6 @@ import bisect
 import itertools
 import json
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +50,7 @@ from shuffle_bench import (
     _rss_mb,
     distributed_client,
     driver_rss,
+    exit_if_failed,
     graph_len,
     init_ray,
     last_stats,
@@ -440,9 +440,7 @@ def main() -> None:
     if "threads" not in skip:
         run_threads(bench)
     bench.report()
-    if bench.failed:
-        print(json.dumps({"failed": bench.failed}), flush=True)
-        sys.exit(1)
+    exit_if_failed(bench.failed)
 
 
 if __name__ == "__main__":

@@ -410,6 +410,13 @@ def report_speedups(workload: str, medians: dict[str, float]) -> None:
         )
 
 
+def exit_if_failed(failed: list[str]) -> None:
+    """If anything failed, say what (one JSON line) and exit with status 1."""
+    if failed:
+        print(json.dumps({"failed": failed}), flush=True)
+        sys.exit(1)
+
+
 @contextlib.contextmanager
 def distributed_client() -> Iterator[Any]:
     """A client of a two-process ``distributed.LocalCluster``, the P2P competitor."""
@@ -652,9 +659,7 @@ def main() -> None:
     if "floor" not in skip:
         run_floor(bench)
     bench.report()
-    if bench.failed:
-        print(json.dumps({"failed": bench.failed}), flush=True)
-        sys.exit(1)
+    exit_if_failed(bench.failed)
 
 
 if __name__ == "__main__":
