@@ -39,6 +39,7 @@ from shuffle.device._cuda import cuda_hooks, cuda_registry, registry_for
 from shuffle.device._cudf import decode_cudf, encode_cudf, pack_meta, unpack_meta
 from shuffle.device._options import (
     CONFIG_KEY,
+    DeviceMode,
     DeviceOptions,
     DeviceUnavailableError,
     actor_num_gpus,
@@ -309,20 +310,25 @@ def test_service_reserves_gpus_on_gpu_nodes_only(monkeypatch: pytest.MonkeyPatch
 
 def test_actor_receives_with_the_allocator_of_its_device_mode() -> None:
     pytest.importorskip("ray")
-    from shuffle.shell._actor import ShuffleActor
-
-    actor = ShuffleActor(
-        name="a0",
-        secret=SECRET,
-        transport="tcp",
-        host="127.0.0.1",
-        device=DeviceOptions(mode="host"),
-    )
+    actor = in_process_actor(name="a0", mode="host")
     assert actor._config.allocator(3, "host") == bytearray(3)
     refused = actor._config.allocator(3, "cuda")
     assert "shuffle actor a0 cannot receive a 'cuda' frame" in refused_reason([refused])
-    auto = ShuffleActor(name="a1", secret=SECRET, transport="tcp", host="127.0.0.1")
+    auto = in_process_actor(name="a1", mode="auto")
     assert auto.registry.memory_type_of(FakeDeviceArray(np.zeros(1))) is MemoryType.CUDA
+
+
+def in_process_actor(*, name: str, mode: DeviceMode) -> Any:
+    """A ``ShuffleActor`` object in this process (not a Ray actor), on loopback TCP."""
+    from shuffle.shell._actor import ShuffleActor  # imports Ray: callers skip without it
+
+    return ShuffleActor(
+        name=name,
+        secret=SECRET,
+        transport="tcp",
+        host="127.0.0.1",
+        device=DeviceOptions(mode=mode),
+    )
 
 
 class ScriptedEndpoint:
@@ -350,16 +356,9 @@ async def test_actor_answers_a_refused_device_frame_with_the_reason(
 ) -> None:
     pytest.importorskip("ray")
     from shuffle._exceptions import RemoteShuffleError
-    from shuffle.shell._actor import ShuffleActor
     from shuffle.wire._reply import decode_reply
 
-    actor = ShuffleActor(
-        name="a3",
-        secret=SECRET,
-        transport="tcp",
-        host="127.0.0.1",
-        device=DeviceOptions(mode="host"),
-    )
+    actor = in_process_actor(name="a3", mode="host")
     frame = actor._config.allocator(8, "cuda")  # what the transport would receive into
     endpoint = ScriptedEndpoint([b"header", frame], [b"header", frame])
     try:
@@ -377,15 +376,7 @@ async def test_actor_answers_a_refused_device_frame_with_the_reason(
 @pytest.mark.skipif(gpu_usable(), reason="this machine has a GPU")
 async def test_cuda_mode_actor_without_a_gpu_fails_at_start() -> None:
     pytest.importorskip("ray")
-    from shuffle.shell._actor import ShuffleActor
-
-    actor = ShuffleActor(
-        name="a2",
-        secret=SECRET,
-        transport="tcp",
-        host="127.0.0.1",
-        device=DeviceOptions(mode="cuda"),
-    )
+    actor = in_process_actor(name="a2", mode="cuda")
     try:
         with pytest.raises(DeviceUnavailableError, match="shuffle actor a2 has no usable GPU"):
             await actor.start()
