@@ -28,6 +28,7 @@ from shuffle._partition import sort_by_partition
 from shuffle._send import Sent, send_shards
 from shuffle._spec import ShuffleRunSpec
 from shuffle._split import split_input
+from shuffle._transport import EndOfStream, Endpoint
 from shuffle._transport import ucx as ucx_module
 from shuffle.device._cai import cai_nbytes
 from shuffle.wire._memory import HOST_REGISTRY, MemoryRegistry
@@ -47,6 +48,16 @@ TRANSPORTS = ["tcp", pytest.param("ucx", marks=UCX)]
 
 async def w(awaitable: Awaitable[T], timeout: float = WAIT) -> T:
     return await asyncio.wait_for(awaitable, timeout)
+
+
+async def echo_messages(ep: Endpoint) -> None:
+    """A listener's handler: send every message back until the peer ends the stream."""
+    while True:
+        try:
+            message = await ep.recv()
+        except EndOfStream:
+            return
+        await ep.send(message)
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = WAIT) -> None:

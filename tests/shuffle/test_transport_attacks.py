@@ -15,15 +15,13 @@ import struct
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from shuffle._exceptions import FrameError
 from shuffle._send import MAX_PAYLOAD_NBYTES, check_payload
 from shuffle._transport import (
-    EndOfStream,
-    Endpoint,
     FrameLimits,
     ProtocolError,
     TransportConfig,
@@ -34,9 +32,8 @@ from shuffle._transport._frames import decode_sizes
 from shuffle._transport._listener import DropLog, ServingListener
 from shuffle._transport._reaper import select_stale
 from shuffle.shell._limits import MESSAGE_LIMITS
-from tests.shuffle.support import TRANSPORTS, WAIT, eventually, w
+from tests.shuffle.support import TRANSPORTS, WAIT, echo_messages, eventually, w
 
-T = TypeVar("T")
 SECRET = b"s" * 32
 pytestmark = pytest.mark.usefixtures("loopback_only")
 MiB = 1 << 20
@@ -74,21 +71,12 @@ def raw_sockets(port: int, count: int, first: bytes = b"") -> Iterator[list[sock
             sock.close()
 
 
-async def _echo(ep: Endpoint) -> None:
-    while True:
-        try:
-            message = await ep.recv()
-        except EndOfStream:
-            return
-        await ep.send(message)
-
-
 @contextlib.asynccontextmanager
 async def serving(kind: str, **options: Any) -> AsyncIterator[tuple[Any, ServingListener]]:
     cfg = TransportConfig(secret=SECRET, **options)
     transport = get_transport(kind, config=cfg)  # type: ignore[arg-type]
     try:
-        listener = await w(transport.listen("127.0.0.1", 0, _echo))
+        listener = await w(transport.listen("127.0.0.1", 0, echo_messages))
         assert isinstance(listener, ServingListener)
         yield transport, listener
     finally:

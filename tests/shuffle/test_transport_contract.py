@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,9 +51,8 @@ from shuffle._transport._listener import ServingListener
 from shuffle._transport.local import LocalTransport
 from shuffle._transport.tcp import TcpTransport
 from tests.shuffle.support import TRANSPORTS as NETWORK_TRANSPORTS
-from tests.shuffle.support import FakeDeviceArray, eventually, skip_without_ucx, w
+from tests.shuffle.support import FakeDeviceArray, echo_messages, eventually, skip_without_ucx, w
 
-T = TypeVar("T")
 SECRET = b"s" * 32
 TEST_DEADLINE = 120.0  # bound on a whole test
 MiB = 1 << 20
@@ -115,12 +114,7 @@ class Harness:
 
     async def echo(self, ep: Endpoint) -> None:
         self.served.append(ep)
-        while True:
-            try:
-                message = await ep.recv()
-            except EndOfStream:
-                return
-            await ep.send(message)
+        await echo_messages(ep)
 
     async def listen(
         self, handler: Callable[[Endpoint], Awaitable[None]] | None = None
