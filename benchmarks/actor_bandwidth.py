@@ -54,7 +54,7 @@ from shuffle.shell._actor import ACTOR_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transport_bandwidth
-from transport_bandwidth import _config, parse_size
+from transport_bandwidth import _config, ack_each_message, parse_size
 
 # The actors call _config; ship it by value, workers need not import this folder.
 ray.cloudpickle.register_pickle_by_value(transport_bandwidth)
@@ -75,15 +75,7 @@ class Receiver:
         self._listeners: list[Any] = []  # referenced, or the listener may be collected
 
     async def listen(self, transport: str, secret: bytes, host: str) -> str:
-        from shuffle._transport import EndOfStream, Endpoint, get_transport
-
-        async def ack_each_message(ep: Endpoint) -> None:
-            try:
-                while True:
-                    await ep.recv()
-                    await ep.send([b""])
-            except EndOfStream:
-                return
+        from shuffle._transport import get_transport
 
         t = get_transport(transport, config=_config(secret))  # type: ignore[arg-type]
         self._transports.append(t)

@@ -35,8 +35,6 @@ import bisect
 import itertools
 import json
 import math
-import sys
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,10 +48,15 @@ import ray
 from shuffle_bench import (
     _reset_peak_rss,
     _rss_mb,
+    distributed_client,
+    driver_rss,
+    exit_if_failed,
     graph_len,
     init_ray,
+    last_stats,
     measure,
-    shuffle_settings,
+    report_failure,
+    report_speedups,
 )
 
 COMPETITORS = ("ray_oob_sched", "ray_dask_get", "distributed", "threads")
@@ -236,18 +239,7 @@ class Bench:
             rss = _rss_mb()
             info = extra()
         except Exception as e:  # noqa: BLE001 -- report, go on with the others
-            self.failed.append(f"{competitor}/{workload}")
-            print(
-                json.dumps(
-                    {
-                        "workload": workload,
-                        "competitor": competitor,
-                        "error": f"{type(e).__name__}: {e}"[:2000],
-                    }
-                ),
-                flush=True,
-            )
-            traceback.print_exc(file=sys.stderr)
+            report_failure(self.failed, competitor=competitor, workload=workload, error=e)
             return
         self.medians[workload][competitor] = t
         self.results[workload][competitor] = np.asarray(res)
@@ -262,10 +254,7 @@ class Bench:
                     "dask_chunk_size": dask.config.get("array.chunk-size"),
                     **w.describe(),
                     **info,
-                    # peak of the whole driver process during this competitor's runs, and
-                    # how far above its RSS at the start (imports, Ray's core worker) it went
-                    "driver_peak_rss_mb": round(rss, 1) if exact else None,
-                    "driver_rss_growth_mb": round(rss - rss0, 1) if exact else None,
+                    **driver_rss(exact=exact, start=rss0, peak=rss),
                     "repeat": a.repeat,
                     "times_s": [round(x, 4) for x in times],
                 }
@@ -276,22 +265,7 @@ class Bench:
     def report(self) -> None:
         for workload in self.work:
             self._check(workload)
-            med = self.medians[workload]
-            base = med.get("ray_oob_sched")
-            if base:
-                print(
-                    json.dumps(
-                        {
-                            "workload": workload,
-                            "speedup_vs": {
-                                k: round(v / base, 2)
-                                for k, v in med.items()
-                                if k != "ray_oob_sched"
-                            },
-                        }
-                    ),
-                    flush=True,
-                )
+            report_speedups(workload, self.medians[workload])
 
     def _check(self, workload: str) -> None:
         """Every competitor against the driver's values, and against each other."""
@@ -360,25 +334,12 @@ def run_ray(bench: Bench, skip: set[str]) -> None:
         if "ray_oob_sched" not in skip:
             for name, w in bench.work.items():
                 coll = w.summaries("p2p")
-                ntasks, shape = graph_len(coll), p2p_shape(coll)
-
-                def stats(ntasks: int = ntasks, shape: dict[str, int] = shape) -> dict[str, Any]:
-                    st = ray_oob_sched.last_stats()
-                    return {
-                        "method": "p2p",
-                        "dask_tasks": ntasks,
-                        **shape,
-                        "ray_tasks": st.ray_tasks,
-                        "objects": st.objects,
-                        "shuffles": st.shuffles,
-                        **shuffle_settings(),
-                    }
-
+                info = {"method": "p2p", "dask_tasks": graph_len(coll), **p2p_shape(coll)}
                 bench.run(
                     "ray_oob_sched",
                     name,
                     lambda coll=coll: coll.compute(scheduler=ray_oob_sched.get),
-                    stats,
+                    lambda info=info: info | last_stats(),
                 )
         if "ray_dask_get" not in skip:
             from ray.util.dask import ray_dask_get
@@ -398,18 +359,7 @@ def run_ray(bench: Bench, skip: set[str]) -> None:
 
 
 def run_distributed(bench: Bench) -> None:
-    import logging
-
-    from distributed import Client, LocalCluster
-
-    # distributed's P2P logs every shuffle start and end at WARNING level.
-    logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with distributed_client() as client:
         for name, w in bench.work.items():
             coll = w.summaries("p2p")
             ntasks, shape = graph_len(coll), p2p_shape(coll)
@@ -490,9 +440,7 @@ def main() -> None:
     if "threads" not in skip:
         run_threads(bench)
     bench.report()
-    if bench.failed:
-        print(json.dumps({"failed": bench.failed}), flush=True)
-        sys.exit(1)
+    exit_if_failed(bench.failed)
 
 
 if __name__ == "__main__":

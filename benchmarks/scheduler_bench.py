@@ -24,6 +24,9 @@ import numpy as np
 import pandas as pd
 import ray
 
+# Shared with the shuffle benchmark (same folder).
+from shuffle_bench import report_speedups
+
 
 def tiny_graph(n: int, fan_in: int = 8) -> tuple[dict, str]:
     """n independent tiny tasks, then a tree reduction with the given fan-in."""
@@ -110,21 +113,7 @@ def main() -> None:
                 flush=True,
             )
         _check_same(name, results)
-        base = medians.get("ray_oob_sched")
-        if base:
-            print(
-                json.dumps(
-                    {
-                        "workload": name,
-                        "speedup_vs": {
-                            k: round(v / base, 2)
-                            for k, v in medians.items()
-                            if k != "ray_oob_sched"
-                        },
-                    }
-                ),
-                flush=True,
-            )
+        report_speedups(name, medians)
     ray.shutdown()
 
 

@@ -41,6 +41,7 @@ included; counts are per run, i.e. divided by the number of runs):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import re
@@ -49,7 +50,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -322,6 +323,16 @@ class Monitor:
         return out
 
 
+def driver_rss(*, exact: bool, start: float, peak: float) -> dict[str, float | None]:
+    """The peak RSS of the whole driver process during a competitor's runs, and how far
+    above its RSS at the start (imports, Ray's core worker) it went; ``None`` unless the
+    peak was reset at the start (``exact``)."""
+    return {
+        "driver_peak_rss_mb": round(peak, 1) if exact else None,
+        "driver_rss_growth_mb": round(peak - start, 1) if exact else None,
+    }
+
+
 def measure(fn: Callable[[], Any], repeat: int, warmup: int) -> tuple[float, Any, list[float]]:
     result = None
     for _ in range(warmup):  # imports, worker and actor start, function export
@@ -332,6 +343,19 @@ def measure(fn: Callable[[], Any], repeat: int, warmup: int) -> tuple[float, Any
         result = fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), result, times
+
+
+def last_stats() -> dict[str, Any]:
+    """What ray_oob_sched's last compute ran (Ray tasks, objects, shuffles), and how."""
+    import ray_oob_sched
+
+    st = ray_oob_sched.last_stats()
+    return {
+        "ray_tasks": st.ray_tasks,
+        "objects": st.objects,
+        "shuffles": st.shuffles,
+        **shuffle_settings(),
+    }
 
 
 def shuffle_settings() -> dict[str, Any]:
@@ -350,6 +374,65 @@ def graph_len(coll: Any) -> int:
 
     expr = FinalizeCompute(dask.base.collections_to_expr([coll])).optimize()
     return len(expr.__dask_graph__())
+
+
+def report_failure(failed: list[str], *, competitor: str, workload: str, error: Exception) -> None:
+    """Print a competitor's failure as a JSON line (traceback to stderr) and note it in
+    ``failed``: the other competitors still run."""
+    failed.append(f"{competitor}/{workload}")
+    print(
+        json.dumps(
+            {
+                "workload": workload,
+                "competitor": competitor,
+                "error": f"{type(error).__name__}: {error}"[:2000],
+            }
+        ),
+        flush=True,
+    )
+    traceback.print_exc(file=sys.stderr)
+
+
+def report_speedups(workload: str, medians: dict[str, float]) -> None:
+    """Print each competitor's median over ray_oob_sched's (when it ran)."""
+    base = medians.get("ray_oob_sched")
+    if base:
+        print(
+            json.dumps(
+                {
+                    "workload": workload,
+                    "speedup_vs": {
+                        k: round(v / base, 2) for k, v in medians.items() if k != "ray_oob_sched"
+                    },
+                }
+            ),
+            flush=True,
+        )
+
+
+def exit_if_failed(failed: list[str]) -> None:
+    """If anything failed, say what (one JSON line) and exit with status 1."""
+    if failed:
+        print(json.dumps({"failed": failed}), flush=True)
+        sys.exit(1)
+
+
+@contextlib.contextmanager
+def distributed_client() -> Iterator[Any]:
+    """A client of a two-process ``distributed.LocalCluster``, the P2P competitor."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    # distributed's P2P logs every shuffle start and end at WARNING level.
+    logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
 
 
 class Bench:
@@ -377,18 +460,7 @@ class Bench:
             rss = _rss_mb()
             info = {**extra(), **monitor.report(a.repeat + a.warmup)}
         except Exception as e:  # noqa: BLE001 -- report, go on with the others
-            self.failed.append(f"{competitor}/{workload}")
-            print(
-                json.dumps(
-                    {
-                        "workload": workload,
-                        "competitor": competitor,
-                        "error": f"{type(e).__name__}: {e}"[:2000],
-                    }
-                ),
-                flush=True,
-            )
-            traceback.print_exc(file=sys.stderr)
+            report_failure(self.failed, competitor=competitor, workload=workload, error=e)
             return
         self.medians[workload][competitor] = t
         self.results[workload][competitor] = total(res)
@@ -404,10 +476,7 @@ class Bench:
                     "out": self.sizes.out,
                     "rows_per_partition": self.sizes.rows,
                     **info,
-                    # peak of the whole driver process during this competitor's runs, and
-                    # how far above its RSS at the start (imports, Ray's core worker) it went
-                    "driver_peak_rss_mb": round(rss, 1) if exact else None,
-                    "driver_rss_growth_mb": round(rss - rss0, 1) if exact else None,
+                    **driver_rss(exact=exact, start=rss0, peak=rss),
                     "repeat": a.repeat,
                     "times_s": [round(x, 4) for x in times],
                 }
@@ -418,22 +487,7 @@ class Bench:
     def report(self) -> None:
         for workload in self.args.workloads:
             _check_same(workload, self.results[workload], self.failed)
-            med = self.medians[workload]
-            base = med.get("ray_oob_sched")
-            if base:
-                print(
-                    json.dumps(
-                        {
-                            "workload": workload,
-                            "speedup_vs": {
-                                k: round(v / base, 2)
-                                for k, v in med.items()
-                                if k != "ray_oob_sched"
-                            },
-                        }
-                    ),
-                    flush=True,
-                )
+            report_speedups(workload, self.medians[workload])
 
 
 def _check_same(workload: str, results: dict[str, dict[str, Any]], failed: list[str]) -> None:
@@ -514,23 +568,12 @@ def run_ray(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]], skip: set[s
             for name, (nbytes, coll) in work.items():
                 with dask.config.set({"dataframe.shuffle.method": "p2p"}):
                     ntasks = graph_len(coll)
-
-                    def stats(ntasks: int = ntasks) -> dict[str, Any]:
-                        st = ray_oob_sched.last_stats()
-                        return {
-                            "dask_tasks": ntasks,
-                            "ray_tasks": st.ray_tasks,
-                            "objects": st.objects,
-                            "shuffles": st.shuffles,
-                            **shuffle_settings(),
-                        }
-
                     bench.run(
                         "ray_oob_sched",
                         name,
                         nbytes,
                         lambda name=name: fresh(bench, name).compute(scheduler=ray_oob_sched.get),
-                        stats,
+                        lambda n=ntasks: {"dask_tasks": n, **last_stats()},
                     )
         if "ray_dask_get" not in skip:
             from ray.util.dask import ray_dask_get
@@ -552,18 +595,7 @@ def run_ray(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]], skip: set[s
 
 
 def run_distributed(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]]) -> None:
-    import logging
-
-    from distributed import Client, LocalCluster
-
-    # distributed's P2P logs every shuffle start and end at WARNING level.
-    logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with distributed_client() as client:
         for name, (nbytes, coll) in work.items():
             with dask.config.set({"dataframe.shuffle.method": "p2p"}):
                 ntasks = graph_len(coll)
@@ -627,9 +659,7 @@ def main() -> None:
     if "floor" not in skip:
         run_floor(bench)
     bench.report()
-    if bench.failed:
-        print(json.dumps({"failed": bench.failed}), flush=True)
-        sys.exit(1)
+    exit_if_failed(bench.failed)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,18 @@ def _config(secret: bytes) -> Any:
     return TransportConfig(secret=secret, limits=FrameLimits(max_frame_bytes=1 << 34))
 
 
+async def ack_each_message(ep: Any) -> None:
+    """The receiving side: answer every message with an empty one until the peer ends."""
+    from shuffle._transport import EndOfStream
+
+    try:
+        while True:
+            await ep.recv()
+            await ep.send([b""])
+    except EndOfStream:
+        return
+
+
 def _set_env(env: dict[str, str]) -> None:
     os.environ.update(env)
     os.environ.setdefault("UCX_NET_DEVICES", "lo")  # a loopback benchmark: no other NIC
@@ -55,20 +67,16 @@ def serve(name: str, secret: bytes, env: dict[str, str], conn: Connection) -> No
     _set_env(env)
 
     async def main() -> None:
-        from shuffle._transport import EndOfStream, Endpoint, get_transport
+        from shuffle._transport import Endpoint, get_transport
 
         done = asyncio.Event()
 
-        async def ack_each_message(ep: Endpoint) -> None:
-            try:
-                while True:
-                    await ep.recv()
-                    await ep.send([b""])
-            except EndOfStream:
-                done.set()
+        async def serve_one(ep: Endpoint) -> None:
+            await ack_each_message(ep)
+            done.set()
 
         async with get_transport(name, config=_config(secret)) as transport:  # type: ignore[arg-type]
-            listener = await transport.listen("127.0.0.1", 0, ack_each_message)
+            listener = await transport.listen("127.0.0.1", 0, serve_one)
             conn.send(listener.address)
             await asyncio.wait_for(done.wait(), TIMEOUT)
 

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Generic, TypeVar
 
+from shuffle._closable import Closable
 from shuffle._exceptions import BufferClosedError, LimiterTimeoutError
 from shuffle._limiter import ResourceLimiter
 from shuffle.wire._memory import host_nbytes
@@ -31,7 +32,7 @@ K = TypeVar("K")  # what names a shard: an output partition, a ShardKey, ...
 B = TypeVar("B")  # the shard's payload
 
 
-class ShardsBuffer(Generic[K, B]):
+class ShardsBuffer(Closable, Generic[K, B]):
     """Batch ``{destination: [(key, payload)]}`` writes into ``send(destination, batch)``.
 
     ``limiter`` counts bytes from ``write`` until their send completes; it may be shared
@@ -81,10 +82,6 @@ class ShardsBuffer(Generic[K, B]):
             f"<ShardsBuffer {self.name!r} buffered={self.nbytes_buffered} "
             f"sending_to={sorted(self._sending)} closed={self._closed}>"
         )
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     @property
     def exception(self) -> Exception | None:

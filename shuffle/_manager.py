@@ -32,6 +32,7 @@ from typing import Any
 
 import pandas as pd
 
+from shuffle._closable import Closable
 from shuffle._exceptions import FrameError, ShuffleClosedError, StaleRunError, UnknownRunError
 from shuffle._ids import RunId, ShuffleId
 from shuffle._options import DEFAULT_OPTIONS, RunOptions
@@ -48,7 +49,7 @@ __all__ = ["ShuffleManager", "UnknownRunError"]
 logger = logging.getLogger(__name__)
 
 
-class ShuffleManager:
+class ShuffleManager(Closable):
     """The runs of one participant ``local``, which receive what senders send.
 
     ``accept_any_sender`` is passed to every run (see ``shuffle._run``), and so is
@@ -81,10 +82,6 @@ class ShuffleManager:
     def runs(self) -> Mapping[ShuffleId, ShuffleRun]:
         """The open runs by shuffle id (read-only view), for introspection and tests."""
         return MappingProxyType(self._runs)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def counters(self) -> ParticipantCounters:
         """Cumulative counters over every run this manager held, closed ones too."""

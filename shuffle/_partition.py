@@ -35,7 +35,6 @@ __all__ = [
     "concat_partition",
     "group_by_owner",
     "sort_by_partition",
-    "split_by_partition",
 ]
 
 T = TypeVar("T")
@@ -43,33 +42,6 @@ T = TypeVar("T")
 # dask.dataframe.utils.UNKNOWN_CATEGORIES, copied to keep dask.dataframe's import cost out
 # of this module; a test pins it to dask's value.
 UNKNOWN_CATEGORIES = "__UNKNOWN_CATEGORIES__"
-
-
-def split_by_partition(
-    df: pd.DataFrame,
-    *,
-    column: str,
-    npartitions: int | None = None,
-    drop_column: bool = True,
-    preserve_index: bool = True,
-    keep: Sequence[int] | None = None,
-) -> dict[int, pa.Table]:
-    """Split ``df`` by its integer ``column`` into ``{output_partition: table}``.
-
-    Only partitions that receive rows appear. Rows keep their input order inside each
-    table, so the result is deterministic. With ``npartitions``, values outside
-    ``[0, npartitions)`` are rejected instead of silently creating extra partitions.
-    With ``keep``, the rows of every other partition are dropped (nobody asked for them).
-    """
-    table, bounds = sort_by_partition(
-        df,
-        column=column,
-        npartitions=npartitions,
-        drop_column=drop_column,
-        preserve_index=preserve_index,
-        keep=keep,
-    )
-    return {p: table.slice(start, stop - start) for p, (start, stop) in bounds.items()}
 
 
 def sort_by_partition(
@@ -83,9 +55,12 @@ def sort_by_partition(
 ) -> tuple[pa.Table, dict[int, tuple[int, int]]]:
     """``df`` as one Arrow table sorted by ``column``, and each partition's row range.
 
-    What ``split_by_partition`` slices; senders that encode the slices use the one
-    table (one schema) directly. ``bounds`` maps each partition with rows to
-    ``(start, stop)``; the table is empty and ``bounds`` too if no row is kept.
+    Senders encode zero-copy slices of the one table (one schema). ``bounds`` maps each
+    partition with rows to ``(start, stop)``; rows keep their input order inside each
+    range, so the slices are deterministic. With ``npartitions``, values outside
+    ``[0, npartitions)`` are rejected instead of silently creating extra partitions.
+    With ``keep``, the rows of every other partition are dropped (nobody asked for them);
+    the table is empty and ``bounds`` too if no row is kept.
     """
     codes = _partition_codes(df, column, npartitions)
     if keep is not None:

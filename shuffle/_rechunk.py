@@ -161,9 +161,7 @@ class RechunkLayout:
 
     def pieces_of_input(self, flat: int) -> Iterator[tuple[int, tuple[slice, ...]]]:
         """``(output chunk, slices of the input chunk)`` for every piece it contributes."""
-        index = self.input_index(flat)
-        per_axis = [self._by_input[axis][i] for axis, i in enumerate(index)]
-        for combo in itertools.product(*per_axis):
+        for combo in _combinations(self._by_input, self.input_index(flat)):
             yield (
                 self.flat_output(tuple(p.output_chunk for p in combo)),
                 tuple(p.in_slice for p in combo),
@@ -171,21 +169,14 @@ class RechunkLayout:
 
     def pieces_of_output(self, flat: int) -> Iterator[tuple[int, tuple[slice, ...]]]:
         """``(input chunk, slices of the output chunk)`` for every piece it receives."""
-        index = self.output_index(flat)
-        per_axis = [self._by_output[axis][j] for axis, j in enumerate(index)]
-        for combo in itertools.product(*per_axis):
-            yield (
-                self.flat_input(tuple(p.input_chunk for p in combo)),
-                tuple(p.out_slice for p in combo),
-            )
+        for source, _, out_slices in self.sources_of_output(flat):
+            yield source, out_slices
 
     def sources_of_output(
         self, flat: int
     ) -> Iterator[tuple[int, tuple[slice, ...], tuple[slice, ...]]]:
         """``(input chunk, slices of it, slices of the output chunk)`` per piece."""
-        index = self.output_index(flat)
-        per_axis = [self._by_output[axis][j] for axis, j in enumerate(index)]
-        for combo in itertools.product(*per_axis):
+        for combo in _combinations(self._by_output, self.output_index(flat)):
             yield (
                 self.flat_input(tuple(p.input_chunk for p in combo)),
                 tuple(p.in_slice for p in combo),
@@ -201,6 +192,13 @@ class RechunkLayout:
         """How many pieces output chunk ``flat`` receives."""
         index = self.output_index(flat)
         return math.prod(len(self._by_output[axis][j]) for axis, j in enumerate(index))
+
+
+def _combinations(
+    by_chunk: tuple[tuple[tuple[AxisPiece, ...], ...], ...], index: NDIndex
+) -> Iterator[tuple[AxisPiece, ...]]:
+    """The pieces of the chunk at ``index``: every combination of one piece per axis."""
+    return itertools.product(*(by_chunk[axis][i] for axis, i in enumerate(index)))
 
 
 def is_rechunk(meta: object) -> TypeGuard[RechunkLayout]:

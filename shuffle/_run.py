@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from shuffle._closable import Closable
 from shuffle._combine import Coverage, split_joined
 from shuffle._exceptions import BufferClosedError, FrameError, ShuffleClosedError
 from shuffle._ids import RunId, ShuffleId
@@ -79,7 +80,7 @@ class ReceiveStats:
     outputs_read: int = 0
 
 
-class ShuffleRun(abc.ABC):
+class ShuffleRun(Closable, abc.ABC):
     """This participant's state for one run: receive store, first failure.
 
     The base of the two kinds of run, which differ in how an output is rebuilt:
@@ -139,10 +140,6 @@ class ShuffleRun(abc.ABC):
     @property
     def run_id(self) -> RunId:
         return self.spec.run_id
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     @property
     def exception(self) -> Exception | None:
@@ -246,7 +243,7 @@ class ShuffleRun(abc.ABC):
         self.raise_if_closed()
         self._inputs_done = True
 
-    def _admit(self, entries: Sequence[Any]) -> None:  # noqa: B027 -- optional hook
+    def _admit(self, entries: Sequence[Any]) -> None:
         """Refuse (raise) a message whose entries contradict what is stored; the
         dataframe run checks joined pieces' coverage."""
 

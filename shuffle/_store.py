@@ -26,7 +26,6 @@ import threading
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from shuffle._exceptions import BufferClosedError
@@ -199,12 +198,7 @@ class DiskShardStore:
     def __enter__(self) -> DiskShardStore:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.cleanup()
 
     def _spill(self, partition: int) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 
-__all__ = ["PACKAGE_DIR", "drop_frame_locals"]
+__all__ = ["PACKAGE_DIR", "chained_exceptions", "drop_frame_locals"]
 
 #: The ``shuffle`` package's folder, for ``drop_frame_locals``'s ``dirs``.
 PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
@@ -30,6 +31,20 @@ def drop_frame_locals(error: BaseException, *, dirs: tuple[str, ...]) -> None:
     (or, on the loop's timeout, with no loop frame in the tracebacks), so no frame
     cleared here belongs to a coroutine that could still resume.
     """
+    for current in chained_exceptions(error):
+        tb = current.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.startswith(dirs):
+                with contextlib.suppress(RuntimeError):  # still executing
+                    tb.tb_frame.clear()
+            tb = tb.tb_next
+
+
+def chained_exceptions(error: BaseException) -> Iterator[BaseException]:
+    """``error``, its causes and contexts, and the members of exception groups, each once.
+
+    Visited before their tracebacks change, so callers may clear or drop them as they go.
+    """
     seen: set[int] = set()
     pending: list[BaseException | None] = [error]
     while pending:
@@ -37,12 +52,7 @@ def drop_frame_locals(error: BaseException, *, dirs: tuple[str, ...]) -> None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        tb = current.__traceback__
-        while tb is not None:
-            if tb.tb_frame.f_code.co_filename.startswith(dirs):
-                with contextlib.suppress(RuntimeError):  # still executing
-                    tb.tb_frame.clear()
-            tb = tb.tb_next
+        yield current
         pending += [current.__cause__, current.__context__]
         if isinstance(current, BaseExceptionGroup):
             pending += current.exceptions

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +60,26 @@ def assert_dies(actor: object, *, wait: float) -> None:
             return
         assert time.monotonic() < deadline, f"{actor} is still alive {wait:g} s after close"
         time.sleep(0.1)
+
+
+def run_scenario(module: str, call: str, *, timeout: float) -> str:
+    """Run ``module.call`` in a fresh Python from the repository root; return its stdout.
+
+    For scenarios that start their own (multi-node) Ray cluster: a separate process keeps
+    it apart from the session's Ray, and RAY_ADDRESS is dropped so that it does not join
+    another. Fails with the tails of both outputs if the process fails.
+    """
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-c", f"import {module} as m; m.{call}"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=root,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result.stdout

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Coroutine, Sequence
 from typing import Any, ClassVar, TypeVar
 
+from shuffle._closable import Closable
+
 from ._errors import (
     BrokenTransportError,
     ClosedResourceError,
@@ -33,7 +35,7 @@ class ConnectionLost(Exception):
     own teardown woke a waiter). ``FramedEndpoint`` translates it."""
 
 
-class FramedEndpoint(Endpoint):
+class FramedEndpoint(Closable, Endpoint):
     """The endpoint contract of ``base.py`` on top of two message-level hooks."""
 
     #: Exceptions of the underlying library that mean "the connection failed".
@@ -81,10 +83,6 @@ class FramedEndpoint(Endpoint):
     @property
     def name(self) -> str:
         return self._name
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def set_limits(self, limits: FrameLimits) -> None:
         """Switch from handshake limits to the configured ones (between messages)."""

@@ -11,6 +11,8 @@ import abc
 import asyncio
 import weakref
 
+from shuffle._closable import Closable
+
 from ._endpoint import FramedEndpoint
 from ._errors import ClosedResourceError, TransportUsageError
 from ._handshake import authenticate_client
@@ -18,7 +20,7 @@ from ._listener import ServingListener
 from .base import AsyncResource, Endpoint, Handler, Listener, Transport, TransportConfig
 
 
-class BaseTransport(Transport):
+class BaseTransport(Closable, Transport):
     """``connect`` = open a raw endpoint + authenticate; tracks what it created."""
 
     def __init__(self, config: TransportConfig) -> None:
@@ -44,10 +46,6 @@ class BaseTransport(Transport):
     @property
     def config(self) -> TransportConfig:
         return self._config
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def _check_open(self) -> None:
         if self._closed:

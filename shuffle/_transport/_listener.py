@@ -17,6 +17,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from shuffle._closable import Closable
+
 from ._endpoint import FramedEndpoint
 from ._errors import (
     AuthenticationError,
@@ -77,7 +79,7 @@ class DropLog:
         self._last, self._unreported = now, 0
 
 
-class ServingListener(Listener):
+class ServingListener(Closable, Listener):
     """Runs ``handshake -> handler -> close`` for every accepted connection."""
 
     def __init__(self, *, config: TransportConfig, handler: Handler, address: str) -> None:
@@ -98,10 +100,6 @@ class ServingListener(Listener):
     @property
     def address(self) -> str:
         return self._address
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     @property
     def stats(self) -> ListenerStats:

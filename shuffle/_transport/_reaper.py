@@ -42,7 +42,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 
 __all__ = ["ConnectionReaper", "listening_ports", "select_stale"]
 
@@ -125,16 +125,25 @@ def _pending(listener_ports: Collection[int], data_ports: Collection[int]) -> di
     return pending
 
 
-def _bytes_acked_received(fd: int, inode: int) -> tuple[int, int] | None:
-    """``(tcpi_bytes_acked, tcpi_bytes_received)`` of ``fd``'s socket, if it still is
-    ``inode`` and the kernel says."""
+@contextlib.contextmanager
+def _socket_of(fd: int, inode: int) -> Iterator[socket.socket | None]:
+    """A duplicate of ``fd`` as a socket, closed on exit (``fd`` stays UCX's); ``None``
+    if ``fd`` is closed, or was closed and reused meanwhile (it no longer is ``inode``)."""
     try:
         dup = os.dup(fd)
     except OSError:
-        return None
+        yield None
+        return
     with socket.socket(fileno=dup) as sock:
-        if os.fstat(dup).st_ino != inode:
-            return None  # the descriptor was closed and reused meanwhile
+        yield sock if os.fstat(dup).st_ino == inode else None
+
+
+def _bytes_acked_received(fd: int, inode: int) -> tuple[int, int] | None:
+    """``(tcpi_bytes_acked, tcpi_bytes_received)`` of ``fd``'s socket, if it still is
+    ``inode`` and the kernel says."""
+    with _socket_of(fd, inode) as sock:
+        if sock is None:
+            return None
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
     if len(info) < _BYTES_OFFSET + 16:
         return None  # a kernel too old to say: leave it alone
@@ -144,12 +153,8 @@ def _bytes_acked_received(fd: int, inode: int) -> tuple[int, int] | None:
 
 def _drop(fd: int, inode: int) -> bool:
     """Shut the socket down under UCX, which then closes it; the descriptor stays UCX's."""
-    try:
-        dup = os.dup(fd)
-    except OSError:
-        return False
-    with socket.socket(fileno=dup) as sock:
-        if os.fstat(dup).st_ino != inode:
+    with _socket_of(fd, inode) as sock:
+        if sock is None:
             return False
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)

@@ -79,8 +79,7 @@ class _TcpEndpoint(FramedEndpoint):
         self._fd = sock.fileno()
         self._loop = asyncio.get_running_loop()
         self._torn_down = False
-        self._read_waiter: asyncio.Future[None] | None = None
-        self._write_waiter: asyncio.Future[None] | None = None
+        self._waiters: dict[bool, asyncio.Future[None]] = {}  # writing -> while waiting
         self._rbuf = memoryview(bytearray(_HANDSHAKE_BUFFER_BYTES))
         self._rstart = 0
         self._rend = 0
@@ -97,30 +96,24 @@ class _TcpEndpoint(FramedEndpoint):
 
     # ---- readiness
 
-    async def _wait_readable(self) -> None:
+    async def _wait_ready(self, *, writing: bool) -> None:
+        """Wait until the loop reports the socket readable (or ``writing``: writable)."""
         if self._torn_down:
             raise ConnectionLost("closed")
-        waiter = self._read_waiter = self._loop.create_future()
-        self._loop.add_reader(self._fd, _wake, waiter)
+        waiter = self._waiters[writing] = self._loop.create_future()
+        add = self._loop.add_writer if writing else self._loop.add_reader
+        add(self._fd, _wake, waiter)
         try:
             await waiter
         finally:
-            self._read_waiter = None
+            del self._waiters[writing]
             # After teardown the fd may already belong to another socket.
             if not self._torn_down:
-                self._loop.remove_reader(self._fd)
+                self._stop_watching(writing=writing)
 
-    async def _wait_writable(self) -> None:
-        if self._torn_down:
-            raise ConnectionLost("closed")
-        waiter = self._write_waiter = self._loop.create_future()
-        self._loop.add_writer(self._fd, _wake, waiter)
-        try:
-            await waiter
-        finally:
-            self._write_waiter = None
-            if not self._torn_down:
-                self._loop.remove_writer(self._fd)
+    def _stop_watching(self, *, writing: bool) -> None:
+        remove = self._loop.remove_writer if writing else self._loop.remove_reader
+        remove(self._fd)
 
     # ---- receiving
 
@@ -129,7 +122,7 @@ class _TcpEndpoint(FramedEndpoint):
             try:
                 n = self._sock.recv_into(view)
             except (BlockingIOError, InterruptedError):
-                await self._wait_readable()
+                await self._wait_ready(writing=False)
                 continue
             if n == 0:
                 raise ConnectionLost("the peer closed the socket without a goodbye")
@@ -187,7 +180,7 @@ class _TcpEndpoint(FramedEndpoint):
             try:
                 sent = self._sock.sendmsg(views[i : i + _IOV_MAX])
             except (BlockingIOError, InterruptedError):
-                await self._wait_writable()
+                await self._wait_ready(writing=True)
                 continue
             while sent:  # advance past what the kernel took
                 n = views[i].nbytes
@@ -206,14 +199,10 @@ class _TcpEndpoint(FramedEndpoint):
         if self._torn_down:
             return
         self._torn_down = True
-        for waiter, remove in (
-            (self._read_waiter, self._loop.remove_reader),
-            (self._write_waiter, self._loop.remove_writer),
-        ):
-            if waiter is not None:
-                remove(self._fd)
-                if not waiter.done():
-                    waiter.set_exception(ConnectionLost("closed"))
+        for writing, waiter in self._waiters.items():
+            self._stop_watching(writing=writing)
+            if not waiter.done():
+                waiter.set_exception(ConnectionLost("closed"))
         try:
             if reset:
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)

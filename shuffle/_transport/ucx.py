@@ -64,6 +64,8 @@ import weakref
 from types import ModuleType
 from typing import Any
 
+from shuffle._tracebacks import chained_exceptions
+
 from ._address import format_address, parse_address
 from ._endpoint import ConnectionLost, FramedEndpoint
 from ._errors import BrokenTransportError, ProtocolError, TransportUsageError
@@ -125,15 +127,8 @@ def _scrub_tracebacks(error: BaseException) -> None:
     context: the UCX endpoints (and the listener that accepted them) would outlive
     their close, and ``ucxx.reset()`` would refuse to run.
     """
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in chained_exceptions(error):
         current.__traceback__ = None
-        pending += [current.__cause__, current.__context__]
 
 
 class _UcxRuntime:

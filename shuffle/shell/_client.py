@@ -37,6 +37,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
+from shuffle._closable import Closable
 from shuffle._send import send_shards
 from shuffle._split import Shards, split_input
 from shuffle._tracebacks import PACKAGE_DIR, drop_frame_locals
@@ -80,7 +81,7 @@ class ClientConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
 
 
-class ShuffleClient:
+class ShuffleClient(Closable):
     """One process's sender: a loop thread, transports and endpoint pools (module doc).
 
     Call ``send``/``shuffle`` from any thread except the client's own loop thread.
@@ -101,10 +102,6 @@ class ShuffleClient:
 
     def __repr__(self) -> str:
         return f"<ShuffleClient {self.name} closed={self._closed}>"
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def send(self, address: str, frames: Sequence[Any], *, secret: bytes) -> None:
         """Send one message to the actor at ``address``; return once it acknowledged."""

@@ -36,13 +36,13 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Self, cast
 
 import pandas as pd
 import ray
 from ray.exceptions import ActorUnschedulableError, GetTimeoutError, RayActorError
 
+from shuffle._closable import Closable
 from shuffle._ids import RunIdMinter, ShuffleId
 from shuffle._options import DEFAULT_OPTIONS, RunOptions
 from shuffle._rechunk import RechunkLayout, is_rechunk
@@ -101,7 +101,7 @@ class ActorUsage:
     unanswered: tuple[str, ...]  # actors that did not answer within the deadline
 
 
-class ShuffleService:
+class ShuffleService(Closable):
     """Shuffle actors, some per node, and the runs started on them (module docstring).
 
     ``transport`` is ``"ucx"``, ``"tcp"`` or ``"auto"`` (UCX when the actors can import
@@ -165,17 +165,8 @@ class ShuffleService:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     @property
     def lost_nodes(self) -> frozenset[str]:

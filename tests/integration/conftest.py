@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import gc
+from collections.abc import Iterator
+from typing import Any
 
 import dask
 import pytest
@@ -32,12 +35,21 @@ def driver_refs(ray):
 def p2p(ray_get, ray_session):
     """Shuffles and rechunks through the shuffle actors; afterwards no run is left open,
     no actor holds a run, and the driver holds no more ObjectRefs than before."""
-    refs_before = driver_refs(ray_session)
-    with dask.config.set({"dataframe.shuffle.method": "p2p", "array.rechunk.method": "p2p"}):
+    config = {"dataframe.shuffle.method": "p2p", "array.rechunk.method": "p2p"}
+    with leaves_no_runs(ray_session, config=config, runs="shuffle runs"):
+        yield
+
+
+@contextlib.contextmanager
+def leaves_no_runs(ray, *, config: dict[str, Any], runs: str) -> Iterator[None]:
+    """Under ``config``; afterwards no run is left open, no actor holds a run, and the
+    driver holds no more ObjectRefs than before. ``runs`` names them in the failure."""
+    refs_before = driver_refs(ray)
+    with dask.config.set(config):
         yield
     service = ray_oob_sched._schedule._shuffle_service
     if service is not None:
-        assert not service.open_runs(), "shuffle runs left open after the compute"
+        assert not service.open_runs(), f"{runs} left open after the compute"
         for actor in service.actors():
-            assert ray_session.get(actor.handle.runs.remote()) == []
-    assert driver_refs(ray_session) <= refs_before
+            assert ray.get(actor.handle.runs.remote()) == []
+    assert driver_refs(ray) <= refs_before

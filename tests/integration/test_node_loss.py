@@ -15,8 +15,6 @@ session's is in use).
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,6 +31,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import ray_oob_sched
+from tests.conftest import run_scenario
 from tests.integration.p2p_support import WAIT, configured_service, run_infos
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -171,22 +170,10 @@ def node_loss_scenario(max_restarts: int, transport: str) -> None:
 # Each outcome on one transport: the loss shows the same way on both (a dead address).
 @pytest.mark.parametrize("max_restarts, transport", [(1, "auto"), (0, "tcp")])
 def test_node_removed_mid_shuffle(max_restarts: int, transport: str) -> None:
-    root = Path(__file__).resolve().parents[2]
-    code = (
-        "import tests.integration.test_node_loss as m; "
-        f"m.node_loss_scenario({max_restarts}, {transport!r})"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        check=False,
-        capture_output=True,
-        text=True,
+    stdout = run_scenario(
+        "tests.integration.test_node_loss",
+        f"node_loss_scenario({max_restarts}, {transport!r})",
         timeout=300,
-        cwd=root,
-        env=env,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    (line,) = [line for line in result.stdout.splitlines() if "node loss OK" in line]
+    (line,) = [line for line in stdout.splitlines() if "node loss OK" in line]
     print(line)  # the time from removal to outcome, shown under pytest -s

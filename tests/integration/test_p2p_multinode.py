@@ -13,9 +13,7 @@ and the test session's is in use.
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +28,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import ray_oob_sched
-from tests.conftest import assert_dies
+from tests.conftest import assert_dies, run_scenario
 from tests.integration.p2p_support import (
     OOB,
     WAIT,
@@ -200,18 +198,7 @@ def three_node_scenario() -> None:
 
 
 def test_three_nodes() -> None:
-    root = Path(__file__).resolve().parents[2]
-    code = "import tests.integration.test_p2p_multinode as m; m.three_node_scenario()"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=root,
-        env=env,
+    stdout = run_scenario(
+        "tests.integration.test_p2p_multinode", "three_node_scenario()", timeout=240
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    assert f"{NODES} nodes OK" in result.stdout
+    assert f"{NODES} nodes OK" in stdout

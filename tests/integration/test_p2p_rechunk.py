@@ -11,27 +11,19 @@ from hypothesis import strategies as st
 
 import ray_oob_sched
 from ray_oob_sched._p2p import p2p_barriers
-from tests.integration.conftest import driver_refs
+from tests.integration.conftest import leaves_no_runs
 
 
 @pytest.fixture(params=["actors", "tasks"])
 def p2p(request, ray_get, ray_session):
     """A p2p rechunk through the shuffle actors, or (small partials) as gather tasks."""
-    refs_before = driver_refs(ray_session)
     max_pieces = 0 if request.param == "actors" else 1_000_000
-    with dask.config.set(
-        {
-            "array.rechunk.method": "p2p",
-            "ray-oob-sched.shuffle.rechunk-tasks-max-pieces": max_pieces,
-        }
-    ):
+    config = {
+        "array.rechunk.method": "p2p",
+        "ray-oob-sched.shuffle.rechunk-tasks-max-pieces": max_pieces,
+    }
+    with leaves_no_runs(ray_session, config=config, runs="rechunk runs"):
         yield request.param
-    service = ray_oob_sched._schedule._shuffle_service
-    if service is not None:
-        assert not service.open_runs(), "rechunk runs left open after the compute"
-        for actor in service.actors():
-            assert ray_session.get(actor.handle.runs.remote()) == []
-    assert driver_refs(ray_session) <= refs_before
 
 
 def test_enable_selects_p2p_rechunks():

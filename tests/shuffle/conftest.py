@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import sys
 import types
 from collections.abc import Iterator
@@ -29,6 +30,20 @@ def spill_root(tmp_path: Path) -> Iterator[Path]:
     """Where runs and stores spill; every test must leave it empty."""
     yield tmp_path
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def loopback_only() -> Iterator[None]:
+    """Loopback only: keep UCX's TCP lanes off every other interface (read when UCX starts).
+
+    For one module's tests (``usefixtures``). Set at import time, it leaked into every
+    process started later in the session (the session's Ray and its workers), where UCX
+    could then not reach the node addresses the shuffle actors advertise.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        if "UCX_NET_DEVICES" not in os.environ:
+            patch.setenv("UCX_NET_DEVICES", "lo")
+        yield
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import random
+import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -23,13 +24,53 @@ import pytest
 
 from shuffle._manager import ShuffleManager
 from shuffle._options import RunOptions
+from shuffle._partition import sort_by_partition
 from shuffle._send import Sent, send_shards
 from shuffle._spec import ShuffleRunSpec
 from shuffle._split import split_input
+from shuffle._transport import EndOfStream, Endpoint
+from shuffle._transport import ucx as ucx_module
 from shuffle.device._cai import cai_nbytes
 from shuffle.wire._memory import HOST_REGISTRY, MemoryRegistry
 
 Mode = Literal["direct", "delay", "chaos"]
+T = TypeVar("T")
+
+WAIT = 20.0  # bound on any single wait of the transport tests
+skip_without_ucx = pytest.mark.skipif(
+    not ucx_module.is_available(), reason="ucxx cannot be imported"
+)
+#: A UCX case's marks: the ``ucx`` marker, skipped where ucxx cannot be imported.
+UCX = [pytest.mark.ucx, skip_without_ucx]
+#: The network transports (UCX as above).
+TRANSPORTS = ["tcp", pytest.param("ucx", marks=UCX)]
+
+
+async def w(awaitable: Awaitable[T], timeout: float = WAIT) -> T:
+    return await asyncio.wait_for(awaitable, timeout)
+
+
+async def echo_messages(ep: Endpoint) -> None:
+    """A listener's handler: send every message back until the peer ends the stream."""
+    while True:
+        try:
+            message = await ep.recv()
+        except EndOfStream:
+            return
+        await ep.send(message)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0.01)
+
+
+def split_by_partition(df: Any, **options: Any) -> dict[int, Any]:
+    """``sort_by_partition``'s table cut into ``{output partition: table}``: an oracle."""
+    table, bounds = sort_by_partition(df, **options)
+    return {p: table.slice(start, stop - start) for p, (start, stop) in bounds.items()}
 
 
 def copy_host_frames(frames: Sequence[Any]) -> list[Any]:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -46,7 +44,8 @@ import contextlib
 
 from shuffle.shell._service import ShuffleService
 from shuffle.shell._transfer import transfer
-from tests.conftest import assert_dies
+from tests.conftest import assert_dies, run_scenario
+from tests.shuffle.support import TRANSPORTS
 
 pytestmark = pytest.mark.ray
 
@@ -55,16 +54,6 @@ ROWS = [40, 0, 25, 33, 1, 60, 12, 30]  # input partition 1 is empty
 COLUMN = "_partitions"
 WAIT = 60.0  # bound on every ray.get
 COLORS = pd.CategoricalDtype(["red", "green", "blue"])
-TRANSPORTS = [
-    "tcp",
-    pytest.param(
-        "ucx",
-        marks=[
-            pytest.mark.ucx,
-            pytest.mark.skipif(not ucx_module.is_available(), reason="ucxx cannot be imported"),
-        ],
-    ),
-]
 remote_transfer = ray.remote(max_retries=0)(transfer)
 
 
@@ -522,23 +511,8 @@ def two_node_scenario() -> None:
 
 @pytest.mark.slow
 def test_two_nodes_run_one_actor_per_8_cpus() -> None:
-    here = Path(__file__).resolve().parent
-    code = (
-        f"import sys; sys.path.insert(0, {str(here)!r}); "
-        f"import {Path(__file__).stem} as m; m.two_node_scenario()"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=here.parents[1],
-        env=env,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    assert "two nodes OK" in result.stdout
+    stdout = run_scenario("tests.shuffle.test_actor_service", "two_node_scenario()", timeout=240)
+    assert "two nodes OK" in stdout
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -9,7 +9,7 @@ import pytest
 
 from shuffle._exceptions import FrameError
 from shuffle._ids import RunId, ShardKey, ShuffleId
-from shuffle._partition import concat_partition, sort_by_partition, split_by_partition
+from shuffle._partition import concat_partition, sort_by_partition
 from shuffle.wire._arrow import (
     ARROW_TAG,
     encode_slices,
@@ -18,6 +18,7 @@ from shuffle.wire._arrow import (
     table_to_buffer,
 )
 from shuffle.wire._message import Piece, decode_message, encode_message
+from tests.shuffle.support import split_by_partition
 
 
 def frame(rows: int = 1000, seed: int = 0) -> pd.DataFrame:

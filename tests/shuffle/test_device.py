@@ -16,11 +16,9 @@ import contextlib
 import gc
 import json
 import logging
-import os
 import sys
 import types
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -33,7 +31,6 @@ from hypothesis.extra import numpy as hnp
 from shuffle._exceptions import FrameError
 from shuffle._ids import RunId, ShardKey, ShuffleId
 from shuffle._transport import BrokenTransportError, ProtocolError, TransportConfig, get_transport
-from shuffle._transport import ucx as ucx_module
 from shuffle.device import _cuda, _cudf
 from shuffle.device._allocator import RefusedFrame, refused_reason, transport_allocator
 from shuffle.device._arrays import to_host
@@ -42,6 +39,7 @@ from shuffle.device._cuda import cuda_hooks, cuda_registry, registry_for
 from shuffle.device._cudf import decode_cudf, encode_cudf, pack_meta, unpack_meta
 from shuffle.device._options import (
     CONFIG_KEY,
+    DeviceMode,
     DeviceOptions,
     DeviceUnavailableError,
     actor_num_gpus,
@@ -58,6 +56,7 @@ from tests.shuffle.support import (
     make_fake_cupy,
     needs_gpu,
     read_device,
+    skip_without_ucx,
 )
 
 SECRET = b"d" * 32
@@ -68,17 +67,8 @@ WAIT = 20.0
 
 
 def needs_ucx(test: F) -> F:
-    skip = pytest.mark.skipif(not ucx_module.is_available(), reason="ucxx cannot be imported")
-    marked = pytest.mark.ucx(pytest.mark.usefixtures("loopback")(skip(test)))
+    marked = pytest.mark.ucx(pytest.mark.usefixtures("loopback_only")(skip_without_ucx(test)))
     return marked  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def loopback() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as patch:
-        if "UCX_NET_DEVICES" not in os.environ:
-            patch.setenv("UCX_NET_DEVICES", "lo")
-        yield
 
 
 # --------------------------------------------------------------------------- CAI and hooks
@@ -320,20 +310,25 @@ def test_service_reserves_gpus_on_gpu_nodes_only(monkeypatch: pytest.MonkeyPatch
 
 def test_actor_receives_with_the_allocator_of_its_device_mode() -> None:
     pytest.importorskip("ray")
-    from shuffle.shell._actor import ShuffleActor
-
-    actor = ShuffleActor(
-        name="a0",
-        secret=SECRET,
-        transport="tcp",
-        host="127.0.0.1",
-        device=DeviceOptions(mode="host"),
-    )
+    actor = in_process_actor(name="a0", mode="host")
     assert actor._config.allocator(3, "host") == bytearray(3)
     refused = actor._config.allocator(3, "cuda")
     assert "shuffle actor a0 cannot receive a 'cuda' frame" in refused_reason([refused])
-    auto = ShuffleActor(name="a1", secret=SECRET, transport="tcp", host="127.0.0.1")
+    auto = in_process_actor(name="a1", mode="auto")
     assert auto.registry.memory_type_of(FakeDeviceArray(np.zeros(1))) is MemoryType.CUDA
+
+
+def in_process_actor(*, name: str, mode: DeviceMode) -> Any:
+    """A ``ShuffleActor`` object in this process (not a Ray actor), on loopback TCP."""
+    from shuffle.shell._actor import ShuffleActor  # imports Ray: callers skip without it
+
+    return ShuffleActor(
+        name=name,
+        secret=SECRET,
+        transport="tcp",
+        host="127.0.0.1",
+        device=DeviceOptions(mode=mode),
+    )
 
 
 class ScriptedEndpoint:
@@ -361,16 +356,9 @@ async def test_actor_answers_a_refused_device_frame_with_the_reason(
 ) -> None:
     pytest.importorskip("ray")
     from shuffle._exceptions import RemoteShuffleError
-    from shuffle.shell._actor import ShuffleActor
     from shuffle.wire._reply import decode_reply
 
-    actor = ShuffleActor(
-        name="a3",
-        secret=SECRET,
-        transport="tcp",
-        host="127.0.0.1",
-        device=DeviceOptions(mode="host"),
-    )
+    actor = in_process_actor(name="a3", mode="host")
     frame = actor._config.allocator(8, "cuda")  # what the transport would receive into
     endpoint = ScriptedEndpoint([b"header", frame], [b"header", frame])
     try:
@@ -388,15 +376,7 @@ async def test_actor_answers_a_refused_device_frame_with_the_reason(
 @pytest.mark.skipif(gpu_usable(), reason="this machine has a GPU")
 async def test_cuda_mode_actor_without_a_gpu_fails_at_start() -> None:
     pytest.importorskip("ray")
-    from shuffle.shell._actor import ShuffleActor
-
-    actor = ShuffleActor(
-        name="a2",
-        secret=SECRET,
-        transport="tcp",
-        host="127.0.0.1",
-        device=DeviceOptions(mode="cuda"),
-    )
+    actor = in_process_actor(name="a2", mode="cuda")
     try:
         with pytest.raises(DeviceUnavailableError, match="shuffle actor a2 has no usable GPU"):
             await actor.start()

@@ -17,9 +17,9 @@ from shuffle._partition import (
     arrow_names,
     concat_partition,
     group_by_owner,
-    split_by_partition,
 )
 from shuffle._spec import ShuffleRunSpec
+from tests.shuffle.support import split_by_partition
 
 COLORS = pd.CategoricalDtype(["red", "green", "blue"])
 

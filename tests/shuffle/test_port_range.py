@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import socket
 from collections.abc import Iterator
@@ -19,28 +18,9 @@ from shuffle._transport import (
     get_transport,
     listen_in_range,
 )
-from shuffle._transport import ucx as ucx_module
+from tests.shuffle.support import TRANSPORTS, WAIT
 
-WAIT = 20.0
-TRANSPORTS = [
-    "tcp",
-    pytest.param(
-        "ucx",
-        marks=[
-            pytest.mark.ucx,
-            pytest.mark.skipif(not ucx_module.is_available(), reason="ucxx cannot be imported"),
-        ],
-    ),
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def loopback_only() -> Iterator[None]:
-    """UCX's TCP lanes on loopback only (read when UCX starts), for this module only."""
-    with pytest.MonkeyPatch.context() as patch:
-        if "UCX_NET_DEVICES" not in os.environ:
-            patch.setenv("UCX_NET_DEVICES", "lo")
-        yield
+pytestmark = pytest.mark.usefixtures("loopback_only")
 
 
 @contextlib.contextmanager

@@ -14,16 +14,14 @@ import socket
 import struct
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
 from shuffle._exceptions import FrameError
 from shuffle._send import MAX_PAYLOAD_NBYTES, check_payload
 from shuffle._transport import (
-    EndOfStream,
-    Endpoint,
     FrameLimits,
     ProtocolError,
     TransportConfig,
@@ -34,35 +32,12 @@ from shuffle._transport._frames import decode_sizes
 from shuffle._transport._listener import DropLog, ServingListener
 from shuffle._transport._reaper import select_stale
 from shuffle.shell._limits import MESSAGE_LIMITS
+from tests.shuffle.support import TRANSPORTS, WAIT, echo_messages, eventually, w
 
-T = TypeVar("T")
 SECRET = b"s" * 32
-WAIT = 20.0
+pytestmark = pytest.mark.usefixtures("loopback_only")
 MiB = 1 << 20
 GiB = 1 << 30
-
-needs_ucx = [
-    pytest.mark.ucx,
-    pytest.mark.skipif(not ucx_module.is_available(), reason="ucxx cannot be imported"),
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def loopback_only() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("UCX_NET_DEVICES", "lo")
-        yield
-
-
-async def w(awaitable: Awaitable[T], timeout: float = WAIT) -> T:
-    return await asyncio.wait_for(awaitable, timeout)
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.01)
 
 
 def port_of(address: str) -> int:
@@ -96,21 +71,12 @@ def raw_sockets(port: int, count: int, first: bytes = b"") -> Iterator[list[sock
             sock.close()
 
 
-async def _echo(ep: Endpoint) -> None:
-    while True:
-        try:
-            message = await ep.recv()
-        except EndOfStream:
-            return
-        await ep.send(message)
-
-
 @contextlib.asynccontextmanager
 async def serving(kind: str, **options: Any) -> AsyncIterator[tuple[Any, ServingListener]]:
     cfg = TransportConfig(secret=SECRET, **options)
     transport = get_transport(kind, config=cfg)  # type: ignore[arg-type]
     try:
-        listener = await w(transport.listen("127.0.0.1", 0, _echo))
+        listener = await w(transport.listen("127.0.0.1", 0, echo_messages))
         assert isinstance(listener, ServingListener)
         yield transport, listener
     finally:
@@ -130,7 +96,7 @@ async def _authenticated_roundtrip(kind: str, address: str) -> None:
 # ----------------------------------------------------------------- pending connections
 
 
-@pytest.mark.parametrize("kind", ["tcp", pytest.param("ucx", marks=needs_ucx)])
+@pytest.mark.parametrize("kind", TRANSPORTS)
 def test_idle_raw_connections_are_closed_at_the_deadline_and_a_client_still_gets_in(
     kind: str,
 ) -> None:
@@ -164,7 +130,7 @@ def test_idle_raw_connections_are_closed_at_the_deadline_and_a_client_still_gets
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("kind", ["tcp", pytest.param("ucx", marks=needs_ucx)])
+@pytest.mark.parametrize("kind", TRANSPORTS)
 def test_pending_connections_beyond_the_cap_drop_the_oldest(kind: str) -> None:
     cap = 8
 
@@ -294,7 +260,7 @@ def test_a_broken_connection_frees_its_receive_buffers_without_the_gc() -> None:
         gc.enable()
 
 
-@pytest.mark.parametrize("kind", ["tcp", pytest.param("ucx", marks=needs_ucx)])
+@pytest.mark.parametrize("kind", TRANSPORTS)
 def test_an_over_limit_header_is_refused_before_anything_is_allocated(kind: str) -> None:
     refs: list[weakref.ref[_Buffer]] = []
     limits = FrameLimits(max_frame_bytes=2 * MiB, max_message_bytes=4 * MiB)

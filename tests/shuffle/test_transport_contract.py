@@ -16,9 +16,9 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,32 +50,15 @@ from shuffle._transport._frames import (
 from shuffle._transport._listener import ServingListener
 from shuffle._transport.local import LocalTransport
 from shuffle._transport.tcp import TcpTransport
-from tests.shuffle.support import FakeDeviceArray
+from tests.shuffle.support import TRANSPORTS as NETWORK_TRANSPORTS
+from tests.shuffle.support import FakeDeviceArray, echo_messages, eventually, skip_without_ucx, w
 
-T = TypeVar("T")
 SECRET = b"s" * 32
-WAIT = 20.0  # bound on any single wait
 TEST_DEADLINE = 120.0  # bound on a whole test
 MiB = 1 << 20
 
-skip_without_ucx = pytest.mark.skipif(
-    not ucx_module.is_available(), reason="ucxx cannot be imported"
-)
-TRANSPORTS = ["local", "tcp", pytest.param("ucx", marks=[pytest.mark.ucx, skip_without_ucx])]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def loopback_only() -> Iterator[None]:
-    """Loopback only: keep UCX's TCP lanes off every other interface (read when UCX starts).
-
-    Set for this module's tests only. Set at import time, it leaked into every process
-    started later in the session (the session's Ray and its workers), where UCX could
-    then not reach the node addresses the shuffle actors advertise.
-    """
-    with pytest.MonkeyPatch.context() as patch:
-        if "UCX_NET_DEVICES" not in os.environ:
-            patch.setenv("UCX_NET_DEVICES", "lo")
-        yield
+TRANSPORTS = ["local", *NETWORK_TRANSPORTS]
+pytestmark = pytest.mark.usefixtures("loopback_only")
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -85,17 +68,6 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(asyncio.wait_for(test(), TEST_DEADLINE))
-
-
-async def w(awaitable: Awaitable[T], timeout: float = WAIT) -> T:
-    return await asyncio.wait_for(awaitable, timeout)
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.01)
 
 
 def connections(listener: Listener) -> int:
@@ -142,12 +114,7 @@ class Harness:
 
     async def echo(self, ep: Endpoint) -> None:
         self.served.append(ep)
-        while True:
-            try:
-                message = await ep.recv()
-            except EndOfStream:
-                return
-            await ep.send(message)
+        await echo_messages(ep)
 
     async def listen(
         self, handler: Callable[[Endpoint], Awaitable[None]] | None = None
