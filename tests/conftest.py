@@ -21,6 +21,7 @@ def ray_session():
         yield ray
         return
     ray.init(
+        address="local",  # a Ray of its own, even where `ray start` runs a cluster
         num_cpus=2,
         object_store_memory=OBJECT_STORE_BYTES,
         include_dashboard=True,

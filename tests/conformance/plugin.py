@@ -70,6 +70,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(
+            address="local",  # a Ray of its own, even where `ray start` runs a cluster
             num_cpus=2,
             object_store_memory=OBJECT_STORE_BYTES,
             include_dashboard=False,
