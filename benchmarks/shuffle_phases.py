@@ -46,9 +46,14 @@ def kind(key: Any) -> str:
 class Timeline(Callback):
     """Per key kind, the times (from the compute's start) at which its keys finished."""
 
-    def _start(self, dsk: Any) -> None:
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # dask's, untyped
         self.t0 = time.perf_counter()
         self.done: dict[str, list[float]] = collections.defaultdict(list)
+
+    def _start(self, dsk: Any) -> None:
+        self.t0 = time.perf_counter()
+        self.done.clear()
 
     def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
         self.done[kind(key)].append(time.perf_counter() - self.t0)
@@ -83,10 +88,11 @@ def main() -> None:
                 after = process_cpu.process_cpu()
             if run < a.warmup:
                 continue
-            by_kind: collections.Counter[str] = collections.Counter()
+            by_kind: dict[str, float] = collections.defaultdict(float)
             for pid, (proc, cpu) in after.items():
                 by_kind[proc] += cpu - before.get(pid, (proc, 0.0))[1]
             stats = ray_oob_sched.last_stats()
+            assert stats is not None  # the compute above succeeded
             ends = sorted(timeline.done.items(), key=lambda kv: min(kv[1]))
             print(
                 json.dumps(
@@ -94,7 +100,11 @@ def main() -> None:
                         "wall_s": round(wall, 3),
                         "ray_tasks": stats.ray_tasks,
                         "pieces_received": sum(r.pieces_received for r in stats.shuffle_runs),
-                        "cpu_s": {k: round(v, 2) for k, v in by_kind.most_common() if v >= 0.01},
+                        "cpu_s": {
+                            k: round(v, 2)
+                            for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])
+                            if v >= 0.01
+                        },
                         "phases": {
                             k: [len(v), round(min(v), 3), round(max(v), 3)] for k, v in ends
                         },
