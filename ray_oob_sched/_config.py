@@ -62,6 +62,7 @@ class FuseConfig:
     max_tasks: int
     tasks_per_cpu: int
     max_hoisted: int = 8
+    unpack_batch: int = 8
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class SchedulerConfig:
                 max_tasks=_int("scheduler.fuse.max-tasks", minimum=1),
                 tasks_per_cpu=_int("scheduler.fuse.tasks-per-cpu", minimum=1),
                 max_hoisted=_int("scheduler.fuse.max-hoisted", minimum=0),
+                unpack_batch=_int("scheduler.fuse.unpack-batch", minimum=1),
             ),
         )
 

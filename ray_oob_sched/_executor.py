@@ -21,6 +21,7 @@ import ray.exceptions
 from ray_oob_sched._fuse import Group
 from ray_oob_sched._graph import Key
 from ray_oob_sched._options import InvalidOptionsError
+from ray_oob_sched._p2p import Unpack, unpack_calls
 from ray_oob_sched._worker import GroupSpec, GroupStatus, TaskContext, run_group
 
 logger = logging.getLogger("ray_oob_sched")
@@ -32,6 +33,11 @@ _SETTLE_S = 0.2
 @ray.remote
 def _ray_run_group(spec: GroupSpec, context: TaskContext, *args: Any) -> tuple[Any, ...]:
     return run_group(spec, args, context=context)
+
+
+@ray.remote(num_cpus=0)
+def _first_status(*worker_ids: str) -> str:
+    return worker_ids[0]  # runs once every call of a split unpack batch succeeded
 
 
 def task_name(group: Group) -> str:
@@ -83,19 +89,35 @@ class RayExecutor:
         return done
 
     @staticmethod
-    def submit_unpack(group: Group, unpack: Any, args: Sequence[Any]) -> list[Any]:
-        """A p2p output partition, returned by the actor that owns it.
+    def submit_unpacks(group: Group, unpacks: Sequence[Unpack], args: Sequence[Any]) -> list[Any]:
+        """A batch of p2p output partitions, returned by the actor that owns them.
 
         ``args`` is the barrier's ref: Ray starts the call only once every transfer
-        is done. The actor returns ``(worker id, partition)``, the partition
-        becoming an object owned by this driver.
+        is done. The actor returns ``(worker id, *partitions)``, each partition
+        becoming an object of its own, owned by this driver. A batch whose partitions
+        a restart spread over several actors becomes one call per actor, and its
+        status a tiny task over theirs.
         """
-        handle = unpack.handle
-        actor = handle.actor_for(unpack.partition)
-        refs = actor.unpack.options(num_returns=2, name=task_name(group)).remote(
-            handle.spec.shuffle_id, handle.spec.run_id, unpack.partition, *args
-        )
-        return list(refs)
+        if tuple(group.outputs) != tuple(group.keys) or len(unpacks) != len(group.keys):
+            raise RuntimeError(
+                f"unpack group {_keys_text(group)}: every unpack must be an output "
+                f"({len(unpacks)} unpacks, outputs {group.outputs!r})"
+            )
+        handle = unpacks[0].handle
+        sid, rid = handle.spec.shuffle_id, handle.spec.run_id
+        statuses: list[Any] = []
+        outputs: list[Any] = [None] * len(unpacks)
+        for _, positions in unpack_calls(unpacks):
+            partitions = [unpacks[i].partition for i in positions]
+            actor = handle.actor_for(partitions[0])
+            refs = actor.unpack.options(
+                num_returns=1 + len(partitions), name=task_name(group)
+            ).remote(sid, rid, partitions, *args)
+            statuses.append(refs[0])
+            for i, ref in zip(positions, refs[1:], strict=True):
+                outputs[i] = ref
+        status = statuses[0] if len(statuses) == 1 else _first_status.remote(*statuses)
+        return [status, *outputs]
 
     @staticmethod
     def statuses(status_refs: Sequence[Any]) -> list[GroupStatus]:

@@ -14,6 +14,9 @@ tasks keep spreading over the cluster) and at most ``max_tasks`` Dask tasks per
 group. Tasks with different Ray options never share a group; a task marked
 unfusable (a shuffle's unpack, an actor call) runs alone, and, when it needs
 nothing from the interval being filled, is placed before it instead of cutting it.
+Unfusable keys with the same *batch token* placed ahead of one interval share one
+group instead (a shuffle's unpacks from one actor: one actor call returns several
+output partitions, each still its own object).
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def plan(
     options_of: Mapping[Key, Hashable],
     fusable: Callable[[Key], bool] = lambda k: True,
     max_hoisted: int = 8,
+    batch_of: Callable[[Key], Hashable | None] = lambda k: None,
+    max_batch: int = 1,
 ) -> list[Group]:
     """Groups covering every key of ``graph`` except ``sources`` (already in Ray).
 
@@ -58,29 +63,63 @@ def plan(
     256-partition shuffle) instead of a few groups of ``size``. About
     ``max_hoisted`` keys at most go ahead of one interval: Ray fetches all of a group's
     arguments before it starts, and each is a whole output partition.
+
+    An unfusable key whose ``batch_of`` token (None: none) equals that of a group
+    already placed ahead of the open interval joins that group, up to ``max_batch``
+    keys, when everything it needs lies in earlier groups; joining still counts
+    towards ``max_hoisted``.
     """
     chunks: list[list[Key]] = []
+    placed: dict[Key, int] = {}  # key -> index of its chunk (closed chunks only)
+    batches: dict[Hashable, int] = {}  # token -> chunk ahead of current it may join
     current: list[Key] = []
     members: set[Key] = set()  # of current
     hoisted = 0  # keys placed ahead of current
     current_opts: Hashable = None
+
+    def close(keys: list[Key]) -> int:
+        chunks.append(keys)
+        placed.update(dict.fromkeys(keys, len(chunks) - 1))
+        return len(chunks) - 1
+
+    def place_alone(k: Key) -> None:
+        at = close([k])
+        token = batch_of(k)
+        if token is not None:
+            batches[token] = at
+
+    def join_batch(k: Key) -> bool:
+        token = batch_of(k)
+        at = batches.get(token) if token is not None else None
+        if at is None or len(chunks[at]) >= max_batch:
+            return False
+        if any(placed.get(d, -1) >= at for d in graph.dependencies[k]):
+            return False  # k would run before something it needs
+        chunks[at].append(k)
+        placed[k] = at
+        return True
+
     for k in graph.order:
         if k in sources:
             continue
         opts = options_of.get(k, ())
         if not fusable(k):
             if hoisted < max_hoisted and members.isdisjoint(graph.dependencies[k]):
-                chunks.append([k])  # ahead of the open interval; every edge still points forward
+                # Ahead of the open interval; every edge still points forward.
+                if not join_batch(k):
+                    place_alone(k)
                 hoisted += 1
                 continue
             if current:
-                chunks.append(current)
-            chunks.append([k])
+                close(current)
+            batches.clear()
+            place_alone(k)
             current, members = [], set()
             hoisted = 1 if max_hoisted else 0  # k feeds the next interval as if hoisted
             continue
         if current and (len(current) >= size or opts != current_opts):
-            chunks.append(current)
+            close(current)
+            batches.clear()  # a batch feeds one interval, as max_hoisted means
             current, members = [], set()
             hoisted = 0
         current.append(k)

@@ -12,7 +12,10 @@ our own copy of the graph (dask itself is never patched):
 - the barrier becomes a cheap task that depends on every transfer;
 - an unpack becomes an *actor call* (``Unpack``): the owning actor returns the
   output partition, so it becomes an ObjectRef owned by the driver. A merge
-  unpack becomes two actor calls and a ``merge_chunk`` task.
+  unpack becomes two actor calls and a ``merge_chunk`` task. Unpacks of one run
+  owned by one actor share a batch token (``P2PRewrite.batch_of``): fusion puts
+  several in one group, fetched by one actor call that returns each partition as
+  its own object (``unpack_calls``).
 
 A rechunk partial with a small plan (``_rechunk_tasks``) starts no run: its
 unpacks become plain gather tasks reading the input chunks they overlap.
@@ -45,10 +48,30 @@ class UnsupportedGraphError(ValueError):
 
 @dataclass(frozen=True)
 class Unpack:
-    """Run as ``actor.unpack(shuffle_id, run_id, partition, barrier)``."""
+    """Run as ``actor.unpack(shuffle_id, run_id, [partition, ...], barrier)``."""
 
     handle: Any  # shuffle.shell._service.RunHandle
     partition: int
+
+    def owner(self) -> str:
+        """The participant that holds this output partition in the handle's run."""
+        return str(self.handle.spec.owner_of(self.partition))
+
+
+def unpack_calls(unpacks: Sequence[Unpack]) -> list[tuple[str, list[int]]]:
+    """The actor calls that fetch ``unpacks`` (one batch): per owning participant, in
+    order of first appearance, the positions in ``unpacks`` it serves.
+
+    A batch is planned with one owner; after a restart on fewer actors its partitions
+    may belong to several, each of which is asked for its own.
+    """
+    sids = {str(u.handle.spec.shuffle_id) for u in unpacks}
+    if len(sids) != 1:
+        raise ValueError(f"an unpack batch must read one shuffle, got {sorted(sids)}")
+    calls: dict[str, list[int]] = {}
+    for i, u in enumerate(unpacks):
+        calls.setdefault(u.owner(), []).append(i)
+    return list(calls.items())
 
 
 @dataclass
@@ -60,6 +83,14 @@ class P2PRewrite:
     runs: dict[str, Any] = field(default_factory=dict)
     # Per shuffle id: its transfer keys and its barrier key (what a restart re-runs).
     transfers: dict[str, tuple[Key, ...]] = field(default_factory=dict)
+
+    def batch_of(self, key: Key) -> tuple[str, str] | None:
+        """The batch token of an unpack (its shuffle and owning participant): fusion
+        fetches unpacks with one token in one actor call. None for other keys."""
+        u = self.unpacks.get(key)
+        if u is None:
+            return None
+        return (str(u.handle.spec.shuffle_id), u.owner())
 
     def replace_run(self, handle: Any) -> None:
         """Use ``handle``, a new run of its shuffle, for every later submission."""

@@ -479,8 +479,9 @@ def _seed_refs(graph: _graph.Graph, *, refs: RefTable, config: SchedulerConfig) 
 def _plan(
     graph: _graph.Graph, *, prepared: _Prepared, sources: frozenset[Key], shuffles: _Shuffles
 ) -> _Planned:
-    """Group the tasks not in ``sources`` (fused to the configured size; unpacks stay
-    alone, being actor calls) and set up the state machine over the groups."""
+    """Group the tasks not in ``sources`` (fused to the configured size; unpacks are
+    actor calls, batched per owning actor) and set up the state machine over the
+    groups."""
     config, p2p = prepared.config, shuffles.p2p
     unpacks = p2p.unpacks if p2p is not None else {}
     ntasks = sum(1 for k in graph.order if k not in sources)
@@ -499,6 +500,8 @@ def _plan(
         options_of=prepared.options_of,
         fusable=lambda k: k not in unpacks,
         max_hoisted=config.fuse.max_hoisted if config.fuse.enabled else 0,
+        batch_of=p2p.batch_of if p2p is not None else lambda k: None,
+        max_batch=config.fuse.unpack_batch,
     )
     state = SchedulerState(
         groups,
@@ -705,9 +708,9 @@ class _Compute:
                 for f in self._pretask:
                     f(key, dsk, view)
             args = [self.refs[k] for k in g.inputs]
-            unpack = self.unpacks.get(g.keys[0])
-            if unpack is not None:
-                out = self.executor.submit_unpack(g, unpack, args)
+            if g.keys[0] in self.unpacks:
+                batch = [self.unpacks[k] for k in g.keys]
+                out = self.executor.submit_unpacks(g, batch, args)
             else:
                 spec = GroupSpec(
                     keys=g.keys,

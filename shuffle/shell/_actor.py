@@ -40,7 +40,7 @@ import dataclasses
 import gc
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -214,25 +214,36 @@ class ShuffleActor:
     ) -> Any:
         """Output ``partition`` of the run (a frame, or an array chunk); call only after
         every transfer returned."""
+        (part,) = await self._outputs(shuffle_id, run_id, [partition])
+        return part
+
+    async def _outputs(
+        self, shuffle_id: ShuffleId, run_id: RunId, partitions: Sequence[int]
+    ) -> list[Any]:
         run = self._manager.get_run(shuffle_id, run_id)
         run.inputs_done()  # every transfer returned before this call (the barrier)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, run.get_output_partition, partition)
+        # One hop to the unpack threads for the whole batch: they hold the GIL anyway.
+        return await loop.run_in_executor(
+            self._executor, lambda: [run.get_output_partition(p) for p in partitions]
+        )
 
     async def unpack(
-        self, shuffle_id: ShuffleId, run_id: RunId, partition: int, *after: Any
-    ) -> tuple[str, Any]:
-        """``get_output_partition`` as the scheduler submits it, with ``num_returns=2``.
+        self, shuffle_id: ShuffleId, run_id: RunId, partitions: Sequence[int], *after: Any
+    ) -> tuple[Any, ...]:
+        """Output ``partitions`` as the scheduler submits them, with
+        ``num_returns=1 + len(partitions)``.
 
         ``after`` holds the barrier's result: passed as an ObjectRef, it makes Ray start
         this call only once every transfer returned (its value is not used). Returns
-        ``(worker id, partition)``: a tiny status the scheduler reads, and the
-        partition, which stays in the object store as a driver-owned object.
+        ``(worker id, *partitions)``: a tiny status the scheduler reads, and each
+        partition, which stays in the object store as a driver-owned object of its own.
+        One call for several partitions pays Ray's per-call cost once (a batch).
         """
-        df = await self.get_output_partition(shuffle_id, run_id, partition)
+        parts = await self._outputs(shuffle_id, run_id, partitions)
         if self._device.results == "host":
-            df = to_host(df)  # a deliberate copy: readers need no GPU
-        return ray.get_runtime_context().get_worker_id(), df
+            parts = [to_host(df) for df in parts]  # a deliberate copy: readers need no GPU
+        return (ray.get_runtime_context().get_worker_id(), *parts)
 
     async def gpu_status(self) -> GpuStatus:
         """Whether this actor can hold device memory (probes RMM/CuPy once)."""

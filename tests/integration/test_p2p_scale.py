@@ -57,10 +57,11 @@ def test_64_by_64_shuffle_costs_o_of_n_plus_m_tasks_and_calls(oob: OOB) -> None:
     stats = ray_oob_sched.last_stats()
     assert stats.shuffles == 1 and got.sum() == len(pdf) and len(got) == m
     # Ray tasks and actor calls the scheduler submitted: transfers (fused with their
-    # inputs), one barrier, one unpack call per output, the per-output len and a sum.
+    # inputs), one barrier, unpack calls (one per output at most, batched per actor),
+    # the per-output len and a sum.
     assert stats.ray_tasks <= 3 * (n + m) + 8, stats
     (info,) = probe.infos  # one node, one actor
-    assert info.stats.outputs_read == m  # one unpack call per output partition
+    assert info.stats.outputs_read == m  # every output partition read once
     # A transfer task sends the inputs it computed joined (shuffle._combine): on the
     # session's 2 CPUs fusion puts several in each, so there are far fewer pieces than
     # (input, output) pairs, and about one message per task and MESSAGE_BYTES.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import dask
 import dask.dataframe as dd
 import numpy as np
@@ -9,6 +11,8 @@ import pandas as pd
 import pytest
 
 import ray_oob_sched
+from ray_oob_sched._futures import REGISTRY
+from tests.integration.conftest import driver_refs
 
 
 def _frame(n=3_000, parts=6, seed=0):
@@ -82,3 +86,35 @@ def test_selected_partitions_only(p2p):
     full = ddf.shuffle("k", npartitions=6, shuffle_method="tasks")
     expected = pd.concat([full.partitions[i].compute() for i in (1, 4)])
     pd.testing.assert_frame_equal(_sorted(got, ["k", "v"]), _sorted(expected, ["k", "v"]))
+
+
+def test_batched_unpacks_give_each_output_its_own_object(p2p, ray_session):
+    # One actor per node here: a batch fetches up to 8 outputs in one actor call.
+    _pdf, ddf = _frame(parts=6)
+    nout = 12
+    with dask.config.set({"ray-oob-sched.scheduler.fuse.unpack-batch": 1}):
+        (pers,) = dask.persist(ddf.shuffle("k", npartitions=nout))
+    unbatched = ray_oob_sched.last_stats()
+    one_by_one = [pers.partitions[i].compute() for i in range(nout)]
+    del pers
+    gc.collect()
+    before = driver_refs(ray_session)
+    (pers,) = dask.persist(ddf.shuffle("k", npartitions=nout))
+    batched = ray_oob_sched.last_stats()
+    # 12 unpack calls became 2 (8 + 4); the rest of the plan is the same.
+    assert batched.ray_tasks == unbatched.ray_tasks - (nout - 2)
+    refs = [REGISTRY.lookup(k) for k in list(REGISTRY._by_key)]  # pers' futures only
+    # One object per output partition, nothing else held (no batch object).
+    assert len({r.hex() for r in refs}) == nout
+    assert len(driver_refs(ray_session) - before) == nout
+    got = [pers.partitions[i].compute() for i in range(nout)]
+    for a, b in zip(got, one_by_one, strict=True):
+        pd.testing.assert_frame_equal(a, b)
+    # Dropping the collection frees every output but the one still referenced, which
+    # stays readable: each output of a batch is freed on its own.
+    kept = refs[3]
+    del pers, refs
+    gc.collect()
+    assert len(driver_refs(ray_session) - before) == 1
+    pd.testing.assert_frame_equal(ray_session.get(kept), got[3])
+    del kept

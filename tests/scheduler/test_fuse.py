@@ -150,3 +150,83 @@ def test_unfusable_tasks_run_alone():
 def test_group_size(ntasks, cpus, max_tasks, per_cpu, expected):
     got = group_size(ntasks, cluster_cpus=cpus, max_tasks=max_tasks, tasks_per_cpu=per_cpu)
     assert got == expected
+
+
+def _batched_plan(graph, unpacks, *, token_of, size=100, max_hoisted=8, max_batch=4):
+    return plan(
+        graph,
+        sources=frozenset(),
+        size=size,
+        options_of={},
+        fusable=lambda k: k not in unpacks,
+        max_hoisted=max_hoisted,
+        batch_of=lambda k: token_of(k) if k in unpacks else None,
+        max_batch=max_batch,
+    )
+
+
+@pytest.mark.parametrize(("max_hoisted", "max_batch"), [(8, 4), (8, 8), (3, 8), (8, 1)])
+def test_unpacks_with_one_token_share_groups_of_at_most_max_batch(max_hoisted, max_batch):
+    graph, unpacks = _shuffle_shaped(12)
+    groups = _batched_plan(
+        graph, unpacks, token_of=lambda k: "actor", max_hoisted=max_hoisted, max_batch=max_batch
+    )
+    _check_plan(graph, groups)
+    batches = [g.keys for g in groups if unpacks & set(g.keys)]
+    assert all(unpacks.issuperset(b) for b in batches)  # never fused with other tasks
+    assert sorted(k for b in batches for k in b) == sorted(unpacks)
+    per_batch = min(max_batch, max_hoisted)
+    assert [len(b) for b in batches] == [per_batch] * (12 // per_batch) + (
+        [12 % per_batch] if 12 % per_batch else []
+    )
+    # Batching does not make a group fetch more partitions than max_hoisted allows.
+    consumers = [g for g in groups if not unpacks & set(g.keys) and "b" not in g.keys]
+    assert max(len(unpacks & set(g.inputs)) for g in consumers) <= max_hoisted
+
+
+def test_unpacks_of_different_owners_or_shuffles_never_share_a_group():
+    # A merge's shape: the left and right unpack of each output, then its merge.
+    dsk = {"bl": 0, "br": 0}
+    for i in range(8):
+        dsk[f"l{i}"] = (abs, "bl")
+        dsk[f"r{i}"] = (abs, "br")
+        dsk[f"m{i}"] = (max, f"l{i}", f"r{i}")
+    graph = build(to_task_spec(dsk), [f"m{i}" for i in range(8)])
+    unpacks = {k for k in dsk if k[0] in "lr"}
+    owner = {k: (k[0], int(k[1:]) // 4) for k in unpacks}  # 2 shuffles x 2 actors
+    groups = _batched_plan(graph, unpacks, token_of=owner.__getitem__, max_batch=8)
+    _check_plan(graph, groups)
+    batches = [g.keys for g in groups if unpacks & set(g.keys)]
+    assert all(len({owner[k] for k in b}) == 1 for b in batches)
+    # Alternating sides still batch: 16 unpacks, 4 tokens, 8 hoisted per interval.
+    assert len(batches) <= 6
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 120),
+    size=st.integers(1, 20),
+    unfusable_every=st.integers(1, 4),
+    tokens=st.integers(1, 3),
+    max_batch=st.integers(1, 6),
+    max_hoisted=st.integers(0, 8),
+)
+def test_batched_plan_stays_acyclic(seed, n, size, unfusable_every, tokens, max_batch, max_hoisted):
+    dsk = _random_dag(seed, n)
+    graph = build(to_task_spec(dsk), [f"t{n - 1}"])
+    alone = {k for i, k in enumerate(graph.order) if i % unfusable_every == 0}
+    token = {k: hash(k) % tokens for k in alone}
+    groups = _batched_plan(
+        graph,
+        alone,
+        token_of=token.__getitem__,
+        size=size,
+        max_hoisted=max_hoisted,
+        max_batch=max_batch,
+    )
+    _check_plan(graph, groups)
+    for g in groups:
+        if alone & set(g.keys):
+            assert alone.issuperset(g.keys) and len(g.keys) <= max_batch
+            assert len({token[k] for k in g.keys}) == 1

@@ -13,12 +13,18 @@ import pytest
 
 from ray_oob_sched import _graph, _p2p
 from shuffle._rechunk import RechunkLayout, is_rechunk
+from shuffle._spec import owner_of
 
 
 @dataclass(frozen=True)
 class FakeSpec:
     shuffle_id: str
     run_id: int
+    participants: tuple[str, ...] = ("a", "b")
+    npartitions_out: int = 4
+
+    def owner_of(self, partition: int) -> str:
+        return owner_of(partition, npartitions=self.npartitions_out, participants=self.participants)
 
 
 @dataclass(eq=False)
@@ -50,7 +56,7 @@ class FakeService:
             assert column is None and npartitions_out == meta.npartitions_out
         else:
             assert column in meta.columns and drop_column
-        spec = FakeSpec(shuffle_id, len(self.started) + 1)
+        spec = FakeSpec(shuffle_id, len(self.started) + 1, npartitions_out=npartitions_out)
         h = FakeHandle(spec, npartitions_out, column, None if needed is None else tuple(needed))
         h.meta = meta
         h.npartitions_in = npartitions_in
@@ -111,6 +117,33 @@ def test_shuffle_becomes_transfers_barrier_and_actor_unpacks():
     for u in rw.unpacks:
         assert new.dependencies[u] == {barrier}
     assert not _p2p.p2p_barriers(rw.nodes)
+
+
+def test_unpacks_share_a_batch_token_per_shuffle_and_owning_actor():
+    g = _graph_of(_frame(parts=4).shuffle("k", shuffle_method="p2p", npartitions=6))
+    rw = _p2p.rewrite(g.nodes, g.dependents, start_run=FakeService().start_run)
+    (handle,) = rw.handles
+    by_partition = {u.partition: rw.batch_of(k) for k, u in rw.unpacks.items()}
+    sid = str(handle.spec.shuffle_id)
+    # Range sharding over participants a, b: partitions 0-2 on a, 3-5 on b.
+    assert by_partition == {p: (sid, "a" if p < 3 else "b") for p in range(6)}
+    (barrier,) = _p2p.p2p_barriers(g.nodes)
+    assert rw.batch_of(barrier) is None  # only unpacks batch
+
+
+def _unpack(partition, *, participants, sid="s"):
+    spec = FakeSpec(sid, 1, participants=participants, npartitions_out=8)
+    return _p2p.Unpack(FakeHandle(spec, 8, None), partition)
+
+
+def test_unpack_calls_ask_each_owner_for_its_partitions_in_order():
+    # Planned on one owner; a restart on four actors spreads partitions 0, 1, 5 over two.
+    batch = [_unpack(p, participants=("a", "b", "c", "d")) for p in (5, 0, 1)]
+    assert _p2p.unpack_calls(batch) == [("c", [0]), ("a", [1, 2])]
+    same = [_unpack(p, participants=("a",)) for p in (3, 4)]
+    assert _p2p.unpack_calls(same) == [("a", [0, 1])]
+    with pytest.raises(ValueError, match="one shuffle"):
+        _p2p.unpack_calls([same[0], _unpack(1, participants=("a",), sid="t")])
 
 
 def test_selected_output_partitions_unpack_and_receive_only_those():

@@ -190,20 +190,21 @@ def test_shuffle_matches_pandas(service: tuple[ShuffleService, Path]) -> None:
     outputs = ray.get(
         [
             handle.actor_for(p).get_output_partition.remote(spec.shuffle_id, spec.run_id, p)
-            for p in range(NOUT - 1)
+            for p in range(NOUT - 2)
         ],
         timeout=WAIT,
     )
-    # The last as the scheduler submits unpacks: after the barrier's ref, with a tiny
-    # status first.
+    # The last two as the scheduler submits a batch of unpacks: one call after the
+    # barrier's ref, a tiny status first, then each partition as its own object.
+    assert spec.owner_of(NOUT - 2) == spec.owner_of(NOUT - 1)
     barrier = ray.put(spec.run_id)
-    status, part = (
+    status, *parts = (
         handle.actor_for(NOUT - 1)
-        .unpack.options(num_returns=2)
-        .remote(spec.shuffle_id, spec.run_id, NOUT - 1, barrier)
+        .unpack.options(num_returns=3)
+        .remote(spec.shuffle_id, spec.run_id, [NOUT - 2, NOUT - 1], barrier)
     )
     assert isinstance(ray.get(status, timeout=WAIT), str)
-    outputs.append(ray.get(part, timeout=WAIT))
+    outputs.extend(ray.get(parts, timeout=WAIT))
     assert handle.transport == svc.transport
     assert_outputs(outputs, inputs)
 
