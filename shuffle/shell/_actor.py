@@ -11,7 +11,9 @@ the manager, answer with an ack or the typed error that refused it (``_reply``),
 keep serving; a refused message never closes the connection or affects other runs.
 Output partitions leave as the return value of ``get_output_partition``, so they
 become ObjectRefs owned by the caller. The concatenation runs in a thread, so the
-loop keeps receiving meanwhile. An output's shards are released as it is read, and
+loop keeps receiving meanwhile; outputs are built while they fit the memory budget
+beside what the runs' stores hold (``_unpack_gate``), one at a time past it. An
+output's shards are released as it is read, and
 each closed run ends with ``release_memory`` (Arrow's pool, then glibc's
 ``malloc_trim``), so the actor does not keep its high-water mark between runs.
 
@@ -68,6 +70,7 @@ from shuffle._transport import (
     get_transport,
     listen_in_range,
 )
+from shuffle._unpack_gate import UnpackGate
 from shuffle._usage import RunUsage, refusal_reason
 from shuffle.device._allocator import refused_reason, transport_allocator
 from shuffle.device._arrays import to_host
@@ -157,6 +160,10 @@ class ShuffleActor:
             registry=self.registry,
         )
         self._executor = ThreadPoolExecutor(_UNPACK_THREADS, thread_name_prefix=f"{name}-unpack")
+        # Outputs are built while they fit the budget beside what the stores hold.
+        limit = options.memory_limit
+        assert limit != "auto"  # resolved above
+        self._unpack_gate = UnpackGate(limit, held=self._memory_held, name=f"{name}-unpack")
         # This process is ours alone, and a run keeps one small tracked object per
         # shard (65,536 in a 256 x 256 shuffle): with the default threshold of 700,
         # collections took a third of receiving (measured in one process: 1.3 against
@@ -217,7 +224,8 @@ class ShuffleActor:
         run = self._manager.get_run(shuffle_id, run_id)
         run.inputs_done()  # every transfer returned before this call (the barrier)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, run.get_output_partition, partition)
+        async with self._unpack_gate.admit(run.output_nbytes(partition)):
+            return await loop.run_in_executor(self._executor, run.get_output_partition, partition)
 
     async def unpack(
         self, shuffle_id: ShuffleId, run_id: RunId, partition: int, *after: Any
@@ -255,6 +263,10 @@ class ShuffleActor:
     async def usage(self) -> list[RunUsage]:
         """What each open run here received and holds now (``shuffle_status``)."""
         return [run.usage() for run in self._manager.runs.values()]
+
+    def _memory_held(self) -> int:
+        """Bytes the open runs' receive stores hold in memory."""
+        return sum(run.usage().memory_bytes for run in self._manager.runs.values())
 
     def sample(self) -> ActorSample:
         """This actor's counters and gauges, as its metrics export them."""
