@@ -42,6 +42,7 @@ import dataclasses
 import gc
 import logging
 import os
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -99,6 +100,9 @@ MAX_CONCURRENCY = 1000
 #: Threads concatenating output partitions; a few, so the loop is never starved of CPU.
 _UNPACK_THREADS = 2
 _GC_GEN0_THRESHOLD = 100_000
+#: Outputs from this size on are followed by a memory release (``shuffle._release``):
+#: a release costs about a millisecond, too much to follow every small output.
+_RELEASE_AFTER_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,10 @@ class ShuffleActor:
         # Outputs are built while they fit the budget beside what the stores hold.
         limit = options.memory_limit
         assert limit != "auto"  # resolved above
+        # Per run, the memory release that ends receiving (runs are dropped once closed).
+        self._received: weakref.WeakKeyDictionary[Any, asyncio.Future[None]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._unpack_gate = UnpackGate(limit, held=self._memory_held, name=f"{name}-unpack")
         # This process is ours alone, and a run keeps one small tracked object per
         # shard (65,536 in a 256 x 256 shuffle): with the default threshold of 700,
@@ -224,8 +232,20 @@ class ShuffleActor:
         run = self._manager.get_run(shuffle_id, run_id)
         run.inputs_done()  # every transfer returned before this call (the barrier)
         loop = asyncio.get_running_loop()
-        async with self._unpack_gate.admit(run.output_nbytes(partition)):
-            return await loop.run_in_executor(self._executor, run.get_output_partition, partition)
+        released = self._received.get(run)
+        if released is None:
+            # Receiving is over: what its buffers left free in the heap goes back to
+            # the OS before the outputs are built (in Arrow's pool, another allocator).
+            released = self._received[run] = loop.run_in_executor(self._executor, self._release)
+        await asyncio.shield(released)
+        nbytes = run.output_nbytes(partition)
+        async with self._unpack_gate.admit(nbytes):
+            out = await loop.run_in_executor(self._executor, run.get_output_partition, partition)
+            if nbytes >= _RELEASE_AFTER_BYTES:
+                # What building left free (and Ray's copy of the previous output into
+                # the object store) goes back too, so it does not pile up over outputs.
+                await loop.run_in_executor(self._executor, self._release)
+            return out
 
     async def unpack(
         self, shuffle_id: ShuffleId, run_id: RunId, partition: int, *after: Any
