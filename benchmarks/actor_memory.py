@@ -6,8 +6,9 @@ One embedded Ray (bounded object store), one shuffle actor, ``memory-limit`` as 
 ``--runs`` dataframe shuffles in a row of ``--partitions`` generated inputs of
 ``--partition-mb`` each into ``--out`` outputs (each reduced to its row count, so the
 outputs leave the object store soon). A thread samples the actor's ``/proc`` status
-every 20 ms (RSS, and its anonymous part: what the process itself allocated, Ray's
-shared object-store pages excluded) and the run's phase from ``shuffle_status()``
+every 20 ms (RSS, and its parts: anonymous, what the process itself allocated;
+file-backed, mapped files such as spill files being read back, whose pages the kernel
+may reclaim; shared, Ray's object-store pages) and the run's phase from ``shuffle_status()``
 (receive: transfers unfinished; unpack: every transfer done). After each run it
 reads, inside the actor, Arrow's live bytes and its pool's backend. ``--probe``
 ends by measuring, inside the actor, what Arrow's ``release_unused()`` and then
@@ -51,12 +52,12 @@ def gen_partition(i: int, rows: int, run: int) -> pd.DataFrame:
 
 
 def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS, RssAnon and RssShmem of ``pid`` in bytes."""
+    """VmRSS, RssAnon, RssFile and RssShmem of ``pid`` in bytes."""
     out: dict[str, int] = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             name, _, rest = line.partition(":")
-            if name in ("VmRSS", "RssAnon", "RssShmem"):
+            if name in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
                 out[name] = int(rest.split()[0]) * 1024
     return out
 

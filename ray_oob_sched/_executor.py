@@ -32,7 +32,11 @@ _SETTLE_S = 0.2
 
 @ray.remote
 def _ray_run_group(spec: GroupSpec, context: TaskContext, *args: Any) -> tuple[Any, ...]:
-    return run_group(spec, args, context=context)
+    try:
+        return run_group(spec, args, context=context)
+    except BaseException:
+        del spec, context, args  # as run_group does: its traceback keeps this frame
+        raise
 
 
 @ray.remote(num_cpus=0)

@@ -145,6 +145,9 @@ def run_group(
         # staged transfers that may hold the failure: a cycle that would keep the
         # inputs pinned until the worker's garbage collector runs.
         drop_frame_locals(e, dirs=_OWN_DIRS)
+        # This frame, still running, stays in the traceback: Ray's failure path may keep
+        # the error in a cycle of its own, so the frame must not hold the inputs either.
+        del spec, args, context
         raise
 
 

@@ -257,6 +257,11 @@ class ShuffleRun(Closable, abc.ABC):
         never retried within a run: a lost output restarts the shuffle under a new run).
         """
 
+    def output_nbytes(self, partition: int) -> int:
+        """Host bytes of ``partition``'s shards (in memory and spilled): about what
+        building it takes on top of its result."""
+        return self._store.nbytes_of(partition)
+
     def _read(self, partition: int) -> list[tuple[int, Any, bytes]]:
         """``(input partition, payload, meta)`` of every shard of owned ``partition``."""
         self.raise_if_closed()

@@ -6,8 +6,8 @@ budget, the partition holding the most memory is appended to its own file in a
 private temporary directory: large sequential writes, one file per output partition.
 Reads return the shards of one partition ordered by input partition, so the output
 does not depend on arrival order; a releasing read (how outputs are unpacked) reads
-back only that partition's file and drops its shards, so unpacking stays within the
-budget. Device shards (objects exposing
+back only that partition's file, mapped (not copied into the heap), and drops its
+shards, so unpacking stays within the budget. Device shards (objects exposing
 ``__cuda_array_interface__``) are held as they are and never spilled: the budget is
 for host memory, and device memory is the device allocator's (RMM's) to manage.
 ``cleanup()`` deletes the directory; a ``weakref.finalize`` does the same if an owner
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import mmap
 import os
 import re
 import shutil
@@ -50,6 +51,16 @@ def remove_spill_directories(parent: str | os.PathLike[str] | None, owner: str) 
     for path in found:
         shutil.rmtree(path, ignore_errors=True)
     return len(found)
+
+
+def _map_file(path: Path) -> memoryview:
+    """``path``'s bytes, mapped rather than read: its pages are the page cache's (which the
+    kernel may reclaim), not a copy in the process's heap, and stay valid once the file
+    is deleted. Copy-on-write, so what is built on them stays writable."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return memoryview(b"")  # mmap refuses empty files
+        return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
 
 
 class DiskShardStore:
@@ -161,14 +172,19 @@ class DiskShardStore:
             records = self._disk.get(partition)
             if records:
                 assert self._directory is not None
-                path = self._directory / f"{partition}.bin"
-                data = memoryview(path.read_bytes())
+                data = _map_file(self._directory / f"{partition}.bin")
                 self.bytes_read_back += sum(n for _, _, n in records)
                 shards += [(source, data[start : start + n]) for source, start, n in records]
             if release:
                 self._release(partition)
         shards.sort(key=lambda shard: shard[0])  # keys are unique, so this order is total
         return shards
+
+    def nbytes_of(self, partition: int) -> int:
+        """Host bytes ``partition`` holds, in memory and on disk: what reading it
+        (``read_items``) hands to its reader."""
+        with self._lock:
+            return self._memory_by_partition.get(partition, 0) + self._file_sizes.get(partition, 0)
 
     def _release(self, partition: int) -> None:
         self._memory.pop(partition, None)

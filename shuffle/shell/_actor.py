@@ -11,7 +11,9 @@ the manager, answer with an ack or the typed error that refused it (``_reply``),
 keep serving; a refused message never closes the connection or affects other runs.
 Output partitions leave as the return value of ``get_output_partition``, so they
 become ObjectRefs owned by the caller. The concatenation runs in a thread, so the
-loop keeps receiving meanwhile. An output's shards are released as it is read, and
+loop keeps receiving meanwhile; outputs are built while they fit the memory budget
+beside what the runs' stores hold (``_unpack_gate``), one at a time past it. An
+output's shards are released as it is read, and
 each closed run ends with ``release_memory`` (Arrow's pool, then glibc's
 ``malloc_trim``), so the actor does not keep its high-water mark between runs.
 
@@ -40,6 +42,7 @@ import dataclasses
 import gc
 import logging
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,7 +58,7 @@ from shuffle._manager import ShuffleManager
 from shuffle._options import AUTO_MEMORY_FRACTION, DEFAULT_OPTIONS, RunOptions, auto_memory_limit
 from shuffle._rechunk import RechunkLayout
 from shuffle._release import release_memory
-from shuffle._run import ReceiveStats
+from shuffle._run import ReceiveStats, ShuffleRun
 from shuffle._spec import ShuffleRunSpec
 from shuffle._store import remove_spill_directories
 from shuffle._transport import (
@@ -68,6 +71,7 @@ from shuffle._transport import (
     get_transport,
     listen_in_range,
 )
+from shuffle._unpack_gate import UnpackGate
 from shuffle._usage import RunUsage, refusal_reason
 from shuffle.device._allocator import refused_reason, transport_allocator
 from shuffle.device._arrays import to_host
@@ -96,6 +100,9 @@ MAX_CONCURRENCY = 1000
 #: Threads concatenating output partitions; a few, so the loop is never starved of CPU.
 _UNPACK_THREADS = 2
 _GC_GEN0_THRESHOLD = 100_000
+#: Outputs from this size on are followed by a memory release (``shuffle._release``):
+#: a release costs about a millisecond, too much to follow every small output.
+_RELEASE_AFTER_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,14 @@ class ShuffleActor:
             registry=self.registry,
         )
         self._executor = ThreadPoolExecutor(_UNPACK_THREADS, thread_name_prefix=f"{name}-unpack")
+        # Outputs are built while they fit the budget beside what the stores hold.
+        limit = options.memory_limit
+        assert limit != "auto"  # resolved above
+        # Per run, the memory release that ends receiving (runs are dropped once closed).
+        self._received: weakref.WeakKeyDictionary[Any, asyncio.Future[None]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._unpack_gate = UnpackGate(limit, held=self._memory_held, name=f"{name}-unpack")
         # This process is ours alone, and a run keeps one small tracked object per
         # shard (65,536 in a 256 x 256 shuffle): with the default threshold of 700,
         # collections took a third of receiving (measured in one process: 1.3 against
@@ -223,10 +238,32 @@ class ShuffleActor:
         run = self._manager.get_run(shuffle_id, run_id)
         run.inputs_done()  # every transfer returned before this call (the barrier)
         loop = asyncio.get_running_loop()
-        # One hop to the unpack threads for the whole batch: they hold the GIL anyway.
-        return await loop.run_in_executor(
-            self._executor, lambda: [run.get_output_partition(p) for p in partitions]
-        )
+        released = self._received.get(run)
+        if released is None:
+            # Receiving is over: what its buffers left free in the heap goes back to
+            # the OS before the outputs are built (in Arrow's pool, another allocator).
+            released = self._received[run] = loop.run_in_executor(self._executor, self._release)
+        await asyncio.shield(released)
+        sizes = [run.output_nbytes(p) for p in partitions]
+        if sum(sizes) < _RELEASE_AFTER_BYTES:
+            # Small outputs: one hop to the unpack threads for the whole batch (they
+            # hold the GIL anyway), admitted together.
+            async with self._unpack_gate.admit(sum(sizes)):
+                return await loop.run_in_executor(
+                    self._executor, lambda: [run.get_output_partition(p) for p in partitions]
+                )
+        return [await self._output(run, p, n) for p, n in zip(partitions, sizes, strict=True)]
+
+    async def _output(self, run: ShuffleRun, partition: int, nbytes: int) -> Any:
+        """One output, admitted by the unpack budget (``_unpack_gate``)."""
+        loop = asyncio.get_running_loop()
+        async with self._unpack_gate.admit(nbytes):
+            out = await loop.run_in_executor(self._executor, run.get_output_partition, partition)
+            if nbytes >= _RELEASE_AFTER_BYTES:
+                # What building left free (and Ray's copy of the previous output into
+                # the object store) goes back too, so it does not pile up over outputs.
+                await loop.run_in_executor(self._executor, self._release)
+            return out
 
     async def unpack(
         self, shuffle_id: ShuffleId, run_id: RunId, partitions: Sequence[int], *after: Any
@@ -266,6 +303,10 @@ class ShuffleActor:
     async def usage(self) -> list[RunUsage]:
         """What each open run here received and holds now (``shuffle_status``)."""
         return [run.usage() for run in self._manager.runs.values()]
+
+    def _memory_held(self) -> int:
+        """Bytes the open runs' receive stores hold in memory."""
+        return sum(run.usage().memory_bytes for run in self._manager.runs.values())
 
     def sample(self) -> ActorSample:
         """This actor's counters and gauges, as its metrics export them."""

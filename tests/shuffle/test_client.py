@@ -42,6 +42,7 @@ from shuffle._transport import AuthenticationError, Endpoint, TransportConfig, g
 # The actor module imports Ray (a dependency of the project, absent on some GPU nodes).
 pytest.importorskip("ray")
 
+import shuffle.shell._actor
 from shuffle.shell._actor import ShuffleActor
 from shuffle.shell._client import ClientConfig, ShuffleClient
 from shuffle.shell._handle import RunHandle
@@ -467,6 +468,72 @@ def test_closing_a_run_gives_memory_back_once(loop: LoopThread, tmp_path: Path) 
     assert len(released) == 1 and released[0].startswith("a0-unpack")  # off the loop
     loop.run(actor.close_run(handle.spec.shuffle_id, handle.spec.run_id))  # not open
     assert len(released) == 1
+    loop.run(actor.close())
+
+
+@pytest.mark.parametrize("release_after", [0, 2**40], ids=["each-output", "large-outputs"])
+def test_outputs_beyond_the_budget_are_built_one_at_a_time_after_a_release(
+    loop: LoopThread,
+    tmp_path: Path,
+    client: ShuffleClient,
+    monkeypatch: pytest.MonkeyPatch,
+    release_after: int,
+) -> None:
+    # A budget of 0: every output is beyond it, so the actor's two unpack threads
+    # must not build two at once. Memory is released when receiving ends, once, and
+    # after each output from a size on (here every one, or none).
+    monkeypatch.setattr(shuffle.shell._actor, "_RELEASE_AFTER_BYTES", release_after)
+    events: list[str] = []
+    options = RunOptions(memory_limit=0, spill_directory=tmp_path, message_bytes=500)
+    actor = ShuffleActor(
+        name="a0",
+        secret=SECRET,
+        transport="tcp",
+        host="127.0.0.1",
+        options=options,
+        release=lambda: events.append("release"),
+    )
+    actors = {"a0": (actor, loop.run(actor.start()))}
+    handle = start_run(loop, actors, run_id=1)
+    inputs = [make_input(i, 60) for i in range(3)]
+    for i, df in enumerate(inputs):
+        client.shuffle(df, handle, i)
+    spec = handle.spec
+    run = actor._manager.get_run(spec.shuffle_id, spec.run_id)
+    build, lock, go = run.get_output_partition, threading.Lock(), threading.Event()
+    inside: list[int] = []
+
+    def observed_build(partition: int) -> Any:
+        with lock:
+            inside.append(partition)
+            events.append("build")
+        go.wait(WAIT)  # hold every build that started until the test looked
+        return build(partition)
+
+    monkeypatch.setattr(run, "get_output_partition", observed_build)
+
+    async def unpack_all() -> list[pd.DataFrame]:
+        calls = [
+            asyncio.ensure_future(actor.get_output_partition(spec.shuffle_id, spec.run_id, p))
+            for p in range(NOUT)
+        ]
+        deadline = time.monotonic() + WAIT
+        # Either one build runs and the others wait at the gate, or two run at once.
+        while not (len(inside) == 1 and actor._unpack_gate.waiting == NOUT - 1):
+            assert len(inside) < 2, f"outputs {inside} were built at once"
+            assert time.monotonic() < deadline, "the unpack calls did not start"
+            await asyncio.sleep(0.01)
+        go.set()
+        return list(await asyncio.gather(*calls))
+
+    got = loop.run(unpack_all())
+    assert events[:2] == ["release", "build"]  # receiving's memory went back first
+    assert events.count("build") == NOUT
+    assert events.count("release") == 1 + (NOUT if release_after == 0 else 0)
+    whole = pd.concat(inputs)
+    for p, df in enumerate(got):
+        expected = whole[whole["_partitions"] == p].drop(columns="_partitions")
+        pd.testing.assert_frame_equal(df, expected)
     loop.run(actor.close())
 
 
