@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import re
 import statistics
 import sys
@@ -224,6 +225,17 @@ def _rss_mb(field: str = "VmHWM") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _private_mb(pid: int) -> float:
+    """A process's private resident memory (RssAnon), MiB; 0 if unknown. Unlike its
+    RSS, this leaves out the object store's shared pages it mapped or wrote."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            m = re.search(r"RssAnon:\s+(\d+) kB", f.read())
+    except OSError:
+        return 0.0
+    return int(m.group(1)) / 1024 if m else 0.0
+
+
 def _machine_used_mb() -> float | None:
     """MemTotal - MemAvailable, MiB (Linux); counts shared memory such as plasma's."""
     try:
@@ -258,6 +270,10 @@ class Monitor:
         self._store0: dict[str, int] = {}
         self._store: dict[str, int] = {}
         self.plasma_peak = 0
+        # peaks of the summed private memory of Ray's actors and of its other workers
+        # (this machine's processes; the driver is reported on its own)
+        self.actors_private_peak = 0.0
+        self.workers_private_peak = 0.0
         self.mem0 = _machine_used_mb()
         self.mem_peak = self.mem0
 
@@ -275,14 +291,19 @@ class Monitor:
                 ("spilled_bytes_total", "restored_bytes_total", "cumulative_created_objects"), 0
             ),
         )
+        private = {"actor": 0.0, "worker": 0.0}
         for address, port in self._nodes:
             reply = node_stats(address, port, include_memory_info=False)
             for w in reply.core_workers_stats:
                 seen = self._tasks.get(w.worker_id, 0)
                 self._tasks[w.worker_id] = max(seen, w.num_executed_tasks)
+                if w.pid and w.pid != os.getpid():
+                    private["actor" if w.actor_id else "worker"] += _private_mb(w.pid)
             used += reply.store_stats.object_store_bytes_used
             for k in totals:
                 totals[k] += getattr(reply.store_stats, k)
+        self.actors_private_peak = max(self.actors_private_peak, private["actor"])
+        self.workers_private_peak = max(self.workers_private_peak, private["worker"])
         self.plasma_peak = max(self.plasma_peak, used)
         self._store = totals
 
@@ -316,6 +337,8 @@ class Monitor:
                 "plasma_peak_mb": round(self.plasma_peak / 2**20, 1),
                 "spilled_mb": round(delta["spilled_bytes_total"] / 2**20 / runs, 1),
                 "restored_mb": round(delta["restored_bytes_total"] / 2**20 / runs, 1),
+                "actors_private_peak_mb": round(self.actors_private_peak, 1),
+                "workers_private_peak_mb": round(self.workers_private_peak, 1),
             }
         if self.mem0 is not None and self.mem_peak is not None:
             out["machine_mem_growth_mb"] = round(self.mem_peak - self.mem0, 1)
@@ -336,11 +359,45 @@ def measure(fn: Callable[[], Any], repeat: int, warmup: int) -> tuple[float, Any
 
 def shuffle_settings() -> dict[str, Any]:
     """The shuffle actors' settings that shape this measurement (spilling, transport)."""
-    cfg = dask.config.get("ray-oob-sched.shuffle")
+
+    # Key by key: dask.config.get canonicalises "-" and "_" (an environment variable
+    # such as DASK_RAY_OOB_SCHED__SHUFFLE__MEMORY_LIMIT sets "memory_limit").
+    def get(key: str) -> Any:
+        return dask.config.get(f"ray-oob-sched.shuffle.{key}")
+
     return {
-        "transport": cfg["transport"],
-        "actors_per_node": cfg["actors-per-node"],
-        "actor_memory_limit": cfg["memory-limit"],
+        "transport": get("transport"),
+        "actors_per_node": get("actors-per-node"),
+        "actor_memory_limit": get("memory-limit"),
+    }
+
+
+def shuffle_phases(runs: Sequence[Any]) -> dict[str, Any]:
+    """Where a compute's shuffles spent their time on the actors (``last_stats()``):
+    the receive phase (run start to the last message stored: inputs made, split and
+    sent), output builds (summed over threads), and the actors' spill writes and
+    read-backs with their rates."""
+
+    def mb(n: float) -> float:
+        return round(n / 2**20, 1)
+
+    def rate(nbytes: int, seconds: float) -> float | None:
+        return round(nbytes / 2**20 / seconds) if seconds > 0 else None
+
+    spilled = sum(r.bytes_spilled for r in runs)
+    spill_s = sum(r.spill_seconds for r in runs)
+    read = sum(r.bytes_read_back for r in runs)
+    read_s = sum(r.read_back_seconds for r in runs)
+    return {
+        "shuffle_run_s": round(sum(r.seconds for r in runs), 2),
+        "receive_phase_s": round(sum(r.receive_seconds for r in runs), 2),
+        "unpack_busy_s": round(sum(r.unpack_seconds for r in runs), 2),
+        "actor_spilled_mb": mb(spilled),
+        "actor_spill_s": round(spill_s, 2),
+        "actor_spill_mb_per_s": rate(spilled, spill_s),
+        "actor_read_back_mb": mb(read),
+        "actor_read_back_s": round(read_s, 2),
+        "actor_read_back_mb_per_s": rate(read, read_s),
     }
 
 
@@ -357,6 +414,7 @@ class Bench:
         self.args = args
         self.sizes = sizes
         self.medians: dict[str, dict[str, float]] = {w: {} for w in args.workloads}
+        self.mem_growth: dict[str, dict[str, float]] = {w: {} for w in args.workloads}
         self.results: dict[str, dict[str, dict[str, Any]]] = {w: {} for w in args.workloads}
         self.failed: list[str] = []
 
@@ -391,6 +449,8 @@ class Bench:
             traceback.print_exc(file=sys.stderr)
             return
         self.medians[workload][competitor] = t
+        if "machine_mem_growth_mb" in info:
+            self.mem_growth[workload][competitor] = info["machine_mem_growth_mb"]
         self.results[workload][competitor] = total(res)
         print(
             json.dumps(
@@ -430,6 +490,7 @@ class Bench:
                                 for k, v in med.items()
                                 if k != "ray_oob_sched"
                             },
+                            "machine_mem_growth_mb": self.mem_growth[workload],
                         }
                     ),
                     flush=True,
@@ -523,6 +584,7 @@ def run_ray(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]], skip: set[s
                             "objects": st.objects,
                             "shuffles": st.shuffles,
                             **shuffle_settings(),
+                            **shuffle_phases(st.shuffle_runs),
                         }
 
                     bench.run(

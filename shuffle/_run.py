@@ -77,6 +77,8 @@ class ReceiveStats:
     bytes_received: int = 0
     duplicates_ignored: int = 0  # shards already stored (a retried transfer's)
     outputs_read: int = 0
+    last_received: float | None = None  # time.monotonic() when the last message was stored
+    unpack_seconds: float = 0.0  # building outputs, summed over the threads that do it
 
 
 class ShuffleRun(abc.ABC):
@@ -171,6 +173,12 @@ class ShuffleRun(abc.ABC):
             bytes_spilled=store.bytes_spilled,
             bytes_read_back=store.bytes_read_back,
             seconds=time.monotonic() - self._created,
+            spill_seconds=store.seconds_spilling,
+            read_back_seconds=store.seconds_reading_back,
+            receive_seconds=0.0
+            if stats.last_received is None
+            else stats.last_received - self._created,
+            unpack_seconds=stats.unpack_seconds,
         )
 
     def raise_if_closed(self) -> None:
@@ -222,6 +230,7 @@ class ShuffleRun(abc.ABC):
         added = self._store.append_many(
             [(e.key, b, e.nbytes) for e, b in zip(entries, message.buffers, strict=True)]
         )
+        self.stats.last_received = time.monotonic()
         metas = self._metas
         for entry, new in zip(entries, added, strict=True):
             if not new:
@@ -342,6 +351,7 @@ class DataFrameShuffleRun(ShuffleRun):
 
         Arrow pieces give a pandas frame; cuDF pieces (``_cudf``) a cuDF one.
         """
+        started = time.perf_counter()
         shards = [(i, payload, split_joined(meta)[1]) for i, payload, meta in self._read(partition)]
         if any(meta.startswith(CUDF_TAG) for _, _, meta in shards):
             pieces = [(meta, payload) for _, payload, meta in shards]
@@ -350,6 +360,7 @@ class DataFrameShuffleRun(ShuffleRun):
             tables = pieces_to_tables([(meta, payload) for _, payload, meta in shards])
             out = concat_partition(tables, meta=self.output_meta)
         self.stats.outputs_read += 1
+        self.stats.unpack_seconds += time.perf_counter() - started
         return out
 
 
@@ -376,9 +387,11 @@ class ArrayRechunkRun(ShuffleRun):
 
     def get_output_partition(self, partition: int) -> Any:
         """Output chunk ``partition``, assembled from its pieces."""
+        started = time.perf_counter()
         pieces = [(i, decode_piece(meta, payload)) for i, payload, meta in self._read(partition)]
         out = assemble_chunk(pieces, self.layout, partition, where=str(self))
         self.stats.outputs_read += 1
+        self.stats.unpack_seconds += time.perf_counter() - started
         return out
 
 

@@ -23,6 +23,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,6 +92,9 @@ class DiskShardStore:
         # Cumulative, kept by cleanup(): what monitoring reads (shuffle._usage).
         self.bytes_spilled = 0
         self.bytes_read_back = 0
+        # Seconds spent writing spills and reading them back: the disk's share of a run.
+        self.seconds_spilling = 0.0
+        self.seconds_reading_back = 0.0
 
     def __repr__(self) -> str:
         return (
@@ -163,7 +167,9 @@ class DiskShardStore:
             if records:
                 assert self._directory is not None
                 path = self._directory / f"{partition}.bin"
+                started = time.perf_counter()
                 data = memoryview(path.read_bytes())
+                self.seconds_reading_back += time.perf_counter() - started
                 self.bytes_read_back += sum(n for _, _, n in records)
                 shards += [(source, data[start : start + n]) for source, start, n in records]
             if release:
@@ -211,6 +217,7 @@ class DiskShardStore:
         shards = self._memory[partition]
         path = self._spill_directory() / f"{partition}.bin"
         offset = self._file_sizes.get(partition, 0)
+        started = time.perf_counter()
         try:
             with open(path, "ab") as f:
                 f.writelines(payload for _, payload in shards)
@@ -230,6 +237,7 @@ class DiskShardStore:
         self.nbytes_memory -= moved
         self.nbytes_disk += moved
         self.bytes_spilled += moved
+        self.seconds_spilling += time.perf_counter() - started
 
     def _spill_directory(self) -> Path:
         if self._directory is None:
