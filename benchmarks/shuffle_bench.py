@@ -66,6 +66,7 @@ WORKLOADS = ("shuffle", "merge")
 LEFT = ("k", "a", "b", "c")  # int64 key, float64, float64, int64
 RIGHT = ("k", "x", "y", "z")
 BYTES_PER_ROW = 8 * len(LEFT)
+_NIL_ACTOR_ID = ray.ActorID.nil().binary()
 
 
 # -- data --------------------------------------------------------------------
@@ -298,7 +299,9 @@ class Monitor:
                 seen = self._tasks.get(w.worker_id, 0)
                 self._tasks[w.worker_id] = max(seen, w.num_executed_tasks)
                 if w.pid and w.pid != os.getpid():
-                    private["actor" if w.actor_id else "worker"] += _private_mb(w.pid)
+                    # a task worker reports the nil actor id, not an empty one
+                    actor = w.actor_id and w.actor_id != _NIL_ACTOR_ID
+                    private["actor" if actor else "worker"] += _private_mb(w.pid)
             used += reply.store_stats.object_store_bytes_used
             for k in totals:
                 totals[k] += getattr(reply.store_stats, k)
