@@ -30,7 +30,15 @@ included; counts are per run, i.e. divided by the number of runs):
 - ``machine_mem_growth_mb``: peak of the machine's used memory (MemTotal -
   MemAvailable, sampled; shared memory included) above its value at the start, i.e.
   driver, workers, actors and object store together (only meaningful alone on a machine);
-- ``driver_peak_rss_mb``: the driver process's peak RSS.
+- ``driver_peak_rss_mb``: the driver process's peak RSS;
+- ``actors_private_peak_mb``, ``workers_private_peak_mb``: peaks of the summed private
+  memory (RssAnon: the object store's shared pages left out) of Ray's actors and of
+  its task workers on this machine;
+- ours only, from ``last_stats().shuffle_runs`` (the last run): ``receive_phase_s``
+  (to the last message an actor stored), ``unpack_busy_s`` (output builds, summed over
+  threads), the actors' spill writes and read-backs (MiB, seconds, MiB/s).
+
+The ratio line also gives every competitor's ``machine_mem_growth_mb``.
 
     python benchmarks/shuffle_bench.py --partitions 64 --partition-mb 16 --out 64 \\
         --repeat 5
