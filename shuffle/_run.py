@@ -77,7 +77,6 @@ class ReceiveStats:
     bytes_received: int = 0
     duplicates_ignored: int = 0  # shards already stored (a retried transfer's)
     outputs_read: int = 0
-    last_received: float | None = None  # time.monotonic() when the last message was stored
     unpack_seconds: float = 0.0  # building outputs, summed over the threads that do it
 
 
@@ -109,6 +108,7 @@ class ShuffleRun(abc.ABC):
         self.owned = spec.partitions_of(local)  # raises if local is no participant
         self.stats = ReceiveStats()
         self._created = time.monotonic()
+        self._last_received: float | None = None  # when the last message was stored
         self._accept_any_sender = accept_any_sender
         name = f"{spec.shuffle_id}[{spec.run_id}]@{local}"
         self._name = name
@@ -176,8 +176,8 @@ class ShuffleRun(abc.ABC):
             spill_seconds=store.seconds_spilling,
             read_back_seconds=store.seconds_reading_back,
             receive_seconds=0.0
-            if stats.last_received is None
-            else stats.last_received - self._created,
+            if self._last_received is None
+            else self._last_received - self._created,
             unpack_seconds=stats.unpack_seconds,
         )
 
@@ -230,7 +230,7 @@ class ShuffleRun(abc.ABC):
         added = self._store.append_many(
             [(e.key, b, e.nbytes) for e, b in zip(entries, message.buffers, strict=True)]
         )
-        self.stats.last_received = time.monotonic()
+        self._last_received = time.monotonic()
         metas = self._metas
         for entry, new in zip(entries, added, strict=True):
             if not new:
