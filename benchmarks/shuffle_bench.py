@@ -30,7 +30,15 @@ included; counts are per run, i.e. divided by the number of runs):
 - ``machine_mem_growth_mb``: peak of the machine's used memory (MemTotal -
   MemAvailable, sampled; shared memory included) above its value at the start, i.e.
   driver, workers, actors and object store together (only meaningful alone on a machine);
-- ``driver_peak_rss_mb``: the driver process's peak RSS.
+- ``driver_peak_rss_mb``: the driver process's peak RSS;
+- ``actors_private_peak_mb``, ``workers_private_peak_mb``: peaks of the summed private
+  memory (RssAnon: the object store's shared pages left out) of Ray's actors and of
+  its task workers on this machine;
+- ours only, from ``last_stats().shuffle_runs`` (the last run): ``receive_phase_s``
+  (to the last message an actor stored), ``unpack_busy_s`` (output builds, summed over
+  threads), the actors' spill writes and read-backs (MiB, seconds, MiB/s).
+
+The ratio line also gives every competitor's ``machine_mem_growth_mb``.
 
     python benchmarks/shuffle_bench.py --partitions 64 --partition-mb 16 --out 64 \\
         --repeat 5
@@ -44,6 +52,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
 import re
 import statistics
 import sys
@@ -66,6 +75,7 @@ WORKLOADS = ("shuffle", "merge")
 LEFT = ("k", "a", "b", "c")  # int64 key, float64, float64, int64
 RIGHT = ("k", "x", "y", "z")
 BYTES_PER_ROW = 8 * len(LEFT)
+_NIL_ACTOR_ID = ray.ActorID.nil().binary()
 
 
 # -- data --------------------------------------------------------------------
@@ -225,6 +235,17 @@ def _rss_mb(field: str = "VmHWM") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _private_mb(pid: int) -> float:
+    """A process's private resident memory (RssAnon), MiB; 0 if unknown. Unlike its
+    RSS, this leaves out the object store's shared pages it mapped or wrote."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            m = re.search(r"RssAnon:\s+(\d+) kB", f.read())
+    except OSError:
+        return 0.0
+    return int(m.group(1)) / 1024 if m else 0.0
+
+
 def _machine_used_mb() -> float | None:
     """MemTotal - MemAvailable, MiB (Linux); counts shared memory such as plasma's."""
     try:
@@ -259,6 +280,10 @@ class Monitor:
         self._store0: dict[str, int] = {}
         self._store: dict[str, int] = {}
         self.plasma_peak = 0
+        # peaks of the summed private memory of Ray's actors and of its other workers
+        # (this machine's processes; the driver is reported on its own)
+        self.actors_private_peak = 0.0
+        self.workers_private_peak = 0.0
         self.mem0 = _machine_used_mb()
         self.mem_peak = self.mem0
 
@@ -276,14 +301,21 @@ class Monitor:
                 ("spilled_bytes_total", "restored_bytes_total", "cumulative_created_objects"), 0
             ),
         )
+        private = {"actor": 0.0, "worker": 0.0}
         for address, port in self._nodes:
             reply = node_stats(address, port, include_memory_info=False)
             for w in reply.core_workers_stats:
                 seen = self._tasks.get(w.worker_id, 0)
                 self._tasks[w.worker_id] = max(seen, w.num_executed_tasks)
+                if w.pid and w.pid != os.getpid():
+                    # a task worker reports the nil actor id, not an empty one
+                    actor = w.actor_id and w.actor_id != _NIL_ACTOR_ID
+                    private["actor" if actor else "worker"] += _private_mb(w.pid)
             used += reply.store_stats.object_store_bytes_used
             for k in totals:
                 totals[k] += getattr(reply.store_stats, k)
+        self.actors_private_peak = max(self.actors_private_peak, private["actor"])
+        self.workers_private_peak = max(self.workers_private_peak, private["worker"])
         self.plasma_peak = max(self.plasma_peak, used)
         self._store = totals
 
@@ -317,6 +349,8 @@ class Monitor:
                 "plasma_peak_mb": round(self.plasma_peak / 2**20, 1),
                 "spilled_mb": round(delta["spilled_bytes_total"] / 2**20 / runs, 1),
                 "restored_mb": round(delta["restored_bytes_total"] / 2**20 / runs, 1),
+                "actors_private_peak_mb": round(self.actors_private_peak, 1),
+                "workers_private_peak_mb": round(self.workers_private_peak, 1),
             }
         if self.mem0 is not None and self.mem_peak is not None:
             out["machine_mem_growth_mb"] = round(self.mem_peak - self.mem0, 1)
@@ -355,16 +389,51 @@ def last_stats() -> dict[str, Any]:
         "objects": st.objects,
         "shuffles": st.shuffles,
         **shuffle_settings(),
+        **shuffle_phases(st.shuffle_runs),
     }
 
 
 def shuffle_settings() -> dict[str, Any]:
     """The shuffle actors' settings that shape this measurement (spilling, transport)."""
-    cfg = dask.config.get("ray-oob-sched.shuffle")
+
+    # Key by key: dask.config.get canonicalises "-" and "_" (an environment variable
+    # such as DASK_RAY_OOB_SCHED__SHUFFLE__MEMORY_LIMIT sets "memory_limit").
+    def get(key: str) -> Any:
+        return dask.config.get(f"ray-oob-sched.shuffle.{key}")
+
     return {
-        "transport": cfg["transport"],
-        "actors_per_node": cfg["actors-per-node"],
-        "actor_memory_limit": cfg["memory-limit"],
+        "transport": get("transport"),
+        "actors_per_node": get("actors-per-node"),
+        "actor_memory_limit": get("memory-limit"),
+    }
+
+
+def shuffle_phases(runs: Sequence[Any]) -> dict[str, Any]:
+    """Where a compute's shuffles spent their time on the actors (``last_stats()``):
+    the receive phase (run start to the last message stored: inputs made, split and
+    sent), output builds (summed over threads), and the actors' spill writes and
+    read-backs with their rates."""
+
+    def mb(n: float) -> float:
+        return round(n / 2**20, 1)
+
+    def rate(nbytes: int, seconds: float) -> float | None:
+        return round(nbytes / 2**20 / seconds) if seconds > 0 else None
+
+    spilled = sum(r.bytes_spilled for r in runs)
+    spill_s = sum(r.spill_seconds for r in runs)
+    read = sum(r.bytes_read_back for r in runs)
+    read_s = sum(r.read_back_seconds for r in runs)
+    return {
+        "shuffle_run_s": round(sum(r.seconds for r in runs), 2),
+        "receive_phase_s": round(sum(r.receive_seconds for r in runs), 2),
+        "unpack_busy_s": round(sum(r.unpack_seconds for r in runs), 2),
+        "actor_spilled_mb": mb(spilled),
+        "actor_spill_s": round(spill_s, 2),
+        "actor_spill_mb_per_s": rate(spilled, spill_s),
+        "actor_read_back_mb": mb(read),
+        "actor_read_back_s": round(read_s, 2),
+        "actor_read_back_mb_per_s": rate(read, read_s),
     }
 
 
@@ -393,8 +462,8 @@ def report_failure(failed: list[str], *, competitor: str, workload: str, error: 
     traceback.print_exc(file=sys.stderr)
 
 
-def report_speedups(workload: str, medians: dict[str, float]) -> None:
-    """Print each competitor's median over ray_oob_sched's (when it ran)."""
+def report_speedups(workload: str, medians: dict[str, float], **extra: Any) -> None:
+    """Print each competitor's median over ray_oob_sched's (when it ran), and ``extra``."""
     base = medians.get("ray_oob_sched")
     if base:
         print(
@@ -404,6 +473,7 @@ def report_speedups(workload: str, medians: dict[str, float]) -> None:
                     "speedup_vs": {
                         k: round(v / base, 2) for k, v in medians.items() if k != "ray_oob_sched"
                     },
+                    **extra,
                 }
             ),
             flush=True,
@@ -440,6 +510,7 @@ class Bench:
         self.args = args
         self.sizes = sizes
         self.medians: dict[str, dict[str, float]] = {w: {} for w in args.workloads}
+        self.mem_growth: dict[str, dict[str, float]] = {w: {} for w in args.workloads}
         self.results: dict[str, dict[str, dict[str, Any]]] = {w: {} for w in args.workloads}
         self.failed: list[str] = []
 
@@ -463,6 +534,8 @@ class Bench:
             report_failure(self.failed, competitor=competitor, workload=workload, error=e)
             return
         self.medians[workload][competitor] = t
+        if "machine_mem_growth_mb" in info:
+            self.mem_growth[workload][competitor] = info["machine_mem_growth_mb"]
         self.results[workload][competitor] = total(res)
         print(
             json.dumps(
@@ -487,7 +560,9 @@ class Bench:
     def report(self) -> None:
         for workload in self.args.workloads:
             _check_same(workload, self.results[workload], self.failed)
-            report_speedups(workload, self.medians[workload])
+            report_speedups(
+                workload, self.medians[workload], machine_mem_growth_mb=self.mem_growth[workload]
+            )
 
 
 def _check_same(workload: str, results: dict[str, dict[str, Any]], failed: list[str]) -> None:

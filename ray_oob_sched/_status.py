@@ -93,6 +93,10 @@ class ShuffleRunTotals:
     bytes_spilled: int
     bytes_read_back: int
     seconds: float  # from the run's start to its close
+    spill_seconds: float = 0.0  # writing spills, summed over the actors
+    read_back_seconds: float = 0.0  # reading spills back, summed over the actors
+    receive_seconds: float = 0.0  # to the last message stored, the slowest actor's
+    unpack_seconds: float = 0.0  # building outputs, summed over actors and threads
 
     @property
     def gb_per_s(self) -> float:
@@ -240,4 +244,8 @@ def run_totals(
         bytes_spilled=sum(u.bytes_spilled for u in mine),
         bytes_read_back=sum(u.bytes_read_back for u in mine),
         seconds=seconds,
+        spill_seconds=sum(u.spill_seconds for u in mine),
+        read_back_seconds=sum(u.read_back_seconds for u in mine),
+        receive_seconds=max((u.receive_seconds for u in mine), default=0.0),
+        unpack_seconds=sum(u.unpack_seconds for u in mine),
     )

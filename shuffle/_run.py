@@ -78,6 +78,7 @@ class ReceiveStats:
     bytes_received: int = 0
     duplicates_ignored: int = 0  # shards already stored (a retried transfer's)
     outputs_read: int = 0
+    unpack_seconds: float = 0.0  # building outputs, summed over the threads that do it
 
 
 class ShuffleRun(Closable, abc.ABC):
@@ -108,6 +109,7 @@ class ShuffleRun(Closable, abc.ABC):
         self.owned = spec.partitions_of(local)  # raises if local is no participant
         self.stats = ReceiveStats()
         self._created = time.monotonic()
+        self._last_received: float | None = None  # when the last message was stored
         self._accept_any_sender = accept_any_sender
         name = f"{spec.shuffle_id}[{spec.run_id}]@{local}"
         self._name = name
@@ -168,6 +170,12 @@ class ShuffleRun(Closable, abc.ABC):
             bytes_spilled=store.bytes_spilled,
             bytes_read_back=store.bytes_read_back,
             seconds=time.monotonic() - self._created,
+            spill_seconds=store.seconds_spilling,
+            read_back_seconds=store.seconds_reading_back,
+            receive_seconds=0.0
+            if self._last_received is None
+            else self._last_received - self._created,
+            unpack_seconds=stats.unpack_seconds,
         )
 
     def raise_if_closed(self) -> None:
@@ -219,6 +227,7 @@ class ShuffleRun(Closable, abc.ABC):
         added = self._store.append_many(
             [(e.key, b, e.nbytes) for e, b in zip(entries, message.buffers, strict=True)]
         )
+        self._last_received = time.monotonic()
         metas = self._metas
         for entry, new in zip(entries, added, strict=True):
             if not new:
@@ -344,6 +353,7 @@ class DataFrameShuffleRun(ShuffleRun):
 
         Arrow pieces give a pandas frame; cuDF pieces (``_cudf``) a cuDF one.
         """
+        started = time.perf_counter()
         shards = [(i, payload, split_joined(meta)[1]) for i, payload, meta in self._read(partition)]
         if any(meta.startswith(CUDF_TAG) for _, _, meta in shards):
             pieces = [(meta, payload) for _, payload, meta in shards]
@@ -352,6 +362,7 @@ class DataFrameShuffleRun(ShuffleRun):
             tables = pieces_to_tables([(meta, payload) for _, payload, meta in shards])
             out = concat_partition(tables, meta=self.output_meta)
         self.stats.outputs_read += 1
+        self.stats.unpack_seconds += time.perf_counter() - started
         return out
 
 
@@ -378,9 +389,11 @@ class ArrayRechunkRun(ShuffleRun):
 
     def get_output_partition(self, partition: int) -> Any:
         """Output chunk ``partition``, assembled from its pieces."""
+        started = time.perf_counter()
         pieces = [(i, decode_piece(meta, payload)) for i, payload, meta in self._read(partition)]
         out = assemble_chunk(pieces, self.layout, partition, where=str(self))
         self.stats.outputs_read += 1
+        self.stats.unpack_seconds += time.perf_counter() - started
         return out
 
 

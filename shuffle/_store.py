@@ -24,6 +24,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,6 +102,10 @@ class DiskShardStore:
         # Cumulative, kept by cleanup(): what monitoring reads (shuffle._usage).
         self.bytes_spilled = 0
         self.bytes_read_back = 0
+        # Seconds spent writing spills and mapping them back (the pages of a mapped file
+        # are read as its output is built, so most of a read-back counts there).
+        self.seconds_spilling = 0.0
+        self.seconds_reading_back = 0.0
 
     def __repr__(self) -> str:
         return (
@@ -172,7 +177,9 @@ class DiskShardStore:
             records = self._disk.get(partition)
             if records:
                 assert self._directory is not None
+                started = time.perf_counter()
                 data = _map_file(self._directory / f"{partition}.bin")
+                self.seconds_reading_back += time.perf_counter() - started
                 self.bytes_read_back += sum(n for _, _, n in records)
                 shards += [(source, data[start : start + n]) for source, start, n in records]
             if release:
@@ -221,6 +228,7 @@ class DiskShardStore:
         shards = self._memory[partition]
         path = self._spill_directory() / f"{partition}.bin"
         offset = self._file_sizes.get(partition, 0)
+        started = time.perf_counter()
         try:
             with open(path, "ab") as f:
                 f.writelines(payload for _, payload in shards)
@@ -240,6 +248,7 @@ class DiskShardStore:
         self.nbytes_memory -= moved
         self.nbytes_disk += moved
         self.bytes_spilled += moved
+        self.seconds_spilling += time.perf_counter() - started
 
     def _spill_directory(self) -> Path:
         if self._directory is None:

@@ -78,6 +78,12 @@ class RunUsage:
     bytes_spilled: int  # written to disk so far
     bytes_read_back: int  # read back from disk so far (by unpacks)
     seconds: float  # since the run was created here
+    spill_seconds: float = 0.0  # writing spills so far
+    read_back_seconds: float = 0.0  # reading spills back so far
+    #: from the run's creation here to the last message it stored (the receive phase)
+    receive_seconds: float = 0.0
+    #: building outputs so far, summed over the threads that build them in parallel
+    unpack_seconds: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,6 +3,8 @@ built from it and the usage actors report."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from ray_oob_sched._status import ShuffleProgress, run_status, run_totals
@@ -127,6 +129,7 @@ def test_run_totals_sum_the_final_usage_and_give_a_rate() -> None:
     empty = run_totals(
         p.snapshot()["r"], shuffle_id="r", run_id=1, kind="rechunk", usages=[], seconds=0.0
     )
+    assert (empty.spill_seconds, empty.receive_seconds) == (0.0, 0.0)
     assert (empty.kind, empty.bytes_received, empty.gb_per_s) == ("rechunk", 0, 0.0)
 
 
@@ -150,3 +153,24 @@ def test_participant_counters_add_and_report_growth() -> None:
 )
 def test_refusals_have_a_bounded_reason(error: Exception, reason: str) -> None:
     assert refusal_reason(error) == reason
+
+
+def test_run_totals_add_the_actors_disk_and_unpack_seconds_and_take_the_last_receive() -> None:
+    def timed(participant: str, **seconds: float) -> RunUsage:
+        return dataclasses.replace(usage(participant), **seconds)
+
+    totals = run_totals(
+        progress(Clock()).snapshot()["s"],
+        shuffle_id="s",
+        run_id=1,
+        kind="shuffle",
+        usages=[
+            timed("a", spill_seconds=1.5, read_back_seconds=0.5, receive_seconds=4.0),
+            timed("b", spill_seconds=2.0, receive_seconds=6.0, unpack_seconds=3.0),
+            dataclasses.replace(usage("b", run_id=2), spill_seconds=100.0),  # another run
+        ],
+        seconds=8.0,
+    )
+    assert (totals.spill_seconds, totals.read_back_seconds) == (3.5, 0.5)
+    # the receive phase ends with the last actor's last message
+    assert (totals.receive_seconds, totals.unpack_seconds) == (6.0, 3.0)

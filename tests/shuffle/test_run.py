@@ -386,6 +386,11 @@ async def test_tiny_memory_limit_spills_and_close_deletes_the_files(
     assert all(d is not None and any(d.iterdir()) for d in spilled)
     assert sorted(spill_root.iterdir()) == sorted(spilled)
     assert_outputs(unpack(runs, spec), expected_outputs(inputs, 9))
+    for run in runs.values():
+        # where the run's time went: receiving, disk writes and reads, output builds
+        u = run.usage()
+        assert 0 < u.receive_seconds <= u.seconds
+        assert u.spill_seconds > 0 and u.read_back_seconds > 0 and u.unpack_seconds > 0
     for name, run in runs.items():
         await network.managers[name].close_run(spec.shuffle_id, spec.run_id)
         assert run.closed and run.spill_directory is None

@@ -242,3 +242,28 @@ def test_a_released_read_reads_back_only_its_partition_and_forgets_it(spill_root
         assert store.read(0) == []
         assert store.read(2) == [b"d" * 40]  # a plain read keeps the shards
         assert store.nbytes_memory == 40
+
+
+class _Clock:
+    """A perf_counter that advances one second per call."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_spill_writes_and_read_backs_are_timed(
+    spill_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shuffle._store, "time", _Clock())
+    with DiskShardStore(memory_limit=50, directory=spill_root) as store:
+        store.append(ShardKey(0, 0), b"a" * 40)
+        assert (store.seconds_spilling, store.seconds_reading_back) == (0.0, 0.0)
+        store.append(ShardKey(1, 0), b"b" * 20)  # 60 bytes: one spill, one clock tick
+        assert store.seconds_spilling == 1.0
+        store.read_items(1, release=True)  # from memory: not timed
+        store.read_items(0, release=True)  # from its spill file
+        assert (store.seconds_spilling, store.seconds_reading_back) == (1.0, 1.0)
