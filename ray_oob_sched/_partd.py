@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,42 +56,57 @@ class NodeInfo:
     resources: Mapping[str, float]
 
 
-def _creates_store(obj: Any) -> bool:
-    """Whether calling ``obj`` makes a partd store."""
-    try:
-        import partd.core
-    except ImportError:  # no partd: nothing can make a store
-        return False
-    if isinstance(obj, functools.partial):
-        return _creates_store(obj.func)
+def _store_makers() -> tuple[type, ...]:
+    """partd's store interface and dask's store factory; () when partd is not loaded.
+
+    A graph holding either has imported its module, so none is imported here (that
+    would cost an array-only program the import of pandas)."""
+    partd_core = sys.modules.get("partd.core")
+    if partd_core is None:
+        return ()
+    shuffle = sys.modules.get("dask.dataframe.shuffle")
+    factory = getattr(shuffle, "maybe_buffered_partd", None)
+    return (partd_core.Interface, *([factory] if isinstance(factory, type) else []))
+
+
+def _creates_store(obj: Any, makers: tuple[type, ...]) -> bool:
+    """Whether calling ``obj`` makes a partd store: a store class (or a partial of
+    one, as ``partd.Python``) or a ``maybe_buffered_partd`` instance."""
+    while isinstance(obj, functools.partial):
+        obj = obj.func
     if isinstance(obj, type):
-        return issubclass(obj, partd.core.Interface)
-    try:
-        from dask.dataframe.shuffle import maybe_buffered_partd
-    except ImportError:  # no dask.dataframe: no dataframe disk shuffle
-        return False
-    return isinstance(obj, maybe_buffered_partd)
+        return issubclass(obj, makers[0])
+    return isinstance(obj, makers[1:])
 
 
-def _calls_creator(node: Any) -> bool:
+def _calls_creator(node: Task, makers: tuple[type, ...]) -> bool:
     """Whether a task, or a task nested in its arguments, makes a partd store; also
     through ``apply(partd.File, ...)``, which bag writes when a temporary directory
     is configured."""
-    if not isinstance(node, Task):
-        return False
-    if _creates_store(node.func):
+    if _creates_store(node.func, makers):
         return True
-    return any(
-        _calls_creator(a) or (not isinstance(a, GraphNode) and _creates_store(a))
-        for a in (*node.args, *node.kwargs.values())
-    )
+    for a in (*node.args, *node.kwargs.values()):
+        if isinstance(a, Task):
+            if _calls_creator(a, makers):
+                return True
+        elif not isinstance(a, GraphNode) and _creates_store(a, makers):
+            return True
+    return False
 
 
 def find(
     nodes: Mapping[Key, GraphNode], dependents: Mapping[Key, Iterable[Key]]
 ) -> DiskStores | None:
     """The graph's partd stores, or None when it has none."""
-    creators = frozenset(k for k, node in nodes.items() if _calls_creator(node))
+    makers = _store_makers()
+    if not makers:
+        return None
+    # A store is made from nothing: tasks with inputs are not looked into.
+    creators = frozenset(
+        k
+        for k, node in nodes.items()
+        if isinstance(node, Task) and not node.dependencies and _calls_creator(node, makers)
+    )
     if not creators:
         return None
     users = frozenset(d for k in creators for d in dependents.get(k, ()))

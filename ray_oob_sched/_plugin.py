@@ -414,23 +414,24 @@ class RaySchedule:
     def _end_compute(
         self, *, refs: RefTable, shuffles: _Shuffles, disk: _DiskRefs, prepared: _Prepared
     ) -> None:
-        """Whatever happened: drop the compute's refs, remove its disk shuffles' stores
-        (waiting for that), unlist it from the active shuffles and close its runs
-        (noting their usage for the stats)."""
+        """Whatever happened: drop the compute's refs, unlist it from the active
+        shuffles, close its runs (noting their usage for the stats) and remove its disk
+        shuffles' stores (waiting for that)."""
         refs.clear()
-        if disk.made:
+        try:
+            if shuffles.progress is not None:
+                with self._active_lock:
+                    del self._active[id(shuffles.progress)]
+            if shuffles.p2p is not None:
+                # Outputs already left the actors as objects: the runs can go.
+                for handle in shuffles.p2p.handles:
+                    shuffles.closed += self.shuffle_service().close_run(handle)
+        finally:
             made, disk.made = disk.made, []
             # A creator that failed or was cancelled made no store (and its ref
             # holds the error); every group has ended by now.
             stores = [store for status, store in made if not _failed(status)]
             RayExecutor.drop_stores(stores, strategy=prepared.disk_strategy)
-        if shuffles.progress is not None:
-            with self._active_lock:
-                del self._active[id(shuffles.progress)]
-        if shuffles.p2p is not None:
-            # Outputs already left the actors as objects: the runs can go.
-            for handle in shuffles.p2p.handles:
-                shuffles.closed += self.shuffle_service().close_run(handle)
 
 
 @dataclass(frozen=True)
