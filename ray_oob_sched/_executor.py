@@ -22,6 +22,7 @@ from ray_oob_sched._fuse import Group
 from ray_oob_sched._graph import Key
 from ray_oob_sched._options import InvalidOptionsError
 from ray_oob_sched._p2p import Unpack, unpack_calls
+from ray_oob_sched._partd import drop_stores
 from ray_oob_sched._worker import GroupSpec, GroupStatus, TaskContext, run_group
 
 logger = logging.getLogger("ray_oob_sched")
@@ -42,6 +43,15 @@ def _ray_run_group(spec: GroupSpec, context: TaskContext, *args: Any) -> tuple[A
 @ray.remote(num_cpus=0)
 def _first_status(*worker_ids: str) -> str:
     return worker_ids[0]  # runs once every call of a split unpack batch succeeded
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _ray_drop_stores(store: Any) -> list[str]:
+    return drop_stores(store)
+
+
+#: How long the driver waits for a compute's disk shuffle stores to be removed (seconds).
+DROP_STORES_S = 60.0
 
 
 def task_name(group: Group) -> str:
@@ -198,6 +208,33 @@ class RayExecutor:
         except Exception:  # noqa: BLE001 -- any failure means "no"
             return False
         return True
+
+    @staticmethod
+    def drop_stores(stores: Sequence[Any], *, strategy: Any) -> None:
+        """Remove partd stores (refs to them) on their node and wait, bounded: with
+        zero CPUs, so that a busy node runs it at once."""
+        if not stores:
+            return
+        refs = [
+            _ray_drop_stores.options(
+                scheduling_strategy=strategy, name="ray_oob_sched: remove disk shuffle store"
+            ).remote(s)
+            for s in stores
+        ]
+        done, pending = ray.wait(
+            refs, num_returns=len(refs), timeout=DROP_STORES_S, fetch_local=True
+        )
+        if pending:
+            logger.warning(
+                "%d disk shuffle stores (partd directories) were not removed within %.0f s",
+                len(pending),
+                DROP_STORES_S,
+            )
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001 -- reported, the compute's outcome stands
+                logger.warning("could not remove a disk shuffle store (partd): %s", e)
 
     @staticmethod
     def fetch(refs: Sequence[Any]) -> list[Any]:

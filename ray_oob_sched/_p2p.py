@@ -131,28 +131,6 @@ def p2p_barriers(nodes: Mapping[Key, Any]) -> list[Key]:
     return [k for k, node in nodes.items() if isinstance(node, cls)]
 
 
-def refuse_disk_shuffle(nodes: Mapping[Key, Any]) -> None:
-    """Refuse dask's disk shuffle (``shuffle_method="disk"``) before anything runs.
-
-    Its tasks share a partd directory that ``tempfile.mkdtemp`` creates on whichever
-    worker runs the first one: workers on other nodes cannot read it, and Ray's
-    long-lived workers never remove it. The out-of-band shuffle does the same job.
-    """
-    try:
-        from dask.dataframe.shuffle import maybe_buffered_partd
-    except ImportError:  # no dask.dataframe: no disk shuffle either
-        return
-    for key, node in nodes.items():
-        if isinstance(node, Task) and isinstance(node.func, maybe_buffered_partd):
-            raise UnsupportedGraphError(
-                f"dask's disk shuffle (shuffle_method='disk', at key {key!r}) is not "
-                "supported by ray_oob_sched: it keeps its data in a partd directory on "
-                "one worker's local disk, which workers on other nodes cannot read and "
-                "Ray's workers leave behind; use shuffle_method='p2p' (the out-of-band "
-                "shuffle, which enable() selects) or shuffle_method='tasks'"
-            )
-
-
 def _unsupported(what: str, key: Key) -> UnsupportedGraphError:
     return UnsupportedGraphError(
         f"{what} (at key {key!r}; {_versions()}) is not supported by ray_oob_sched; "

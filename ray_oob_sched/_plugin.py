@@ -9,6 +9,7 @@ reaches the driver and dropping the collection frees the objects.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -26,7 +27,7 @@ from dask.base import get_annotations
 from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.sizeof import sizeof
 
-from ray_oob_sched import _graph, _p2p, _store, _taskconfig
+from ray_oob_sched import _graph, _p2p, _partd, _store, _taskconfig
 from ray_oob_sched._config import SchedulerConfig, ServiceOptions, ShuffleConfig
 from ray_oob_sched._executor import RayExecutor, may_be_actor_loss, user_error
 from ray_oob_sched._fuse import Group, group_size, plan
@@ -276,6 +277,7 @@ class RaySchedule:
         )
         refs = RefTable()
         shuffles = _Shuffles()
+        disk = _DiskRefs()
         try:
             graph = prepared.graph
             if prepared.has_p2p:
@@ -287,6 +289,7 @@ class RaySchedule:
                 prepared=prepared,
                 refs=refs,
                 shuffles=shuffles,
+                disk=disk,
                 callbacks=callbacks,
                 fetch=result == "values",
             )
@@ -294,7 +297,7 @@ class RaySchedule:
             _clear_ray_frames(e)
             raise
         finally:
-            self._end_compute(refs=refs, shuffles=shuffles)
+            self._end_compute(refs=refs, shuffles=shuffles, disk=disk, prepared=prepared)
         self.last_stats = _finish_stats(
             planned, shuffles=shuffles, seconds=time.perf_counter() - start
         )
@@ -316,27 +319,26 @@ class RaySchedule:
         nodes, stores = _store.rewrite(nodes)  # before anything runs: may refuse a target
         flat = _graph.output_keys(keys)
         graph = _graph.build(nodes, flat, resolve=REGISTRY.lookup)
-        _p2p.refuse_disk_shuffle(graph.nodes)
+        disk = _partd.find(graph.nodes, graph.dependents)
+        if disk is not None:
+            graph = dataclasses.replace(graph, nodes=_partd.keep(graph.nodes, disk.creators))
         has_p2p = bool(_p2p.p2p_barriers(graph.nodes))
 
-        options_of: dict[Key, Hashable] = {}
-        token_opts: dict[Hashable, dict[str, Any]] = {}
-        token_key: dict[Hashable, Key] = {}
         per_key = per_key_options(
             graph.order,
             graph_annotations,
             compute_annotations={**get_annotations(), **annotations},
             compute_remote_args=ray_remote_args,
         )
-        for k, opts in per_key.items():
-            token = options_token(opts)
-            options_of[k] = token
-            token_opts.setdefault(token, opts)
-            token_key.setdefault(token, k)
         # Validates every option set with Ray before anything is submitted.
-        executor = RayExecutor(token_opts, keys_of=token_key)
+        options_of, executor = _executor_for(per_key)
 
         self.runtime.ensure()
+        strategy = None
+        if disk is not None:
+            strategy = self._disk_node(disk, per_key)
+            per_key = _partd.pin(per_key, disk.pinned, strategy=strategy)
+            options_of, executor = _executor_for(per_key)
         self.prestart()
         cpus = self.runtime.cluster_cpus()
         return _Prepared(
@@ -348,7 +350,20 @@ class RaySchedule:
             config=SchedulerConfig.from_dask_config(cluster_cpus=cpus),
             cpus=cpus,
             has_p2p=has_p2p,
+            disk=disk,
+            disk_strategy=strategy,
         )
+
+    def _disk_node(self, disk: _partd.DiskStores, per_key: Mapping[Key, Any]) -> Any:
+        """The scheduling strategy that pins a compute's disk shuffles to one node."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = _partd.choose_node(
+            self.runtime.nodes(),
+            driver=self.runtime.driver_node(),
+            need=_partd.need(per_key.get(k, {}) for k in disk.pinned),
+        )
+        return NodeAffinitySchedulingStrategy(node_id=node, soft=False)
 
     def _start_shuffles(self, prepared: _Prepared, *, shuffles: _Shuffles) -> _graph.Graph:
         """Rewrite the p2p shapes, starting their runs, and list them as active (for
@@ -385,6 +400,7 @@ class RaySchedule:
         prepared: _Prepared,
         refs: RefTable,
         shuffles: _Shuffles,
+        disk: _DiskRefs,
         callbacks: Any,
         fetch: bool,
     ) -> dict[Key, Any]:
@@ -409,20 +425,32 @@ class RaySchedule:
             context=context,
             stores=prepared.stores,
             progress=shuffles.progress,
+            disk=disk if prepared.disk is not None else None,
+            creators=prepared.disk.creators if prepared.disk is not None else frozenset(),
         )
         return run.execute(prepared.flat, fetch=fetch)
 
-    def _end_compute(self, *, refs: RefTable, shuffles: _Shuffles) -> None:
+    def _end_compute(
+        self, *, refs: RefTable, shuffles: _Shuffles, disk: _DiskRefs, prepared: _Prepared
+    ) -> None:
         """Whatever happened: drop the compute's refs, unlist it from the active
-        shuffles and close its runs (noting their usage for the stats)."""
+        shuffles, close its runs (noting their usage for the stats) and remove its disk
+        shuffles' stores (waiting for that)."""
         refs.clear()
-        if shuffles.progress is not None:
-            with self._active_lock:
-                del self._active[id(shuffles.progress)]
-        if shuffles.p2p is not None:
-            # Outputs already left the actors as objects: the runs can go.
-            for handle in shuffles.p2p.handles:
-                shuffles.closed += self.shuffle_service().close_run(handle)
+        try:
+            if shuffles.progress is not None:
+                with self._active_lock:
+                    del self._active[id(shuffles.progress)]
+            if shuffles.p2p is not None:
+                # Outputs already left the actors as objects: the runs can go.
+                for handle in shuffles.p2p.handles:
+                    shuffles.closed += self.shuffle_service().close_run(handle)
+        finally:
+            made, disk.made = disk.made, []
+            # A creator that failed or was cancelled made no store (and its ref
+            # holds the error); every group has ended by now.
+            stores = [store for status, store in made if not _failed(status)]
+            RayExecutor.drop_stores(stores, strategy=prepared.disk_strategy)
 
 
 @dataclass(frozen=True)
@@ -437,6 +465,37 @@ class _Prepared:
     config: SchedulerConfig
     cpus: float
     has_p2p: bool
+    disk: _partd.DiskStores | None = None  # partd stores: run on one node, removed after
+    disk_strategy: Any = None  # the node affinity of ``disk``'s tasks
+
+
+@dataclass
+class _DiskRefs:
+    """One compute's partd stores, as their creators are submitted: what the cleanup
+    removes."""
+
+    made: list[tuple[Any, Any]] = field(default_factory=list)  # (status ref, store ref)
+
+
+def _failed(status_ref: Any) -> bool:
+    """Whether a group ended in failure (its status is ready and holds an error)."""
+    ready, _ = ray.wait([status_ref], timeout=0, fetch_local=False)
+    return bool(ready) and not RayExecutor.succeeded(status_ref)
+
+
+def _executor_for(
+    per_key: Mapping[Key, Mapping[str, Any]],
+) -> tuple[dict[Key, Hashable], RayExecutor]:
+    """Each key's options token, and an executor that validated every option set."""
+    options_of: dict[Key, Hashable] = {}
+    token_opts: dict[Hashable, Mapping[str, Any]] = {}
+    token_key: dict[Hashable, Key] = {}
+    for k, opts in per_key.items():
+        token = options_token(opts)
+        options_of[k] = token
+        token_opts.setdefault(token, opts)
+        token_key.setdefault(token, k)
+    return options_of, RayExecutor(token_opts, keys_of=token_key)
 
 
 @dataclass
@@ -484,6 +543,7 @@ def _plan(
     groups."""
     config, p2p = prepared.config, shuffles.p2p
     unpacks = p2p.unpacks if p2p is not None else {}
+    creators = prepared.disk.creators if prepared.disk is not None else frozenset()
     ntasks = sum(1 for k in graph.order if k not in sources)
     size = 1
     if config.fuse.enabled:
@@ -498,7 +558,8 @@ def _plan(
         sources=sources,
         size=size,
         options_of=prepared.options_of,
-        fusable=lambda k: k not in unpacks,
+        # A store's creator runs alone: its group's status then says whether it made one.
+        fusable=lambda k: k not in unpacks and k not in creators,
         max_hoisted=config.fuse.max_hoisted if config.fuse.enabled else 0,
         batch_of=p2p.batch_of if p2p is not None else lambda k: None,
         max_batch=config.fuse.unpack_batch,
@@ -630,8 +691,12 @@ class _Compute:
         context: Any,
         stores: _store.StoreTargets,
         progress: ShuffleProgress | None = None,
+        disk: _DiskRefs | None = None,
+        creators: frozenset[Key] = frozenset(),
     ) -> None:
         self.graph = graph
+        self.disk = disk
+        self.creators = creators
         self.context = context  # TaskContext, or its ObjectRef
         self.stores = stores
         self.returned_targets: dict[Key, int] = {}  # key -> token (``_store``)
@@ -722,6 +787,8 @@ class _Compute:
             self.in_flight[out[0]] = g.index
             for k, r in zip(g.outputs, out[1:], strict=True):
                 self.refs.add(k, r)
+                if k in self.creators and self.disk is not None:
+                    self.disk.made.append((out[0], r))
 
     def _on_finished(self, done: list[Any]) -> None:
         try:

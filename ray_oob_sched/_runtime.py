@@ -19,6 +19,7 @@ import ray
 import ray.util.client
 
 from ray_oob_sched._config import ray_init_kwargs
+from ray_oob_sched._partd import NodeInfo
 
 logger = logging.getLogger("ray_oob_sched")
 
@@ -92,6 +93,17 @@ class RayRuntime:
 
     def alive_nodes(self) -> int:
         return sum(1 for n in ray.nodes() if n["Alive"]) or 1
+
+    def nodes(self) -> list[NodeInfo]:
+        """Every node Ray knows, with its total resources."""
+        return [
+            NodeInfo(node_id=n["NodeID"], alive=bool(n["Alive"]), resources=n["Resources"])
+            for n in ray.nodes()
+        ]
+
+    def driver_node(self) -> str:
+        """The id of the node this driver runs on."""
+        return str(ray.get_runtime_context().get_node_id())
 
     def shutdown(self) -> bool:
         """Stop the embedded Ray if this package started it; True if it did."""

@@ -273,18 +273,3 @@ def test_transfers_in_a_group_are_staged_for_its_end_unless_they_cannot_be(
     assert calls[0][0] == expected
     if expected == "batch":
         assert calls == [("batch", 3), ("finish",)]  # finished at the group's end
-
-
-@pytest.mark.parametrize("op", ["shuffle", "merge"])
-def test_disk_shuffles_are_refused_and_other_methods_are_not(op):
-    df = dd.from_pandas(pd.DataFrame({"k": range(40), "v": range(40)}), npartitions=4)
-
-    def graph(method):
-        if op == "shuffle":
-            return _graph_of(df.shuffle("k", shuffle_method=method))
-        return _graph_of(df.merge(df, on="k", shuffle_method=method, broadcast=False))
-
-    with pytest.raises(_p2p.UnsupportedGraphError, match=r"shuffle_method='disk'.*'tasks'"):
-        _p2p.refuse_disk_shuffle(graph("disk").nodes)
-    for method in ("tasks", "p2p"):
-        _p2p.refuse_disk_shuffle(graph(method).nodes)
