@@ -5,8 +5,9 @@ Under dask's local schedulers a task reads the configuration in force when
 Ray worker it would read the worker's own. ``snapshot`` pickles the driver's
 ``dask.config.config`` once per compute (a few KiB, microseconds); ``applied``
 swaps it in around one group in the worker and restores the worker's afterwards.
-The ``scheduler`` entry stays behind: a compute inside a task runs on dask's
-local scheduler in that worker, as it always did.
+The ``scheduler`` and ``pool`` entries stay behind: a compute inside a task runs on
+dask's local scheduler in that worker, as it always did (``pool`` is the local
+schedulers' executor, an object of the driver process).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import cloudpickle
 import dask.config
 
 #: Entries that name objects of the driver process.
-DRIVER_ONLY = frozenset({"scheduler"})
+DRIVER_ONLY = frozenset({"scheduler", "pool"})
 
 
 def snapshot() -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import dask
 import dask.config
@@ -25,10 +26,13 @@ def warn(message, category=RuntimeWarning):
 
 
 def test_snapshot_holds_the_callers_config_but_not_its_scheduler():
-    with dask.config.set({"temporary-directory": "/caller/tmp", "scheduler": "sync"}):
+    pool = ThreadPoolExecutor(1)  # the local schedulers' pool: it cannot be pickled
+    with dask.config.set({"temporary-directory": "/caller/tmp", "scheduler": "sync", "pool": pool}):
         blob = snapshot()
+    pool.shutdown()
     caller = pickle.loads(blob)
     assert caller["temporary-directory"] == "/caller/tmp" and "scheduler" not in caller
+    assert "pool" not in caller
 
 
 def test_snapshot_pickles_lambdas_and_names_what_it_cannot_pickle():
