@@ -429,6 +429,9 @@ class _Rewriter:
         sid_l, sid_r, partition, bar_l, bar_r, *rest = node.args
         parts = []
         for side, sid, bar in (("left", sid_l, bar_l), ("right", sid_r, bar_r)):
+            if side == "right" and sid == sid_l:  # a self-merge: both sides are one shuffle
+                parts.append(parts[0])  # an output partition leaves its actor once
+                continue
             unpack_key = ("ray-oob-unpack", side, key)
             barrier_key = bar.key if isinstance(bar, (Alias, TaskRef)) else bar
             self.out.nodes[unpack_key] = Task(unpack_key, _must_be_actor_call, _ref(barrier_key))

@@ -190,6 +190,21 @@ def test_merge_unpacks_both_sides_then_merges():
             assert fn.__code__ is g.nodes[t].func.__code__ and fn is not g.nodes[t].func
 
 
+def test_a_self_merge_unpacks_each_output_partition_once():
+    df = _frame(parts=2)
+    g = _graph_of(df.merge(df, left_on=("k",), right_on=("k",), shuffle_method="p2p"))
+    service = FakeService()
+    rw = _p2p.rewrite(g.nodes, g.dependents, start_run=service.start_run)
+    assert len(service.started) == 1  # both sides are one shuffle of the same frame
+    merges = [k for k, n in rw.nodes.items() if getattr(n, "func", None) is _p2p._merge_unpacked]
+    assert merges
+    for m in merges:
+        (side,) = rw.nodes[m].dependencies  # read twice, unpacked once
+        assert side in rw.unpacks
+    partitions = [u.partition for u in rw.unpacks.values()]
+    assert len(partitions) == len(set(partitions)) == len(merges)
+
+
 def test_p2p_rechunk_becomes_a_run_per_stage_with_flat_chunk_numbers():
     x = da.ones((40, 30), chunks=(40, 3)).rechunk((4, 30), method="p2p")
     g = _graph_of(x)
