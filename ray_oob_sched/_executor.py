@@ -10,7 +10,9 @@ data, then one object per output key.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
+import threading
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -31,13 +33,31 @@ logger = logging.getLogger("ray_oob_sched")
 _SETTLE_S = 0.2
 
 
+#: Seconds after a failed group before its worker collects its garbage (``_collect_soon``).
+_COLLECT_AFTER_FAILURE_S = 1.0
+
+
 @ray.remote
 def _ray_run_group(spec: GroupSpec, context: TaskContext, *args: Any) -> tuple[Any, ...]:
     try:
         return run_group(spec, args, context=context)
     except BaseException:
         del spec, context, args  # as run_group does: its traceback keeps this frame
+        _collect_soon()
         raise
+
+
+def _collect_soon() -> None:
+    """Collect this worker's garbage once, shortly after the failing task returned.
+
+    Ray's own failure path keeps a task's error in reference cycles
+    (ray-project/ray#38216), and through them views of the task's inputs: without a
+    collection those stay pinned in the object store while the worker idles. Failures
+    only, so a collection's cost (milliseconds) is never paid on the normal path.
+    """
+    timer = threading.Timer(_COLLECT_AFTER_FAILURE_S, gc.collect)
+    timer.daemon = True
+    timer.start()
 
 
 @ray.remote(num_cpus=0)

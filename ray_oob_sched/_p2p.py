@@ -427,7 +427,7 @@ class _Rewriter:
         if isinstance(current, Task) and current.func is _merge_unpacked:
             return
         sid_l, sid_r, partition, bar_l, bar_r, *rest = node.args
-        parts = []
+        parts: list[TaskRef] = []
         for side, sid, bar in (("left", sid_l, bar_l), ("right", sid_r, bar_r)):
             if side == "right" and sid == sid_l:  # a self-merge: both sides are one shuffle
                 parts.append(parts[0])  # an output partition leaves its actor once

@@ -51,21 +51,7 @@ def _objects() -> set[str]:
     }
 
 
-@pytest.mark.parametrize(
-    "max_tasks",
-    [
-        1,
-        pytest.param(
-            4,
-            marks=pytest.mark.xfail(
-                reason="known leak: with fused transfers an idle worker still pins one "
-                "input in about 2 runs of 5 until its garbage collector runs",
-                strict=False,
-            ),
-        ),
-    ],
-    ids=["unfused", "fused"],
-)
+@pytest.mark.parametrize("max_tasks", [1, 4], ids=["unfused", "fused"])
 def test_a_refused_shuffle_leaves_no_input_in_the_store(ray_get, tmp_path, max_tasks):
     rng = np.random.default_rng(5)
     pdf = pd.DataFrame({"k": rng.integers(0, 100, ROWS), "v": rng.normal(size=ROWS)})
