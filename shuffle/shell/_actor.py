@@ -252,14 +252,25 @@ class ShuffleActor:
                 return await loop.run_in_executor(
                     self._executor, lambda: [run.get_output_partition(p) for p in partitions]
                 )
-        return [await self._output(run, p, n) for p, n in zip(partitions, sizes, strict=True)]
+        release = self._short_of_memory(run)
+        return [
+            await self._output(run, p, n, release=release)
+            for p, n in zip(partitions, sizes, strict=True)
+        ]
 
-    async def _output(self, run: ShuffleRun, partition: int, nbytes: int) -> Any:
+    def _short_of_memory(self, run: ShuffleRun) -> bool:
+        """Whether the run received more than the memory budget: only then is memory
+        given back after each large output (a trim walks the whole heap, tens of
+        milliseconds each: 64 outputs of a 1 GiB run took seconds more)."""
+        limit = self._unpack_gate.limit
+        return limit is not None and run.usage().bytes_received > limit
+
+    async def _output(self, run: ShuffleRun, partition: int, nbytes: int, *, release: bool) -> Any:
         """One output, admitted by the unpack budget (``_unpack_gate``)."""
         loop = asyncio.get_running_loop()
         async with self._unpack_gate.admit(nbytes):
             out = await loop.run_in_executor(self._executor, run.get_output_partition, partition)
-            if nbytes >= _RELEASE_AFTER_BYTES:
+            if release and nbytes >= _RELEASE_AFTER_BYTES:
                 # What building left free (and Ray's copy of the previous output into
                 # the object store) goes back too, so it does not pile up over outputs.
                 await loop.run_in_executor(self._executor, self._release)

@@ -471,20 +471,27 @@ def test_closing_a_run_gives_memory_back_once(loop: LoopThread, tmp_path: Path) 
     loop.run(actor.close())
 
 
-@pytest.mark.parametrize("release_after", [0, 2**40], ids=["each-output", "large-outputs"])
+@pytest.mark.parametrize(
+    ("memory_limit", "release_after", "releases"),
+    [(0, 0, 1 + NOUT), (0, 2**40, 1), (2**40, 0, 1)],
+    ids=["each-output", "large-outputs", "within-budget"],
+)
 def test_outputs_beyond_the_budget_are_built_one_at_a_time_after_a_release(
     loop: LoopThread,
     tmp_path: Path,
     client: ShuffleClient,
     monkeypatch: pytest.MonkeyPatch,
+    memory_limit: int,
     release_after: int,
+    releases: int,
 ) -> None:
     # A budget of 0: every output is beyond it, so the actor's two unpack threads
     # must not build two at once. Memory is released when receiving ends, once, and
-    # after each output from a size on (here every one, or none).
+    # after each output from a size on (here every one, or none), but only when the
+    # run received more than the budget.
     monkeypatch.setattr(shuffle.shell._actor, "_RELEASE_AFTER_BYTES", release_after)
     events: list[str] = []
-    options = RunOptions(memory_limit=0, spill_directory=tmp_path, message_bytes=500)
+    options = RunOptions(memory_limit=memory_limit, spill_directory=tmp_path, message_bytes=500)
     actor = ShuffleActor(
         name="a0",
         secret=SECRET,
@@ -519,7 +526,9 @@ def test_outputs_beyond_the_budget_are_built_one_at_a_time_after_a_release(
         ]
         deadline = time.monotonic() + WAIT
         # Either one build runs and the others wait at the gate, or two run at once.
-        while not (len(inside) == 1 and actor._unpack_gate.waiting == NOUT - 1):
+        while memory_limit == 0 and not (
+            len(inside) == 1 and actor._unpack_gate.waiting == NOUT - 1
+        ):
             assert len(inside) < 2, f"outputs {inside} were built at once"
             assert time.monotonic() < deadline, "the unpack calls did not start"
             await asyncio.sleep(0.01)
@@ -529,7 +538,7 @@ def test_outputs_beyond_the_budget_are_built_one_at_a_time_after_a_release(
     got = loop.run(unpack_all())
     assert events[:2] == ["release", "build"]  # receiving's memory went back first
     assert events.count("build") == NOUT
-    assert events.count("release") == 1 + (NOUT if release_after == 0 else 0)
+    assert events.count("release") == releases
     whole = pd.concat(inputs)
     for p, df in enumerate(got):
         expected = whole[whole["_partitions"] == p].drop(columns="_partitions")
