@@ -253,10 +253,16 @@ class ShuffleActor:
                     self._executor, lambda: [run.get_output_partition(p) for p in partitions]
                 )
         release = self._short_of_memory(run)
-        return [
-            await self._output(run, p, n, release=release)
-            for p, n in zip(partitions, sizes, strict=True)
-        ]
+        # Large outputs one by one through the gate, all asked at once: the gate and the
+        # unpack threads decide how many are built together.
+        return list(
+            await asyncio.gather(
+                *(
+                    self._output(run, p, n, release=release)
+                    for p, n in zip(partitions, sizes, strict=True)
+                )
+            )
+        )
 
     def _short_of_memory(self, run: ShuffleRun) -> bool:
         """Whether the run received more than the memory budget: only then is memory
