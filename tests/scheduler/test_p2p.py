@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import dask
 import dask.array as da
 import dask.dataframe as dd
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from ray_oob_sched import _graph, _p2p
 from shuffle._rechunk import RechunkLayout, is_rechunk
 from shuffle._spec import owner_of
+from tests.scheduler.support import graph_of
 
 
 @dataclass(frozen=True)
@@ -64,38 +64,20 @@ class FakeService:
         return h
 
 
-def _graph_of(*collections):
-    """The graph and keys that ``get`` receives from a persist of ``collections``."""
-    seen = {}
-
-    def record(dsk, keys, **kwargs):
-        seen["nodes"], _ = _graph.materialize(dsk)
-        seen["keys"] = keys
-        raise _Stop
-
-    with pytest.raises(_Stop):
-        dask.persist(*collections, scheduler=record)
-    return _graph.build(seen["nodes"], seen["keys"])
-
-
-class _Stop(Exception):
-    pass
-
-
 def _frame(n=100, parts=4):
     pdf = pd.DataFrame({"k": np.arange(n) % 7, "v": np.arange(n, dtype=float)})
     return dd.from_pandas(pdf, npartitions=parts)
 
 
 def test_graph_without_p2p_is_left_alone():
-    g = _graph_of(_frame().shuffle("k", shuffle_method="tasks"))
+    g = graph_of(_frame().shuffle("k", shuffle_method="tasks"))
     service = FakeService()
     assert _p2p.rewrite(g.nodes, g.dependents, start_run=service.start_run) is None
     assert not service.started
 
 
 def test_shuffle_becomes_transfers_barrier_and_actor_unpacks():
-    g = _graph_of(_frame(parts=4).shuffle("k", shuffle_method="p2p", npartitions=3))
+    g = graph_of(_frame(parts=4).shuffle("k", shuffle_method="p2p", npartitions=3))
     service = FakeService()
     rw = _p2p.rewrite(g.nodes, g.dependents, start_run=service.start_run)
     (handle,) = service.started
@@ -120,7 +102,7 @@ def test_shuffle_becomes_transfers_barrier_and_actor_unpacks():
 
 
 def test_unpacks_share_a_batch_token_per_shuffle_and_owning_actor():
-    g = _graph_of(_frame(parts=4).shuffle("k", shuffle_method="p2p", npartitions=6))
+    g = graph_of(_frame(parts=4).shuffle("k", shuffle_method="p2p", npartitions=6))
     rw = _p2p.rewrite(g.nodes, g.dependents, start_run=FakeService().start_run)
     (handle,) = rw.handles
     by_partition = {u.partition: rw.batch_of(k) for k, u in rw.unpacks.items()}
@@ -148,7 +130,7 @@ def test_unpack_calls_ask_each_owner_for_its_partitions_in_order():
 
 def test_selected_output_partitions_unpack_and_receive_only_those():
     lazy = _frame(parts=4).shuffle("k", shuffle_method="p2p", npartitions=4).partitions[[3, 1]]
-    g = _graph_of(lazy)
+    g = graph_of(lazy)
     service = FakeService()
     rw = _p2p.rewrite(g.nodes, g.dependents, start_run=service.start_run)
     assert sorted(u.partition for u in rw.unpacks.values()) == [1, 3]
@@ -165,7 +147,7 @@ def test_selected_merge_outputs_are_the_needed_ones_of_both_sides():
     # Not merged.partitions[[0, 4]]: dask 2026.8's HashJoinP2P names filtered outputs
     # by partition number, which no scheduler can run (distributed's neither).
     delayed = merged.to_delayed()
-    g = _graph_of(delayed[0], delayed[4])
+    g = graph_of(delayed[0], delayed[4])
     _p2p.rewrite(g.nodes, g.dependents, start_run=service.start_run)
     assert [h.needed for h in service.started] == [(0, 4), (0, 4)]
 
@@ -173,7 +155,7 @@ def test_selected_merge_outputs_are_the_needed_ones_of_both_sides():
 def test_merge_unpacks_both_sides_then_merges():
     left = _frame(parts=3)
     right = dd.from_pandas(pd.DataFrame({"k": range(7), "w": range(7)}), npartitions=2)
-    g = _graph_of(left.merge(right, on="k", shuffle_method="p2p", broadcast=False))
+    g = graph_of(left.merge(right, on="k", shuffle_method="p2p", broadcast=False))
     service = FakeService()
     rw = _p2p.rewrite(g.nodes, g.dependents, start_run=service.start_run)
     assert len(service.started) == 2
@@ -192,7 +174,7 @@ def test_merge_unpacks_both_sides_then_merges():
 
 def test_a_self_merge_unpacks_each_output_partition_once():
     df = _frame(parts=2)
-    g = _graph_of(df.merge(df, left_on=("k",), right_on=("k",), shuffle_method="p2p"))
+    g = graph_of(df.merge(df, left_on=("k",), right_on=("k",), shuffle_method="p2p"))
     service = FakeService()
     rw = _p2p.rewrite(g.nodes, g.dependents, start_run=service.start_run)
     assert len(service.started) == 1  # both sides are one shuffle of the same frame
@@ -207,7 +189,7 @@ def test_a_self_merge_unpacks_each_output_partition_once():
 
 def test_p2p_rechunk_becomes_a_run_per_stage_with_flat_chunk_numbers():
     x = da.ones((40, 30), chunks=(40, 3)).rechunk((4, 30), method="p2p")
-    g = _graph_of(x)
+    g = graph_of(x)
     service = FakeService()
     rw = _p2p.rewrite(g.nodes, g.dependents, start_run=service.start_run)
     (handle,) = service.started
@@ -225,7 +207,7 @@ def test_p2p_rechunk_becomes_a_run_per_stage_with_flat_chunk_numbers():
 
 def test_unknown_p2p_shapes_are_refused_before_any_run_starts():
     x = da.ones((40, 40), chunks=(40, 4)).rechunk((4, 40), method="p2p")
-    g = _graph_of(x)
+    g = graph_of(x)
     (barrier,) = _p2p.p2p_barriers(g.nodes)
     t = next(iter(g.nodes[barrier].dependencies))
     nodes = dict(g.nodes)

@@ -16,26 +16,9 @@ from dask.bag.core import collect as bag_collect
 from dask.bag.core import partition as bag_partition
 from dask.dataframe.shuffle import collect as df_collect
 
-from ray_oob_sched import _graph, _partd
+from ray_oob_sched import _partd
 from ray_oob_sched._p2p import UnsupportedGraphError
-
-
-class _Stop(Exception):
-    pass
-
-
-def _graph_of(*collections):
-    """The graph that ``get`` receives from a persist of ``collections``."""
-    seen = {}
-
-    def record(dsk, keys, **kwargs):
-        seen["nodes"], _ = _graph.materialize(dsk)
-        seen["keys"] = keys
-        raise _Stop
-
-    with pytest.raises(_Stop):
-        dask.persist(*collections, scheduler=record)
-    return _graph.build(seen["nodes"], seen["keys"])
+from tests.scheduler.support import graph_of
 
 
 def _frame(parts: int = 4) -> dd.DataFrame:
@@ -47,7 +30,7 @@ def _funcs(g, keys):
 
 
 def test_dataframe_disk_shuffle_pins_the_store_and_its_users_not_the_barrier():
-    g = _graph_of(_frame(parts=4).shuffle("k", shuffle_method="disk", npartitions=3))
+    g = graph_of(_frame(parts=4).shuffle("k", shuffle_method="disk", npartitions=3))
     found = _partd.find(g.nodes, g.dependents)
     assert found is not None
     (creator,) = found.creators
@@ -61,7 +44,7 @@ def test_dataframe_disk_shuffle_pins_the_store_and_its_users_not_the_barrier():
 
 def test_merge_with_disk_shuffles_has_a_store_per_side():
     right = dd.from_pandas(pd.DataFrame({"k": range(10), "w": range(10)}), npartitions=2)
-    g = _graph_of(_frame().merge(right, on="k", shuffle_method="disk", broadcast=False))
+    g = graph_of(_frame().merge(right, on="k", shuffle_method="disk", broadcast=False))
     found = _partd.find(g.nodes, g.dependents)
     assert found is not None and len(found.creators) == 2
     assert found.users == set().union(*(g.dependents[c] for c in found.creators))
@@ -71,7 +54,7 @@ def test_merge_with_disk_shuffles_has_a_store_per_side():
 def test_bag_disk_groupby_store_is_found_also_nested_in_apply(tmpdir_set, tmp_path):
     with dask.config.set(temporary_directory=str(tmp_path) if tmpdir_set else None):
         b = db.from_sequence(range(20), npartitions=4).groupby(lambda x: x % 3, shuffle="disk")
-        g = _graph_of(b)
+        g = graph_of(b)
     found = _partd.find(g.nodes, g.dependents)
     assert found is not None
     (creator,) = found.creators
@@ -82,10 +65,10 @@ def test_bag_disk_groupby_store_is_found_also_nested_in_apply(tmpdir_set, tmp_pa
 
 @pytest.mark.parametrize("method", ["tasks", "p2p"])
 def test_other_shuffle_methods_have_no_store(method):
-    g = _graph_of(_frame().shuffle("k", shuffle_method=method))
+    g = graph_of(_frame().shuffle("k", shuffle_method=method))
     assert _partd.find(g.nodes, g.dependents) is None
     b = db.from_sequence(range(20), npartitions=4).groupby(lambda x: x % 3, shuffle="tasks")
-    g = _graph_of(b)
+    g = graph_of(b)
     assert _partd.find(g.nodes, g.dependents) is None
 
 
@@ -97,7 +80,7 @@ def _made_store(g, creator):
 def test_kept_bag_store_outlives_its_maker_and_drop_removes_it(tmp_path):
     with dask.config.set(temporary_directory=str(tmp_path)):
         b = db.from_sequence(range(20), npartitions=4).groupby(lambda x: x % 3, shuffle="disk")
-        g = _graph_of(b)
+        g = graph_of(b)
     (creator,) = _partd.find(g.nodes, g.dependents).creators
 
     # As dask wrote it, the store's directory goes with the object that made it,
@@ -124,7 +107,7 @@ def test_kept_bag_store_outlives_its_maker_and_drop_removes_it(tmp_path):
 
 def test_drop_removes_a_dataframe_store_with_its_data(tmp_path):
     with dask.config.set(temporary_directory=str(tmp_path)):
-        g = _graph_of(_frame().shuffle("k", shuffle_method="disk"))
+        g = graph_of(_frame().shuffle("k", shuffle_method="disk"))
     (creator,) = _partd.find(g.nodes, g.dependents).creators
     # Pickled, as every Ray task is: the factory makes an unbuffered store.
     node = pickle.loads(pickle.dumps(_partd.keep(g.nodes, [creator])[creator]))
