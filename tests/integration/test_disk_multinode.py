@@ -11,8 +11,6 @@ and the test session's is in use.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import ray_oob_sched
+from tests.conftest import run_scenario
 from tests.integration.test_p2p_multinode import free_port
 
 pytestmark = pytest.mark.ray
@@ -113,18 +112,5 @@ def scenario() -> None:
 
 
 def test_disk_shuffle_on_one_node() -> None:
-    root = Path(__file__).resolve().parents[2]
-    code = "import tests.integration.test_disk_multinode as m; m.scenario()"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=root,
-        env=env,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    assert "disk shuffles on one node OK" in result.stdout
+    stdout = run_scenario("tests.integration.test_disk_multinode", "scenario()", timeout=240)
+    assert "disk shuffles on one node OK" in stdout
