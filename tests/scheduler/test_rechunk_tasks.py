@@ -19,7 +19,8 @@ from ray_oob_sched._rechunk_tasks import (
     rechunk_as_tasks,
 )
 from shuffle._rechunk import RechunkLayout
-from tests.scheduler.test_p2p import FakeService, _graph_of
+from tests.scheduler.support import graph_of
+from tests.scheduler.test_p2p import FakeService
 
 ROWS_TO_COLS = RechunkLayout(((250,) * 24, (6000,)), ((6000,), (250,) * 24))  # 576 pieces
 MERGE_ONLY = RechunkLayout(((2,) * 8, (10,)), ((4,) * 4, (10,)))  # every input feeds one output
@@ -92,7 +93,7 @@ def test_gather_checks_its_argument_count():
 def test_a_small_partial_is_rewritten_as_gather_tasks_and_starts_no_run():
     a = np.arange(40 * 30, dtype="f8").reshape(40, 30)
     y = da.from_array(a, chunks=(4, 30)).rechunk((40, 3), method="p2p")
-    g = _graph_of(y)
+    g = graph_of(y)
     service = FakeService()
     rw = _p2p.rewrite(
         g.nodes, g.dependents, start_run=service.start_run, rechunk_as_tasks=lambda layout: True
@@ -111,7 +112,7 @@ def test_a_small_partial_is_rewritten_as_gather_tasks_and_starts_no_run():
 
 def test_the_choice_is_made_per_partial():
     y = da.ones((40, 30), chunks=(40, 3)).rechunk((4, 30), method="p2p")
-    g = _graph_of(y)
+    g = graph_of(y)
     service = FakeService()
     rw = _p2p.rewrite(
         g.nodes, g.dependents, start_run=service.start_run, rechunk_as_tasks=lambda layout: False

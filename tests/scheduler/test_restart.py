@@ -13,7 +13,8 @@ from ray_oob_sched import _p2p
 from ray_oob_sched._fuse import Group
 from ray_oob_sched._restart import RestartLimitError, ShuffleActorLostError, ShuffleTasks
 from ray_oob_sched._state import Abandon, Release, RestartShuffles, SchedulerState, Submit
-from tests.scheduler.test_p2p import FakeHandle, FakeService, FakeSpec, _graph_of
+from tests.scheduler.support import graph_of
+from tests.scheduler.test_p2p import FakeHandle, FakeService, FakeSpec
 
 
 def _g(index, keys, inputs=(), outputs=None):
@@ -195,7 +196,7 @@ def test_which_errors_may_mean_a_lost_shuffle_actor():
 
 
 def _rewrite(collection):
-    g = _graph_of(collection)
+    g = graph_of(collection)
     service = FakeService()
     return _p2p.rewrite(g.nodes, g.dependents, start_run=service.start_run), service
 
