@@ -63,6 +63,7 @@ class FuseConfig:
     tasks_per_cpu: int
     max_hoisted: int = 8
     unpack_batch: int = 8
+    unpack_call_bytes: int = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class SchedulerConfig:
                 tasks_per_cpu=_int("scheduler.fuse.tasks-per-cpu", minimum=1),
                 max_hoisted=_int("scheduler.fuse.max-hoisted", minimum=0),
                 unpack_batch=_int("scheduler.fuse.unpack-batch", minimum=1),
+                unpack_call_bytes=_int("scheduler.fuse.unpack-call-bytes", minimum=0),
             ),
         )
 

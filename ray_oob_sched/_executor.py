@@ -65,6 +65,22 @@ def _first_status(*worker_ids: str) -> str:
     return worker_ids[0]  # runs once every call of a split unpack batch succeeded
 
 
+#: How long the driver waits for a finished barrier's value (seconds).
+_BARRIER_VALUE_S = 5.0
+
+
+def _barrier_value(ref: Any) -> int | None:
+    """What a finished barrier returned (the bytes of its run's inputs); None if it
+    failed, whose error the unpacks then raise as they would anyway."""
+    try:
+        # Its group's status has arrived, but Ray may store the task's other returns
+        # a moment later: a zero timeout raced with that.
+        value = ray.get(ref, timeout=_BARRIER_VALUE_S)
+    except Exception:  # noqa: BLE001 -- reported through the unpacks' own failure
+        return None
+    return value if isinstance(value, int) else None
+
+
 @ray.remote(num_cpus=0, max_retries=0)
 def _ray_drop_stores(store: Any) -> list[str]:
     return drop_stores(store)
@@ -123,25 +139,25 @@ class RayExecutor:
         return done
 
     @staticmethod
-    def submit_unpacks(group: Group, unpacks: Sequence[Unpack], args: Sequence[Any]) -> list[Any]:
+    def submit_unpacks(
+        group: Group, unpacks: Sequence[Unpack], args: Sequence[Any], *, max_bytes: int
+    ) -> list[Any]:
         """A batch of p2p output partitions, returned by the actor that owns them.
 
         ``args`` is the barrier's ref: Ray starts the call only once every transfer
         is done. The actor returns ``(worker id, *partitions)``, each partition
-        becoming an object of its own, owned by this driver. A batch whose partitions
-        a restart spread over several actors becomes one call per actor, and its
-        status a tiny task over theirs.
+        becoming an object of its own, owned by this driver. A batch becomes one
+        call per owning actor (a restart may have spread its partitions over
+        several), each returning at most ``max_bytes`` of outputs as estimated from
+        the barrier's value (its group has finished: ``SchedulerState``'s
+        ``after``); the group's status is then a tiny task over the calls'.
         """
-        if tuple(group.outputs) != tuple(group.keys) or len(unpacks) != len(group.keys):
-            raise RuntimeError(
-                f"unpack group {_keys_text(group)}: every unpack must be an output "
-                f"({len(unpacks)} unpacks, outputs {group.outputs!r})"
-            )
         handle = unpacks[0].handle
         sid, rid = handle.spec.shuffle_id, handle.spec.run_id
         statuses: list[Any] = []
         outputs: list[Any] = [None] * len(unpacks)
-        for _, positions in unpack_calls(unpacks):
+        nbytes = _barrier_value(args[0]) if len(unpacks) > 1 else None
+        for _, positions in unpack_calls(unpacks, inputs_nbytes=nbytes, max_bytes=max_bytes):
             partitions = [unpacks[i].partition for i in positions]
             actor = handle.actor_for(partitions[0])
             refs = actor.unpack.options(

@@ -14,8 +14,10 @@ our own copy of the graph (dask itself is never patched):
   output partition, so it becomes an ObjectRef owned by the driver. A merge
   unpack becomes two actor calls and a ``merge_chunk`` task. Unpacks of one run
   owned by one actor share a batch token (``P2PRewrite.batch_of``): fusion puts
-  several in one group, fetched by one actor call that returns each partition as
-  its own object (``unpack_calls``).
+  several in one group, fetched by actor calls that return each partition as its
+  own object, as many per call as ``fuse.unpack-call-bytes`` allows
+  (``unpack_calls``, sized from the barrier's value: a transfer returns its
+  input's bytes, the barrier their sum).
 
 A rechunk partial with a small plan (``_rechunk_tasks``) starts no run: its
 unpacks become plain gather tasks reading the input chunks they overlap.
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from dask._task_spec import Alias, GraphNode, Task, TaskRef
+from dask.sizeof import sizeof
 from dask.typing import Key as DaskKey
 
 from ray_oob_sched._graph import Key
@@ -58,12 +61,18 @@ class Unpack:
         return str(self.handle.spec.owner_of(self.partition))
 
 
-def unpack_calls(unpacks: Sequence[Unpack]) -> list[tuple[str, list[int]]]:
+def unpack_calls(
+    unpacks: Sequence[Unpack], *, inputs_nbytes: int | None = None, max_bytes: int | None = None
+) -> list[tuple[str, list[int]]]:
     """The actor calls that fetch ``unpacks`` (one batch): per owning participant, in
     order of first appearance, the positions in ``unpacks`` it serves.
 
     A batch is planned with one owner; after a restart on fewer actors its partitions
-    may belong to several, each of which is asked for its own.
+    may belong to several, each of which is asked for its own. With
+    ``inputs_nbytes`` (what the run's inputs hold: its barrier's value) and
+    ``max_bytes``, an owner's positions are split further so that no call returns
+    more than ``max_bytes`` of outputs, estimated as an even share of the inputs: an
+    actor holds every output of a call until the call returns.
     """
     sids = {str(u.handle.spec.shuffle_id) for u in unpacks}
     if len(sids) != 1:
@@ -71,7 +80,15 @@ def unpack_calls(unpacks: Sequence[Unpack]) -> list[tuple[str, list[int]]]:
     calls: dict[str, list[int]] = {}
     for i, u in enumerate(unpacks):
         calls.setdefault(u.owner(), []).append(i)
-    return list(calls.items())
+    per_call = len(unpacks)
+    if inputs_nbytes is not None and max_bytes is not None:
+        each = inputs_nbytes / unpacks[0].handle.spec.npartitions_out
+        per_call = max(1, int(max_bytes // each)) if each > 0 else per_call
+    return [
+        (owner, positions[i : i + per_call])
+        for owner, positions in calls.items()
+        for i in range(0, len(positions), per_call)
+    ]
 
 
 @dataclass
@@ -139,7 +156,10 @@ def _unsupported(what: str, key: Key) -> UnsupportedGraphError:
 
 
 def _barrier_done(run_id: int, *transfers: int) -> int:
-    return run_id  # informative only: unpacks take the run from their handle
+    """The bytes the run's inputs held (each transfer returns its input's): the
+    driver sizes batched unpacks from it (``unpack_calls``). Unpacks take the run
+    (``run_id``) from their handle."""
+    return sum(transfers)
 
 
 def _must_be_actor_call(*_: Any) -> Any:
@@ -172,6 +192,7 @@ class _Transfer:
     handles: Mapping[str, Any]  # shuffle id -> RunHandle: P2PRewrite.runs, kept current
 
     def __call__(self, df: Any, shuffle_id: str, input_partition: int | tuple[int, ...]) -> int:
+        """Send ``df``; return its size in bytes, which the barrier sums."""
         from shuffle._rechunk import is_rechunk
         from shuffle.shell._transfer import InputBatch, transfer
 
@@ -183,12 +204,14 @@ class _Transfer:
             or not handle.options.combine_bytes
             or isinstance(input_partition, tuple)
         ):
-            return transfer(df, handle, input_partition)
+            transfer(df, handle, input_partition)
+            return int(sizeof(df))
         # The inputs of one run that this group computes are sent combined, at the
         # latest when the group ends (``_worker``), before any marker leaves it.
         token = ("shuffle-transfer", handle.spec.shuffle_id, handle.spec.run_id)
         batch: InputBatch = scope.deferred(token, lambda: InputBatch(handle))
-        return batch.add(df, input_partition)
+        batch.add(df, input_partition)
+        return int(sizeof(df))
 
 
 @dataclass(frozen=True)

@@ -427,6 +427,7 @@ class RaySchedule:
             progress=shuffles.progress,
             disk=disk if prepared.disk is not None else None,
             creators=prepared.disk.creators if prepared.disk is not None else frozenset(),
+            unpack_call_bytes=config.fuse.unpack_call_bytes,
         )
         return run.execute(prepared.flat, fetch=fetch)
 
@@ -571,10 +572,23 @@ def _plan(
         max_in_flight=config.max_in_flight,
         shuffles=_shuffle_tasks(p2p) if p2p is not None and p2p.runs else None,
         max_restarts=shuffles.max_restarts,
+        after=_batches_after_barriers(groups, unpacks),
     )
     return _Planned(
         graph=graph, groups=groups, sources=sources, ntasks=ntasks, state=state, unpacks=unpacks
     )
+
+
+def _batches_after_barriers(groups: Sequence[Group], unpacks: Mapping[Key, Any]) -> dict[int, int]:
+    """Each batch of unpacks (a group of several) waits for the group that computes
+    its barrier: the barrier's value (the inputs' bytes) sizes the batch's actor
+    calls (``RayExecutor.submit_unpacks``)."""
+    producer = {k: g.index for g in groups for k in g.outputs}
+    return {
+        g.index: producer[g.inputs[0]]
+        for g in groups
+        if len(g.keys) > 1 and g.keys[0] in unpacks and g.inputs and g.inputs[0] in producer
+    }
 
 
 def _finish_stats(planned: _Planned, *, shuffles: _Shuffles, seconds: float) -> RunStats:
@@ -693,9 +707,11 @@ class _Compute:
         progress: ShuffleProgress | None = None,
         disk: _DiskRefs | None = None,
         creators: frozenset[Key] = frozenset(),
+        unpack_call_bytes: int,
     ) -> None:
         self.graph = graph
         self.disk = disk
+        self.unpack_call_bytes = unpack_call_bytes
         self.creators = creators
         self.context = context  # TaskContext, or its ObjectRef
         self.stores = stores
@@ -775,7 +791,7 @@ class _Compute:
             args = [self.refs[k] for k in g.inputs]
             if g.keys[0] in self.unpacks:
                 batch = [self.unpacks[k] for k in g.keys]
-                out = self.executor.submit_unpacks(g, batch, args)
+                out = self.executor.submit_unpacks(g, batch, args, max_bytes=self.unpack_call_bytes)
             else:
                 spec = GroupSpec(
                     keys=g.keys,

@@ -3,9 +3,12 @@
 Groups (see ``_fuse``) are submitted in their planned order, which is a
 topological order of the group DAG: when a group is submitted, every group that
 produces one of its inputs has been submitted already, so its inputs exist as
-ObjectRefs and Ray itself waits for them to be computed. The only limit on
-submission is the number of groups in flight (submitted, not finished), which
-keeps the running frontier close to dask.order's memory-friendly order.
+ObjectRefs and Ray itself waits for them to be computed. The limits on
+submission are the number of groups in flight (submitted, not finished), which
+keeps the running frontier close to dask.order's memory-friendly order, and
+``after``: a group listed there waits, and the plan's submission with it, until
+another group has finished (a batch of shuffle outputs is sized from what its
+shuffle's barrier returns).
 
 Ownership: the shell keeps one ObjectRef per live key. A key is released (its ref
 dropped) right after the last group that consumes it has been submitted, unless it
@@ -81,6 +84,7 @@ class SchedulerState:
         max_in_flight: int,
         shuffles: Mapping[str, ShuffleTasks] | None = None,
         max_restarts: int = 0,
+        after: Mapping[int, int] | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -88,6 +92,10 @@ class SchedulerState:
             raise ValueError(f"max_restarts must be at least 0, got {max_restarts}")
         self._groups = groups
         self._max_in_flight = max_in_flight
+        self._after = dict(after or {})  # group -> the group that must finish first
+        for i, j in self._after.items():
+            if not 0 <= j < i < len(groups):
+                raise ValueError(f"group {i} cannot wait for group {j}: not an earlier group")
         self._outputs = frozenset(outputs)
         self._pending = list(range(len(groups)))  # a heap of group indices: plan order
         self._in_flight: set[int] = set()
@@ -207,6 +215,9 @@ class SchedulerState:
         out: list[Instruction] = []
         view = self.view
         while self._pending and len(self._in_flight) < self._max_in_flight:
+            first = self._after.get(self._pending[0])
+            if first is not None and first not in self._finished:
+                break  # resumes from group_finished: the earlier group is in flight
             g = self._groups[heapq.heappop(self._pending)]
             self._in_flight.add(g.index)
             view["waiting"].difference_update(g.keys)

@@ -118,3 +118,32 @@ def test_batched_unpacks_give_each_output_its_own_object(p2p, ray_session):
     assert len(driver_refs(ray_session) - before) == 1
     pd.testing.assert_frame_equal(ray_session.get(kept), got[3])
     del kept
+
+
+def test_batches_of_large_outputs_are_split_by_unpack_call_bytes(p2p, monkeypatch):
+    """A batch's calls are sized from the barrier's value, the inputs' bytes."""
+    from dask.sizeof import sizeof
+
+    from ray_oob_sched import _executor
+
+    sized = []
+
+    def record(unpacks, *, inputs_nbytes, max_bytes):
+        calls = real(unpacks, inputs_nbytes=inputs_nbytes, max_bytes=max_bytes)
+        sized.append((inputs_nbytes, [len(positions) for _, positions in calls]))
+        return calls
+
+    real = _executor.unpack_calls
+    monkeypatch.setattr(_executor, "unpack_calls", record)
+    pdf, ddf = _frame(parts=6)
+    inputs = sum(sizeof(ddf.partitions[i].compute(scheduler="sync")) for i in range(6))
+    nout = 12
+    # Room for two outputs' even share per call (2.5 leaves room for the column the
+    # shuffle adds to its inputs): each batch of 8 (and then 4) goes in calls of two.
+    room = int(2.5 * inputs / nout)
+    with dask.config.set({"ray-oob-sched.scheduler.fuse.unpack-call-bytes": room}):
+        got = ddf.shuffle("k", npartitions=nout).compute()
+    pd.testing.assert_frame_equal(_sorted(got, ["k", "v"]), _sorted(pdf, ["k", "v"]))
+    assert [calls for _, calls in sized] == [[2, 2, 2, 2], [2, 2]], sized
+    for nbytes, _ in sized:
+        assert nbytes is not None and inputs <= nbytes <= 1.2 * inputs, sized

@@ -128,6 +128,31 @@ def test_unpack_calls_ask_each_owner_for_its_partitions_in_order():
         _p2p.unpack_calls([same[0], _unpack(1, participants=("a",), sid="t")])
 
 
+def test_unpack_calls_return_at_most_max_bytes_of_estimated_outputs_each():
+    batch = [_unpack(p, participants=("a",)) for p in range(5)]
+    # 8 outputs share 80 bytes of inputs: 10 each, so 25 bytes allow 2 per call.
+    assert _p2p.unpack_calls(batch, inputs_nbytes=80, max_bytes=25) == [
+        ("a", [0, 1]),
+        ("a", [2, 3]),
+        ("a", [4]),
+    ]
+    # Outputs larger than max_bytes (or max_bytes 0) go one per call.
+    assert _p2p.unpack_calls(batch, inputs_nbytes=8000, max_bytes=25) == [
+        ("a", [i]) for i in range(5)
+    ]
+    assert _p2p.unpack_calls(batch, inputs_nbytes=80, max_bytes=0) == [("a", [i]) for i in range(5)]
+    # Small outputs (or no inputs at all): the planned batch, one call per owner.
+    assert _p2p.unpack_calls(batch, inputs_nbytes=80, max_bytes=1000) == [("a", list(range(5)))]
+    assert _p2p.unpack_calls(batch, inputs_nbytes=0, max_bytes=25) == [("a", list(range(5)))]
+
+
+def test_transfers_return_their_inputs_bytes_and_the_barrier_sums_them():
+    g = graph_of(_frame(parts=4).shuffle("k", shuffle_method="p2p", npartitions=6))
+    rw = _p2p.rewrite(g.nodes, g.dependents, start_run=FakeService().start_run)
+    (barrier,) = _p2p.p2p_barriers(g.nodes)
+    assert rw.nodes[barrier](dict.fromkeys(rw.nodes[barrier].dependencies, 5)) == 20
+
+
 def test_selected_output_partitions_unpack_and_receive_only_those():
     lazy = _frame(parts=4).shuffle("k", shuffle_method="p2p", npartitions=4).partitions[[3, 1]]
     g = graph_of(lazy)

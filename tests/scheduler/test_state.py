@@ -103,3 +103,20 @@ def test_finishing_an_unknown_group_is_an_error():
 def test_window_must_be_positive():
     with pytest.raises(ValueError, match="max_in_flight"):
         SchedulerState([], outputs=(), max_in_flight=0)
+
+
+def test_a_group_waits_for_the_group_it_comes_after_and_so_does_the_plan():
+    graph = _chain_graph(5)
+    groups = plan(graph, sources=frozenset(), size=1, options_of={})
+    state = SchedulerState(groups, outputs=graph.outputs, max_in_flight=10, after={2: 1})
+    # Group 2 waits for group 1 to finish; the plan's order holds groups 3 and 4 behind it.
+    assert _submitted(state.start()) == [0, 1]
+    assert _submitted(state.group_finished(0)) == []
+    assert _submitted(state.group_finished(1)) == [2, 3, 4]
+
+
+def test_after_names_an_earlier_group():
+    graph = _chain_graph(3)
+    groups = plan(graph, sources=frozenset(), size=1, options_of={})
+    with pytest.raises(ValueError, match="group 1 cannot wait for group 2"):
+        SchedulerState(groups, outputs=graph.outputs, max_in_flight=1, after={1: 2})
