@@ -76,16 +76,20 @@ def in_actor_arrow(actor: Any) -> dict[str, Any]:
 
 
 def in_actor_release(actor: Any, pid: int) -> dict[str, int]:
-    """RSS before, after Arrow's release_unused(), after malloc_trim(0)."""
+    """RSS before, after Arrow's release_unused(), after malloc_trim(0), and after a
+    garbage collection followed by both (what reference cycles held)."""
 
     def release(_self: Any, what: str) -> None:
         import ctypes
+        import gc
 
         import pyarrow as pa
 
-        if what == "arrow":
+        if what == "gc":
+            gc.collect()
+        if what in ("arrow", "gc"):
             pa.default_memory_pool().release_unused()
-        else:
+        if what in ("trim", "gc"):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
     out = {"rss_before": proc_status(pid)["RssAnon"]}
@@ -93,6 +97,8 @@ def in_actor_release(actor: Any, pid: int) -> dict[str, int]:
     out["anon_after_arrow_release"] = proc_status(pid)["RssAnon"]
     ray.get(actor.__ray_call__.remote(release, "trim"))
     out["anon_after_malloc_trim"] = proc_status(pid)["RssAnon"]
+    ray.get(actor.__ray_call__.remote(release, "gc"))
+    out["anon_after_gc_collect"] = proc_status(pid)["RssAnon"]
     return out
 
 
