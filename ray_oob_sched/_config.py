@@ -63,7 +63,7 @@ class FuseConfig:
     tasks_per_cpu: int
     max_hoisted: int = 8
     unpack_batch: int = 8
-    unpack_call_bytes: int = 8 * 2**20
+    unpack_call_bytes: int = 16 * 2**20
 
 
 @dataclass(frozen=True)
