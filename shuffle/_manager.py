@@ -37,7 +37,7 @@ from shuffle._exceptions import FrameError, ShuffleClosedError, StaleRunError, U
 from shuffle._ids import RunId, ShuffleId
 from shuffle._options import DEFAULT_OPTIONS, RunOptions
 from shuffle._rechunk import RechunkLayout, is_rechunk
-from shuffle._run import ArrayRechunkRun, DataFrameShuffleRun, Offload, ShuffleRun, inline
+from shuffle._run import ArrayRechunkRun, DataFrameShuffleRun, ShuffleRun
 from shuffle._spec import ShuffleRunSpec
 from shuffle._usage import ParticipantCounters, RunUsage
 from shuffle.wire._memory import HOST_REGISTRY, MemoryRegistry
@@ -64,11 +64,9 @@ class ShuffleManager(Closable):
         options: RunOptions = DEFAULT_OPTIONS,
         accept_any_sender: bool = False,
         registry: MemoryRegistry = HOST_REGISTRY,
-        offload: Offload = inline,
     ) -> None:
         self.local = local
         self.registry = registry
-        self._offload = offload
         self.options = options
         self._accept_any_sender = accept_any_sender
         self._runs: dict[ShuffleId, ShuffleRun] = {}
@@ -127,7 +125,6 @@ class ShuffleManager(Closable):
             "options": self.options,
             "accept_any_sender": self._accept_any_sender,
             "registry": self.registry,
-            "offload": self._offload,
         }
         run: ShuffleRun
         if is_rechunk(meta):

@@ -32,13 +32,12 @@ it is void.
 from __future__ import annotations
 
 import abc
-import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -62,27 +61,12 @@ from shuffle.wire._ndarray import decode_piece
 __all__ = [
     "ArrayRechunkRun",
     "DataFrameShuffleRun",
-    "Offload",
     "ReceiveStats",
     "ShuffleRun",
     "assemble_chunk",
-    "inline",
 ]
 
 logger = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
-
-
-class Offload(Protocol):
-    """Runs blocking work (a spill to disk) somewhere the event loop need not wait."""
-
-    def __call__(self, fn: Callable[[], _T], /) -> Awaitable[_T]: ...
-
-
-async def inline(fn: Callable[[], _T]) -> _T:
-    """The ``Offload`` that runs ``fn`` right here, blocking the loop."""
-    return fn()
 
 
 @dataclass
@@ -117,11 +101,9 @@ class ShuffleRun(Closable, abc.ABC):
         options: RunOptions = DEFAULT_OPTIONS,
         accept_any_sender: bool = False,
         registry: MemoryRegistry = HOST_REGISTRY,
-        offload: Offload = inline,
     ) -> None:
         self.spec = spec
         self.registry = registry
-        self._offload = offload
         self.local = local
         self.options = options
         self.owned = spec.partitions_of(local)  # raises if local is no participant
@@ -242,13 +224,9 @@ class ShuffleRun(Closable, abc.ABC):
         self._admit(entries)
         self.stats.messages_received += 1
         # One batch, one lock; sizes come from the header, which decoding checked.
-        shards = [(e.key, b, e.nbytes) for e, b in zip(entries, message.buffers, strict=True)]
-        if self._store.would_spill(header.nbytes):
-            # Writing to disk takes milliseconds per MiB: off the event loop, which
-            # meanwhile receives from the other senders.
-            added = await self._offload(functools.partial(self._store.append_many, shards))
-        else:
-            added = self._store.append_many(shards)
+        added = self._store.append_many(
+            [(e.key, b, e.nbytes) for e, b in zip(entries, message.buffers, strict=True)]
+        )
         self._last_received = time.monotonic()
         metas = self._metas
         for entry, new in zip(entries, added, strict=True):

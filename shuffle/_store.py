@@ -118,12 +118,6 @@ class DiskShardStore:
         nbytes = cai_nbytes(payload.__cuda_array_interface__) if device else host_nbytes(payload)
         return self.append_many([(key, payload, nbytes)])[0]
 
-    def would_spill(self, nbytes: int) -> bool:
-        """Whether appending ``nbytes`` more would write to disk (an estimate: read
-        without the lock, and shards already stored are not appended again)."""
-        limit = self._memory_limit
-        return limit is not None and self.nbytes_memory + nbytes > limit
-
     def append_many(self, shards: Sequence[tuple[ShardKey, Any, int]]) -> list[bool]:
         """``append`` for ``(key, payload, nbytes)`` triples under one lock: the receive
         path of a message of 256 small pieces. ``nbytes`` is the payload's size,

@@ -43,10 +43,10 @@ import gc
 import logging
 import os
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import pandas as pd
 import ray
@@ -91,7 +91,6 @@ __all__ = [
     "resolve_memory_limit",
 ]
 
-_T = TypeVar("_T")
 logger = logging.getLogger(__name__)
 
 #: Set in the actor's process before UCX starts; ``_transport/ucx.py`` explains both.
@@ -158,14 +157,13 @@ class ShuffleActor:
                 self.registry, where=f"shuffle actor {name}", drain_refused=True
             ),
         )
-        self._executor = ThreadPoolExecutor(_UNPACK_THREADS, thread_name_prefix=f"{name}-unpack")
         self._manager = ShuffleManager(
             local=name,
             options=options,
             accept_any_sender=True,
             registry=self.registry,
-            offload=self._in_thread,  # spill writes; the same threads unpack later
         )
+        self._executor = ThreadPoolExecutor(_UNPACK_THREADS, thread_name_prefix=f"{name}-unpack")
         # Outputs are built while they fit the budget beside what the stores hold.
         limit = options.memory_limit
         assert limit != "auto"  # resolved above
@@ -322,10 +320,6 @@ class ShuffleActor:
     async def usage(self) -> list[RunUsage]:
         """What each open run here received and holds now (``shuffle_status``)."""
         return [run.usage() for run in self._manager.runs.values()]
-
-    def _in_thread(self, fn: Callable[[], _T]) -> Awaitable[_T]:
-        """Run ``fn`` in one of the actor's threads (``Offload``)."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def _memory_held(self) -> int:
         """Bytes the open runs' receive stores hold in memory."""

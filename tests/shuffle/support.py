@@ -25,7 +25,6 @@ import pytest
 from shuffle._manager import ShuffleManager
 from shuffle._options import RunOptions
 from shuffle._partition import sort_by_partition
-from shuffle._run import Offload, inline
 from shuffle._send import Sent, send_shards
 from shuffle._spec import ShuffleRunSpec
 from shuffle._split import split_input
@@ -97,7 +96,6 @@ class Network:
         seed: int = 0,
         registry: MemoryRegistry = HOST_REGISTRY,
         copy: Callable[[Sequence[Any]], list[Any]] = copy_host_frames,
-        offload: Offload = inline,
     ) -> None:
         self.options = options
         self.mode = mode
@@ -109,8 +107,7 @@ class Network:
         self.sends = 0
         self.log: list[tuple[str, list[Any]]] = []  # every delivered message
         self.managers = {
-            name: ShuffleManager(local=name, options=options, registry=registry, offload=offload)
-            for name in names
+            name: ShuffleManager(local=name, options=options, registry=registry) for name in names
         }
 
     @property

@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import pickle
 import tempfile
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from shuffle._exceptions import (
 from shuffle._ids import RunId, ShardKey, ShuffleId
 from shuffle._manager import UnknownRunError
 from shuffle._options import RunOptions
-from shuffle._run import DataFrameShuffleRun, Offload, inline
+from shuffle._run import DataFrameShuffleRun
 from shuffle._spec import ShuffleRunSpec
 from shuffle.wire._arrow import table_to_buffer
 from shuffle.wire._message import Piece, encode_message
@@ -55,7 +54,6 @@ def make_network(spill_root: Path) -> Iterator[Callable[..., Network]]:
         *,
         mode: Mode = "direct",
         seed: int = 0,
-        offload: Offload = inline,
         **option_overrides: Any,
     ) -> Network:
         options = RunOptions(
@@ -68,7 +66,7 @@ def make_network(spill_root: Path) -> Iterator[Callable[..., Network]]:
             }
         )
         names = [f"actor-{i}" for i in range(nparticipants)]
-        network = Network(names, options=options, mode=mode, seed=seed, offload=offload)
+        network = Network(names, options=options, mode=mode, seed=seed)
         networks.append(network)
         return network
 
@@ -397,37 +395,6 @@ async def test_tiny_memory_limit_spills_and_close_deletes_the_files(
         await network.managers[name].close_run(spec.shuffle_id, spec.run_id)
         assert run.closed and run.spill_directory is None
     assert list(spill_root.iterdir()) == []
-    await network.close()
-
-
-@pytest.mark.parametrize("memory_limit", [500, None])
-async def test_messages_that_spill_are_stored_off_the_event_loop(
-    make_network: Callable[..., Network], memory_limit: int | None
-) -> None:
-    loop = threading.get_ident()
-    threads: list[int] = []
-
-    async def in_thread(fn: Callable[[], Any]) -> Any:
-        def run() -> Any:
-            threads.append(threading.get_ident())
-            return fn()
-
-        return await asyncio.to_thread(run)
-
-    network = make_network(3, memory_limit=memory_limit, offload=in_thread)
-    inputs = make_inputs([60] * 6, npartitions_out=9)
-    spec = make_spec(network, 9)
-    runs = await create_runs(network, spec, inputs[0].iloc[:0])
-    await transfer(network, runs, inputs)
-    barrier(runs)
-    spilled = sum(run.usage().disk_bytes > 0 for run in runs.values())
-    assert_outputs(unpack(runs, spec), expected_outputs(inputs, 9))
-    if memory_limit is None:
-        assert threads == [] and spilled == 0  # in memory: no hop to a thread
-    else:
-        assert spilled == 3 and threads and loop not in threads
-    for name in runs:
-        await network.managers[name].close_run(spec.shuffle_id, spec.run_id)
     await network.close()
 
 
