@@ -60,11 +60,6 @@ def _collect_soon() -> None:
     timer.start()
 
 
-@ray.remote(num_cpus=0)
-def _first_status(*worker_ids: str) -> str:
-    return worker_ids[0]  # runs once every call of a split unpack batch succeeded
-
-
 #: How long the driver waits for a finished barrier's value (seconds).
 _BARRIER_VALUE_S = 5.0
 
@@ -150,23 +145,32 @@ class RayExecutor:
         call per owning actor (a restart may have spread its partitions over
         several), each returning at most ``max_bytes`` of outputs as estimated from
         the barrier's value (its group has finished: ``SchedulerState``'s
-        ``after``); the group's status is then a tiny task over the calls'.
+        ``after``). The last call also waits for the others' statuses, so its
+        status, the group's, fails if any of them failed (no extra task, which
+        could need a worker process of its own while the consumers run).
         """
+        if tuple(group.outputs) != tuple(group.keys) or len(unpacks) != len(group.keys):
+            raise RuntimeError(
+                f"unpack group {_keys_text(group)}: every unpack must be an output "
+                f"({len(unpacks)} unpacks, outputs {group.outputs!r})"
+            )
         handle = unpacks[0].handle
         sid, rid = handle.spec.shuffle_id, handle.spec.run_id
         statuses: list[Any] = []
         outputs: list[Any] = [None] * len(unpacks)
         nbytes = _barrier_value(args[0]) if len(unpacks) > 1 else None
-        for _, positions in unpack_calls(unpacks, inputs_nbytes=nbytes, max_bytes=max_bytes):
+        calls = unpack_calls(unpacks, inputs_nbytes=nbytes, max_bytes=max_bytes)
+        for n, (_, positions) in enumerate(calls):
             partitions = [unpacks[i].partition for i in positions]
             actor = handle.actor_for(partitions[0])
+            after = [*args, *statuses] if n == len(calls) - 1 else args
             refs = actor.unpack.options(
                 num_returns=1 + len(partitions), name=task_name(group)
-            ).remote(sid, rid, partitions, *args)
+            ).remote(sid, rid, partitions, *after)
             statuses.append(refs[0])
             for i, ref in zip(positions, refs[1:], strict=True):
                 outputs[i] = ref
-        status = statuses[0] if len(statuses) == 1 else _first_status.remote(*statuses)
+        status = statuses[-1]
         return [status, *outputs]
 
     @staticmethod

@@ -289,7 +289,8 @@ class ShuffleActor:
         ``num_returns=1 + len(partitions)``.
 
         ``after`` holds the barrier's result: passed as an ObjectRef, it makes Ray start
-        this call only once every transfer returned (its value is not used). Returns
+        this call only once every transfer returned (its value is not used), and may
+        hold other calls' statuses that this one must wait for. Returns
         ``(worker id, *partitions)``: a tiny status the scheduler reads, and each
         partition, which stays in the object store as a driver-owned object of its own.
         One call for several partitions pays Ray's per-call cost once (a batch).
