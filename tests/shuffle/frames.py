@@ -1,4 +1,5 @@
-"""Input partitions for shuffle tests: the dtypes users shuffle, missing values included."""
+"""Input partitions for shuffle tests (the dtypes users shuffle, missing values included),
+and a message carrying some of their rows as one piece."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+
+from shuffle._ids import ShardKey
+from shuffle._spec import ShuffleRunSpec
+from shuffle.wire._arrow import table_to_buffer
+from shuffle.wire._message import encode_message
 
 COLORS = pd.CategoricalDtype(["red", "green", "blue"])
 COLUMN = "_partitions"  # each row's output partition
@@ -52,3 +59,14 @@ def make_frame(
         },
         index=pd.RangeIndex(offset, offset + nrows),
     )
+
+
+def piece_message(
+    spec: ShuffleRunSpec, *, sender: str, key: ShardKey, rows: pd.DataFrame
+) -> list[Any]:
+    """The frames of a message from ``sender`` to ``spec``'s run: ``rows`` of an input,
+    partition column dropped, as the one piece ``key``."""
+    table = table_to_buffer(pa.Table.from_pandas(rows.drop(columns=COLUMN)))
+    return encode_message(
+        shuffle_id=spec.shuffle_id, run_id=spec.run_id, sender=sender, shards=[(key, table)]
+    ).frames()

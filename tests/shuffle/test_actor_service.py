@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 
 from shuffle._exceptions import FrameError, ShuffleClosedError, StaleRunError, UnknownRunError
@@ -34,8 +33,6 @@ from shuffle._transport import ucx as ucx_module
 from shuffle.shell._client import ClientConfig, ShuffleClient
 from shuffle.shell._handle import RunHandle
 from shuffle.shell._placement import actors_on_node, slots
-from shuffle.wire._arrow import table_to_buffer
-from shuffle.wire._message import encode_message
 
 ray = pytest.importorskip("ray")
 
@@ -45,6 +42,7 @@ import contextlib
 from shuffle.shell._service import ShuffleService
 from shuffle.shell._transfer import transfer
 from tests.conftest import assert_dies, run_scenario
+from tests.shuffle.frames import piece_message
 from tests.shuffle.support import TRANSPORTS
 
 pytestmark = pytest.mark.ray
@@ -296,13 +294,9 @@ def test_shards_of_unknown_input_partitions_are_refused_with_a_typed_error(
         npartitions_in=NIN,
     )
     spec = handle.spec
-    shard = table_to_buffer(pa.Table.from_pandas(inputs[0].iloc[:3].drop(columns=COLUMN)))
-    frames = encode_message(
-        shuffle_id=spec.shuffle_id,
-        run_id=spec.run_id,
-        sender="intruder-with-the-secret",
-        shards=[(ShardKey(0, 999999), shard)],
-    ).frames()
+    frames = piece_message(
+        spec, sender="intruder-with-the-secret", key=ShardKey(0, 999999), rows=inputs[0].iloc[:3]
+    )
     client = ShuffleClient(config=ClientConfig(request_timeout=WAIT))
     try:
         with pytest.raises(FrameError, match=r"input partitions \[999999\].* has 8 inputs"):

@@ -38,7 +38,7 @@ from shuffle._run import DataFrameShuffleRun
 from shuffle._spec import ShuffleRunSpec
 from shuffle.wire._arrow import table_to_buffer
 from shuffle.wire._message import Piece, encode_message
-from tests.shuffle.frames import COLUMN, make_frame
+from tests.shuffle.frames import COLUMN, make_frame, piece_message
 from tests.shuffle.support import Mode, Network
 
 
@@ -642,13 +642,7 @@ async def test_fail_keeps_the_first_failure_and_close_is_idempotent(
     with pytest.raises(ShuffleError, match="first"):
         run.get_output_partition(0)
     # The manager still routes to the failed run, which reports its failure to senders.
-    table = table_to_buffer(pa.Table.from_pandas(inputs[0].iloc[:1].drop(columns=COLUMN)))
-    frames = encode_message(
-        shuffle_id=spec.shuffle_id,
-        run_id=spec.run_id,
-        sender="actor-1",
-        shards=[(ShardKey(0, 1), table)],
-    ).frames()
+    frames = piece_message(spec, sender="actor-1", key=ShardKey(0, 1), rows=inputs[0].iloc[:1])
     with pytest.raises(ShuffleError, match="first"):
         await network.managers["actor-0"].receive(frames)
     await network.close()
