@@ -20,18 +20,26 @@ def ray_session():
     if ray.is_initialized():
         yield ray
         return
-    ray.init(
-        address="local",  # a Ray of its own, even where `ray start` runs a cluster
-        num_cpus=2,
-        object_store_memory=OBJECT_STORE_BYTES,
-        include_dashboard=True,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    init_test_ray(object_store_memory=OBJECT_STORE_BYTES, include_dashboard=True)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def init_test_ray(*, object_store_memory: int, include_dashboard: bool) -> None:
+    """Start the embedded Ray of a test session (also the conformance runner's): 2 CPUs,
+    a bounded object store, quiet."""
+    import ray
+
+    ray.init(
+        address="local",  # a Ray of its own, even where `ray start` runs a cluster
+        num_cpus=2,
+        object_store_memory=object_store_memory,
+        include_dashboard=include_dashboard,
+        log_to_driver=False,
+        configure_logging=False,
+    )
 
 
 def pytest_collection_modifyitems(items):
