@@ -41,7 +41,7 @@ import contextlib
 
 from shuffle.shell._service import ShuffleService
 from shuffle.shell._transfer import transfer
-from tests.conftest import assert_dies, run_scenario
+from tests.conftest import assert_dies, run_scenario, scenario_cluster
 from tests.shuffle.frames import piece_message
 from tests.shuffle.support import TRANSPORTS
 
@@ -463,18 +463,9 @@ def two_node_scenario() -> None:
     """Run in a subprocess by ``test_two_nodes``; raises on any failure."""
     import tempfile
 
-    from ray.cluster_utils import Cluster
-
-    store = 80 * 2**20
     transport: TransportName = "ucx" if ucx_module.is_available() else "tcp"
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": store, "include_dashboard": False},
-    )
-    try:
-        cluster.add_node(num_cpus=16, object_store_memory=store)  # declared, not real
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+    # 16 CPUs declared, not real.
+    with scenario_cluster(head_cpus=1, node_cpus=[16]):
         with tempfile.TemporaryDirectory() as spill:
             options = RunOptions(memory_limit=8 * 2**10, spill_directory=spill, message_bytes=4096)
             # actors_per_node="auto": one actor per 8 CPUs, at least one (1 and 2).
@@ -499,9 +490,6 @@ def two_node_scenario() -> None:
                 service.close_run(handle)
                 assert_clean(service, Path(spill))
         print(f"two nodes OK over {transport}", flush=True)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.mark.slow
