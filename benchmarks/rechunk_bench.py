@@ -53,6 +53,7 @@ from shuffle_bench import (
     exit_if_failed,
     graph_len,
     last_stats,
+    parse_competitor_args,
     report_failure,
     report_speedups,
 )
@@ -415,16 +416,7 @@ def main() -> None:
         help="dask's array.chunk-size (e.g. 128MiB): bounds the transfers of a p2p rechunk "
         "and the intermediate chunks of a tasks rechunk (default: dask's)",
     )
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
-    p.add_argument("--num-cpus", type=int, default=None)
-    p.add_argument("--store-mb", type=int, default=4096, help="Ray object store, MiB")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=WORKLOADS)
-    p.add_argument("--skip", nargs="*", default=[], choices=COMPETITORS, help="competitors to skip")
-    args = p.parse_args()
-    if args.repeat < 1:
-        p.error("--repeat must be at least 1")
+    args = parse_competitor_args(p, workloads=WORKLOADS, competitors=COMPETITORS)
     if min(args.size, args.chunks, *args.climate, args.time_chunk, *args.space_chunks) < 1:
         p.error("sizes and chunk counts must be at least 1")
 

@@ -614,6 +614,24 @@ def fresh(bench: Bench, workload: str) -> dd.DataFrame:
     return dask_workloads(bench.sizes, run=next(_RUNS))[workload][1]
 
 
+def parse_competitor_args(
+    p: argparse.ArgumentParser, *, workloads: Sequence[str], competitors: Sequence[str]
+) -> argparse.Namespace:
+    """``p``'s arguments, with the options every competitor benchmark here takes added:
+    repetitions, the embedded Ray's size, the seed, and which workloads and competitors."""
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--store-mb", type=int, default=4096, help="Ray object store, MiB")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workloads", nargs="*", default=list(workloads), choices=workloads)
+    p.add_argument("--skip", nargs="*", default=[], choices=competitors, help="competitors to skip")
+    args = p.parse_args()
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    return args
+
+
 @contextlib.contextmanager
 def embedded_ray(*, num_cpus: int | None, store_mb: int) -> Iterator[None]:
     """The embedded Ray every benchmark here measures on, shut down on leaving with
@@ -715,22 +733,13 @@ def main() -> None:
     p.add_argument("--partitions", type=int, default=64, help="input partitions (N)")
     p.add_argument("--partition-mb", type=float, default=16, help="MiB per input partition (B)")
     p.add_argument("--out", type=int, default=64, help="output partitions (M)")
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
-    p.add_argument("--num-cpus", type=int, default=None)
-    p.add_argument("--store-mb", type=int, default=4096, help="Ray object store, MiB")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--sample-interval",
         type=float,
         default=0.25,
         help="seconds between memory and task-count samples",
     )
-    p.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=WORKLOADS)
-    p.add_argument("--skip", nargs="*", default=[], choices=COMPETITORS, help="competitors to skip")
-    args = p.parse_args()
-    if args.repeat < 1:
-        p.error("--repeat must be at least 1")
+    args = parse_competitor_args(p, workloads=WORKLOADS, competitors=COMPETITORS)
 
     rows = max(1, int(args.partition_mb * 2**20) // BYTES_PER_ROW)
     sizes = Sizes(partitions=args.partitions, rows=rows, out=args.out, seed=args.seed)
