@@ -92,10 +92,9 @@ def main() -> None:
     sizes = shuffle_bench.Sizes(
         a.partitions, int(a.partition_mb * 2**20) // shuffle_bench.BYTES_PER_ROW, a.out, 0
     )
-    shuffle_bench.init_ray(a.num_cpus, a.store_mb)
-    import ray_oob_sched
+    with shuffle_bench.embedded_ray(num_cpus=a.num_cpus, store_mb=a.store_mb):
+        import ray_oob_sched
 
-    try:
         for run in range(a.warmup + a.repeat):
             with dask.config.set({"dataframe.shuffle.method": "p2p"}):
                 coll = shuffle_bench.dask_workloads(sizes, run=run)["shuffle"][1]
@@ -131,9 +130,6 @@ def main() -> None:
                     }
                 )
             )
-    finally:
-        ray_oob_sched.shutdown()
-        ray.shutdown()
 
 
 if __name__ == "__main__":

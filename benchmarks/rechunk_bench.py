@@ -42,7 +42,6 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
-import ray
 
 # Driver-side measuring helpers, shared with the shuffle benchmark (same folder).
 from shuffle_bench import (
@@ -50,14 +49,15 @@ from shuffle_bench import (
     _rss_mb,
     distributed_client,
     driver_rss,
+    embedded_ray,
     exit_if_failed,
     graph_len,
-    init_ray,
     last_stats,
-    measure,
+    parse_competitor_args,
     report_failure,
     report_speedups,
 )
+from timing import measure
 
 COMPETITORS = ("ray_oob_sched", "ray_dask_get", "distributed", "threads")
 WORKLOADS = ("rows_to_cols", "time_to_space")
@@ -235,7 +235,7 @@ class Bench:
         try:
             exact = _reset_peak_rss()
             rss0 = _rss_mb("VmRSS")
-            t, res, times = measure(fn, a.repeat, a.warmup)
+            t, res, times = measure(fn, repeat=a.repeat, warmup=a.warmup)
             rss = _rss_mb()
             info = extra()
         except Exception as e:  # noqa: BLE001 -- report, go on with the others
@@ -325,63 +325,66 @@ def _max_rel_error(got: np.ndarray, expected: np.ndarray) -> float | None:
 # -- competitors ---------------------------------------------------------------
 
 
-def run_ray(bench: Bench, skip: set[str]) -> None:
-    a = bench.args
-    init_ray(a.num_cpus, a.store_mb)
-    import ray_oob_sched
+def run_each(
+    bench: Bench,
+    *,
+    competitor: str,
+    method: str,
+    compute: Callable[[Any], np.ndarray],
+    extra: Callable[[dict[str, Any]], dict[str, Any]] = dict,
+) -> None:
+    """``competitor``: every workload's rechunk by ``method``, run by ``compute``; its
+    lines report the graph's size (and shape, for p2p) and what ``extra`` adds to them."""
+    for name, w in bench.work.items():
+        coll = w.summaries(method)
+        info = {"method": method, "dask_tasks": graph_len(coll)}
+        if method == "p2p":
+            info |= p2p_shape(coll)
+        bench.run(competitor, name, lambda coll=coll: compute(coll), lambda info=info: extra(info))
 
-    try:
+
+def run_ray(bench: Bench, skip: set[str]) -> None:
+    with embedded_ray(num_cpus=bench.args.num_cpus, store_mb=bench.args.store_mb):
+        import ray_oob_sched
+
         if "ray_oob_sched" not in skip:
-            for name, w in bench.work.items():
-                coll = w.summaries("p2p")
-                info = {"method": "p2p", "dask_tasks": graph_len(coll), **p2p_shape(coll)}
-                bench.run(
-                    "ray_oob_sched",
-                    name,
-                    lambda coll=coll: coll.compute(scheduler=ray_oob_sched.get),
-                    lambda info=info: info | last_stats(),
-                )
+            run_each(
+                bench,
+                competitor="ray_oob_sched",
+                method="p2p",
+                compute=lambda coll: coll.compute(scheduler=ray_oob_sched.get),
+                extra=lambda info: info | last_stats(),
+            )
         if "ray_dask_get" not in skip:
             from ray.util.dask import ray_dask_get
 
-            for name, w in bench.work.items():
-                coll = w.summaries("tasks")
-                ntasks = graph_len(coll)
-                bench.run(
-                    "ray_dask_get",
-                    name,
-                    lambda coll=coll: coll.compute(scheduler=ray_dask_get),
-                    lambda n=ntasks: {"method": "tasks", "dask_tasks": n, "ray_tasks": n},
-                )
-    finally:
-        ray_oob_sched.shutdown()  # the shuffle actors; never a Ray it did not start
-        ray.shutdown()
+            run_each(
+                bench,
+                competitor="ray_dask_get",
+                method="tasks",
+                compute=lambda coll: coll.compute(scheduler=ray_dask_get),
+                extra=lambda info: info | {"ray_tasks": info["dask_tasks"]},
+            )
 
 
 def run_distributed(bench: Bench) -> None:
     with distributed_client() as client:
-        for name, w in bench.work.items():
-            coll = w.summaries("p2p")
-            ntasks, shape = graph_len(coll), p2p_shape(coll)
-            bench.run(
-                "distributed",
-                name,
-                lambda coll=coll: coll.compute(scheduler=client.get),
-                lambda n=ntasks, s=shape: {"method": "p2p", "dask_tasks": n, **s},
-            )
+        run_each(
+            bench,
+            competitor="distributed",
+            method="p2p",
+            compute=lambda coll: coll.compute(scheduler=client.get),
+        )
 
 
 def run_threads(bench: Bench) -> None:
     n = bench.args.num_cpus
-    for name, w in bench.work.items():
-        coll = w.summaries("tasks")
-        ntasks = graph_len(coll)
-        bench.run(
-            "threads",
-            name,
-            lambda coll=coll: coll.compute(scheduler="threads", num_workers=n),
-            lambda n=ntasks: {"method": "tasks", "dask_tasks": n},
-        )
+    run_each(
+        bench,
+        competitor="threads",
+        method="tasks",
+        compute=lambda coll: coll.compute(scheduler="threads", num_workers=n),
+    )
 
 
 def main() -> None:
@@ -413,16 +416,7 @@ def main() -> None:
         help="dask's array.chunk-size (e.g. 128MiB): bounds the transfers of a p2p rechunk "
         "and the intermediate chunks of a tasks rechunk (default: dask's)",
     )
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
-    p.add_argument("--num-cpus", type=int, default=None)
-    p.add_argument("--store-mb", type=int, default=4096, help="Ray object store, MiB")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=WORKLOADS)
-    p.add_argument("--skip", nargs="*", default=[], choices=COMPETITORS, help="competitors to skip")
-    args = p.parse_args()
-    if args.repeat < 1:
-        p.error("--repeat must be at least 1")
+    args = parse_competitor_args(p, workloads=WORKLOADS, competitors=COMPETITORS)
     if min(args.size, args.chunks, *args.climate, args.time_chunk, *args.space_chunks) < 1:
         p.error("sizes and chunk counts must be at least 1")
 

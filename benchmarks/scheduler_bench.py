@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +24,7 @@ import ray
 
 # Shared with the shuffle benchmark (same folder).
 from shuffle_bench import report_speedups
+from timing import measure
 
 
 def tiny_graph(n: int, fan_in: int = 8) -> tuple[dict, str]:
@@ -42,16 +41,6 @@ def tiny_graph(n: int, fan_in: int = 8) -> tuple[dict, str]:
             nxt.append(key)
         level = nxt
     return dsk, level[0]
-
-
-def measure(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    result = fn()  # warm-up: imports, worker start, function export
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
 
 
 def main() -> None:
@@ -96,7 +85,9 @@ def main() -> None:
         results = {}
         for sname, sched in schedulers.items():
             with dask.config.set({"dataframe.shuffle.method": "tasks"}):
-                t, res = measure(lambda run=run, sched=sched: run(sched), args.repeat)
+                t, res, _ = measure(
+                    lambda run=run, sched=sched: run(sched), repeat=args.repeat, warmup=1
+                )
             medians[sname] = t
             results[sname] = res
             print(

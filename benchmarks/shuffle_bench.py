@@ -70,6 +70,9 @@ import pandas as pd
 import ray
 from dask.dataframe.shuffle import partitioning_index
 
+# The measuring loop, shared with the other benchmarks (same folder).
+from timing import measure
+
 COMPETITORS = ("ray_oob_sched", "ray_dask_get", "distributed", "floor")
 WORKLOADS = ("shuffle", "merge")
 LEFT = ("k", "a", "b", "c")  # int64 key, float64, float64, int64
@@ -367,18 +370,6 @@ def driver_rss(*, exact: bool, start: float, peak: float) -> dict[str, float | N
     }
 
 
-def measure(fn: Callable[[], Any], repeat: int, warmup: int) -> tuple[float, Any, list[float]]:
-    result = None
-    for _ in range(warmup):  # imports, worker and actor start, function export
-        result = fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result, times
-
-
 def last_stats() -> dict[str, Any]:
     """What ray_oob_sched's last compute ran (Ray tasks, objects, shuffles), and how."""
     import ray_oob_sched
@@ -527,7 +518,7 @@ class Bench:
             exact = _reset_peak_rss()
             rss0 = _rss_mb("VmRSS")
             with Monitor(a.sample_interval) as monitor:
-                t, res, times = measure(fn, a.repeat, a.warmup)
+                t, res, times = measure(fn, repeat=a.repeat, warmup=a.warmup)
             rss = _rss_mb()
             info = {**extra(), **monitor.report(a.repeat + a.warmup)}
         except Exception as e:  # noqa: BLE001 -- report, go on with the others
@@ -623,64 +614,103 @@ def fresh(bench: Bench, workload: str) -> dd.DataFrame:
     return dask_workloads(bench.sizes, run=next(_RUNS))[workload][1]
 
 
-def init_ray(num_cpus: int, store_mb: int) -> None:
-    """The embedded Ray every benchmark here measures on."""
+def parse_competitor_args(
+    p: argparse.ArgumentParser, *, workloads: Sequence[str], competitors: Sequence[str]
+) -> argparse.Namespace:
+    """``p``'s arguments, with the options every competitor benchmark here takes added:
+    repetitions, the embedded Ray's size, the seed, and which workloads and competitors."""
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--store-mb", type=int, default=4096, help="Ray object store, MiB")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workloads", nargs="*", default=list(workloads), choices=workloads)
+    p.add_argument("--skip", nargs="*", default=[], choices=competitors, help="competitors to skip")
+    args = p.parse_args()
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    return args
+
+
+@contextlib.contextmanager
+def embedded_ray(*, num_cpus: int | None, store_mb: int) -> Iterator[None]:
+    """The embedded Ray every benchmark here measures on, shut down on leaving with
+    ray_oob_sched's shuffle actors."""
     ray.init(
         num_cpus=num_cpus,
         object_store_memory=store_mb * 2**20,
         include_dashboard=False,
         log_to_driver=False,
     )
-
-
-def run_ray(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]], skip: set[str]) -> None:
-    a = bench.args
-    init_ray(a.num_cpus, a.store_mb)
     import ray_oob_sched
 
     try:
-        if "ray_oob_sched" not in skip:
-            for name, (nbytes, coll) in work.items():
-                with dask.config.set({"dataframe.shuffle.method": "p2p"}):
-                    ntasks = graph_len(coll)
-                    bench.run(
-                        "ray_oob_sched",
-                        name,
-                        nbytes,
-                        lambda name=name: fresh(bench, name).compute(scheduler=ray_oob_sched.get),
-                        lambda n=ntasks: {"dask_tasks": n, **last_stats()},
-                    )
-        if "ray_dask_get" not in skip:
-            from ray.util.dask import ray_dask_get
-
-            for name, (nbytes, coll) in work.items():
-                with dask.config.set({"dataframe.shuffle.method": "tasks"}):
-                    ntasks = graph_len(coll)
-                    bench.run(
-                        "ray_dask_get",
-                        name,
-                        nbytes,
-                        lambda name=name: fresh(bench, name).compute(scheduler=ray_dask_get),
-                        # one Ray task, and one object, per Dask task
-                        lambda n=ntasks: {"dask_tasks": n, "ray_tasks": n, "objects": n},
-                    )
+        yield
     finally:
         ray_oob_sched.shutdown()  # the shuffle actors; never a Ray it did not start
         ray.shutdown()
 
 
+def run_each(
+    bench: Bench,
+    work: dict[str, tuple[int, dd.DataFrame]],
+    *,
+    competitor: str,
+    method: str,
+    scheduler: Callable[..., Any],
+    extra: Callable[[int], dict[str, Any]],
+) -> None:
+    """``competitor``: every workload with shuffle method ``method`` on ``scheduler``;
+    ``extra`` gives what its lines report besides, from the graph's task count."""
+    for name, (nbytes, coll) in work.items():
+        with dask.config.set({"dataframe.shuffle.method": method}):
+            ntasks = graph_len(coll)
+            bench.run(
+                competitor,
+                name,
+                nbytes,
+                lambda name=name: fresh(bench, name).compute(scheduler=scheduler),
+                lambda n=ntasks: extra(n),
+            )
+
+
+def run_ray(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]], skip: set[str]) -> None:
+    with embedded_ray(num_cpus=bench.args.num_cpus, store_mb=bench.args.store_mb):
+        import ray_oob_sched
+
+        if "ray_oob_sched" not in skip:
+            run_each(
+                bench,
+                work,
+                competitor="ray_oob_sched",
+                method="p2p",
+                scheduler=ray_oob_sched.get,
+                extra=lambda n: {"dask_tasks": n, **last_stats()},
+            )
+        if "ray_dask_get" not in skip:
+            from ray.util.dask import ray_dask_get
+
+            run_each(
+                bench,
+                work,
+                competitor="ray_dask_get",
+                method="tasks",
+                scheduler=ray_dask_get,
+                # one Ray task, and one object, per Dask task
+                extra=lambda n: {"dask_tasks": n, "ray_tasks": n, "objects": n},
+            )
+
+
 def run_distributed(bench: Bench, work: dict[str, tuple[int, dd.DataFrame]]) -> None:
     with distributed_client() as client:
-        for name, (nbytes, coll) in work.items():
-            with dask.config.set({"dataframe.shuffle.method": "p2p"}):
-                ntasks = graph_len(coll)
-                bench.run(
-                    "distributed",
-                    name,
-                    nbytes,
-                    lambda name=name: fresh(bench, name).compute(scheduler=client.get),
-                    lambda n=ntasks: {"dask_tasks": n},
-                )
+        run_each(
+            bench,
+            work,
+            competitor="distributed",
+            method="p2p",
+            scheduler=client.get,
+            extra=lambda n: {"dask_tasks": n},
+        )
 
 
 def run_floor(bench: Bench) -> None:
@@ -703,22 +733,13 @@ def main() -> None:
     p.add_argument("--partitions", type=int, default=64, help="input partitions (N)")
     p.add_argument("--partition-mb", type=float, default=16, help="MiB per input partition (B)")
     p.add_argument("--out", type=int, default=64, help="output partitions (M)")
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
-    p.add_argument("--num-cpus", type=int, default=None)
-    p.add_argument("--store-mb", type=int, default=4096, help="Ray object store, MiB")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--sample-interval",
         type=float,
         default=0.25,
         help="seconds between memory and task-count samples",
     )
-    p.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=WORKLOADS)
-    p.add_argument("--skip", nargs="*", default=[], choices=COMPETITORS, help="competitors to skip")
-    args = p.parse_args()
-    if args.repeat < 1:
-        p.error("--repeat must be at least 1")
+    args = parse_competitor_args(p, workloads=WORKLOADS, competitors=COMPETITORS)
 
     rows = max(1, int(args.partition_mb * 2**20) // BYTES_PER_ROW)
     sizes = Sizes(partitions=args.partitions, rows=rows, out=args.out, seed=args.seed)

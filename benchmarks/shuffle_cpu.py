@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dask.dataframe.shuffle import partitioning_index
+from timing import measure
 
 from shuffle._ids import ShardKey
 from shuffle._partition import concat_partition, sort_by_partition
@@ -76,13 +76,8 @@ def make_input(i: int, rows: int, nout: int, *, strings: bool, seed: int) -> pd.
 
 def cpu_ms(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
     """Median CPU milliseconds of ``fn()`` over ``repeat`` calls, after one warm-up."""
-    result = fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.process_time()
-        result = fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times) * 1e3, result
+    median, result, _ = measure(fn, repeat=repeat, warmup=1, clock=time.process_time)
+    return median * 1e3, result
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ worker writes its own partitions.
 from __future__ import annotations
 
 import argparse
-import shutil
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -80,16 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     cust_parts = max(args.partitions // 4, 1)
     per_customers = max(n_orders // 20 // cust_parts, 1)
     n_customers = per_customers * cust_parts
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="etl-"))
-    target = out / "orders_by_amount.parquet"
 
     orders = dd.from_map(
         orders_part, range(args.partitions), rows=per_orders, customers=n_customers
     )
     customers = dd.from_map(customers_part, range(cust_parts), rows=per_customers)
     totals = [0.0, 0.0]  # out-of-band shuffles, seconds inside computes
-    start = time.perf_counter()
-    try:
+    with (
+        contextlib.nullcontext(args.out)
+        if args.out
+        else tempfile.TemporaryDirectory(prefix="etl-", ignore_cleanup_errors=True)
+    ) as out:
+        target = Path(out) / "orders_by_amount.parquet"
+        start = time.perf_counter()
         with ray_oob_sched.enable():
             joined = orders.merge(customers, on="customer_id", how="inner", broadcast=False)
             revenue = joined.groupby(["region", "day"]).amount.agg(["sum", "count"], split_out=4)
@@ -137,9 +140,6 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             ]
         )
-    finally:
-        if not args.out:
-            shutil.rmtree(out, ignore_errors=True)
     return 0 if ok else 1
 
 

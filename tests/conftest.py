@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,18 +24,26 @@ def ray_session():
     if ray.is_initialized():
         yield ray
         return
-    ray.init(
-        address="local",  # a Ray of its own, even where `ray start` runs a cluster
-        num_cpus=2,
-        object_store_memory=OBJECT_STORE_BYTES,
-        include_dashboard=True,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    init_test_ray(object_store_memory=OBJECT_STORE_BYTES, include_dashboard=True)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def init_test_ray(*, object_store_memory: int, include_dashboard: bool) -> None:
+    """Start the embedded Ray of a test session (also the conformance runner's): 2 CPUs,
+    a bounded object store, quiet."""
+    import ray
+
+    ray.init(
+        address="local",  # a Ray of its own, even where `ray start` runs a cluster
+        num_cpus=2,
+        object_store_memory=object_store_memory,
+        include_dashboard=include_dashboard,
+        log_to_driver=False,
+        configure_logging=False,
+    )
 
 
 def pytest_collection_modifyitems(items):
@@ -84,3 +96,40 @@ def run_scenario(module: str, call: str, *, timeout: float) -> str:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def scenario_cluster(
+    *, head_cpus: int, node_cpus: Sequence[int], dashboard: bool = False
+) -> Iterator[tuple[Any, list[Any]]]:
+    """A multi-node Ray on this machine (``ray.cluster_utils.Cluster``), connected to and
+    shut down on leaving; for scenarios run by ``run_scenario``. Every node has an 80 MiB
+    object store; with ``dashboard``, the head serves ``ray.util.state``. Yields the
+    cluster and the nodes added to its head (one per ``node_cpus`` entry)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    store = 80 * 2**20
+    head: dict[str, Any] = {
+        "num_cpus": head_cpus,
+        "object_store_memory": store,
+        "include_dashboard": dashboard,
+    }
+    if dashboard:
+        head["dashboard_port"] = _free_port()  # not 8265: other Rays may run on this machine
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    try:
+        nodes = [cluster.add_node(num_cpus=n, object_store_memory=store) for n in node_cpus]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster, nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -453,11 +453,11 @@ def create_shuffle_actor(
     secret: bytes,
     transport: TransportName,
     host: str,
-    options: RunOptions = DEFAULT_OPTIONS,
-    device: DeviceOptions = DEFAULT_DEVICE_OPTIONS,
-    num_gpus: float = 0.0,
-    actors_on_node: int = 1,
-    ports: tuple[int, int] | None = None,
+    options: RunOptions,
+    device: DeviceOptions,
+    num_gpus: float,
+    actors_on_node: int,
+    ports: tuple[int, int] | None,
 ) -> Any:
     """Create a ``ShuffleActor`` pinned to ``node_id``; returns its ActorHandle.
 
@@ -467,6 +467,8 @@ def create_shuffle_actor(
     the actor a GPU and point its ``CUDA_VISIBLE_DEVICES`` at it. ``actors_on_node``:
     how many shuffle actors the owner runs on that node (they share its auto memory
     budget). ``ports``: the inclusive range its listener binds in (None: any free port).
+    Every setting is required, unlike the constructor's: the owner passes all of its
+    own, so none can fall back to a default because a caller left it out.
     """
     return _RemoteShuffleActor.options(
         num_cpus=0,  # it waits on I/O; the unpack threads are short

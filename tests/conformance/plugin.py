@@ -67,16 +67,10 @@ def pytest_configure(config: pytest.Config) -> None:
         import ray
 
         import ray_oob_sched
+        from tests.conftest import init_test_ray
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(
-            address="local",  # a Ray of its own, even where `ray start` runs a cluster
-            num_cpus=2,
-            object_store_memory=OBJECT_STORE_BYTES,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        init_test_ray(object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False)
         _state["ray"] = ray
         _state["config"] = ray_oob_sched.enable()
     else:

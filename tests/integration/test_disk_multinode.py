@@ -26,8 +26,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import ray_oob_sched
-from tests.conftest import run_scenario
-from tests.integration.test_p2p_multinode import free_port
+from tests.conftest import run_scenario, scenario_cluster
 
 pytestmark = pytest.mark.ray
 
@@ -84,31 +83,15 @@ def check(address: str, tmp: Path, cpu_nodes: set[str]) -> None:
 def scenario() -> None:
     """Run in a subprocess by ``test_disk_shuffle_on_one_node``; raises on failure."""
     from ray import cloudpickle
-    from ray.cluster_utils import Cluster
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import it
-    store = 80 * 2**20
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "object_store_memory": store,
-            "include_dashboard": True,  # it serves ray.util.state
-            "dashboard_port": free_port(),  # not 8265: other Rays may run on this machine
-        },
-    )
-    try:
-        cpu_nodes = {cluster.add_node(num_cpus=1, object_store_memory=store).node_id}
-        cpu_nodes.add(cluster.add_node(num_cpus=1, object_store_memory=store).node_id)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+    # The dashboard serves ray.util.state.
+    with scenario_cluster(head_cpus=0, node_cpus=[1, 1], dashboard=True) as (cluster, nodes):
+        cpu_nodes = {node.node_id for node in nodes}
         with tempfile.TemporaryDirectory() as tmp, ray_oob_sched.enable():
             with dask.config.set(temporary_directory=tmp):
                 check(cluster.address, Path(tmp), cpu_nodes)
         print("disk shuffles on one node OK", flush=True)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def test_disk_shuffle_on_one_node() -> None:

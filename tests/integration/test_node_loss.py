@@ -31,7 +31,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import ray_oob_sched
-from tests.conftest import run_scenario
+from tests.conftest import run_scenario, scenario_cluster
 from tests.integration.p2p_support import WAIT, configured_service, run_infos
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -85,18 +85,9 @@ def _remove_when_ready(cluster: Any, node: Any, ready: Path, removed: Path, at: 
 def node_loss_scenario(max_restarts: int, transport: str) -> None:
     """Run in a subprocess by the tests below; raises on any failure."""
     from ray import cloudpickle
-    from ray.cluster_utils import Cluster
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import it
-    store = 80 * 2**20
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": store, "include_dashboard": False},
-    )
-    try:
-        workers = [cluster.add_node(num_cpus=1, object_store_memory=store) for _ in range(2)]
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+    with scenario_cluster(head_cpus=1, node_cpus=[1, 1]) as (cluster, workers):
         rng = np.random.default_rng(7)
         pdf = pd.DataFrame({"k": rng.integers(0, 50, ROWS), "v": rng.normal(size=ROWS)})
         ddf = dd.from_pandas(pdf, npartitions=NPARTS)
@@ -162,9 +153,6 @@ def node_loss_scenario(max_restarts: int, transport: str) -> None:
             f"lost before Ray reported it dead: {bool(oob.service.lost_nodes)}",
             flush=True,
         )
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 # Each outcome on one transport: the loss shows the same way on both (a dead address).

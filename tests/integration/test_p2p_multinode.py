@@ -13,7 +13,6 @@ and the test session's is in use.
 
 from __future__ import annotations
 
-import socket
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import ray_oob_sched
-from tests.conftest import assert_dies, run_scenario
+from tests.conftest import assert_dies, run_scenario, scenario_cluster
 from tests.integration.p2p_support import (
     OOB,
     WAIT,
@@ -152,33 +151,14 @@ def check_shuffle_and_merge(oob: OOB) -> None:
 SPILL_BUDGET = 8 * 2**10
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def three_node_scenario() -> None:
     """Run in a subprocess by ``test_three_nodes``; raises on any failure."""
     from ray import cloudpickle
-    from ray.cluster_utils import Cluster
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import it
-    store = 80 * 2**20
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "object_store_memory": store,
-            "include_dashboard": True,  # it serves ray.util.state
-            "dashboard_port": free_port(),  # not 8265: other Rays may run on this machine
-        },
-    )
-    try:
-        for _ in range(NODES - 1):
-            cluster.add_node(num_cpus=1, object_store_memory=store)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+    # The dashboard serves ray.util.state.
+    nodes = [1] * (NODES - 1)
+    with scenario_cluster(head_cpus=1, node_cpus=nodes, dashboard=True) as (cluster, _):
         with tempfile.TemporaryDirectory() as tmp, ray_oob_sched.enable():
             spill = Path(tmp)
             with configured_service(
@@ -194,9 +174,6 @@ def three_node_scenario() -> None:
             for handle in handles:
                 assert_dies(handle, wait=WAIT)
         print(f"{NODES} nodes OK; {counts}", flush=True)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def test_three_nodes() -> None:

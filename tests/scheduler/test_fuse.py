@@ -51,17 +51,19 @@ def test_plan_covers_every_key_once_and_is_acyclic(seed, n, size):
     assert all(len(g.keys) <= size for g in groups)
 
 
+@st.composite
+def _dags_with_unfusable_keys(draw, *, every: int):
+    """A random DAG's graph, and its unfusable keys: one in 1 to ``every`` in order."""
+    seed, n = draw(st.integers(0, 10_000)), draw(st.integers(1, 120))
+    graph = build(to_task_spec(_random_dag(seed, n)), [f"t{n - 1}"])
+    unfusable_every = draw(st.integers(1, every))
+    return graph, {k for i, k in enumerate(graph.order) if i % unfusable_every == 0}
+
+
 @settings(max_examples=60, deadline=None)
-@given(
-    seed=st.integers(0, 10_000),
-    n=st.integers(1, 120),
-    size=st.integers(1, 20),
-    unfusable_every=st.integers(1, 5),
-)
-def test_plan_with_unfusable_keys_stays_acyclic(seed, n, size, unfusable_every):
-    dsk = _random_dag(seed, n)
-    graph = build(to_task_spec(dsk), [f"t{n - 1}"])
-    alone = {k for i, k in enumerate(graph.order) if i % unfusable_every == 0}
+@given(case=_dags_with_unfusable_keys(every=5), size=st.integers(1, 20))
+def test_plan_with_unfusable_keys_stays_acyclic(case, size):
+    graph, alone = case
     groups = plan(
         graph, sources=frozenset(), size=size, options_of={}, fusable=lambda k: k not in alone
     )
@@ -204,18 +206,14 @@ def test_unpacks_of_different_owners_or_shuffles_never_share_a_group():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    seed=st.integers(0, 10_000),
-    n=st.integers(1, 120),
+    case=_dags_with_unfusable_keys(every=4),
     size=st.integers(1, 20),
-    unfusable_every=st.integers(1, 4),
     tokens=st.integers(1, 3),
     max_batch=st.integers(1, 6),
     max_hoisted=st.integers(0, 8),
 )
-def test_batched_plan_stays_acyclic(seed, n, size, unfusable_every, tokens, max_batch, max_hoisted):
-    dsk = _random_dag(seed, n)
-    graph = build(to_task_spec(dsk), [f"t{n - 1}"])
-    alone = {k for i, k in enumerate(graph.order) if i % unfusable_every == 0}
+def test_batched_plan_stays_acyclic(case, size, tokens, max_batch, max_hoisted):
+    graph, alone = case
     token = {k: hash(k) % tokens for k in alone}
     groups = _batched_plan(
         graph,

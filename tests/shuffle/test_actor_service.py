@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 
 from shuffle._exceptions import FrameError, ShuffleClosedError, StaleRunError, UnknownRunError
@@ -34,8 +33,6 @@ from shuffle._transport import ucx as ucx_module
 from shuffle.shell._client import ClientConfig, ShuffleClient
 from shuffle.shell._handle import RunHandle
 from shuffle.shell._placement import actors_on_node, slots
-from shuffle.wire._arrow import table_to_buffer
-from shuffle.wire._message import encode_message
 
 ray = pytest.importorskip("ray")
 
@@ -44,7 +41,8 @@ import contextlib
 
 from shuffle.shell._service import ShuffleService
 from shuffle.shell._transfer import transfer
-from tests.conftest import assert_dies, run_scenario
+from tests.conftest import assert_dies, run_scenario, scenario_cluster
+from tests.shuffle.frames import piece_message
 from tests.shuffle.support import TRANSPORTS
 
 pytestmark = pytest.mark.ray
@@ -296,13 +294,9 @@ def test_shards_of_unknown_input_partitions_are_refused_with_a_typed_error(
         npartitions_in=NIN,
     )
     spec = handle.spec
-    shard = table_to_buffer(pa.Table.from_pandas(inputs[0].iloc[:3].drop(columns=COLUMN)))
-    frames = encode_message(
-        shuffle_id=spec.shuffle_id,
-        run_id=spec.run_id,
-        sender="intruder-with-the-secret",
-        shards=[(ShardKey(0, 999999), shard)],
-    ).frames()
+    frames = piece_message(
+        spec, sender="intruder-with-the-secret", key=ShardKey(0, 999999), rows=inputs[0].iloc[:3]
+    )
     client = ShuffleClient(config=ClientConfig(request_timeout=WAIT))
     try:
         with pytest.raises(FrameError, match=r"input partitions \[999999\].* has 8 inputs"):
@@ -469,18 +463,9 @@ def two_node_scenario() -> None:
     """Run in a subprocess by ``test_two_nodes``; raises on any failure."""
     import tempfile
 
-    from ray.cluster_utils import Cluster
-
-    store = 80 * 2**20
     transport: TransportName = "ucx" if ucx_module.is_available() else "tcp"
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": store, "include_dashboard": False},
-    )
-    try:
-        cluster.add_node(num_cpus=16, object_store_memory=store)  # declared, not real
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+    # 16 CPUs declared, not real.
+    with scenario_cluster(head_cpus=1, node_cpus=[16]):
         with tempfile.TemporaryDirectory() as spill:
             options = RunOptions(memory_limit=8 * 2**10, spill_directory=spill, message_bytes=4096)
             # actors_per_node="auto": one actor per 8 CPUs, at least one (1 and 2).
@@ -505,9 +490,6 @@ def two_node_scenario() -> None:
                 service.close_run(handle)
                 assert_clean(service, Path(spill))
         print(f"two nodes OK over {transport}", flush=True)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 ``ShuffleActor`` is a plain class; here two of them serve on a background event loop
 (as Ray's async actor loop would), and a ``ShuffleClient`` sends to them from the test
-thread (as a transfer task would). Also the reply codec, which is pure.
+thread (as a transfer task would).
 """
 
 from __future__ import annotations
@@ -24,11 +24,7 @@ import pandas as pd
 import pytest
 
 from shuffle._exceptions import (
-    BufferClosedError,
-    FrameError,
     InconsistentInputsError,
-    LimiterTimeoutError,
-    RemoteShuffleError,
     ShuffleClosedError,
     StaleRunError,
     UnknownRunError,
@@ -47,42 +43,12 @@ from shuffle.shell._actor import ShuffleActor
 from shuffle.shell._client import ClientConfig, ShuffleClient
 from shuffle.shell._handle import RunHandle
 from shuffle.shell._transfer import InputBatch
-from shuffle.wire._reply import ACK, decode_reply, encode_error
+from shuffle.wire._reply import ACK
 
 T = TypeVar("T")
 SECRET = b"k" * 32
 WAIT = 20.0
 NOUT = 4
-
-
-# ------------------------------------------------------------------------ reply codec
-
-
-@pytest.mark.parametrize(
-    "error",
-    [
-        StaleRunError("s", 1, 2),
-        UnknownRunError("s", 3, "actor-0"),
-        ShuffleClosedError("s", 1, "already closed on 'a'"),
-        FrameError("bad magic"),
-        InconsistentInputsError("output partition 3: a piece covering [0, 1] overlaps"),
-        BufferClosedError("store"),
-        LimiterTimeoutError("send", 1.5, 10, 5),
-    ],
-)
-def test_typed_errors_travel_as_themselves(error: Exception) -> None:
-    got = decode_reply(encode_error(error), peer="tcp://h:1")
-    assert type(got) is type(error) and str(got) == str(error)
-
-
-def test_other_errors_arrive_untyped_and_bad_replies_are_refused() -> None:
-    got = decode_reply(encode_error(OSError(28, "No space left on device")), peer="tcp://h:1")
-    assert isinstance(got, RemoteShuffleError)
-    assert str(got) == "tcp://h:1 refused a message: OSError: [Errno 28] No space left on device"
-    assert decode_reply(ACK, peer="p") is None
-    for frames in ([], [b"ok", b"x"], [b"what"], [b"error"], [b"error", b"{not json"]):
-        with pytest.raises(FrameError):
-            decode_reply(frames, peer="p")
 
 
 # -------------------------------------------------------------- in-process actors

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -19,39 +17,8 @@ from shuffle._partition import (
     group_by_owner,
 )
 from shuffle._spec import ShuffleRunSpec
+from tests.shuffle.frames import make_frame
 from tests.shuffle.support import split_by_partition
-
-COLORS = pd.CategoricalDtype(["red", "green", "blue"])
-
-
-def make_input(nrows: int, npartitions_out: int, *, seed: int, offset: int = 0) -> pd.DataFrame:
-    """One input partition covering the dtypes dask users shuffle, with missing values."""
-    rng = np.random.default_rng(seed)
-    missing = rng.random(nrows) < 0.2
-
-    def with_missing(values: Any, dtype: str) -> Any:
-        array = pd.array(values, dtype=dtype)
-        array[missing] = None
-        return array
-
-    words = np.array(["alpha", "beta", "gamma", "δέλτα"], dtype=object)[rng.integers(0, 4, nrows)]
-    instants = pd.to_datetime(rng.integers(0, 10**18, nrows), utc=True)
-    # Arrays, not Series: a Series would be aligned on the (offset) index.
-    return pd.DataFrame(
-        {
-            "i8": rng.integers(-(10**9), 10**9, nrows),
-            "f8": with_missing(rng.random(nrows), "float64"),
-            "text": with_missing(words, "str"),
-            "nullable_text": with_missing(words, "string"),
-            "color": pd.Categorical.from_codes(rng.integers(0, 3, nrows), dtype=COLORS),
-            "Int64": with_missing(rng.integers(0, 9, nrows), "Int64"),
-            "boolean": with_missing(rng.random(nrows) < 0.5, "boolean"),
-            "when": instants.tz_convert("Europe/Berlin").array,
-            "naive": instants.tz_localize(None).array,
-            "_partitions": rng.integers(0, npartitions_out, nrows),
-        },
-        index=pd.RangeIndex(offset, offset + nrows),
-    )
 
 
 def shuffle_in_memory(
@@ -74,7 +41,9 @@ def test_round_trip_matches_pandas(
     npartitions_in: int, npartitions_out: int, rows_per_input: int
 ) -> None:
     inputs = [
-        make_input(rows_per_input, npartitions_out, seed=i, offset=i * rows_per_input)
+        make_frame(
+            rows_per_input, npartitions_out=npartitions_out, seed=i, offset=i * rows_per_input
+        )
         for i in range(npartitions_in)
     ]
     whole = pd.concat(inputs)
@@ -87,7 +56,9 @@ def test_round_trip_matches_pandas(
 
 
 def test_single_skewed_key_lands_in_one_partition() -> None:
-    inputs = [make_input(50, 4, seed=i, offset=50 * i).assign(_partitions=2) for i in range(3)]
+    inputs = [
+        make_frame(50, npartitions_out=4, seed=i, offset=50 * i, skew_key=2) for i in range(3)
+    ]
     meta = inputs[0].iloc[:0].drop(columns="_partitions")
     outputs = shuffle_in_memory(inputs, 4, meta)
     assert [len(o) for o in outputs] == [0, 0, 150, 0]
@@ -215,7 +186,7 @@ def tables_of(*frames: pd.DataFrame) -> list[pa.Table]:
 
 @pytest.mark.parametrize("nempty", [0, 2], ids=["no-tables", "all-empty"])
 def test_concat_of_nothing_is_meta_shaped(nempty: int) -> None:
-    meta = make_input(0, 1, seed=0).drop(columns="_partitions")
+    meta = make_frame(0, npartitions_out=1, seed=0).drop(columns="_partitions")
     tables = [pa.Table.from_pandas(meta) for _ in range(nempty)]
     got = concat_partition(tables, meta=meta)
     assert got.empty

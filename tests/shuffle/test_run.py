@@ -38,10 +38,8 @@ from shuffle._run import DataFrameShuffleRun
 from shuffle._spec import ShuffleRunSpec
 from shuffle.wire._arrow import table_to_buffer
 from shuffle.wire._message import Piece, encode_message
+from tests.shuffle.frames import COLUMN, make_frame, piece_message
 from tests.shuffle.support import Mode, Network
-
-COLORS = pd.CategoricalDtype(["red", "green", "blue"])
-COLUMN = "_partitions"
 
 
 @pytest.fixture
@@ -73,48 +71,6 @@ def make_network(spill_root: Path) -> Iterator[Callable[..., Network]]:
     yield make
     for network in networks:
         network.assert_clean()
-
-
-def make_frame(
-    nrows: int,
-    *,
-    npartitions_out: int,
-    seed: int,
-    offset: int = 0,
-    skew_key: int | None = None,
-) -> pd.DataFrame:
-    """One input partition with the dtypes users shuffle, with missing values."""
-    rng = np.random.default_rng(seed)
-    missing = rng.random(nrows) < 0.2
-
-    def with_missing(values: Any, dtype: str) -> Any:
-        array = pd.array(values, dtype=dtype)
-        array[missing] = None
-        return array
-
-    words = np.array(["alpha", "beta", "gamma", "δέλτα"], dtype=object)
-    words = words[rng.integers(0, 4, nrows)]
-    if skew_key is None:
-        codes = rng.integers(0, npartitions_out, nrows)
-    else:
-        codes = np.full(nrows, skew_key, dtype=np.int64)
-    return pd.DataFrame(
-        {
-            "i8": rng.integers(-(10**9), 10**9, nrows),
-            "f8": with_missing(rng.random(nrows), "float64"),
-            "text": with_missing(words, "str"),
-            "nullable_text": with_missing(words, "string"),
-            "color": pd.Categorical.from_codes(rng.integers(0, 3, nrows), dtype=COLORS),
-            "Int64": with_missing(rng.integers(0, 9, nrows), "Int64"),
-            "boolean": with_missing(rng.random(nrows) < 0.5, "boolean"),
-            # unit="ns": pandas 3 infers seconds for an empty array, and meta must match.
-            "when": pd.to_datetime(rng.integers(0, 10**18, nrows), unit="ns", utc=True)
-            .tz_convert("Asia/Kolkata")
-            .array,
-            COLUMN: codes,
-        },
-        index=pd.RangeIndex(offset, offset + nrows),
-    )
 
 
 def make_inputs(
@@ -309,11 +265,11 @@ async def test_all_empty_inputs_give_meta_shaped_outputs(
 
 
 NON_STRING_LABELS = {
-    "int": list(range(8)),
-    "float": [0.5, 1.0, 2.5, -3.0, float("inf"), 1e300, 7.0, 8.25],
-    "tuple": [("a", 1), ("a", 2), ("b", 1), ("b", 2), ("c", 1), ("c", 2), ("d", 1), ("d", 2)],
-    "mixed": [0, "0", 0.0, ("0",), None, True, "x", 1],
-    "duplicated": ["a", "a", "b", "b", 3, 3, "c", "c"],
+    "int": list(range(9)),
+    "float": [0.5, 1.0, 2.5, -3.0, float("inf"), 1e300, 7.0, 8.25, -0.125],
+    "tuple": [(c, i) for c in "abcd" for i in (1, 2)] + [("e", 1)],
+    "mixed": [0, "0", 0.0, ("0",), None, True, "x", 1, 2.5],
+    "duplicated": ["a", "a", "b", "b", 3, 3, "c", "c", "d"],
 }
 
 
@@ -686,13 +642,7 @@ async def test_fail_keeps_the_first_failure_and_close_is_idempotent(
     with pytest.raises(ShuffleError, match="first"):
         run.get_output_partition(0)
     # The manager still routes to the failed run, which reports its failure to senders.
-    table = table_to_buffer(pa.Table.from_pandas(inputs[0].iloc[:1].drop(columns=COLUMN)))
-    frames = encode_message(
-        shuffle_id=spec.shuffle_id,
-        run_id=spec.run_id,
-        sender="actor-1",
-        shards=[(ShardKey(0, 1), table)],
-    ).frames()
+    frames = piece_message(spec, sender="actor-1", key=ShardKey(0, 1), rows=inputs[0].iloc[:1])
     with pytest.raises(ShuffleError, match="first"):
         await network.managers["actor-0"].receive(frames)
     await network.close()
