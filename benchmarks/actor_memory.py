@@ -34,6 +34,8 @@ import numpy as np
 import pandas as pd
 import ray
 
+from shuffle.shell._actor import _IDLE_RELEASE_S
+
 MiB = 2**20
 BYTES_PER_ROW = 32
 
@@ -187,6 +189,8 @@ def main() -> None:
                 sampler.stop()
                 thread.join()
                 assert n == rows * a.partitions, (n, rows * a.partitions)
+                # At rest: the actor gives freed memory back once idle for a moment.
+                time.sleep(_IDLE_RELEASE_S + 0.5)
                 after = proc_status(pid)
                 line = {
                     "run": run,

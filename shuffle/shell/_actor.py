@@ -100,6 +100,9 @@ MAX_CONCURRENCY = 1000
 #: Threads concatenating output partitions; a few, so the loop is never starved of CPU.
 _UNPACK_THREADS = 2
 _GC_GEN0_THRESHOLD = 100_000
+#: Seconds without an open run, after a run closed, before freed memory goes back to
+#: the OS (``ShuffleActor._release_when_idle``).
+_IDLE_RELEASE_S = 1.0
 #: Outputs from this size on are followed by a memory release (``shuffle._release``):
 #: a release costs about a millisecond, too much to follow every small output.
 _RELEASE_AFTER_BYTES = 4 * 2**20
@@ -133,10 +136,12 @@ class ShuffleActor:
         ports: tuple[int, int] | None = None,
         export_metrics: bool = False,
         release: Callable[[], None] = release_memory,
+        idle_release_s: float = _IDLE_RELEASE_S,
     ) -> None:
         """``export_metrics``: export Ray metrics (``_metrics``) once started; only in a
         Ray actor (``create_shuffle_actor``). ``release``: gives freed memory back to the
-        OS, run after each closed run (``shuffle._release``)."""
+        OS (``shuffle._release``), run once no run has been open for
+        ``idle_release_s`` after a run closed."""
         options = resolve_memory_limit(options, actors_on_node=actors_on_node)
         self.name = name
         #: The runs' options, memory limit resolved (never "auto").
@@ -187,6 +192,9 @@ class ShuffleActor:
         self._metrics_task: asyncio.Task[None] | None = None
         self._refused: dict[str, int] = {}  # messages refused, by reason (shuffle._usage)
         self._release = release
+        self._idle_release_s = idle_release_s
+        self._idle_release: asyncio.TimerHandle | None = None
+        self._idle_released: asyncio.Future[None] | None = None  # the last idle release
 
     def __repr__(self) -> str:  # Ray names the actor's log lines with it, once
         return f"ShuffleActor({self.name})"
@@ -240,9 +248,17 @@ class ShuffleActor:
         loop = asyncio.get_running_loop()
         released = self._received.get(run)
         if released is None:
-            # Receiving is over: what its buffers left free in the heap goes back to
-            # the OS before the outputs are built (in Arrow's pool, another allocator).
-            released = self._received[run] = loop.run_in_executor(self._executor, self._release)
+            if self._short_of_memory(run):
+                # Receiving is over: what its buffers left free in the heap goes back
+                # to the OS before the outputs are built (in Arrow's pool, another
+                # allocator that cannot reuse it). Only past the budget: the pages
+                # given back are faulted in again by the builds, which cost a 1 GiB
+                # shuffle within its budget 0.4 s.
+                released = loop.run_in_executor(self._executor, self._release)
+            else:
+                released = loop.create_future()
+                released.set_result(None)
+            self._received[run] = released
         await asyncio.shield(released)
         sizes = [run.output_nbytes(p) for p in partitions]
         if sum(sizes) < _RELEASE_AFTER_BYTES:
@@ -306,17 +322,36 @@ class ShuffleActor:
 
     async def close_run(self, shuffle_id: ShuffleId, run_id: RunId) -> RunUsage | None:
         """Close the run (and any older one of the shuffle), deleting its spill files,
-        and give the memory it freed back to the OS; returns its final usage here
-        (``None`` if it was not open)."""
+        and give the memory it freed back to the OS once the actor is idle
+        (``_release_when_idle``); returns its final usage here (``None`` if it was not
+        open)."""
         usage = await self._manager.close_run(shuffle_id, run_id)
         if usage is not None:
-            # Once per run, in a thread: trimming a large heap takes milliseconds.
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._release)
+            self._release_when_idle()
         if self._metrics is not None:
             if usage is not None:
                 self._metrics.run_closed(usage.seconds)
             self._metrics.push(self.sample())
         return usage
+
+    def _release_when_idle(self) -> None:
+        """Give freed memory back to the OS once no run has been open for
+        ``idle_release_s``: the pages given back are faulted in again by the next
+        run's receiving, which cost back-to-back 1 GiB shuffles 0.4 s each, while an
+        actor at rest holds nothing it does not need."""
+        if self._idle_release is not None:
+            self._idle_release.cancel()
+        loop = asyncio.get_running_loop()
+        self._idle_release = loop.call_later(self._idle_release_s, self._release_if_idle)
+
+    def _release_if_idle(self) -> None:
+        self._idle_release = None
+        if self._closed or self._manager.runs:
+            return  # an open run's close schedules the release again
+        # In a thread: trimming a large heap takes milliseconds.
+        self._idle_released = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._release
+        )
 
     async def usage(self) -> list[RunUsage]:
         """What each open run here received and holds now (``shuffle_status``)."""
@@ -370,6 +405,8 @@ class ShuffleActor:
     async def close(self) -> None:
         """Close every run, the listener and the transport; idempotent."""
         self._closed = True
+        if self._idle_release is not None:
+            self._idle_release.cancel()
         if self._metrics_task is not None:
             self._metrics_task.cancel()
         await self._manager.close()
