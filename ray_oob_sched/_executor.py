@@ -145,9 +145,10 @@ class RayExecutor:
         call per owning actor (a restart may have spread its partitions over
         several), each returning at most ``max_bytes`` of outputs as estimated from
         the barrier's value (its group has finished: ``SchedulerState``'s
-        ``after``). The last call also waits for the others' statuses, so its
-        status, the group's, fails if any of them failed (no extra task, which
-        could need a worker process of its own while the consumers run).
+        ``after``). Several calls' statuses become the group's through one more
+        call on an actor of the batch (``joined_status``), which Ray starts once
+        they all succeeded: not a task, which could need a worker process of its
+        own while the consumers run, and the calls themselves stay independent.
         """
         if tuple(group.outputs) != tuple(group.keys) or len(unpacks) != len(group.keys):
             raise RuntimeError(
@@ -160,17 +161,16 @@ class RayExecutor:
         outputs: list[Any] = [None] * len(unpacks)
         nbytes = _barrier_value(args[0]) if len(unpacks) > 1 else None
         calls = unpack_calls(unpacks, inputs_nbytes=nbytes, max_bytes=max_bytes)
-        for n, (_, positions) in enumerate(calls):
+        for _, positions in calls:
             partitions = [unpacks[i].partition for i in positions]
             actor = handle.actor_for(partitions[0])
-            after = [*args, *statuses] if n == len(calls) - 1 else args
             refs = actor.unpack.options(
                 num_returns=1 + len(partitions), name=task_name(group)
-            ).remote(sid, rid, partitions, *after)
+            ).remote(sid, rid, partitions, *args)
             statuses.append(refs[0])
             for i, ref in zip(positions, refs[1:], strict=True):
                 outputs[i] = ref
-        status = statuses[-1]
+        status = statuses[0] if len(statuses) == 1 else actor.joined_status.remote(*statuses)
         return [status, *outputs]
 
     @staticmethod

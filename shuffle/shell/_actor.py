@@ -305,8 +305,7 @@ class ShuffleActor:
         ``num_returns=1 + len(partitions)``.
 
         ``after`` holds the barrier's result: passed as an ObjectRef, it makes Ray start
-        this call only once every transfer returned (its value is not used), and may
-        hold other calls' statuses that this one must wait for. Returns
+        this call only once every transfer returned (its value is not used). Returns
         ``(worker id, *partitions)``: a tiny status the scheduler reads, and each
         partition, which stays in the object store as a driver-owned object of its own.
         One call for several partitions pays Ray's per-call cost once (a batch).
@@ -315,6 +314,12 @@ class ShuffleActor:
         if self._device.results == "host":
             parts = [to_host(df) for df in parts]  # a deliberate copy: readers need no GPU
         return (ray.get_runtime_context().get_worker_id(), *parts)
+
+    async def joined_status(self, *statuses: str) -> str:
+        """The first of several ``unpack`` calls' statuses, passed as ObjectRefs: Ray
+        starts this call once all of them succeeded, and fails it with the first
+        failure otherwise (one batch's status, without a task of its own)."""
+        return statuses[0]
 
     async def gpu_status(self) -> GpuStatus:
         """Whether this actor can hold device memory (probes RMM/CuPy once)."""
