@@ -205,12 +205,12 @@ class _Transfer:
             or isinstance(input_partition, tuple)
         ):
             transfer(df, handle, input_partition)
-            return int(sizeof(df))
-        # The inputs of one run that this group computes are sent combined, at the
-        # latest when the group ends (``_worker``), before any marker leaves it.
-        token = ("shuffle-transfer", handle.spec.shuffle_id, handle.spec.run_id)
-        batch: InputBatch = scope.deferred(token, lambda: InputBatch(handle))
-        batch.add(df, input_partition)
+        else:
+            # The inputs of one run that this group computes are sent combined, at the
+            # latest when the group ends (``_worker``), before any marker leaves it.
+            token = ("shuffle-transfer", handle.spec.shuffle_id, handle.spec.run_id)
+            batch: InputBatch = scope.deferred(token, lambda: InputBatch(handle))
+            batch.add(df, input_partition)
         return int(sizeof(df))
 
 

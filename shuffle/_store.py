@@ -6,8 +6,8 @@ budget, the partition holding the most memory is appended to its own file in a
 private temporary directory: large sequential writes, one file per output partition.
 Reads return the shards of one partition ordered by input partition, so the output
 does not depend on arrival order; a releasing read (how outputs are unpacked) reads
-back only that partition's file, mapped (not copied into the heap), and drops its
-shards, so unpacking stays within the budget. Device shards (objects exposing
+back only that partition's file and drops its shards, so unpacking stays within the
+budget. Device shards (objects exposing
 ``__cuda_array_interface__``) are held as they are and never spilled: the budget is
 for host memory, and device memory is the device allocator's (RMM's) to manage.
 ``cleanup()`` deletes the directory; a ``weakref.finalize`` does the same if an owner

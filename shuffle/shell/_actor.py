@@ -13,9 +13,9 @@ Output partitions leave as the return value of ``get_output_partition``, so they
 become ObjectRefs owned by the caller. The concatenation runs in a thread, so the
 loop keeps receiving meanwhile; outputs are built while they fit the memory budget
 beside what the runs' stores hold (``_unpack_gate``), one at a time past it. An
-output's shards are released as it is read, and
-each closed run ends with ``release_memory`` (Arrow's pool, then glibc's
-``malloc_trim``), so the actor does not keep its high-water mark between runs.
+output's shards are released as it is read, and once no run has been open for a
+second after one closed the actor runs ``release_memory`` (Arrow's pool, then
+glibc's ``malloc_trim``), so it does not keep its high-water mark between runs.
 
 ``memory_limit="auto"`` is resolved here, once, from this node's memory: the node's
 auto budget (``AUTO_MEMORY_FRACTION`` of its memory per run) is shared by the
@@ -194,7 +194,6 @@ class ShuffleActor:
         self._release = release
         self._idle_release_s = idle_release_s
         self._idle_release: asyncio.TimerHandle | None = None
-        self._idle_released: asyncio.Future[None] | None = None  # the last idle release
 
     def __repr__(self) -> str:  # Ray names the actor's log lines with it, once
         return f"ShuffleActor({self.name})"
@@ -354,9 +353,7 @@ class ShuffleActor:
         if self._closed or self._manager.runs:
             return  # an open run's close schedules the release again
         # In a thread: trimming a large heap takes milliseconds.
-        self._idle_released = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._release
-        )
+        asyncio.get_running_loop().run_in_executor(self._executor, self._release)
 
     async def usage(self) -> list[RunUsage]:
         """What each open run here received and holds now (``shuffle_status``)."""
