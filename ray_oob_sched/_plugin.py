@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import dask.base
 import ray
 import ray.util.client
-from dask._task_spec import DataNode
+from dask._task_spec import DataNode, Task
 from dask.base import get_annotations
 from dask.callbacks import local_callbacks, unpack_callbacks
+from dask.core import literal
 from dask.sizeof import sizeof
 
 from ray_oob_sched import _graph, _p2p, _partd, _store, _taskconfig
@@ -273,7 +274,11 @@ class RaySchedule:
         keywords = sort_keywords(kwargs)
         warn_ignored(keywords.ignored, stacklevel=3)  # counted from here: keep it in _run
         prepared = self._prepare(
-            dsk, keys, annotations=keywords.annotations, ray_remote_args=ray_remote_args
+            dsk,
+            keys,
+            annotations=keywords.annotations,
+            ray_remote_args=ray_remote_args,
+            literal_outputs=result == "values",
         )
         refs = RefTable()
         shuffles = _Shuffles()
@@ -303,7 +308,7 @@ class RaySchedule:
         )
         if result == "futures":
             out = {k: REGISTRY.register(RayFuture(k, r)) for k, r in out.items()}
-        return _nested(keys, out)
+        return _nested(keys, {**out, **prepared.literals})
 
     def _prepare(
         self,
@@ -312,12 +317,19 @@ class RaySchedule:
         *,
         annotations: Mapping[str, Any],
         ray_remote_args: dict[str, Any] | None,
+        literal_outputs: bool,
     ) -> _Prepared:
         """Materialise and check the graph, resolve every key's Ray options and read the
-        config: all that can refuse a compute does so here, before anything runs."""
+        config: all that can refuse a compute does so here, before anything runs.
+
+        With ``literal_outputs``, requested keys that are plain data in the graph are
+        returned as the objects themselves, as dask's local schedulers return them,
+        not as copies made by a round trip through Ray."""
         nodes, graph_annotations = _graph.materialize(dsk)
-        nodes, stores = _store.rewrite(nodes)  # before anything runs: may refuse a target
         flat = _graph.output_keys(keys)
+        literals = _literal_outputs(nodes, flat) if literal_outputs else {}
+        flat = [k for k in flat if k not in literals]
+        nodes, stores = _store.rewrite(nodes)  # before anything runs: may refuse a target
         graph = _graph.build(nodes, flat, resolve=REGISTRY.lookup)
         disk = _partd.find(graph.nodes, graph.dependents)
         if disk is not None:
@@ -352,6 +364,7 @@ class RaySchedule:
             has_p2p=has_p2p,
             disk=disk,
             disk_strategy=strategy,
+            literals=literals,
         )
 
     def _disk_node(self, disk: _partd.DiskStores, per_key: Mapping[Key, Any]) -> Any:
@@ -468,6 +481,7 @@ class _Prepared:
     has_p2p: bool
     disk: _partd.DiskStores | None = None  # partd stores: run on one node, removed after
     disk_strategy: Any = None  # the node affinity of ``disk``'s tasks
+    literals: Mapping[Key, Any] = field(default_factory=dict)  # requested data: not run
 
 
 @dataclass
@@ -520,6 +534,25 @@ class _Planned:
     ntasks: int  # dask tasks to run
     state: SchedulerState
     unpacks: Mapping[Key, _p2p.Unpack]  # kept current by restarts
+
+
+def _literal_outputs(nodes: Mapping[Key, Any], flat: list[Key]) -> dict[Key, Any]:
+    """The requested keys that are data in the graph, with their values: a DataNode
+    (not an ObjectRef to fetch) or a task that only unwraps ``dask.core.literal``
+    (what ``delayed(x, traverse=False)`` makes)."""
+    found: dict[Key, Any] = {}
+    for k in flat:
+        node = nodes.get(k)
+        if isinstance(node, DataNode) and not isinstance(node.value, ray.ObjectRef):
+            found[k] = node.value
+        elif (
+            type(node) is Task
+            and isinstance(node.func, literal)
+            and not node.args
+            and not node.kwargs
+        ):
+            found[k] = node.func.data
+    return found
 
 
 def _seed_refs(graph: _graph.Graph, *, refs: RefTable, config: SchedulerConfig) -> None:

@@ -59,6 +59,10 @@ class Prestart:
             self._refs = []  # hold no refs once done: the driver's refs are the user's
         except Exception as e:  # noqa: BLE001 -- warming is best effort
             logger.info("warming the shuffle senders failed: %r", e)
+        except SystemExit:
+            # Ray raises SystemExit in threads blocked on it when the driver
+            # disconnects (ray.shutdown() or interpreter exit while warming).
+            logger.debug("Ray shut down while warming the shuffle senders")
 
     def wait(self) -> None:
         """Return once the actors part finished (or failed: the caller's use retries)."""

@@ -54,3 +54,25 @@ def test_dataframe_results_are_writeable(ray_get, rows):
     series = df.f.compute()
     series.iloc[0] = 7.0
     assert series.iloc[0] == 7.0
+
+
+def test_requested_data_is_the_object_itself(ray_get):
+    """dask's local schedulers return a requested key that is data in the graph as
+    the very object (dask's ``test_callable_obj`` and ``test_traverse_false``)."""
+    import ray_oob_sched
+
+    class Foo:
+        a = 1
+
+        def __call__(self):
+            return 2
+
+    foo = Foo()
+    f = dask.delayed(foo)
+    assert f.compute() is foo
+    assert ray_oob_sched.last_stats().ray_tasks == 0  # nothing to run
+    box = [f, np.arange(3)]
+    got, value, called = dask.compute(dask.delayed(box, traverse=False), f.a, f())
+    assert got is box and got[0] is f
+    assert (value, called) == (1, 2)  # tasks on the data still run, in Ray
+    assert ray_oob_sched.last_stats().ray_tasks >= 1
