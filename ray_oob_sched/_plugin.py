@@ -28,7 +28,7 @@ from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.core import literal
 from dask.sizeof import sizeof
 
-from ray_oob_sched import _graph, _p2p, _partd, _store, _taskconfig
+from ray_oob_sched import _graph, _p2p, _partd, _store, _store_order, _taskconfig
 from ray_oob_sched._config import SchedulerConfig, ServiceOptions, ShuffleConfig
 from ray_oob_sched._executor import RayExecutor, may_be_actor_loss, user_error
 from ray_oob_sched._fuse import Group, group_size, plan
@@ -331,6 +331,9 @@ class RaySchedule:
         flat = [k for k in flat if k not in literals]
         nodes, stores = _store.rewrite(nodes)  # before anything runs: may refuse a target
         graph = _graph.build(nodes, flat, resolve=REGISTRY.lookup)
+        chained = _store_order.chain_shared_writes(graph.nodes, graph.order)
+        if chained is not None:  # partial writes into shared zarr shards: one at a time
+            graph = _graph.build(chained, flat, resolve=REGISTRY.lookup)
         disk = _partd.find(graph.nodes, graph.dependents)
         if disk is not None:
             graph = dataclasses.replace(graph, nodes=_partd.keep(graph.nodes, disk.creators))

@@ -29,7 +29,7 @@ The locks of driver targets are replaced by ``False`` in the graph (a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,8 +140,8 @@ def rewrite(nodes: Mapping[Key, GraphNode]) -> tuple[dict[Key, GraphNode], Store
     """``nodes`` with the store calls into driver targets rewritten (module doc)."""
     stores = StoreTargets()
     subs: dict[int, Any] = {}  # id of a target or its lock -> what replaces it
-    for node in nodes.values():
-        _find(node, _Scope({}, {}, nodes), stores, subs)
+    for _, call, scope in store_calls(nodes):
+        _check_store(call, scope, stores, subs)
     if not subs:
         return dict(nodes), stores
     return {k: _swap(node, subs) for k, node in nodes.items()}, stores
@@ -176,20 +176,34 @@ class _Scope:
 _COMPUTED = object()
 
 
-def _find(node: Any, scope: _Scope, stores: StoreTargets, subs: dict[int, Any]) -> None:
+def store_calls(nodes: Mapping[Key, GraphNode]) -> Iterator[tuple[Key, Task, _Scope]]:
+    """Every ``load_store_chunk`` call in ``nodes``, also inside fused subgraphs: the
+    top-level key that runs it, the call, and the scope its arguments resolve in."""
+    top = _Scope({}, {}, nodes)
+    for key, node in nodes.items():
+        for call, scope in _calls(node, top):
+            yield key, call, scope
+
+
+def _calls(node: Any, scope: _Scope) -> Iterator[tuple[Task, _Scope]]:
     if type(node) is not Task:
         return
     if node.func is load_store_chunk:
-        _check_store(node, scope, stores, subs)
+        yield node, scope
     elif node.func is _execute_subgraph:
         inner, _, inkeys, *deps = node.args
         inputs = {k: scope.resolve(d) for k, d in zip(inkeys, deps, strict=True)}
         for child in inner.values():
-            _find(child, _Scope(inputs, inner, scope.top), stores, subs)
+            yield from _calls(child, _Scope(inputs, inner, scope.top))
+
+
+def store_arg(call: Task, name: str, position: int) -> Any:
+    """An argument of a ``load_store_chunk`` call, given by keyword or position."""
+    return call.kwargs[name] if name in call.kwargs else call.args[position]
 
 
 def _check_store(node: Task, scope: _Scope, stores: StoreTargets, subs: dict[int, Any]) -> None:
-    out_arg = node.kwargs["out"] if "out" in node.kwargs else node.args[1]
+    out_arg = store_arg(node, "out", 1)
     target = scope.resolve(out_arg)
     if target is _COMPUTED:
         raise UnsupportedStoreTargetError(
@@ -198,7 +212,7 @@ def _check_store(node: Task, scope: _Scope, stores: StoreTargets, subs: dict[int
             "object itself (an array in the caller's memory is written on the driver, "
             "a zarr/h5py array on disk by the workers)"
         )
-    if _worker_openable(target):
+    if worker_openable(target):
         return
     lock = scope.resolve(node.kwargs.get("lock", False))
     if id(target) not in subs:
@@ -207,7 +221,7 @@ def _check_store(node: Task, scope: _Scope, stores: StoreTargets, subs: dict[int
         subs[id(lock)] = False  # held by the driver around its writes
 
 
-def _worker_openable(target: Any) -> bool:
+def worker_openable(target: Any) -> bool:
     """Whether workers write ``target`` themselves: an array of a library that pickles
     it by path, unless its data lives in the caller's memory (zarr's in-memory
     stores: a worker would write into its own copy)."""

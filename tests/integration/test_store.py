@@ -126,3 +126,17 @@ def test_store_through_many_small_groups(ray_get):
         da.store(x, target)
     assert (target == 1).all()
     assert ray_oob_sched.last_stats().ray_tasks > 2
+
+
+@pytest.mark.parametrize("shards", [(18, 18), (12, 12)])
+def test_chunks_smaller_than_the_shards_of_a_zarr_array_on_disk_are_all_written(
+    ray_get, tmp_path, shards
+):
+    """Workers write zarr arrays on disk themselves; chunks that share a shard are
+    written one after another (concurrent read-modify-writes of a shard lose data)."""
+    zarr = pytest.importorskip("zarr", minversion="3.0.0")
+    x = da.arange(3600, chunks=400).reshape(60, 60).rechunk(3) + 1.0
+    x.to_zarr(str(tmp_path), mode="w", shards=shards)
+    z = zarr.open_array(str(tmp_path))
+    assert z.shards == shards
+    np.testing.assert_array_equal(z[:], np.arange(1.0, 3601).reshape(60, 60))
