@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import dask.config
-from dask._task_spec import GraphNode, convert_legacy_graph
+from dask._task_spec import GraphNode, TaskRef, convert_legacy_graph
 from dask.core import flatten
 from dask.highlevelgraph import HighLevelGraph
 from dask.order import order as dask_order
@@ -80,6 +80,12 @@ def _annotations_of(dsk: Any) -> dict[str, dict[Key, Any]]:
                 for k in layer:
                     per_key[k] = value(k) if callable(value) else value
     return out
+
+
+def task_ref(key: Key) -> TaskRef:
+    """A reference to ``key`` in a graph node's arguments."""
+    # Our keys are Hashable; a graph's keys are dask's Key (str, int, float or tuple).
+    return TaskRef(cast(DaskKey, key))
 
 
 def output_keys(keys: Any) -> list[Key]:

@@ -36,9 +36,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from dask._task_spec import Alias, GraphNode, Task, TaskRef
 from dask.sizeof import sizeof
-from dask.typing import Key as DaskKey
 
-from ray_oob_sched._graph import Key
+from ray_oob_sched._graph import Key, task_ref
 from ray_oob_sched._worker import current_scope
 
 if TYPE_CHECKING:
@@ -360,7 +359,7 @@ class _Rewriter:
         for u in self.dependents.get(barrier, ()):
             # (id, block index, barrier)
             flat = layout.flat_output(tuple(_task(self.nodes, u).args[1]))
-            refs = [_ref(by_input[i]) for i in gather_inputs(layout, flat)]
+            refs = [task_ref(by_input[i]) for i in gather_inputs(layout, flat)]
             self.out.nodes[u] = Task(u, gather_chunk, layout, flat, *refs)
 
     def start_runs(self, barriers: Sequence[Key], *, start_run: StartRun) -> None:
@@ -421,7 +420,7 @@ class _Rewriter:
                     fn = merge_transfer_fns[id(node.func)] = _with_transfer(node.func, transfer_fn)
                 self.out.nodes[t] = Task(t, fn, *node.args)
             self.out.nodes[b] = Task(
-                b, _barrier_done, handle.spec.run_id, *(_ref(t) for t in transfers)
+                b, _barrier_done, handle.spec.run_id, *(task_ref(t) for t in transfers)
             )
             self.out.transfers[str(spec.id)] = (*transfers, b)
 
@@ -434,11 +433,11 @@ class _Rewriter:
                 if node.func is self.known.rechunk_unpack:
                     sid, index = node.args[0], node.args[1]
                     partition = self.layouts[b].flat_output(tuple(index))
-                    self.out.nodes[u] = Task(u, _must_be_actor_call, _ref(b))
+                    self.out.nodes[u] = Task(u, _must_be_actor_call, task_ref(b))
                     self.out.unpacks[u] = Unpack(self.out.runs[str(sid)], partition)
                 elif node.func is self.known.shuffle_unpack:
                     sid, partition = node.args[0], node.args[1]
-                    self.out.nodes[u] = Task(u, _must_be_actor_call, _ref(b))
+                    self.out.nodes[u] = Task(u, _must_be_actor_call, task_ref(b))
                     self.out.unpacks[u] = Unpack(self.out.runs[str(sid)], int(partition))
                 else:  # merge_unpack, checked
                     self._rewrite_merge_unpack(u, node)
@@ -457,9 +456,11 @@ class _Rewriter:
                 continue
             unpack_key = ("ray-oob-unpack", side, key)
             barrier_key = bar.key if isinstance(bar, (Alias, TaskRef)) else bar
-            self.out.nodes[unpack_key] = Task(unpack_key, _must_be_actor_call, _ref(barrier_key))
+            self.out.nodes[unpack_key] = Task(
+                unpack_key, _must_be_actor_call, task_ref(barrier_key)
+            )
             self.out.unpacks[unpack_key] = Unpack(self.out.runs[str(sid)], int(partition))
-            parts.append(_ref(unpack_key))
+            parts.append(task_ref(unpack_key))
         self.out.nodes[key] = Task(key, _merge_unpacked, *parts, *rest)
 
 
@@ -472,11 +473,6 @@ def _task(nodes: Mapping[Key, GraphNode], key: Key) -> Task:
     node = nodes[key]
     assert isinstance(node, Task)  # checked by _Rewriter.check_shapes
     return node
-
-
-def _ref(key: Key) -> TaskRef:
-    # Our keys are Hashable; a graph's keys are dask's Key (str, int, float or tuple).
-    return TaskRef(cast(DaskKey, key))
 
 
 def _pass_chunk(chunk: Any) -> Any:

@@ -20,10 +20,10 @@ import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dask._task_spec import GraphNode, List, Task, TaskRef
+from dask._task_spec import GraphNode, List, Task
 from dask.array.optimization import fuse_slice
 
-from ray_oob_sched._graph import Key
+from ray_oob_sched._graph import Key, task_ref
 from ray_oob_sched._store import store_arg, store_calls, worker_openable
 
 __all__ = ["after_writes", "chain_shared_writes", "write_units"]
@@ -70,7 +70,7 @@ def chain_shared_writes(
         return None
     out = dict(nodes)
     for then, firsts in previous.items():
-        refs = List(*(TaskRef(k) for k in sorted(firsts, key=position.__getitem__)))  # type: ignore[arg-type]
+        refs = List(*(task_ref(k) for k in sorted(firsts, key=position.__getitem__)))
         out[then] = Task(then, after_writes, refs, nodes[then])
     return out
 
