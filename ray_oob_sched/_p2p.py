@@ -29,12 +29,13 @@ are refused with an error naming the versions, never run another way.
 
 from __future__ import annotations
 
+import math
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from dask._task_spec import Alias, GraphNode, Task, TaskRef
+from dask._task_spec import Alias, GraphNode, List, Task, TaskRef
 from dask.sizeof import sizeof
 
 from ray_oob_sched._graph import Key, task_ref
@@ -225,10 +226,12 @@ class _Known:
     rechunk_transfer: Any
     rechunk_unpack: Any
     array_spec: type[Any]
+    concatenate_shaped: Any  # dask's merge of small chunks into a transfer's input
 
     @classmethod
     def load(cls) -> _Known:
         """Imported only for graphs with p2p barriers: they need dask.dataframe."""
+        from dask.array.core import concatenate_shaped
         from dask.dataframe.dask_expr._merge import create_assign_index_merge_transfer
         from dask.dataframe.dask_expr._shuffle import _shuffle_transfer
         from distributed.shuffle._merge import merge_unpack
@@ -249,6 +252,7 @@ class _Known:
             rechunk_transfer=rechunk_transfer,
             rechunk_unpack=rechunk_unpack,
             array_spec=ArrayRechunkSpec,
+            concatenate_shaped=concatenate_shaped,
         )
 
     def is_transfer(self, func: Any, *, rechunk: bool) -> bool:
@@ -345,22 +349,53 @@ class _Rewriter:
         """Rewrite one (checked) rechunk partial as gather tasks, one per output chunk.
 
         A transfer becomes its input chunk (fused with its producer like any task); an
-        unpack reads the transfers of the input chunks it overlaps. The barrier is left
-        without dependents, so the graph's cull drops it.
+        unpack reads the transfers of the input chunks it overlaps. Where dask merged
+        small chunks into a transfer's input first (``concatenate_shaped``), the
+        gather task reads those chunks themselves, which saves copying the whole
+        array once. The barrier is left without dependents, so the graph's cull
+        drops it (and any merge and transfer nobody reads).
         """
-        from ray_oob_sched._rechunk_tasks import gather_chunk, gather_inputs
+        from ray_oob_sched._rechunk_tasks import Grid, gather_chunk, gather_inputs
 
         by_input: dict[int, Key] = {}
+        tiles: dict[int, tuple[Grid, list[Key]]] = {}
+        known = all(n is not None for axis in (*layout.old, *layout.new) for n in axis)
         for t in self.nodes[barrier].dependencies:
             node = _resolve_alias(self.nodes, t)
             assert isinstance(node, Task) and node.func is self.known.rechunk_transfer  # checked
-            by_input[layout.flat_input(tuple(node.args[2]))] = t  # (chunk, id, block index)
+            i = layout.flat_input(tuple(node.args[2]))  # (chunk, id, block index)
+            by_input[i] = t
             self.out.nodes[t] = Task(t, _pass_chunk, node.args[0])
+            merged = self._merged_tiles(node.args[0], ndim=layout.ndim) if known else None
+            if merged is not None:
+                tiles[i] = merged
         for u in self.dependents.get(barrier, ()):
             # (id, block index, barrier)
             flat = layout.flat_output(tuple(_task(self.nodes, u).args[1]))
-            refs = [task_ref(by_input[i]) for i in gather_inputs(layout, flat)]
-            self.out.nodes[u] = Task(u, gather_chunk, layout, flat, *refs)
+            grids: list[Grid] = []
+            refs: list[TaskRef] = []
+            for i in gather_inputs(layout, flat):
+                grid, keys = tiles.get(i, (None, [by_input[i]]))
+                grids.append(grid)
+                refs.extend(task_ref(k) for k in keys)
+            self.out.nodes[u] = Task(u, gather_chunk, layout, flat, tuple(grids), *refs)
+
+    def _merged_tiles(self, chunk: Any, *, ndim: int) -> tuple[tuple[int, ...], list[Key]] | None:
+        """The grid and keys of the chunks that dask concatenates into ``chunk`` (a
+        transfer's input), or None when it is not such a plain merge."""
+        if not isinstance(chunk, (TaskRef, Alias)) or chunk.key not in self.nodes:
+            return None
+        node = _resolve_alias(self.nodes, chunk.key)
+        if type(node) is not Task or node.func is not self.known.concatenate_shaped:
+            return None
+        parts, grid = (*node.args, None)[:2]
+        if not isinstance(parts, List) or not isinstance(grid, (list, tuple)):
+            return None
+        keys: list[Key] = [p.key for p in parts.args if isinstance(p, (TaskRef, Alias))]
+        shape = tuple(int(n) for n in grid)
+        if len(keys) != len(parts.args) or len(shape) != ndim or math.prod(shape) != len(keys):
+            return None
+        return shape, keys
 
     def start_runs(self, barriers: Sequence[Key], *, start_run: StartRun) -> None:
         """Start one run per shuffle; each handle is recorded as soon as it exists, so

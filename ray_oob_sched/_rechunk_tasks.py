@@ -25,6 +25,9 @@ Bytes do not enter on one node: there a gather task reads its inputs in place.
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -62,24 +65,96 @@ def gather_inputs(layout: RechunkLayout, partition: int) -> list[int]:
     return [i for i, _, _ in layout.sources_of_output(partition)]
 
 
-def gather_chunk(layout: RechunkLayout, partition: int, *chunks: Any) -> Any:
-    """Output chunk ``partition`` from its input chunks, given in ``gather_inputs`` order."""
+#: How one input chunk reaches a gather task: None, as one array; a grid shape,
+#: as the tiles that dask's p2p graph would first concatenate into it
+#: (``concatenate_shaped``), given flat in row-major order.
+Grid = tuple[int, ...] | None
+
+
+def gather_chunk(layout: RechunkLayout, partition: int, grids: Sequence[Grid], *chunks: Any) -> Any:
+    """Output chunk ``partition`` from its input chunks, given in ``gather_inputs``
+    order, each as one array or as its tiles (``grids``)."""
     sources = list(layout.sources_of_output(partition))
-    if len(chunks) != len(sources):
+    needed = sum(1 if g is None else math.prod(g) for g in grids)
+    if len(grids) != len(sources) or len(chunks) != needed:
         raise ValueError(
             f"rechunk output chunk {layout.output_index(partition)} reads "
-            f"{len(sources)} input chunks, got {len(chunks)}"
+            f"{len(sources)} input chunks, got {len(grids)} and {len(chunks)} arrays "
+            f"(their grids need {needed})"
         )
-    first = chunks[0][sources[0][1]]
-    # Along an axis of unknown length every piece is a whole input chunk (_rechunk).
-    shape = tuple(
-        first.shape[axis] if n is None else n
-        for axis, n in enumerate(layout.output_shape(partition))
-    )
-    if len(sources) == 1 and tuple(first.shape) == shape:
-        return first  # one input covers the chunk: no copy
+    inputs: list[Any] = []
+    at = 0
+    for grid in grids:
+        n = 1 if grid is None else math.prod(grid)
+        inputs.append(chunks[at] if grid is None else _Tiles(grid, chunks[at : at + n]))
+        at += n
+    if all(g is None for g in grids):
+        first = inputs[0][sources[0][1]]
+        # Along an axis of unknown length every piece is a whole input chunk (_rechunk).
+        shape = tuple(
+            first.shape[axis] if n is None else n
+            for axis, n in enumerate(layout.output_shape(partition))
+        )
+        if len(sources) == 1 and tuple(first.shape) == shape:
+            return first  # one input covers the chunk: no copy
+    else:  # tiles are only planned where every length is known (_p2p)
+        shape = tuple(int(n) for n in layout.output_shape(partition))  # type: ignore[arg-type]
     # empty_like keeps the array library (NumPy or CuPy) of the inputs.
     out = np.empty_like(chunks[0], shape=shape)
-    for (_, in_slices, out_slices), chunk in zip(sources, chunks, strict=True):
-        out[out_slices] = chunk[in_slices]
+    for (_, in_slices, out_slices), chunk in zip(sources, inputs, strict=True):
+        if isinstance(chunk, _Tiles):
+            chunk.copy_into(out, in_slices, out_slices)
+        else:
+            out[out_slices] = chunk[in_slices]
     return out
+
+
+class _Tiles:
+    """An input chunk as its tiles: slices of it are copied from the tiles they
+    overlap, without concatenating the tiles first."""
+
+    def __init__(self, grid: tuple[int, ...], tiles: Sequence[Any]) -> None:
+        self.tiles = np.empty(len(tiles), dtype=object)
+        self.tiles[:] = list(tiles)
+        self.tiles = self.tiles.reshape(grid)
+        ndim = len(grid)
+        # Each axis's tile offsets, from the tiles along that axis (dask's concatenate3).
+        self.bounds = [
+            np.cumsum(
+                [0]
+                + [
+                    self.tiles[(0,) * axis + (i,) + (0,) * (ndim - axis - 1)].shape[axis]
+                    for i in range(grid[axis])
+                ]
+            )
+            for axis in range(ndim)
+        ]
+
+    def copy_into(
+        self, out: Any, in_slices: tuple[slice, ...], out_slices: tuple[slice, ...]
+    ) -> None:
+        """``out[out_slices] = concatenated[in_slices]``, tile by tile."""
+        per_axis = []
+        for axis, (src, dst) in enumerate(zip(in_slices, out_slices, strict=True)):
+            bounds = self.bounds[axis]
+            start, stop, _ = src.indices(int(bounds[-1]))
+            first = int(np.searchsorted(bounds, start, side="right")) - 1
+            parts = []
+            for i in range(first, len(bounds) - 1):
+                if bounds[i] >= stop:
+                    break
+                lo, hi = max(start, int(bounds[i])), min(stop, int(bounds[i + 1]))
+                if lo >= hi:
+                    continue  # an empty tile
+                base = (dst.start or 0) - start
+                parts.append(
+                    (
+                        i,
+                        slice(lo - int(bounds[i]), hi - int(bounds[i])),
+                        slice(lo + base, hi + base),
+                    )
+                )
+            per_axis.append(parts)
+        for combo in itertools.product(*per_axis):
+            tile = self.tiles[tuple(i for i, _, _ in combo)]
+            out[tuple(d for _, _, d in combo)] = tile[tuple(t for _, t, _ in combo)]

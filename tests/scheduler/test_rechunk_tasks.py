@@ -8,6 +8,7 @@ import dask.array as da
 import numpy as np
 import pytest
 from dask._task_spec import execute_graph
+from dask.array.core import concatenate_shaped
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -61,9 +62,23 @@ def _chunks(draw, n):
     return tuple(b - a for a, b in itertools.pairwise(bounds)) or (n,)
 
 
-@settings(max_examples=60, deadline=None)
+def _tiles(draw, chunk):
+    """``chunk`` as a random grid of tiles (row-major), or as itself."""
+    if not draw(st.booleans()):
+        return None, [chunk]
+    cuts = [np.cumsum((0, *_chunks(draw, n))) if n else np.array([0, 0]) for n in chunk.shape]
+    grid = tuple(len(c) - 1 for c in cuts)
+    tiles = [
+        chunk[tuple(slice(c[i], c[i + 1]) for c, i in zip(cuts, index, strict=True))]
+        for index in np.ndindex(*grid)
+    ]
+    return grid, tiles
+
+
+@settings(max_examples=80, deadline=None)
 @given(st.data())
 def test_gather_tasks_rebuild_every_output_chunk(data):
+    """From whole input chunks, or from the tiles dask would merge into them."""
     ndim = data.draw(st.integers(1, 3))
     shape = tuple(data.draw(st.integers(1, 7)) for _ in range(ndim))
     old = tuple(_chunks(data.draw, n) for n in shape)
@@ -72,12 +87,22 @@ def test_gather_tasks_rebuild_every_output_chunk(data):
     a = np.arange(int(np.prod(shape)), dtype="i4").reshape(shape)
     bounds = [np.cumsum((0, *c)) for c in old]
     inputs = [
-        a[tuple(slice(b[i], b[i + 1]) for b, i in zip(bounds, layout.input_index(f), strict=True))]
+        _tiles(
+            data.draw,
+            a[
+                tuple(
+                    slice(b[i], b[i + 1])
+                    for b, i in zip(bounds, layout.input_index(f), strict=True)
+                )
+            ],
+        )
         for f in range(layout.npartitions_in)
     ]
     out_bounds = [np.cumsum((0, *c)) for c in new]
     for j in range(layout.npartitions_out):
-        got = gather_chunk(layout, j, *(inputs[i] for i in gather_inputs(layout, j)))
+        reads = [inputs[i] for i in gather_inputs(layout, j)]
+        grids = tuple(grid for grid, _ in reads)
+        got = gather_chunk(layout, j, grids, *(t for _, tiles in reads for t in tiles))
         where = tuple(
             slice(b[i], b[i + 1]) for b, i in zip(out_bounds, layout.output_index(j), strict=True)
         )
@@ -86,8 +111,10 @@ def test_gather_tasks_rebuild_every_output_chunk(data):
 
 
 def test_gather_checks_its_argument_count():
-    with pytest.raises(ValueError, match=r"output chunk \(0, 0\) reads 24 input chunks, got 1"):
-        gather_chunk(ROWS_TO_COLS, 0, np.zeros((250, 6000)))
+    with pytest.raises(ValueError, match=r"output chunk \(0, 0\) reads 24 input chunks"):
+        gather_chunk(ROWS_TO_COLS, 0, (None,), np.zeros((250, 6000)))
+    with pytest.raises(ValueError, match=r"got 2 and 3 arrays \(their grids need 4\)"):
+        gather_chunk(MERGE_ONLY, 0, ((2, 1), (2, 1)), *[np.zeros((1, 10))] * 3)
 
 
 def test_a_small_partial_is_rewritten_as_gather_tasks_and_starts_no_run():
@@ -106,6 +133,13 @@ def test_a_small_partial_is_rewritten_as_gather_tasks_and_starts_no_run():
 
     built = _graph.build(rw.nodes, out_keys)
     assert not _p2p.p2p_barriers(built.nodes)
+    # dask merged the small input chunks into one transfer input; the gather tasks
+    # read the chunks themselves, so the merge is culled.
+    merges = [n for n in g.nodes.values() if getattr(n, "func", None) is concatenate_shaped]
+    assert merges and not any(
+        getattr(n, "func", None) is concatenate_shaped for n in built.nodes.values()
+    )
+    assert all(any(grids) for _, _, grids, *_ in (rw.nodes[k].args for k in out_keys))
     values = execute_graph(dict(built.nodes), keys=out_keys)
     np.testing.assert_array_equal(np.concatenate([values[k] for k in out_keys], axis=1), a)
 
