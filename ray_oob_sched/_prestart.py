@@ -5,8 +5,10 @@ shuffle actors (a process each, imports, a listener), then in every worker proce
 that runs a transfer the sender's imports, a UCX context and a handshake per actor.
 ``Prestart`` does both when the scheduler is first used (``enable()`` with Ray
 running, or the first compute), on a thread of its own so nothing waits for it:
-it starts the actors, then submits one ``warm_sender`` task per cluster CPU, which
-readies that worker's client and connections. A compute that needs the service
+it submits one ``warm_imports`` task per cluster CPU (the sender's imports and
+ucxx's need no actor), starts the actors while those run, then submits one
+``warm_sender`` task per cluster CPU, which readies that worker's client and
+connections. A compute that needs the service
 waits only for the actors part (``wait``), never for the warm-up tasks.
 
 It never runs while a graph is built, and everything it starts belongs to the
@@ -44,6 +46,11 @@ class Prestart:
 
     def _run(self) -> None:
         try:
+            # The imports need no actor: they run while the actors start.
+            self._refs = self.service.warm_imports(tasks=self._warm_tasks())
+        except Exception as e:  # noqa: BLE001 -- warming is best effort
+            logger.info("warming the shuffle senders' imports failed: %r", e)
+        try:
             self.service.actors()
         except BaseException as e:  # noqa: BLE001 -- the first shuffle retries and raises it
             self.error = e
@@ -54,7 +61,7 @@ class Prestart:
         try:
             if self._stopped:
                 return
-            self._refs = self.service.warm_senders(tasks=self._warm_tasks())
+            self._refs += self.service.warm_senders(tasks=self._warm_tasks())
             _read_all(self._refs, timeout=self._timeout)
             self._refs = []  # hold no refs once done: the driver's refs are the user's
         except Exception as e:  # noqa: BLE001 -- warming is best effort

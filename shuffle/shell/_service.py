@@ -60,12 +60,16 @@ from shuffle.shell._placement import (
     check_actors_per_node,
     slots,
 )
-from shuffle.shell._transfer import warm_sender
+from shuffle.shell._transfer import warm_imports, warm_sender
 
 __all__ = ["ActorInfo", "ActorUsage", "ShuffleService"]
 
 _warm_sender: Any = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy="SPREAD")(
     cast(Any, warm_sender)  # Ray's stubs type only functions without arguments here
+)
+
+_warm_imports: Any = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy="SPREAD")(
+    cast(Any, warm_imports)
 )
 
 logger = logging.getLogger(__name__)
@@ -203,6 +207,12 @@ class ShuffleService(Closable):
         if gone:  # a killed actor could not delete its spill files: its successor does
             self._remove_spill_of(gone)
         return [self._actors[slot] for slot in wanted]
+
+    def warm_imports(self, *, tasks: int) -> list[Any]:
+        """Submit ``tasks`` Ray tasks (one CPU each, spread over nodes) that import
+        what sending needs in their worker process (``warm_imports``); they need no
+        actor, so they can run while the actors start. Returns their refs."""
+        return [_warm_imports.remote(self.transport) for _ in range(max(tasks, 0))]
 
     def warm_senders(self, *, tasks: int) -> list[Any]:
         """Submit ``tasks`` Ray tasks (one CPU each, spread over nodes) that each ready

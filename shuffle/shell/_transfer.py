@@ -24,7 +24,19 @@ from shuffle.shell._client import ShuffleClient
 from shuffle.shell._handle import RunHandle
 from shuffle.shell._process import get_client
 
-__all__ = ["InputBatch", "transfer", "warm_sender"]
+__all__ = ["InputBatch", "transfer", "warm_imports", "warm_sender"]
+
+
+def warm_imports(transport: str) -> None:
+    """Import what sending needs (this module, by now) and the transport's library
+    (``transport``: a name of ``get_transport``), as this process's first transfer
+    would; needs no actor, so it can run while the actors start."""
+    if transport in ("ucx", "auto"):
+        from shuffle._transport import ucx
+
+        ucx.is_available()  # imports ucxx; a failure is the first transfer's to report
+    else:
+        from shuffle._transport import tcp  # noqa: F401
 
 
 def warm_sender(addresses: list[str], *, transport: str, secret: bytes) -> None:

@@ -40,13 +40,12 @@ def test_enable_and_a_compute_without_shuffle_start_the_actors(fresh, prestart):
         assert len(started) == (1 if prestart else 0)  # one node, actors-per-node auto
     if prestart:
         # Task events reach the state API within about a second: poll, bounded.
-        wait_for_condition(
-            lambda: (
-                len(list_tasks(filters=[("name", "=", "warm_sender"), ("state", "=", "FINISHED")]))
-                >= 1
-            ),
-            timeout=30,
-        )
+        # The imports run while the actors start; the connections once they are up.
+        def finished(name: str) -> bool:
+            done = list_tasks(filters=[("name", "=", name), ("state", "=", "FINISHED")])
+            return len(done) >= 1
+
+        wait_for_condition(lambda: finished("warm_imports") and finished("warm_sender"), timeout=30)
 
 
 def test_the_first_shuffle_uses_the_prestarted_actors_and_shutdown_stops_them(fresh):

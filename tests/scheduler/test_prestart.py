@@ -16,6 +16,9 @@ class _Service:
     def __init__(self, warm: BaseException) -> None:
         self.warm = warm
 
+    def warm_imports(self, *, tasks: int) -> list[Any]:
+        return []
+
     def actors(self) -> None:
         return None
 
