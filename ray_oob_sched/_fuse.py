@@ -6,9 +6,13 @@ less. Running a run of consecutive tasks of the topological order as one Ray tas
 pays that overhead once, and the values that never leave the group never enter
 Ray's object store.
 
-Groups are intervals of the order (less the unfusable keys moved ahead, below), so
-every edge between groups points forward and the groups form a DAG whatever the
-graph. The interval length is set
+Groups are cut from the order (less the unfusable keys moved ahead, below) into
+two open intervals: tasks that need nothing from a closed group, and tasks that
+need something from one (a partial sum of chunks made earlier). Mixed, every group
+would wait for the one before it (``(x + x.T).sum()`` ran as one chain of groups on
+any number of CPUs); apart, the first kind still run in parallel. An interval that
+needs the other open one closes after it, so every edge between groups points
+forward and the groups form a DAG whatever the graph. The interval length is set
 so that there are at least ``tasks_per_cpu`` groups per cluster CPU (expensive
 tasks keep spreading over the cluster) and at most ``max_tasks`` Dask tasks per
 group. Tasks with different Ray options never share a group; a task marked
@@ -72,15 +76,27 @@ def plan(
     chunks: list[list[Key]] = []
     placed: dict[Key, int] = {}  # key -> index of its chunk (closed chunks only)
     batches: dict[Hashable, int] = {}  # token -> chunk ahead of current it may join
-    current: list[Key] = []
-    members: set[Key] = set()  # of current
-    hoisted = 0  # keys placed ahead of current
+    leaf = _Interval()  # tasks needing nothing from closed chunks
+    joined = _Interval()  # tasks needing something from a closed chunk
+    hoisted = 0  # keys placed ahead of the open intervals
     current_opts: Hashable = None
 
     def close(keys: list[Key]) -> int:
         chunks.append(keys)
         placed.update(dict.fromkeys(keys, len(chunks) - 1))
         return len(chunks) - 1
+
+    def close_joined() -> None:
+        # Its tasks may need the open leaf interval: that one goes first.
+        if joined.needs_any(leaf.members, graph):
+            close(leaf.take())
+        close(joined.take())
+
+    def close_all() -> None:
+        if joined.keys:
+            close_joined()
+        if leaf.keys:
+            close(leaf.take())
 
     def place_alone(k: Key) -> None:
         at = close([k])
@@ -103,31 +119,64 @@ def plan(
         if k in sources:
             continue
         opts = options_of.get(k, ())
+        deps = graph.dependencies[k]
         if not fusable(k):
-            if hoisted < max_hoisted and members.isdisjoint(graph.dependencies[k]):
-                # Ahead of the open interval; every edge still points forward.
+            if (
+                hoisted < max_hoisted
+                and leaf.members.isdisjoint(deps)
+                and joined.members.isdisjoint(deps)
+            ):
+                # Ahead of the open intervals; every edge still points forward.
                 if not join_batch(k):
                     place_alone(k)
                 hoisted += 1
                 continue
-            if current:
-                close(current)
+            close_all()
             batches.clear()
             place_alone(k)
-            current, members = [], set()
             hoisted = 1 if max_hoisted else 0  # k feeds the next interval as if hoisted
             continue
-        if current and (len(current) >= size or opts != current_opts):
-            close(current)
+        if (leaf.keys or joined.keys) and opts != current_opts:
+            close_all()
             batches.clear()  # a batch feeds one interval, as max_hoisted means
-            current, members = [], set()
             hoisted = 0
-        current.append(k)
-        members.add(k)
         current_opts = opts
-    if current:
-        chunks.append(current)
+        # A task that needs a closed chunk waits for it; kept apart from the tasks
+        # that need nothing closed, those still run in parallel with that chunk.
+        target = leaf if all(d in leaf.members or d in sources for d in deps) else joined
+        while len(target.keys) >= size:  # twice at most: a full leaf closes, k joins
+            if target is joined:
+                close_joined()
+                batches.clear()
+                hoisted = 0
+            else:
+                close(leaf.take())
+                if not joined.keys:
+                    batches.clear()
+                    hoisted = 0
+            target = leaf if all(d in leaf.members or d in sources for d in deps) else joined
+        target.add(k)
+    close_all()
     return [_make_group(i, keys, graph, options_of) for i, keys in enumerate(chunks)]
+
+
+class _Interval:
+    """An open run of keys that will become one group."""
+
+    def __init__(self) -> None:
+        self.keys: list[Key] = []
+        self.members: set[Key] = set()
+
+    def add(self, k: Key) -> None:
+        self.keys.append(k)
+        self.members.add(k)
+
+    def take(self) -> list[Key]:
+        keys, self.keys, self.members = self.keys, [], set()
+        return keys
+
+    def needs_any(self, others: set[Key], graph: Graph) -> bool:
+        return any(not others.isdisjoint(graph.dependencies[k]) for k in self.keys)
 
 
 def _make_group(

@@ -228,3 +228,31 @@ def test_batched_plan_stays_acyclic(case, size, tokens, max_batch, max_hoisted):
         if alone & set(g.keys):
             assert alone.issuperset(g.keys) and len(g.keys) <= max_batch
             assert len({token[k] for k in g.keys}) == 1
+
+
+def _longest_chain(groups) -> int:
+    owner = {k: g.index for g in groups for k in g.keys}
+    depth: dict[int, int] = {}
+    for g in groups:  # in plan order: producers first
+        depth[g.index] = 1 + max((depth[owner[d]] for d in g.inputs if d in owner), default=0)
+    return max(depth.values())
+
+
+def test_tasks_needing_a_closed_group_do_not_chain_the_independent_ones():
+    """(x + x.T).sum(): dask's order interleaves chunk creation with partial sums of
+    earlier chunks; mixed in one interval, every group waited for the one before."""
+    import dask.array as da
+    from dask.base import collections_to_expr
+
+    from ray_oob_sched import _graph
+
+    x = da.ones((64, 64), chunks=8)
+    expr = collections_to_expr([(x + x.T).sum()])
+    nodes, _ = _graph.materialize(expr.__dask_graph__())
+    graph = build(nodes, _graph.output_keys(expr.__dask_keys__()))
+    groups = plan(graph, sources=frozenset(), size=10, options_of={})
+    _check_plan(graph, groups)
+    assert all(len(g.keys) <= 10 for g in groups)
+    independent = [g for g in groups if not g.inputs]
+    assert len(independent) >= len(groups) // 2
+    assert _longest_chain(groups) <= len(groups) // 2
