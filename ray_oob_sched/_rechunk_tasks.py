@@ -114,9 +114,10 @@ class _Tiles:
     overlap, without concatenating the tiles first."""
 
     def __init__(self, grid: tuple[int, ...], tiles: Sequence[Any]) -> None:
-        self.tiles = np.empty(len(tiles), dtype=object)
-        self.tiles[:] = list(tiles)
-        self.tiles = self.tiles.reshape(grid)
+        flat = np.empty(len(tiles), dtype=object)
+        for i, tile in enumerate(tiles):  # one by one: numpy would stack equal shapes
+            flat[i] = tile
+        self.tiles = flat.reshape(grid)
         ndim = len(grid)
         # Each axis's tile offsets, from the tiles along that axis (dask's concatenate3).
         self.bounds = [
