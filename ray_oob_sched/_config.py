@@ -72,6 +72,7 @@ class SchedulerConfig:
     inline_data_bytes: int
     fuse: FuseConfig
     forward_warnings: bool = True
+    output_window_bytes: int = 2**30
 
     @classmethod
     def from_dask_config(cls, *, cluster_cpus: float) -> SchedulerConfig:
@@ -88,6 +89,7 @@ class SchedulerConfig:
             max_in_flight=max_in_flight,
             inline_data_bytes=_int("scheduler.inline-data-bytes", minimum=0),
             forward_warnings=_bool("scheduler.forward-warnings"),
+            output_window_bytes=_int("scheduler.output-window-bytes", minimum=0),
             fuse=FuseConfig(
                 enabled=_bool("scheduler.fuse.enabled"),
                 max_tasks=_int("scheduler.fuse.max-tasks", minimum=1),

@@ -64,7 +64,7 @@ def _collect_soon() -> None:
 _BARRIER_VALUE_S = 5.0
 
 
-def _barrier_value(ref: Any) -> int | None:
+def barrier_value(ref: Any) -> int | None:
     """What a finished barrier returned (the bytes of its run's inputs); None if it
     failed, whose error the unpacks then raise as they would anyway."""
     try:
@@ -159,7 +159,7 @@ class RayExecutor:
         sid, rid = handle.spec.shuffle_id, handle.spec.run_id
         statuses: list[Any] = []
         outputs: list[Any] = [None] * len(unpacks)
-        nbytes = _barrier_value(args[0]) if len(unpacks) > 1 else None
+        nbytes = barrier_value(args[0]) if len(unpacks) > 1 else None
         calls = unpack_calls(unpacks, inputs_nbytes=nbytes, max_bytes=max_bytes)
         for _, positions in calls:
             partitions = [unpacks[i].partition for i in positions]

@@ -30,7 +30,7 @@ from dask.sizeof import sizeof
 
 from ray_oob_sched import _graph, _p2p, _partd, _store, _store_order, _taskconfig
 from ray_oob_sched._config import SchedulerConfig, ServiceOptions, ShuffleConfig
-from ray_oob_sched._executor import RayExecutor, may_be_actor_loss, user_error
+from ray_oob_sched._executor import RayExecutor, barrier_value, may_be_actor_loss, user_error
 from ray_oob_sched._fuse import Group, group_size, plan
 from ray_oob_sched._futures import REGISTRY, RayFuture
 from ray_oob_sched._graph import Key
@@ -45,6 +45,7 @@ from ray_oob_sched._runtime import RayRuntime
 from ray_oob_sched._state import (
     Abandon,
     Instruction,
+    OutputWindow,
     Release,
     RestartShuffles,
     SchedulerState,
@@ -288,7 +289,7 @@ class RaySchedule:
             if prepared.has_p2p:
                 graph = self._start_shuffles(prepared, shuffles=shuffles)
             _seed_refs(graph, refs=refs, config=prepared.config)
-            planned = _plan(graph, prepared=prepared, sources=frozenset(refs), shuffles=shuffles)
+            planned = _plan(graph, prepared=prepared, refs=refs, shuffles=shuffles)
             out = self._execute(
                 planned,
                 prepared=prepared,
@@ -573,12 +574,13 @@ def _seed_refs(graph: _graph.Graph, *, refs: RefTable, config: SchedulerConfig) 
 
 
 def _plan(
-    graph: _graph.Graph, *, prepared: _Prepared, sources: frozenset[Key], shuffles: _Shuffles
+    graph: _graph.Graph, *, prepared: _Prepared, refs: RefTable, shuffles: _Shuffles
 ) -> _Planned:
     """Group the tasks not in ``sources`` (fused to the configured size; unpacks are
     actor calls, batched per owning actor) and set up the state machine over the
     groups."""
     config, p2p = prepared.config, shuffles.p2p
+    sources = frozenset(refs)
     unpacks = p2p.unpacks if p2p is not None else {}
     creators = prepared.disk.creators if prepared.disk is not None else frozenset()
     ntasks = sum(1 for k in graph.order if k not in sources)
@@ -601,6 +603,7 @@ def _plan(
         batch_of=p2p.batch_of if p2p is not None else lambda k: None,
         max_batch=config.fuse.unpack_batch,
     )
+    after = _batches_after_barriers(groups, unpacks)
     state = SchedulerState(
         groups,
         outputs=graph.outputs,
@@ -608,7 +611,10 @@ def _plan(
         max_in_flight=config.max_in_flight,
         shuffles=_shuffle_tasks(p2p) if p2p is not None and p2p.runs else None,
         max_restarts=shuffles.max_restarts,
-        after=_batches_after_barriers(groups, unpacks),
+        after=after,
+        window=_output_window(
+            groups, after, unpacks=unpacks, refs=refs, max_bytes=config.output_window_bytes
+        ),
     )
     return _Planned(
         graph=graph, groups=groups, sources=sources, ntasks=ntasks, state=state, unpacks=unpacks
@@ -625,6 +631,31 @@ def _batches_after_barriers(groups: Sequence[Group], unpacks: Mapping[Key, Any])
         for g in groups
         if len(g.keys) > 1 and g.keys[0] in unpacks and g.inputs and g.inputs[0] in producer
     }
+
+
+def _output_window(
+    groups: Sequence[Group],
+    after: Mapping[int, int],
+    *,
+    unpacks: Mapping[Key, Any],
+    refs: RefTable,
+    max_bytes: int,
+) -> OutputWindow | None:
+    """Back-pressure on the batches of shuffle outputs (``SchedulerState``), each
+    weighed as an even share of its shuffle's inputs, which its finished barrier
+    returned; None when off or without batches."""
+    if max_bytes <= 0 or not after:
+        return None
+
+    def bytes_of(index: int) -> int:
+        g = groups[index]
+        nbytes = barrier_value(refs[g.inputs[0]])  # the barrier: its group finished
+        if not nbytes:
+            return 0  # failed: the unpacks raise its error
+        npartitions_out: int = unpacks[g.keys[0]].handle.spec.npartitions_out
+        return nbytes * len(g.keys) // npartitions_out
+
+    return OutputWindow(groups=frozenset(after), max_bytes=max_bytes, bytes_of=bytes_of)
 
 
 def _finish_stats(planned: _Planned, *, shuffles: _Shuffles, seconds: float) -> RunStats:

@@ -8,7 +8,12 @@ submission are the number of groups in flight (submitted, not finished), which
 keeps the running frontier close to dask.order's memory-friendly order, and
 ``after``: a group listed there waits, and the plan's submission with it, until
 another group has finished (a batch of shuffle outputs is sized from what its
-shuffle's barrier returns).
+shuffle's barrier returns); and the output ``window``: a batch of shuffle outputs
+waits, the plan with it, while the outputs of earlier batches whose consumers are
+all submitted, and not all finished, exceed ``max_bytes``. An actor makes outputs
+faster than tasks consume them; without it every output of a large shuffle could
+wait in Ray's object store at once. Only outputs whose consumers are submitted
+count, so a batch never waits for consumers that wait for it.
 
 Ownership: the shell keeps one ObjectRef per live key. A key is released (its ref
 dropped) right after the last group that consumes it has been submitted, unless it
@@ -29,7 +34,7 @@ readiness is Ray's business here.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +75,17 @@ class Abandon:
 Instruction = Submit | Release | RestartShuffles | Abandon
 
 
+@dataclass(frozen=True)
+class OutputWindow:
+    """Back-pressure on shuffle outputs waiting for their consumers (module doc)."""
+
+    groups: frozenset[int]  # batches of shuffle outputs, each listed in ``after``
+    max_bytes: int
+    #: A batch's estimated output bytes; called once it may be submitted (its
+    #: ``after`` group has finished).
+    bytes_of: Callable[[int], int]
+
+
 class SchedulerState:
     """The state of one compute. ``shuffles`` (shuffle id -> its keys) and
     ``max_restarts`` (per shuffle) enable shuffle restarts; without them nothing
@@ -85,6 +101,7 @@ class SchedulerState:
         shuffles: Mapping[str, ShuffleTasks] | None = None,
         max_restarts: int = 0,
         after: Mapping[int, int] | None = None,
+        window: OutputWindow | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -96,6 +113,18 @@ class SchedulerState:
         for i, j in self._after.items():
             if not 0 <= j < i < len(groups):
                 raise ValueError(f"group {i} cannot wait for group {j}: not an earlier group")
+        self._window = window
+        self._consumers: dict[int, frozenset[int]] = {}  # window group -> its consumers
+        self._window_bytes: dict[int, int] = {}  # window group submitted -> its bytes
+        if window is not None:
+            producer = {k: g.index for g in groups for k in g.outputs}
+            consumers: dict[int, set[int]] = {i: set() for i in window.groups}
+            for g in groups:
+                for k in g.inputs:
+                    p = producer.get(k)
+                    if p in consumers:
+                        consumers[p].add(g.index)
+            self._consumers = {i: frozenset(c) for i, c in consumers.items()}
         self._outputs = frozenset(outputs)
         self._pending = list(range(len(groups)))  # a heap of group indices: plan order
         self._in_flight: set[int] = set()
@@ -196,6 +225,7 @@ class SchedulerState:
             out.append(Abandon(abandoned))
         for i in redo:
             g = self._groups[i]
+            self._window_bytes.pop(i, None)  # counted again when it is resubmitted
             self._in_flight.discard(i)
             self._finished.discard(i)
             heapq.heappush(self._pending, i)
@@ -218,7 +248,12 @@ class SchedulerState:
             first = self._after.get(self._pending[0])
             if first is not None and first not in self._finished:
                 break  # resumes from group_finished: the earlier group is in flight
+            weight = self._window_weight(self._pending[0])
+            if weight is not None and not self._window_admits(weight):
+                break  # resumes from group_finished: a consumer is in flight
             g = self._groups[heapq.heappop(self._pending)]
+            if weight is not None:
+                self._window_bytes[g.index] = weight
             self._in_flight.add(g.index)
             view["waiting"].difference_update(g.keys)
             view["running"].update(g.keys)
@@ -238,6 +273,27 @@ class SchedulerState:
             if freed:
                 out.append(self._release(freed))
         return out
+
+    def _window_weight(self, index: int) -> int | None:
+        if self._window is None or index not in self._window.groups:
+            return None
+        return max(0, int(self._window.bytes_of(index)))
+
+    def _window_admits(self, weight: int) -> bool:
+        """Whether a batch of ``weight`` bytes fits beside the outputs waiting for
+        consumers that are all submitted (module doc); forgets batches whose
+        consumers all finished."""
+        assert self._window is not None
+        waiting = 0
+        for j, nbytes in list(self._window_bytes.items()):
+            consumers = self._consumers[j]
+            if not consumers:
+                continue  # requested outputs: they wait for the caller, not a consumer
+            if consumers <= self._finished:
+                del self._window_bytes[j]
+            elif all(c in self._in_flight or c in self._finished for c in consumers):
+                waiting += nbytes
+        return waiting == 0 or waiting + weight <= self._window.max_bytes
 
     def _unhold(self, index: int) -> list[Key]:
         self._holding.remove(index)

@@ -75,6 +75,7 @@ def test_bad_window_names_the_key():
         ("SCHEDULER__MAX_IN_FLIGHT", "5", "max_in_flight", 5),
         ("SCHEDULER__INLINE_DATA_BYTES", "0", "inline_data_bytes", 0),
         ("SCHEDULER__FORWARD_WARNINGS", "false", "forward_warnings", False),
+        ("SCHEDULER__OUTPUT_WINDOW_BYTES", "0", "output_window_bytes", 0),
     ],
 )
 def test_environment_variables_work_as_for_dask(var, value, field, expected):
@@ -97,6 +98,7 @@ def test_environment_variables_work_as_for_dask(var, value, field, expected):
         ("scheduler.inline-data-bytes", -1),
         ("scheduler.fuse.enabled", "maybe"),
         ("scheduler.forward-warnings", "sometimes"),
+        ("scheduler.output-window-bytes", -1),
     ],
 )
 def test_out_of_range_values_name_their_key(key, value):

@@ -6,7 +6,7 @@ import pytest
 
 from ray_oob_sched._fuse import plan
 from ray_oob_sched._graph import build, to_task_spec
-from ray_oob_sched._state import Release, SchedulerState, Submit
+from ray_oob_sched._state import OutputWindow, Release, SchedulerState, Submit
 
 
 def _chain_graph(n):
@@ -120,3 +120,57 @@ def test_after_names_an_earlier_group():
     groups = plan(graph, sources=frozenset(), size=1, options_of={})
     with pytest.raises(ValueError, match="group 1 cannot wait for group 2"):
         SchedulerState(groups, outputs=graph.outputs, max_in_flight=1, after={1: 2})
+
+
+def _window_state(order, inputs, batches, *, max_bytes, each):
+    """Groups of one key each, in ``order``; ``inputs[key]``: the keys it takes."""
+    from ray_oob_sched._fuse import Group
+
+    needed = {d for ds in inputs.values() for d in ds}
+    groups = [Group(i, (k,), tuple(inputs.get(k, ())), (k,), ()) for i, k in enumerate(order)]
+    index = {k: i for i, k in enumerate(order)}
+    asked: list[str] = []
+
+    def bytes_of(i):
+        asked.append(order[i])
+        return each
+
+    window = OutputWindow(frozenset(index[b] for b in batches), max_bytes, bytes_of)
+    outputs = [k for k in order if k not in needed]
+    state = SchedulerState(groups, outputs=outputs, max_in_flight=10, window=window)
+    return state, index, asked
+
+
+def _names(order, instrs):
+    return [order[i] for i in _submitted(instrs)]
+
+
+def test_a_batch_of_outputs_waits_while_earlier_ones_wait_for_their_consumers():
+    order = ["b1", "c1", "b2", "c2"]
+    state, index, asked = _window_state(
+        order, {"c1": ["b1"], "c2": ["b2"]}, ["b1", "b2"], max_bytes=1000, each=600
+    )
+    assert _names(order, state.start()) == ["b1", "c1"]  # 600 waiting + 600 > 1000
+    assert _names(order, state.group_finished(index["b1"])) == []  # c1 still runs
+    assert _names(order, state.group_finished(index["c1"])) == ["b2", "c2"]
+    assert asked.count("b1") == 1 and "b2" in asked
+
+
+def test_outputs_whose_consumers_are_not_submitted_do_not_count():
+    """c needs both batches: b2 must go although b1's outputs wait (no deadlock)."""
+    order = ["b1", "b2", "c"]
+    state, _, _ = _window_state(order, {"c": ["b1", "b2"]}, ["b1", "b2"], max_bytes=1, each=600)
+    assert _names(order, state.start()) == order
+
+
+def test_a_window_of_zero_bytes_still_lets_one_batch_through_at_a_time():
+    order = ["b0", "c0", "b1", "c1", "b2", "c2"]
+    inputs = {f"c{i}": [f"b{i}"] for i in range(3)}
+    state, index, _ = _window_state(order, inputs, ["b0", "b1", "b2"], max_bytes=0, each=10)
+    done: list[str] = []
+    pending = _names(order, state.start())
+    while pending:
+        k = pending.pop(0)
+        done.append(k)
+        pending += _names(order, state.group_finished(index[k]))
+    assert state.done and done == order  # each batch after the consumer before it
