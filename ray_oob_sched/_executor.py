@@ -135,7 +135,12 @@ class RayExecutor:
 
     @staticmethod
     def submit_unpacks(
-        group: Group, unpacks: Sequence[Unpack], args: Sequence[Any], *, max_bytes: int
+        group: Group,
+        unpacks: Sequence[Unpack],
+        args: Sequence[Any],
+        *,
+        inputs_nbytes: int | None,
+        max_bytes: int,
     ) -> list[Any]:
         """A batch of p2p output partitions, returned by the actor that owns them.
 
@@ -144,9 +149,9 @@ class RayExecutor:
         becoming an object of its own, owned by this driver. A batch becomes one
         call per owning actor (a restart may have spread its partitions over
         several), each returning at most ``max_bytes`` of outputs as estimated from
-        the barrier's value (its group has finished: ``SchedulerState``'s
-        ``after``). Several calls' statuses become the group's through one more
-        call on an actor of the batch (``joined_status``), which Ray starts once
+        ``inputs_nbytes``, the barrier's value (None: unknown, one call per actor).
+        Several calls' statuses become the group's through one more call on an
+        actor of the batch (``joined_status``), which Ray starts once
         they all succeeded: not a task, which could need a worker process of its
         own while the consumers run, and the calls themselves stay independent.
         """
@@ -159,8 +164,7 @@ class RayExecutor:
         sid, rid = handle.spec.shuffle_id, handle.spec.run_id
         statuses: list[Any] = []
         outputs: list[Any] = [None] * len(unpacks)
-        nbytes = barrier_value(args[0]) if len(unpacks) > 1 else None
-        calls = unpack_calls(unpacks, inputs_nbytes=nbytes, max_bytes=max_bytes)
+        calls = unpack_calls(unpacks, inputs_nbytes=inputs_nbytes, max_bytes=max_bytes)
         for _, positions in calls:
             partitions = [unpacks[i].partition for i in positions]
             actor = handle.actor_for(partitions[0])

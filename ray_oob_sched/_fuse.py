@@ -98,6 +98,11 @@ def plan(
         if leaf.keys:
             close(leaf.take())
 
+    def interval_for(deps: frozenset[Key]) -> _Interval:
+        # A task that needs a closed chunk waits for it; kept apart from the tasks
+        # that need nothing closed, those still run in parallel with that chunk.
+        return leaf if all(d in leaf.members or d in sources for d in deps) else joined
+
     def place_alone(k: Key) -> None:
         at = close([k])
         token = batch_of(k)
@@ -141,9 +146,7 @@ def plan(
             batches.clear()  # a batch feeds one interval, as max_hoisted means
             hoisted = 0
         current_opts = opts
-        # A task that needs a closed chunk waits for it; kept apart from the tasks
-        # that need nothing closed, those still run in parallel with that chunk.
-        target = leaf if all(d in leaf.members or d in sources for d in deps) else joined
+        target = interval_for(deps)
         while len(target.keys) >= size:  # twice at most: a full leaf closes, k joins
             if target is joined:
                 close_joined()
@@ -154,7 +157,7 @@ def plan(
                 if not joined.keys:
                     batches.clear()
                     hoisted = 0
-            target = leaf if all(d in leaf.members or d in sources for d in deps) else joined
+            target = interval_for(deps)
         target.add(k)
     close_all()
     return [_make_group(i, keys, graph, options_of) for i, keys in enumerate(chunks)]

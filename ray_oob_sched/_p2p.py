@@ -61,6 +61,13 @@ class Unpack:
         return str(self.handle.spec.owner_of(self.partition))
 
 
+def output_share(unpack: Unpack, inputs_nbytes: int) -> float:
+    """The estimated bytes of one output partition of ``unpack``'s run: an even share
+    of what its inputs hold (its barrier's value)."""
+    npartitions_out: int = unpack.handle.spec.npartitions_out
+    return inputs_nbytes / npartitions_out
+
+
 def unpack_calls(
     unpacks: Sequence[Unpack], *, inputs_nbytes: int | None = None, max_bytes: int | None = None
 ) -> list[tuple[str, list[int]]]:
@@ -82,7 +89,7 @@ def unpack_calls(
         calls.setdefault(u.owner(), []).append(i)
     per_call = len(unpacks)
     if inputs_nbytes is not None and max_bytes is not None:
-        each = inputs_nbytes / unpacks[0].handle.spec.npartitions_out
+        each = output_share(unpacks[0], inputs_nbytes)
         per_call = max(1, int(max_bytes // each)) if each > 0 else per_call
     return [
         (owner, positions[i : i + per_call])

@@ -332,9 +332,10 @@ class RaySchedule:
         flat = [k for k in flat if k not in literals]
         nodes, stores = _store.rewrite(nodes)  # before anything runs: may refuse a target
         graph = _graph.build(nodes, flat, resolve=REGISTRY.lookup)
-        chained = _store_order.chain_shared_writes(graph.nodes, graph.order)
-        if chained is not None:  # partial writes into shared zarr shards: one at a time
-            graph = _graph.build(chained, flat, resolve=REGISTRY.lookup)
+        if stores.to_workers:  # partial writes into shared zarr shards: one at a time
+            chained = _store_order.chain_shared_writes(graph.nodes, graph.order)
+            if chained is not None:
+                graph = _graph.build(chained, flat, resolve=REGISTRY.lookup)
         disk = _partd.find(graph.nodes, graph.dependents)
         if disk is not None:
             graph = dataclasses.replace(graph, nodes=_partd.keep(graph.nodes, disk.creators))
@@ -445,6 +446,7 @@ class RaySchedule:
             disk=disk if prepared.disk is not None else None,
             creators=prepared.disk.creators if prepared.disk is not None else frozenset(),
             unpack_call_bytes=config.fuse.unpack_call_bytes,
+            barrier_bytes=planned.barrier_bytes,
         )
         return run.execute(prepared.flat, fetch=fetch)
 
@@ -538,6 +540,24 @@ class _Planned:
     ntasks: int  # dask tasks to run
     state: SchedulerState
     unpacks: Mapping[Key, _p2p.Unpack]  # kept current by restarts
+    barrier_bytes: _BarrierBytes
+
+
+class _BarrierBytes:
+    """The bytes of a shuffle's inputs, as its finished barrier returned them: read
+    once per barrier run (a restart makes a new ref), for the output window and for
+    sizing a batch's unpack calls."""
+
+    def __init__(self, refs: RefTable) -> None:
+        self._refs = refs
+        self._read: dict[Key, tuple[bytes, int | None]] = {}  # key -> (ref id, value)
+
+    def __call__(self, barrier: Key) -> int | None:
+        ref_id = self._refs[barrier].binary()  # the id, not the ref: holds nothing alive
+        seen = self._read.get(barrier)
+        if seen is None or seen[0] != ref_id:
+            seen = self._read[barrier] = (ref_id, barrier_value(self._refs[barrier]))
+        return seen[1]
 
 
 def _literal_outputs(nodes: Mapping[Key, Any], flat: list[Key]) -> dict[Key, Any]:
@@ -604,6 +624,7 @@ def _plan(
         max_batch=config.fuse.unpack_batch,
     )
     after = _batches_after_barriers(groups, unpacks)
+    barrier_bytes = _BarrierBytes(refs)
     state = SchedulerState(
         groups,
         outputs=graph.outputs,
@@ -613,11 +634,21 @@ def _plan(
         max_restarts=shuffles.max_restarts,
         after=after,
         window=_output_window(
-            groups, after, unpacks=unpacks, refs=refs, max_bytes=config.output_window_bytes
+            groups,
+            after,
+            unpacks=unpacks,
+            barrier_bytes=barrier_bytes,
+            max_bytes=config.output_window_bytes,
         ),
     )
     return _Planned(
-        graph=graph, groups=groups, sources=sources, ntasks=ntasks, state=state, unpacks=unpacks
+        graph=graph,
+        groups=groups,
+        sources=sources,
+        ntasks=ntasks,
+        state=state,
+        unpacks=unpacks,
+        barrier_bytes=barrier_bytes,
     )
 
 
@@ -637,8 +668,8 @@ def _output_window(
     groups: Sequence[Group],
     after: Mapping[int, int],
     *,
-    unpacks: Mapping[Key, Any],
-    refs: RefTable,
+    unpacks: Mapping[Key, _p2p.Unpack],
+    barrier_bytes: _BarrierBytes,
     max_bytes: int,
 ) -> OutputWindow | None:
     """Back-pressure on the batches of shuffle outputs (``SchedulerState``), each
@@ -649,11 +680,10 @@ def _output_window(
 
     def bytes_of(index: int) -> int:
         g = groups[index]
-        nbytes = barrier_value(refs[g.inputs[0]])  # the barrier: its group finished
+        nbytes = barrier_bytes(g.inputs[0])  # the barrier: its group finished
         if not nbytes:
             return 0  # failed: the unpacks raise its error
-        npartitions_out: int = unpacks[g.keys[0]].handle.spec.npartitions_out
-        return nbytes * len(g.keys) // npartitions_out
+        return int(_p2p.output_share(unpacks[g.keys[0]], nbytes) * len(g.keys))
 
     return OutputWindow(groups=frozenset(after), max_bytes=max_bytes, bytes_of=bytes_of)
 
@@ -775,10 +805,12 @@ class _Compute:
         disk: _DiskRefs | None = None,
         creators: frozenset[Key] = frozenset(),
         unpack_call_bytes: int,
+        barrier_bytes: _BarrierBytes,
     ) -> None:
         self.graph = graph
         self.disk = disk
         self.unpack_call_bytes = unpack_call_bytes
+        self.barrier_bytes = barrier_bytes
         self.creators = creators
         self.context = context  # TaskContext, or its ObjectRef
         self.stores = stores
@@ -858,7 +890,11 @@ class _Compute:
             args = [self.refs[k] for k in g.inputs]
             if g.keys[0] in self.unpacks:
                 batch = [self.unpacks[k] for k in g.keys]
-                out = self.executor.submit_unpacks(g, batch, args, max_bytes=self.unpack_call_bytes)
+                # A batch waited for its barrier (``after``); a lone unpack did not.
+                nbytes = self.barrier_bytes(g.inputs[0]) if len(batch) > 1 else None
+                out = self.executor.submit_unpacks(
+                    g, batch, args, inputs_nbytes=nbytes, max_bytes=self.unpack_call_bytes
+                )
             else:
                 spec = GroupSpec(
                     keys=g.keys,

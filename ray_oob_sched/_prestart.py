@@ -45,9 +45,11 @@ class Prestart:
         self._thread.start()
 
     def _run(self) -> None:
+        tasks = 0
         try:
+            tasks = self._warm_tasks()
             # The imports need no actor: they run while the actors start.
-            self._refs = self.service.warm_imports(tasks=self._warm_tasks())
+            self._refs = self.service.warm_imports(tasks=tasks)
         except Exception as e:  # noqa: BLE001 -- warming is best effort
             logger.info("warming the shuffle senders' imports failed: %r", e)
         try:
@@ -61,7 +63,7 @@ class Prestart:
         try:
             if self._stopped:
                 return
-            self._refs += self.service.warm_senders(tasks=self._warm_tasks())
+            self._refs += self.service.warm_senders(tasks=tasks)
             _read_all(self._refs, timeout=self._timeout)
             self._refs = []  # hold no refs once done: the driver's refs are the user's
         except Exception as e:  # noqa: BLE001 -- warming is best effort

@@ -107,6 +107,9 @@ class StoreTargets:
 
     def __init__(self) -> None:
         self._targets: dict[int, tuple[Any, Any]] = {}  # token -> (target, lock)
+        #: Whether some store call writes a target the workers open themselves
+        #: (whose shared shards ``_store_order`` then orders).
+        self.to_workers = False
 
     def __bool__(self) -> bool:
         return bool(self._targets)
@@ -213,6 +216,7 @@ def _check_store(node: Task, scope: _Scope, stores: StoreTargets, subs: dict[int
             "a zarr/h5py array on disk by the workers)"
         )
     if worker_openable(target):
+        stores.to_workers = True
         return
     lock = scope.resolve(node.kwargs.get("lock", False))
     if id(target) not in subs:
