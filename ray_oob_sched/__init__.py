@@ -16,6 +16,8 @@ from typing import Any
 import dask.config
 
 from ray_oob_sched import _config  # noqa: F401  (registers the config defaults)
+from ray_oob_sched._caller import CallerOnlyTaskError
+from ray_oob_sched._executor import UnpicklableGroupError
 from ray_oob_sched._futures import RayFuture
 from ray_oob_sched._graph import InvalidGraphError
 from ray_oob_sched._keywords import IgnoredKeywordsWarning
@@ -106,6 +108,7 @@ def shutdown() -> bool:
 
 __all__ = [
     "ActorRunStatus",
+    "CallerOnlyTaskError",
     "IgnoredKeywordsWarning",
     "InvalidGraphError",
     "InvalidOptionsError",
@@ -117,6 +120,7 @@ __all__ = [
     "ShuffleRunStatus",
     "ShuffleRunTotals",
     "ShuffleStatus",
+    "UnpicklableGroupError",
     "UnsupportedGraphError",
     "UnsupportedStoreTargetError",
     "disable",

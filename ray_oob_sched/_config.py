@@ -73,6 +73,7 @@ class SchedulerConfig:
     fuse: FuseConfig
     forward_warnings: bool = True
     output_window_bytes: int = 2**30
+    run_in_caller: bool = True
 
     @classmethod
     def from_dask_config(cls, *, cluster_cpus: float) -> SchedulerConfig:
@@ -89,6 +90,7 @@ class SchedulerConfig:
             max_in_flight=max_in_flight,
             inline_data_bytes=_int("scheduler.inline-data-bytes", minimum=0),
             forward_warnings=_bool("scheduler.forward-warnings"),
+            run_in_caller=_bool("scheduler.run-in-caller"),
             output_window_bytes=_int("scheduler.output-window-bytes", minimum=0),
             fuse=FuseConfig(
                 enabled=_bool("scheduler.fuse.enabled"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import pickle
 import threading
 import time
 from collections.abc import Hashable, Mapping, Sequence
@@ -28,6 +29,11 @@ from ray_oob_sched._partd import drop_stores
 from ray_oob_sched._worker import GroupSpec, GroupStatus, TaskContext, run_group
 
 logger = logging.getLogger("ray_oob_sched")
+
+
+class UnpicklableGroupError(TypeError):
+    """A group whose functions or data cannot be pickled for a Ray task."""
+
 
 #: How long cancel() first waits for tasks that are about to finish (seconds).
 _SETTLE_S = 0.2
@@ -119,7 +125,14 @@ class RayExecutor:
             refs = _ray_run_group.options(
                 name=task_name(group), num_returns=1 + len(group.outputs), **opts
             ).remote(spec, context, *args)
-        except Exception as e:  # typically a task that cannot be pickled
+        except (TypeError, pickle.PicklingError) as e:  # Ray's own TypeError wraps pickle's
+            raise UnpicklableGroupError(
+                f"dask keys {_keys_text(group)} cannot be pickled for a Ray task ({e}); "
+                "make their functions and data picklable, or set "
+                "ray-oob-sched.scheduler.run-in-caller to true to run them in the "
+                "caller's process"
+            ) from e
+        except Exception as e:
             _note(e, f"ray_oob_sched: could not submit dask keys {_keys_text(group)}")
             raise
         return list(refs)

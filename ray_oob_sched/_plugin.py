@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import logging
 import os
+import pickle
 import threading
 import time
 from collections.abc import Hashable, Mapping, Sequence
@@ -28,9 +29,15 @@ from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.core import literal
 from dask.sizeof import sizeof
 
-from ray_oob_sched import _graph, _p2p, _partd, _store, _store_order, _taskconfig
+from ray_oob_sched import _caller, _graph, _p2p, _partd, _store, _store_order, _taskconfig
 from ray_oob_sched._config import SchedulerConfig, ServiceOptions, ShuffleConfig
-from ray_oob_sched._executor import RayExecutor, barrier_value, may_be_actor_loss, user_error
+from ray_oob_sched._executor import (
+    RayExecutor,
+    UnpicklableGroupError,
+    barrier_value,
+    may_be_actor_loss,
+    user_error,
+)
 from ray_oob_sched._fuse import Group, group_size, plan
 from ray_oob_sched._futures import REGISTRY, RayFuture
 from ray_oob_sched._graph import Key
@@ -58,7 +65,7 @@ from ray_oob_sched._status import (
     run_totals,
 )
 from ray_oob_sched._task_warnings import Forwarder
-from ray_oob_sched._worker import GroupSpec, GroupStatus, TaskContext
+from ray_oob_sched._worker import GroupSpec, GroupStatus, TaskContext, run_group
 from shuffle._tracebacks import drop_frame_locals
 
 if TYPE_CHECKING:
@@ -78,6 +85,7 @@ class RunStats:
     shuffles: int  # p2p shuffles run through the out-of-band shuffle actors
     seconds: float
     restarts: int = 0  # shuffle restarts after a shuffle actor died mid-run
+    in_caller: int = 0  # dask tasks run in the caller's process (``_caller``)
     #: per shuffle (its last run): inputs, pieces and bytes received, spilled, seconds
     shuffle_runs: tuple[ShuffleRunTotals, ...] = ()
 
@@ -358,13 +366,23 @@ class RaySchedule:
             options_of, executor = _executor_for(per_key)
         self.prestart()
         cpus = self.runtime.cluster_cpus()
+        config = SchedulerConfig.from_dask_config(cluster_cpus=cpus)
+        in_caller = _caller.caller_keys(
+            graph.nodes,
+            graph.dependents,
+            stand_ins=stores.stand_ins,
+            readers=stores.readers,
+            exclude=disk.pinned if disk is not None else frozenset(),
+        )
+        if in_caller and not config.run_in_caller:
+            raise _caller.refusal(*next(iter(in_caller.items())))
         return _Prepared(
             graph=graph,
             flat=flat,
             stores=stores,
             executor=executor,
-            options_of=options_of,
-            config=SchedulerConfig.from_dask_config(cluster_cpus=cpus),
+            options_of={**options_of, **dict.fromkeys(in_caller, _caller.IN_CALLER)},
+            config=config,
             cpus=cpus,
             has_p2p=has_p2p,
             disk=disk,
@@ -432,6 +450,7 @@ class RaySchedule:
         if len(context.config) > config.inline_data_bytes:
             context = ray.put(context)  # once, not pickled into every task
         run = _Compute(
+            run_in_caller=config.run_in_caller,
             graph=planned.graph,
             groups=planned.groups,
             state=planned.state,
@@ -448,7 +467,10 @@ class RaySchedule:
             unpack_call_bytes=config.fuse.unpack_call_bytes,
             barrier_bytes=planned.barrier_bytes,
         )
-        return run.execute(prepared.flat, fetch=fetch)
+        try:
+            return run.execute(prepared.flat, fetch=fetch)
+        finally:
+            planned.ran_here.append(run.ran_here)
 
     def _end_compute(
         self, *, refs: RefTable, shuffles: _Shuffles, disk: _DiskRefs, prepared: _Prepared
@@ -541,6 +563,7 @@ class _Planned:
     state: SchedulerState
     unpacks: Mapping[Key, _p2p.Unpack]  # kept current by restarts
     barrier_bytes: _BarrierBytes
+    ran_here: list[int] = field(default_factory=list)  # dask tasks run in the caller
 
 
 class _BarrierBytes:
@@ -640,6 +663,7 @@ def _plan(
             barrier_bytes=barrier_bytes,
             max_bytes=config.output_window_bytes,
         ),
+        in_caller=frozenset(g.index for g in groups if g.options == _caller.IN_CALLER),
     )
     return _Planned(
         graph=graph,
@@ -699,6 +723,7 @@ def _finish_stats(planned: _Planned, *, shuffles: _Shuffles, seconds: float) -> 
         shuffles=len(p2p.runs) if p2p is not None else 0,
         seconds=seconds,
         restarts=sum(planned.state.restarts.values()),
+        in_caller=sum(planned.ran_here),
         shuffle_runs=(
             _totals(p2p, progress, shuffles.closed)
             if p2p is not None and progress is not None
@@ -791,6 +816,7 @@ class _Compute:
     def __init__(
         self,
         *,
+        run_in_caller: bool,
         graph: _graph.Graph,
         groups: Sequence[Group],
         state: SchedulerState,
@@ -807,6 +833,11 @@ class _Compute:
         unpack_call_bytes: int,
         barrier_bytes: _BarrierBytes,
     ) -> None:
+        self.run_in_caller = run_in_caller
+        #: Outputs of groups run in the caller that cannot be pickled: their
+        #: consumers run there too.
+        self.held: dict[Key, Any] = {}
+        self.ran_here = 0  # dask tasks run in the caller's process
         self.graph = graph
         self.disk = disk
         self.unpack_call_bytes = unpack_call_bytes
@@ -846,8 +877,11 @@ class _Compute:
                 while not self.state.done:
                     self._on_finished(self.executor.wait(list(self.in_flight)))
                 self._put_returned_targets()
-                out_refs = {k: self.refs[k] for k in flat}
+                out_refs = {k: self.refs[k] for k in flat if k not in self.held}
                 values = self._fetch(out_refs) if fetch else out_refs
+                for k in flat:
+                    if k in self.held:
+                        values[k] = self._held_output(k, fetch=fetch)
                 succeeded = True
                 return values
             finally:
@@ -872,6 +906,8 @@ class _Compute:
         for ins in instructions:
             if isinstance(ins, Release):
                 self.refs.release(ins.keys)
+                for k in ins.keys:
+                    self.held.pop(k, None)
                 continue
             if isinstance(ins, RestartShuffles):
                 assert self.runs is not None
@@ -887,8 +923,8 @@ class _Compute:
             for key in g.keys:
                 for f in self._pretask:
                     f(key, dsk, view)
-            args = [self.refs[k] for k in g.inputs]
             if g.keys[0] in self.unpacks:
+                args = [self.refs[k] for k in g.inputs]
                 batch = [self.unpacks[k] for k in g.keys]
                 # A batch waited for its barrier (``after``); a lone unpack did not.
                 nbytes = self.barrier_bytes(g.inputs[0]) if len(batch) > 1 else None
@@ -896,18 +932,93 @@ class _Compute:
                     g, batch, args, inputs_nbytes=nbytes, max_bytes=self.unpack_call_bytes
                 )
             else:
-                spec = GroupSpec(
-                    keys=g.keys,
-                    nodes=tuple(dsk[k] for k in g.keys),
-                    inputs=g.inputs,
-                    outputs=g.outputs,
-                )
-                out = self.executor.submit(g, spec, self.context, args)
+                out = self._submit(g)
             self.in_flight[out[0]] = g.index
             for k, r in zip(g.outputs, out[1:], strict=True):
+                if r is None:
+                    continue  # held in the caller's process
                 self.refs.add(k, r)
                 if k in self.creators and self.disk is not None:
                     self.disk.made.append((out[0], r))
+
+    def _submit(self, g: Group) -> list[Any]:
+        """Submit a group as a Ray task, or run it here (``_caller``): when planned
+        so, when an input is held here, or when it cannot be pickled."""
+        if g.options == _caller.IN_CALLER or not self.held.keys().isdisjoint(g.inputs):
+            return self._run_here(g)
+        spec = GroupSpec(
+            keys=g.keys,
+            nodes=tuple(self.graph.nodes[k] for k in g.keys),
+            inputs=g.inputs,
+            outputs=g.outputs,
+        )
+        args = [self.refs[k] for k in g.inputs]
+        try:
+            return self.executor.submit(g, spec, self.context, args)
+        except UnpicklableGroupError:
+            if not self.run_in_caller:
+                raise
+        return self._run_here(g)
+
+    def _run_here(self, g: Group) -> list[Any]:
+        """Run a group in the caller's process, as dask's local schedulers would:
+        ``[status ref, *output refs]`` as for a Ray task, None for an output that
+        cannot be pickled (held here for its consumers). Its inputs are computed
+        (``SchedulerState`` waited for them) or being computed by groups already
+        submitted, which finish without this loop; its own error is raised as is.
+        Store calls run as dask made them, into the real targets under the caller's
+        locks."""
+        originals = self.stores.originals
+        spec = GroupSpec(
+            keys=g.keys,
+            nodes=tuple(originals[k] if k in originals else self.graph.nodes[k] for k in g.keys),
+            inputs=g.inputs,
+            outputs=g.outputs,
+        )
+        context = self.context
+        if isinstance(context, ray.ObjectRef):
+            context = ray.get(context)
+        # The caller's config is in force here already: swapping it would change what
+        # other threads of the caller see.
+        context = dataclasses.replace(context, config=None)
+        # Logged, not warned: a warning would reach code that runs with warnings as errors.
+        logger.debug("running dask keys %s in the caller's process", list(g.keys[:3]))
+        out = run_group(spec, self._values_here(g.inputs), context=context)
+        self.ran_here += len(g.keys)
+        refs: list[Any] = [ray.put(out[0])]
+        for k, value in zip(g.outputs, out[1:], strict=True):
+            token = self.stores.token_of(value)
+            if token is not None:  # written further by later groups: put at the end
+                self.returned_targets[k] = token
+            try:
+                refs.append(ray.put(value))
+            except (TypeError, pickle.PicklingError):
+                self.held[k] = value
+                refs.append(None)
+        return refs
+
+    def _values_here(self, keys: Sequence[Key]) -> list[Any]:
+        """Input values for a group run here: held values, the real store targets
+        for their stand-ins (written by now), the rest fetched from Ray."""
+        fetch = [k for k in keys if k not in self.held and k not in self.returned_targets]
+        got = dict(zip(fetch, ray.get([self.refs[k] for k in fetch]), strict=True))
+        return [
+            self.held[k]
+            if k in self.held
+            else self.stores.target(self.returned_targets[k])
+            if k in self.returned_targets
+            else got[k]
+            for k in keys
+        ]
+
+    def _held_output(self, key: Key, *, fetch: bool) -> Any:
+        if fetch:
+            return self.held[key]
+        raise UnpicklableGroupError(
+            f"dask key {key!r} ran in the caller's process and returned an object that "
+            "cannot be pickled, so it cannot be kept in Ray's object store; compute it "
+            "instead of persisting it"
+        )
 
     def _on_finished(self, done: list[Any]) -> None:
         try:

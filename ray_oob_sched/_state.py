@@ -8,7 +8,10 @@ submission are the number of groups in flight (submitted, not finished), which
 keeps the running frontier close to dask.order's memory-friendly order, and
 ``after``: a group listed there waits, and the plan's submission with it, until
 another group has finished (a batch of shuffle outputs is sized from what its
-shuffle's barrier returns); and the output ``window``: a batch of shuffle outputs
+shuffle's barrier returns); ``in_caller``: a group the shell runs in the caller's
+process (``_caller``) waits, the plan with it, until every group that makes one of
+its inputs has finished (the shell then runs it at once, and its outputs exist
+before any later group is submitted); and the output ``window``: a batch of shuffle outputs
 waits, the plan with it, while the outputs of earlier batches whose consumers are
 all submitted, and not all finished, exceed ``max_bytes``. An actor makes outputs
 faster than tasks consume them; without it every output of a large shuffle could
@@ -102,6 +105,7 @@ class SchedulerState:
         max_restarts: int = 0,
         after: Mapping[int, int] | None = None,
         window: OutputWindow | None = None,
+        in_caller: frozenset[int] = frozenset(),
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -113,11 +117,15 @@ class SchedulerState:
         for i, j in self._after.items():
             if not 0 <= j < i < len(groups):
                 raise ValueError(f"group {i} cannot wait for group {j}: not an earlier group")
+        producer = {k: g.index for g in groups for k in g.outputs}
+        #: Groups run in the caller -> the groups making their inputs.
+        self._makers = {
+            i: frozenset(producer[k] for k in groups[i].inputs if k in producer) for i in in_caller
+        }
         self._window = window
         self._consumers: dict[int, frozenset[int]] = {}  # window group -> its consumers
         self._window_bytes: dict[int, int] = {}  # window group submitted -> its bytes
         if window is not None:
-            producer = {k: g.index for g in groups for k in g.outputs}
             consumers: dict[int, set[int]] = {i: set() for i in window.groups}
             for g in groups:
                 for k in g.inputs:
@@ -248,6 +256,9 @@ class SchedulerState:
             first = self._after.get(self._pending[0])
             if first is not None and first not in self._finished:
                 break  # resumes from group_finished: the earlier group is in flight
+            makers = self._makers.get(self._pending[0])
+            if makers is not None and not makers <= self._finished:
+                break  # resumes from group_finished: a maker of its inputs is in flight
             weight = self._window_weight(self._pending[0])
             if weight is not None and not self._window_admits(weight):
                 break  # resumes from group_finished: a consumer is in flight

@@ -110,6 +110,15 @@ class StoreTargets:
         #: Whether some store call writes a target the workers open themselves
         #: (whose shared shards ``_store_order`` then orders).
         self.to_workers = False
+        #: Keys whose task may return a stand-in (``return_stored`` without
+        #: ``load_stored``): their consumers read the real target (``_caller``).
+        self.stand_ins: set[Key] = set()
+        #: Keys whose task uses such a stand-in itself (a fused consumer): they run
+        #: in the caller's process, on their original node (``originals``).
+        self.readers: set[Key] = set()
+        #: Nodes as dask made them, before their store targets were swapped: what a
+        #: task run in the caller's process runs, writing the real target directly.
+        self.originals: dict[Key, GraphNode] = {}
 
     def __bool__(self) -> bool:
         return bool(self._targets)
@@ -125,6 +134,11 @@ class StoreTargets:
         return DriverTarget(
             token, getattr(target, "dtype", None), None if shape is None else tuple(shape)
         )
+
+    def token_of(self, value: Any) -> int | None:
+        """The token of ``value`` if it is one of the real targets."""
+        entry = self._targets.get(id(value))
+        return id(value) if entry is not None and entry[0] is value else None
 
     def write(self, writes: Sequence[StagedWrite]) -> None:
         """Write staged chunks into their targets, each under the caller's lock."""
@@ -143,11 +157,14 @@ def rewrite(nodes: Mapping[Key, GraphNode]) -> tuple[dict[Key, GraphNode], Store
     """``nodes`` with the store calls into driver targets rewritten (module doc)."""
     stores = StoreTargets()
     subs: dict[int, Any] = {}  # id of a target or its lock -> what replaces it
-    for _, call, scope in store_calls(nodes):
-        _check_store(call, scope, stores, subs)
+    for key, call, scope in store_calls(nodes):
+        if _check_store(call, scope, stores, subs) and _returns_target(call, scope):
+            (stores.stand_ins if scope.returned(call) else stores.readers).add(key)
     if not subs:
         return dict(nodes), stores
-    return {k: _swap(node, subs) for k, node in nodes.items()}, stores
+    swapped = {k: _swap(node, subs) for k, node in nodes.items()}
+    stores.originals = {k: node for k, node in nodes.items() if swapped[k] is not node}
+    return swapped, stores
 
 
 @dataclass(frozen=True)
@@ -157,6 +174,14 @@ class _Scope:
     inputs: Mapping[Key, Any]
     inner: Mapping[Key, Any]
     top: Mapping[Key, GraphNode]
+    #: The inner key whose value the top-level task returns (a subgraph's output);
+    #: None at the top level, where the node is the task; ``_NOT_RETURNED`` inside a
+    #: subgraph that is not the task's output.
+    returns: Any = None
+
+    def returned(self, node: Task) -> bool:
+        """Whether ``node`` (at this level) gives the value of the top-level task."""
+        return self.returns is None or node.key == self.returns
 
     def resolve(self, arg: Any) -> Any:
         """The value ``arg`` stands for when it is data; ``_COMPUTED`` when a task
@@ -177,6 +202,7 @@ class _Scope:
 
 
 _COMPUTED = object()
+_NOT_RETURNED = object()
 
 
 def store_calls(nodes: Mapping[Key, GraphNode]) -> Iterator[tuple[Key, Task, _Scope]]:
@@ -194,10 +220,11 @@ def _calls(node: Any, scope: _Scope) -> Iterator[tuple[Task, _Scope]]:
     if node.func is load_store_chunk:
         yield node, scope
     elif node.func is _execute_subgraph:
-        inner, _, inkeys, *deps = node.args
+        inner, outkey, inkeys, *deps = node.args
         inputs = {k: scope.resolve(d) for k, d in zip(inkeys, deps, strict=True)}
+        returns = outkey if scope.returned(node) else _NOT_RETURNED
         for child in inner.values():
-            yield from _calls(child, _Scope(inputs, inner, scope.top))
+            yield from _calls(child, _Scope(inputs, inner, scope.top, returns))
 
 
 def store_arg(call: Task, name: str, position: int) -> Any:
@@ -205,7 +232,17 @@ def store_arg(call: Task, name: str, position: int) -> Any:
     return call.kwargs[name] if name in call.kwargs else call.args[position]
 
 
-def _check_store(node: Task, scope: _Scope, stores: StoreTargets, subs: dict[int, Any]) -> None:
+def _returns_target(call: Task, scope: _Scope) -> bool:
+    """Whether a store call returns its target (``return_stored`` without
+    ``load_stored``)."""
+    return bool(scope.resolve(store_arg(call, "return_stored", 5))) and not scope.resolve(
+        store_arg(call, "load_stored", 6)
+    )
+
+
+def _check_store(node: Task, scope: _Scope, stores: StoreTargets, subs: dict[int, Any]) -> bool:
+    """Check one store call's target; True if the driver writes it (a stand-in
+    replaces it)."""
     out_arg = store_arg(node, "out", 1)
     target = scope.resolve(out_arg)
     if target is _COMPUTED:
@@ -217,12 +254,13 @@ def _check_store(node: Task, scope: _Scope, stores: StoreTargets, subs: dict[int
         )
     if worker_openable(target):
         stores.to_workers = True
-        return
+        return False
     lock = scope.resolve(node.kwargs.get("lock", False))
     if id(target) not in subs:
         subs[id(target)] = stores.add(target, lock if lock is not _COMPUTED else None)
     if lock and lock is not _COMPUTED:
         subs[id(lock)] = False  # held by the driver around its writes
+    return True
 
 
 def worker_openable(target: Any) -> bool:

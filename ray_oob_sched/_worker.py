@@ -16,6 +16,7 @@ import contextvars
 import os
 import socket
 from collections.abc import Callable, Hashable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,7 +40,9 @@ class GroupSpec:
 class TaskContext:
     """What every group of one compute runs under; built once per compute."""
 
-    config: bytes  # the caller's dask config (``_taskconfig.snapshot``)
+    #: the caller's dask config (``_taskconfig.snapshot``); None: the process's own
+    #: (a group run in the caller's process)
+    config: bytes | None
     forward_warnings: bool  # record warnings and return them with the status
 
 
@@ -135,7 +138,7 @@ def run_group(
     try:
         if context is None:
             return _run(spec, args, None)
-        with applied(context.config):
+        with applied(context.config) if context.config is not None else nullcontext():
             if not context.forward_warnings:
                 return _run(spec, args, None)
             with Recorder() as recorder:

@@ -76,6 +76,7 @@ def test_bad_window_names_the_key():
         ("SCHEDULER__INLINE_DATA_BYTES", "0", "inline_data_bytes", 0),
         ("SCHEDULER__FORWARD_WARNINGS", "false", "forward_warnings", False),
         ("SCHEDULER__OUTPUT_WINDOW_BYTES", "0", "output_window_bytes", 0),
+        ("SCHEDULER__RUN_IN_CALLER", "false", "run_in_caller", False),
     ],
 )
 def test_environment_variables_work_as_for_dask(var, value, field, expected):
@@ -99,6 +100,7 @@ def test_environment_variables_work_as_for_dask(var, value, field, expected):
         ("scheduler.fuse.enabled", "maybe"),
         ("scheduler.forward-warnings", "sometimes"),
         ("scheduler.output-window-bytes", -1),
+        ("scheduler.run-in-caller", "never"),
     ],
 )
 def test_out_of_range_values_name_their_key(key, value):

@@ -115,6 +115,23 @@ def test_a_group_waits_for_the_group_it_comes_after_and_so_does_the_plan():
     assert _submitted(state.group_finished(1)) == [2, 3, 4]
 
 
+def test_a_group_run_in_the_caller_waits_for_every_maker_of_its_inputs():
+    # t0 -> a, t0 -> b, (a, b) -> c, c -> d: c runs in the caller.
+    dsk = {"t0": 1, "a": (abs, "t0"), "b": (abs, "t0"), "c": (max, "a", "b"), "d": (abs, "c")}
+    graph = build(to_task_spec(dsk), ["d"])
+    groups = plan(graph, sources=frozenset(), size=1, options_of={})
+    index = {g.keys[0]: g.index for g in groups}
+    state = SchedulerState(
+        groups, outputs=graph.outputs, max_in_flight=10, in_caller=frozenset({index["c"]})
+    )
+    first = _submitted(state.start())
+    assert index["c"] not in first and index["d"] not in first  # the plan waits with c
+    assert {index["t0"], index["a"], index["b"]} <= set(first)
+    state.group_finished(index["t0"])
+    assert _submitted(state.group_finished(index["a"])) == []  # b still in flight
+    assert _submitted(state.group_finished(index["b"])) == [index["c"], index["d"]]
+
+
 def test_after_names_an_earlier_group():
     graph = _chain_graph(3)
     groups = plan(graph, sources=frozenset(), size=1, options_of={})

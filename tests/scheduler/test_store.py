@@ -111,3 +111,31 @@ def test_the_stand_in_refuses_reads_of_unwritten_chunks():
     stand_in = DriverTarget(1, np.dtype("f8"), (8,))
     with pytest.raises(UnsupportedStoreTargetError, match="before the driver has written it"):
         stand_in[0:4]
+
+
+def _keys_named(keys, prefix):
+    return {k for k in keys if isinstance(k, tuple) and k[0].startswith(prefix)}
+
+
+def test_stand_ins_returned_and_read_inside_a_task_are_told_apart():
+    d = da.ones((4, 4), chunks=2)
+    target = np.zeros((4, 4))
+    stored = da.store(d + 1, target, compute=False, return_stored=True, load_stored=False)
+    # Returned: the storing task's value is the stand-in; its consumers read the target.
+    nodes, stores = rewrite(nodes_of(stored))
+    assert stores.stand_ins and not stores.readers
+    assert set(stores.originals) == stores.stand_ins
+    # Read inside: dask fuses the + into the storing task.
+    nodes, stores = rewrite(nodes_of(stored + 1))
+    assert stores.readers == _keys_named(nodes, "add") and len(stores.readers) == 4
+    assert not stores.stand_ins
+    for k in stores.readers:  # the original node writes the real target itself
+        assert stores.originals[k] is not nodes[k]
+    run_here({k: stores.originals.get(k, n) for k, n in nodes.items()}, stores)
+    np.testing.assert_array_equal(target, np.full((4, 4), 2.0))
+
+
+def test_load_stored_keeps_everything_in_the_workers():
+    stored = da.store(da.ones(8, chunks=4), np.zeros(8), compute=False, return_stored=True)
+    _, stores = rewrite(nodes_of(stored + 1))
+    assert not stores.stand_ins and not stores.readers
