@@ -22,21 +22,28 @@ into a group with tasks that can run in a worker.
 
 from __future__ import annotations
 
+import contextlib
 import dis
 import functools
 import types
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dask._task_spec import DataNode, GraphNode, Task
+import numpy as np
+from dask._task_spec import DataNode, GraphNode, Task, TaskRef, _execute_subgraph
 
 from ray_oob_sched._graph import Key
 
 #: The options token of tasks that run in the caller's process.
 IN_CALLER = ("ray_oob_sched: in the caller's process",)
 
+_STORE_FIX = "to run it in a worker, use load_stored=True, or compute the store first"
 #: Items of one container searched for functions; larger ones are data.
 _MAX_ITEMS = 256
+#: Types that hold no function (the usual arguments: skipped at once).
+_LEAVES = frozenset({TaskRef, int, float, str, bytes, bool, type(None), slice})
+#: Objects searched per task, at most.
+_MAX_VISITS = 10_000
 
 
 class CallerOnlyTaskError(TypeError):
@@ -66,14 +73,15 @@ def caller_keys(
         if name is not None:
             found[key] = (
                 f"its function {name} rebinds a variable of the function that defined it "
-                "(nonlocal), which the caller reads"
+                "(nonlocal), which the caller reads; to run it in a worker, return the "
+                "value instead of setting a variable"
             )
     for key in readers:
         if key not in exclude:
             found.setdefault(
                 key,
                 "it reads the store target it writes (da.store(..., return_stored=True, "
-                "load_stored=False)), which the caller's process writes",
+                f"load_stored=False)), which the caller's process writes; {_STORE_FIX}",
             )
     for key in stand_ins:
         for dep in dependents.get(key, ()):
@@ -81,7 +89,7 @@ def caller_keys(
                 found[dep] = (
                     f"it reads the store target that {key!r} returned "
                     "(da.store(..., return_stored=True, load_stored=False)), which "
-                    "the caller's process writes"
+                    f"the caller's process writes; {_STORE_FIX}"
                 )
     return found
 
@@ -89,44 +97,66 @@ def caller_keys(
 def refusal(key: Key, reason: str) -> CallerOnlyTaskError:
     """The error for a task that must run in the caller's process, when that is off."""
     return CallerOnlyTaskError(
-        f"dask key {key!r} gives dask's result only in the caller's process: {reason}. "
-        "Set ray-oob-sched.scheduler.run-in-caller to true to run such tasks there, "
-        "or change the task (return the value instead of setting a variable)"
+        f"dask key {key!r} gives dask's result only in the caller's process: {reason}; "
+        "or set ray-oob-sched.scheduler.run-in-caller to true to run such tasks there"
     )
 
 
 def _rebinding_function(node: GraphNode) -> str | None:
     """The qualified name of a function in ``node`` that rebinds an enclosing
-    function's variable, if any."""
-    for f in _functions(node, depth=0):
-        if rebinds_enclosing(f):
-            return getattr(f, "__qualname__", repr(f))
+    function's variable, if any.
+
+    Searched: the task's function and arguments, nested tasks and fused subgraphs,
+    ``functools.partial`` objects, bound methods, ``np.vectorize``'s function,
+    decorated functions (``__wrapped__``), the functions a closure calls (its
+    cells), and containers of up to ``_MAX_ITEMS`` (larger ones hold data); at most
+    ``_MAX_VISITS`` objects per task."""
+    stack: list[Any] = [node]
+    seen: set[int] = set()  # functions and containers: closures may refer to themselves
+    visits = 0
+    while stack and visits < _MAX_VISITS:
+        obj = stack.pop()
+        visits += 1
+        kind = type(obj)
+        if kind in _LEAVES:
+            continue
+        if kind is types.FunctionType:
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if rebinds_enclosing(obj):
+                return str(obj.__qualname__)
+            for cell in obj.__closure__ or ():
+                with contextlib.suppress(ValueError):  # an empty cell
+                    stack.append(cell.cell_contents)
+            wrapped = getattr(obj, "__wrapped__", None)
+            if wrapped is not None:
+                stack.append(wrapped)
+        elif isinstance(obj, Task):
+            stack.append(obj.func)
+            if obj.func is _execute_subgraph and obj.args and type(obj.args[0]) is dict:
+                stack.extend(obj.args[0].values())  # a fused subgraph: tasks, any number
+                stack.extend(obj.args[1:])
+            else:
+                stack.extend(obj.args)
+            stack.extend(obj.kwargs.values())
+        elif isinstance(obj, DataNode):
+            stack.append(obj.value)
+        elif isinstance(obj, functools.partial):
+            stack.append(obj.func)
+            stack.extend(obj.args)
+            stack.extend(obj.keywords.values())
+        elif kind is types.MethodType:
+            stack.append(obj.__func__)
+        elif isinstance(obj, np.vectorize):
+            stack.append(obj.pyfunc)
+        elif kind in (tuple, list) and len(obj) <= _MAX_ITEMS and id(obj) not in seen:
+            seen.add(id(obj))
+            stack.extend(obj)
+        elif kind is dict and len(obj) <= _MAX_ITEMS and id(obj) not in seen:
+            seen.add(id(obj))
+            stack.extend(obj.values())
     return None
-
-
-def _functions(obj: Any, *, depth: int) -> Iterator[Any]:
-    """Python functions in a task: its function, its arguments', those of nested
-    tasks and fused subgraphs, and those inside ``functools.partial`` objects."""
-    if depth > 16:
-        return
-    if isinstance(obj, types.FunctionType):
-        yield obj
-    elif isinstance(obj, Task):
-        yield from _functions(obj.func, depth=depth + 1)
-        for arg in (*obj.args, *obj.kwargs.values()):
-            yield from _functions(arg, depth=depth + 1)
-    elif isinstance(obj, DataNode):
-        yield from _functions(obj.value, depth=depth + 1)
-    elif isinstance(obj, functools.partial):
-        yield from _functions(obj.func, depth=depth + 1)
-        for arg in (*obj.args, *obj.keywords.values()):
-            yield from _functions(arg, depth=depth + 1)
-    elif type(obj) in (tuple, list) and len(obj) <= _MAX_ITEMS:
-        for item in obj:
-            yield from _functions(item, depth=depth + 1)
-    elif type(obj) is dict and len(obj) <= _MAX_ITEMS:
-        for item in obj.values():
-            yield from _functions(item, depth=depth + 1)
 
 
 def rebinds_enclosing(f: Any) -> bool:

@@ -127,7 +127,8 @@ class RayExecutor:
             ).remote(spec, context, *args)
         except (TypeError, pickle.PicklingError) as e:  # Ray's own TypeError wraps pickle's
             raise UnpicklableGroupError(
-                f"dask keys {_keys_text(group)} cannot be pickled for a Ray task ({e}); "
+                f"dask keys {_keys_text(group)} cannot be pickled for a Ray task "
+                f"({_root_cause(e)}); "
                 "make their functions and data picklable, or set "
                 "ray-oob-sched.scheduler.run-in-caller to true to run them in the "
                 "caller's process"
@@ -338,6 +339,16 @@ def user_error(err: BaseException, group: Group) -> BaseException:
             return cause
     _note(err, f"ray_oob_sched: Ray task {task_name(group)!r} failed; keys {_keys_text(group)}")
     return err
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost error's message: pickle's own (Ray's wrapper repeats the whole
+    task and a serialisation trace)."""
+    seen = {id(e)}
+    while (inner := e.__cause__ or e.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        e = inner
+    return str(e)
 
 
 def _keys_text(group: Group) -> str:

@@ -298,7 +298,7 @@ class RaySchedule:
                 graph = self._start_shuffles(prepared, shuffles=shuffles)
             _seed_refs(graph, refs=refs, config=prepared.config)
             planned = _plan(graph, prepared=prepared, refs=refs, shuffles=shuffles)
-            out = self._execute(
+            out, ran_here = self._execute(
                 planned,
                 prepared=prepared,
                 refs=refs,
@@ -313,7 +313,7 @@ class RaySchedule:
         finally:
             self._end_compute(refs=refs, shuffles=shuffles, disk=disk, prepared=prepared)
         self.last_stats = _finish_stats(
-            planned, shuffles=shuffles, seconds=time.perf_counter() - start
+            planned, shuffles=shuffles, seconds=time.perf_counter() - start, in_caller=ran_here
         )
         if result == "futures":
             out = {k: REGISTRY.register(RayFuture(k, r)) for k, r in out.items()}
@@ -439,9 +439,10 @@ class RaySchedule:
         disk: _DiskRefs,
         callbacks: Any,
         fetch: bool,
-    ) -> dict[Key, Any]:
+    ) -> tuple[dict[Key, Any], int]:
         """Run the planned groups; return ``{key: value}`` (``{key: ref}`` without
-        ``fetch``) for the requested keys."""
+        ``fetch``) for the requested keys, and how many dask tasks ran in the
+        caller's process."""
         p2p, config = shuffles.p2p, prepared.config
         runs = _ShuffleRuns(self.shuffle_service(), p2p) if p2p and p2p.runs else None
         context: Any = TaskContext(
@@ -451,6 +452,7 @@ class RaySchedule:
             context = ray.put(context)  # once, not pickled into every task
         run = _Compute(
             run_in_caller=config.run_in_caller,
+            pinned=prepared.disk.pinned if prepared.disk is not None else frozenset(),
             graph=planned.graph,
             groups=planned.groups,
             state=planned.state,
@@ -467,10 +469,7 @@ class RaySchedule:
             unpack_call_bytes=config.fuse.unpack_call_bytes,
             barrier_bytes=planned.barrier_bytes,
         )
-        try:
-            return run.execute(prepared.flat, fetch=fetch)
-        finally:
-            planned.ran_here.append(run.ran_here)
+        return run.execute(prepared.flat, fetch=fetch), run.ran_here
 
     def _end_compute(
         self, *, refs: RefTable, shuffles: _Shuffles, disk: _DiskRefs, prepared: _Prepared
@@ -563,7 +562,6 @@ class _Planned:
     state: SchedulerState
     unpacks: Mapping[Key, _p2p.Unpack]  # kept current by restarts
     barrier_bytes: _BarrierBytes
-    ran_here: list[int] = field(default_factory=list)  # dask tasks run in the caller
 
 
 class _BarrierBytes:
@@ -712,7 +710,9 @@ def _output_window(
     return OutputWindow(groups=frozenset(after), max_bytes=max_bytes, bytes_of=bytes_of)
 
 
-def _finish_stats(planned: _Planned, *, shuffles: _Shuffles, seconds: float) -> RunStats:
+def _finish_stats(
+    planned: _Planned, *, shuffles: _Shuffles, seconds: float, in_caller: int
+) -> RunStats:
     """What a successful compute did (``RaySchedule.last_stats``)."""
     p2p, progress = shuffles.p2p, shuffles.progress
     return RunStats(
@@ -723,7 +723,7 @@ def _finish_stats(planned: _Planned, *, shuffles: _Shuffles, seconds: float) -> 
         shuffles=len(p2p.runs) if p2p is not None else 0,
         seconds=seconds,
         restarts=sum(planned.state.restarts.values()),
-        in_caller=sum(planned.ran_here),
+        in_caller=in_caller,
         shuffle_runs=(
             _totals(p2p, progress, shuffles.closed)
             if p2p is not None and progress is not None
@@ -817,6 +817,7 @@ class _Compute:
         self,
         *,
         run_in_caller: bool,
+        pinned: frozenset[Key] = frozenset(),
         graph: _graph.Graph,
         groups: Sequence[Group],
         state: SchedulerState,
@@ -834,6 +835,12 @@ class _Compute:
         barrier_bytes: _BarrierBytes,
     ) -> None:
         self.run_in_caller = run_in_caller
+        self.pinned = pinned  # keys of disk shuffles: they run on their node, never here
+        #: What groups run here run under: the caller's own config (swapping it would
+        #: change what the caller's other threads see), and their warnings reach the
+        #: caller's filters directly, as under dask's local schedulers.
+        self.here_context = TaskContext(config=None, forward_warnings=False)
+        self.fell_back = False  # a group Ray could not pickle ran here (logged once)
         #: Outputs of groups run in the caller that cannot be pickled: their
         #: consumers run there too.
         self.held: dict[Key, Any] = {}
@@ -944,8 +951,15 @@ class _Compute:
     def _submit(self, g: Group) -> list[Any]:
         """Submit a group as a Ray task, or run it here (``_caller``): when planned
         so, when an input is held here, or when it cannot be pickled."""
-        if g.options == _caller.IN_CALLER or not self.held.keys().isdisjoint(g.inputs):
+        held = not self.held.keys().isdisjoint(g.inputs)
+        if g.options == _caller.IN_CALLER or (held and self.pinned.isdisjoint(g.keys)):
             return self._run_here(g)
+        if held:
+            raise UnpicklableGroupError(
+                f"dask keys {list(g.keys[:3])!r} of a disk shuffle need a value that only "
+                "the caller's process holds (it cannot be pickled), but must run on the "
+                "shuffle's node; make that value picklable"
+            )
         spec = GroupSpec(
             keys=g.keys,
             nodes=tuple(self.graph.nodes[k] for k in g.keys),
@@ -955,9 +969,16 @@ class _Compute:
         args = [self.refs[k] for k in g.inputs]
         try:
             return self.executor.submit(g, spec, self.context, args)
-        except UnpicklableGroupError:
-            if not self.run_in_caller:
+        except UnpicklableGroupError as e:
+            if not self.run_in_caller or not self.pinned.isdisjoint(g.keys):
                 raise
+            if not self.fell_back:
+                self.fell_back = True
+                logger.warning(
+                    "%s; running them in the caller's process, one group at a time "
+                    "(scheduler.run-in-caller)",
+                    e.args[0].split("; make their")[0],
+                )
         return self._run_here(g)
 
     def _run_here(self, g: Group) -> list[Any]:
@@ -975,21 +996,20 @@ class _Compute:
             inputs=g.inputs,
             outputs=g.outputs,
         )
-        context = self.context
-        if isinstance(context, ray.ObjectRef):
-            context = ray.get(context)
-        # The caller's config is in force here already: swapping it would change what
-        # other threads of the caller see.
-        context = dataclasses.replace(context, config=None)
-        # Logged, not warned: a warning would reach code that runs with warnings as errors.
-        logger.debug("running dask keys %s in the caller's process", list(g.keys[:3]))
-        out = run_group(spec, self._values_here(g.inputs), context=context)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("running dask keys %s in the caller's process", list(g.keys[:3]))
+        out = run_group(spec, self._values_here(g), context=self.here_context)
         self.ran_here += len(g.keys)
         refs: list[Any] = [ray.put(out[0])]
         for k, value in zip(g.outputs, out[1:], strict=True):
             token = self.stores.token_of(value)
-            if token is not None:  # written further by later groups: put at the end
+            if token is not None:
+                # A store target, which later groups still write: its key gets the real
+                # target after the last write (``_put_returned_targets``), and until then
+                # Ray holds the small stand-in, not a copy per chunk.
                 self.returned_targets[k] = token
+                refs.append(ray.put(self.stores.stand_in(token)))
+                continue
             try:
                 refs.append(ray.put(value))
             except (TypeError, pickle.PicklingError):
@@ -997,11 +1017,18 @@ class _Compute:
                 refs.append(None)
         return refs
 
-    def _values_here(self, keys: Sequence[Key]) -> list[Any]:
+    def _values_here(self, g: Group) -> list[Any]:
         """Input values for a group run here: held values, the real store targets
-        for their stand-ins (written by now), the rest fetched from Ray."""
+        for their stand-ins (written by now), the rest fetched from Ray (a failed
+        input raises its group's error, with its keys)."""
+        keys = g.inputs
         fetch = [k for k in keys if k not in self.held and k not in self.returned_targets]
-        got = dict(zip(fetch, ray.get([self.refs[k] for k in fetch]), strict=True))
+        try:
+            values = ray.get([self.refs[k] for k in fetch])
+        except ray.exceptions.RayError as e:
+            failed = self._producer_of_failed(fetch)
+            raise (user_error(e, failed) if failed is not None else e) from e
+        got = dict(zip(fetch, values, strict=True))
         return [
             self.held[k]
             if k in self.held
@@ -1010,6 +1037,15 @@ class _Compute:
             else got[k]
             for k in keys
         ]
+
+    def _producer_of_failed(self, keys: Sequence[Key]) -> Group | None:
+        """The group that made the first of ``keys`` whose object holds an error."""
+        for k in keys:
+            if not RayExecutor.succeeded(self.refs[k]):
+                for g in self.groups:
+                    if k in g.outputs:
+                        return g
+        return None
 
     def _held_output(self, key: Key, *, fetch: bool) -> Any:
         if fetch:

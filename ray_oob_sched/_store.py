@@ -130,6 +130,11 @@ class StoreTargets:
     def add(self, target: Any, lock: Any) -> DriverTarget:
         token = id(target)
         self._targets.setdefault(token, (target, lock))
+        return self.stand_in(token)
+
+    def stand_in(self, token: int) -> DriverTarget:
+        """The stand-in of the target with ``token``."""
+        target = self._targets[token][0]
         shape = getattr(target, "shape", None)
         return DriverTarget(
             token, getattr(target, "dtype", None), None if shape is None else tuple(shape)

@@ -148,8 +148,11 @@ def test_off_refuses_before_anything_runs(ray_get, tmp_path):
         assert "count" in str(info.value) and "nonlocal" in str(info.value)
         assert not flag.exists() and hits == 0
         b = db.Bag({("gen", 0): (i for i in range(3))}, "gen", 1)
-        with pytest.raises(UnpicklableGroupError, match="run-in-caller"):
+        with pytest.raises(UnpicklableGroupError, match="run-in-caller") as info:
             b.sum().compute()
+        # pickle's own reason, not Ray's whole serialisation trace
+        assert "cannot pickle 'generator' object" in str(info.value)
+        assert len(str(info.value)) < 600
 
 
 def test_ordinary_work_never_runs_in_the_caller(ray_get):
@@ -163,3 +166,16 @@ def test_ordinary_work_never_runs_in_the_caller(ray_get):
     assert _stats().in_caller == 0
     assert db.range(50, npartitions=5).map(lambda i: i * 2).sum().compute() == 2450
     assert _stats().in_caller == 0
+
+
+def test_a_failed_input_of_a_group_run_here_raises_the_tasks_own_error(ray_get):
+    def boom():
+        raise ValueError("boom")
+
+    bad = dask.delayed(boom, pure=False)()
+    numbers = (i for i in range(3))  # graph data that cannot be pickled
+    total = dask.delayed(lambda g, b: sum(g) + b)(numbers, bad)
+    with pytest.raises(ValueError, match="boom") as info:
+        total.compute()
+    assert type(info.value) is ValueError  # not Ray's wrapper
+    assert any(bad.key in note for note in info.value.__notes__)

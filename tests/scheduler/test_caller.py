@@ -9,7 +9,7 @@ import dask.array as da
 import dask.bag as db
 import numpy as np
 import pytest
-from dask._task_spec import DataNode, Task, TaskRef
+from dask._task_spec import DataNode, Task, TaskRef, _execute_subgraph
 
 from ray_oob_sched._caller import caller_keys, rebinds_enclosing, refusal
 from ray_oob_sched._graph import build, output_keys, to_task_spec
@@ -122,11 +122,49 @@ def test_a_task_whose_function_rebinds_is_found_with_the_function_named():
         lambda f: Task("t", map, [f], TaskRef("a")),  # in a list argument
         lambda f: Task("t", map, Task(None, functools.partial, f), TaskRef("a")),  # nested
         lambda f: Task("t", max, DataNode(None, f), TaskRef("a")),  # as data
+        lambda f: Task("t", lambda x: f(x), TaskRef("a")),  # called by a closure
+        lambda f: Task("t", functools.wraps(f)(lambda x: x), TaskRef("a")),  # decorated
+        lambda f: Task("t", np.vectorize(f), TaskRef("a")),  # np.vectorize
     ],
 )
 def test_functions_are_found_wherever_the_task_holds_them(wrap):
     nodes = {"a": DataNode("a", [1]), "t": wrap(_counter())}
     assert list(caller_keys(nodes, {"a": {"t"}, "t": set()})) == ["t"]
+
+
+def _method_counter():
+    calls = 0
+
+    class Counter:
+        def __call__(self, x):
+            nonlocal calls
+            calls += 1
+            return x
+
+    return Counter().__call__  # a bound method
+
+
+def test_a_method_that_rebinds_is_found():
+    nodes = {"a": DataNode("a", 1), "t": Task("t", _method_counter(), TaskRef("a"))}
+    assert list(caller_keys(nodes, {"a": {"t"}, "t": set()})) == ["t"]
+
+
+def test_a_closure_that_refers_to_itself_is_searched_once():
+    def loop():
+        def again(x):
+            return again if x else x
+
+        return again
+
+    nodes = {"t": Task("t", loop(), 1)}
+    assert caller_keys(nodes, {"t": set()}) == {}
+
+
+def test_large_fused_subgraphs_are_searched_whole():
+    inner = {f"i{j}": Task(f"i{j}", abs, -j) for j in range(300)}
+    inner["out"] = Task("out", _counter(), TaskRef("i299"))  # last: searched after 300
+    nodes = {"t": Task("t", _execute_subgraph, inner, "out", ())}
+    assert list(caller_keys(nodes, {"t": set()})) == ["t"]
 
 
 def test_functions_inside_fused_subgraphs_are_found():
