@@ -15,7 +15,10 @@ needs the other open one closes after it, so every edge between groups points
 forward and the groups form a DAG whatever the graph. The interval length is set
 so that there are at least ``tasks_per_cpu`` groups per cluster CPU (expensive
 tasks keep spreading over the cluster) and at most ``max_tasks`` Dask tasks per
-group. Tasks with different Ray options never share a group; a task marked
+group. A full interval's last task that feeds the next task and needs nothing of
+the interval moves on with it rather than be cut from it (a shuffle's input and its
+transfer: cut, the input would wait in Ray's store until the shuffle ends). Tasks
+with different Ray options never share a group; a task marked
 unfusable (a shuffle's unpack, an actor call) runs alone, and, when it needs
 nothing from the interval being filled, is placed before it instead of cutting it.
 Unfusable keys with the same *batch token* placed ahead of one interval share one
@@ -147,7 +150,20 @@ def plan(
             hoisted = 0
         current_opts = opts
         target = interval_for(deps)
-        while len(target.keys) >= size:  # twice at most: a full leaf closes, k joins
+        moved = None
+        if (
+            size > 1
+            and len(target.keys) >= size
+            and target.keys[-1] in deps
+            and target.members.isdisjoint(graph.dependencies[target.keys[-1]])
+        ):
+            # The full interval's last task feeds k and needs nothing of the interval:
+            # it moves on with k. A cut between them would send its value through
+            # Ray's store (into a shuffle's transfer: held there until the shuffle
+            # ends, for a restart).
+            moved = target.pop()
+        # Twice at most: a full leaf closes, k joins.
+        while len(target.keys) >= size or moved is not None:
             if target is joined:
                 close_joined()
                 batches.clear()
@@ -157,6 +173,9 @@ def plan(
                 if not joined.keys:
                     batches.clear()
                     hoisted = 0
+            if moved is not None:
+                target.add(moved)
+                moved = None
             target = interval_for(deps)
         target.add(k)
     close_all()
@@ -173,6 +192,12 @@ class _Interval:
     def add(self, k: Key) -> None:
         self.keys.append(k)
         self.members.add(k)
+
+    def pop(self) -> Key:
+        """Remove and return the last key."""
+        k = self.keys.pop()
+        self.members.discard(k)
+        return k
 
     def take(self) -> list[Key]:
         keys, self.keys, self.members = self.keys, [], set()

@@ -256,3 +256,24 @@ def test_tasks_needing_a_closed_group_do_not_chain_the_independent_ones():
     independent = [g for g in groups if not g.inputs]
     assert len(independent) >= len(groups) // 2
     assert _longest_chain(groups) <= len(groups) // 2
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 7])
+def test_a_full_interval_does_not_cut_a_task_from_the_one_it_feeds(size):
+    """Make-then-send pairs (a shuffle's input and its transfer): the maker moves on
+    with its consumer rather than cross Ray's store, where a transfer's input stays
+    held until the shuffle ends."""
+    pairs = 12
+    dsk = {}
+    for i in range(pairs):
+        dsk[f"make{i}"] = (abs, -i)
+        dsk[f"send{i}"] = (abs, f"make{i}")
+    dsk["barrier"] = (sum, [f"send{i}" for i in range(pairs)])
+    graph = build(to_task_spec(dsk), ["barrier"])
+    groups = plan(graph, sources=frozenset(), size=size, options_of={})
+    _check_plan(graph, groups)
+    assert all(len(g.keys) <= size for g in groups)
+    owner = {k: g.index for g in groups for k in g.keys}
+    assert all(owner[f"make{i}"] == owner[f"send{i}"] for i in range(pairs))
+    crossing = {k for g in groups for k in g.inputs}
+    assert crossing == {f"send{i}" for i in range(pairs)} - set(groups[-1].keys)
