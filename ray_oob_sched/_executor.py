@@ -32,7 +32,12 @@ logger = logging.getLogger("ray_oob_sched")
 
 
 class UnpicklableGroupError(TypeError):
-    """A group whose functions or data cannot be pickled for a Ray task."""
+    """A group whose functions or data cannot be pickled for a Ray task; ``reason``
+    is pickle's own message."""
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 #: How long cancel() first waits for tasks that are about to finish (seconds).
@@ -126,12 +131,13 @@ class RayExecutor:
                 name=task_name(group), num_returns=1 + len(group.outputs), **opts
             ).remote(spec, context, *args)
         except (TypeError, pickle.PicklingError) as e:  # Ray's own TypeError wraps pickle's
+            reason = _root_cause(e)
             raise UnpicklableGroupError(
                 f"dask keys {_keys_text(group)} cannot be pickled for a Ray task "
-                f"({_root_cause(e)}); "
-                "make their functions and data picklable, or set "
+                f"({reason}); make their functions and data picklable, or set "
                 "ray-oob-sched.scheduler.run-in-caller to true to run them in the "
-                "caller's process"
+                "caller's process",
+                reason=reason,
             ) from e
         except Exception as e:
             _note(e, f"ray_oob_sched: could not submit dask keys {_keys_text(group)}")

@@ -836,10 +836,6 @@ class _Compute:
     ) -> None:
         self.run_in_caller = run_in_caller
         self.pinned = pinned  # keys of disk shuffles: they run on their node, never here
-        #: What groups run here run under: the caller's own config (swapping it would
-        #: change what the caller's other threads see), and their warnings reach the
-        #: caller's filters directly, as under dask's local schedulers.
-        self.here_context = TaskContext(config=None, forward_warnings=False)
         self.fell_back = False  # a group Ray could not pickle ran here (logged once)
         #: Outputs of groups run in the caller that cannot be pickled: their
         #: consumers run there too.
@@ -960,26 +956,31 @@ class _Compute:
                 "the caller's process holds (it cannot be pickled), but must run on the "
                 "shuffle's node; make that value picklable"
             )
-        spec = GroupSpec(
-            keys=g.keys,
-            nodes=tuple(self.graph.nodes[k] for k in g.keys),
-            inputs=g.inputs,
-            outputs=g.outputs,
-        )
         args = [self.refs[k] for k in g.inputs]
         try:
-            return self.executor.submit(g, spec, self.context, args)
+            return self.executor.submit(g, self._spec(g), self.context, args)
         except UnpicklableGroupError as e:
             if not self.run_in_caller or not self.pinned.isdisjoint(g.keys):
                 raise
             if not self.fell_back:
                 self.fell_back = True
                 logger.warning(
-                    "%s; running them in the caller's process, one group at a time "
-                    "(scheduler.run-in-caller)",
-                    e.args[0].split("; make their")[0],
+                    "dask keys %s cannot be pickled for a Ray task (%s); running them in "
+                    "the caller's process, one group at a time (scheduler.run-in-caller)",
+                    list(g.keys[:3]),
+                    e.reason,
                 )
         return self._run_here(g)
+
+    def _spec(self, g: Group, replaced: Mapping[Key, Any] | None = None) -> GroupSpec:
+        """What runs ``g``: its nodes, those in ``replaced`` taken from there."""
+        nodes, replaced = self.graph.nodes, replaced or {}
+        return GroupSpec(
+            keys=g.keys,
+            nodes=tuple(replaced[k] if k in replaced else nodes[k] for k in g.keys),
+            inputs=g.inputs,
+            outputs=g.outputs,
+        )
 
     def _run_here(self, g: Group) -> list[Any]:
         """Run a group in the caller's process, as dask's local schedulers would:
@@ -989,16 +990,12 @@ class _Compute:
         submitted, which finish without this loop; its own error is raised as is.
         Store calls run as dask made them, into the real targets under the caller's
         locks."""
-        originals = self.stores.originals
-        spec = GroupSpec(
-            keys=g.keys,
-            nodes=tuple(originals[k] if k in originals else self.graph.nodes[k] for k in g.keys),
-            inputs=g.inputs,
-            outputs=g.outputs,
-        )
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("running dask keys %s in the caller's process", list(g.keys[:3]))
-        out = run_group(spec, self._values_here(g), context=self.here_context)
+        # No context: the caller's own config is in force (swapping it would change
+        # what the caller's other threads see), and warnings reach the caller's
+        # filters directly, as under dask's local schedulers.
+        out = run_group(self._spec(g, self.stores.originals), self._values_here(g), context=None)
         self.ran_here += len(g.keys)
         refs: list[Any] = [ray.put(out[0])]
         for k, value in zip(g.outputs, out[1:], strict=True):
@@ -1026,8 +1023,10 @@ class _Compute:
         try:
             values = ray.get([self.refs[k] for k in fetch])
         except ray.exceptions.RayError as e:
-            failed = self._producer_of_failed(fetch)
-            raise (user_error(e, failed) if failed is not None else e) from e
+            failed = next((k for k in fetch if not RayExecutor.succeeded(self.refs[k])), None)
+            if failed is None or failed not in self._producers:
+                raise
+            raise user_error(e, self._producers[failed]) from e
         got = dict(zip(fetch, values, strict=True))
         return [
             self.held[k]
@@ -1038,14 +1037,10 @@ class _Compute:
             for k in keys
         ]
 
-    def _producer_of_failed(self, keys: Sequence[Key]) -> Group | None:
-        """The group that made the first of ``keys`` whose object holds an error."""
-        for k in keys:
-            if not RayExecutor.succeeded(self.refs[k]):
-                for g in self.groups:
-                    if k in g.outputs:
-                        return g
-        return None
+    @functools.cached_property
+    def _producers(self) -> dict[Key, Group]:
+        """The group making each key (for naming a failed one: rare paths only)."""
+        return {k: g for g in self.groups for k in g.outputs}
 
     def _held_output(self, key: Key, *, fetch: bool) -> Any:
         if fetch:
@@ -1174,15 +1169,14 @@ class _Compute:
         else:
             return {k: owned(v) for k, v in zip(out_refs, values, strict=True)}
         # Rare path: fetch one by one to name the key whose object failed.
-        producer = {k: g for g in self.groups for k in g.outputs}
         by_key: dict[Key, Any] = {}
         for k, r in out_refs.items():
             try:
                 by_key[k] = owned(self.executor.fetch([r])[0])
             except ray.exceptions.RayError as e:
-                if k not in producer:
+                if k not in self._producers:
                     raise
-                raise user_error(e, producer[k]) from e
+                raise user_error(e, self._producers[k]) from e
         return by_key
 
 

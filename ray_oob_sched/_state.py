@@ -117,7 +117,7 @@ class SchedulerState:
         for i, j in self._after.items():
             if not 0 <= j < i < len(groups):
                 raise ValueError(f"group {i} cannot wait for group {j}: not an earlier group")
-        producer = {k: g.index for g in groups for k in g.outputs}
+        producer = {k: g.index for g in groups for k in g.outputs} if in_caller or window else {}
         #: Groups run in the caller -> the groups making their inputs.
         self._makers = {
             i: frozenset(producer[k] for k in groups[i].inputs if k in producer) for i in in_caller

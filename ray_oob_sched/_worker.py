@@ -16,7 +16,6 @@ import contextvars
 import os
 import socket
 from collections.abc import Callable, Hashable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,9 +39,7 @@ class GroupSpec:
 class TaskContext:
     """What every group of one compute runs under; built once per compute."""
 
-    #: the caller's dask config (``_taskconfig.snapshot``); None: the process's own
-    #: (a group run in the caller's process)
-    config: bytes | None
+    config: bytes  # the caller's dask config (``_taskconfig.snapshot``)
     forward_warnings: bool  # record warnings and return them with the status
 
 
@@ -138,7 +135,7 @@ def run_group(
     try:
         if context is None:
             return _run(spec, args, None)
-        with applied(context.config) if context.config is not None else nullcontext():
+        with applied(context.config):
             if not context.forward_warnings:
                 return _run(spec, args, None)
             with Recorder() as recorder:
