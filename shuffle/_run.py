@@ -32,6 +32,7 @@ it is void.
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -127,6 +128,7 @@ class ShuffleRun(Closable, abc.ABC):
         self._outputs_read: set[int] = set()  # handed over, their shards released
         self._exception: Exception | None = None
         self._closed = False
+        self._spilling: asyncio.Future[None] | None = None  # the store's spill, in a thread
 
     def __repr__(self) -> str:
         state = "failed" if self._exception else "closed" if self._closed else "open"
@@ -245,6 +247,30 @@ class ShuffleRun(Closable, abc.ABC):
                 header.nbytes,
                 header.sender,
             )
+        await self._keep_within_budget()
+
+    async def _keep_within_budget(self) -> None:
+        """Spill in a thread once the store is near its budget, so that messages keep
+        arriving while the disk writes; past the budget this sender waits for the disk
+        (its ack is its back-pressure), and a failed write is its error."""
+        store = self._store
+        if store.spill_due:
+            self._spill()
+        while store.over_limit:
+            await asyncio.shield(self._spill())
+
+    def _spill(self) -> asyncio.Future[None]:
+        spilling = self._spilling
+        if spilling is None or spilling.done():
+            spilling = self._spilling = asyncio.ensure_future(asyncio.to_thread(self._store.spill))
+            spilling.add_done_callback(self._spilled)
+        return spilling
+
+    def _spilled(self, spilling: asyncio.Future[None]) -> None:
+        if not spilling.cancelled() and spilling.exception() is not None:
+            # The shards stay in memory; the next spill tries again, and a sender
+            # waiting for one gets the error.
+            logger.warning("%s could not spill: %r", self, spilling.exception())
 
     def inputs_done(self) -> None:
         """Declare every input sent: the driver's barrier passed, so every sender's

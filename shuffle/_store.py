@@ -1,9 +1,13 @@
 """Receiver-side shard store: memory up to a byte budget, the rest spilled to disk.
 
 Shards arrive keyed by ``ShardKey``. A key seen before is dropped, because a retried
-transfer task resends pieces that may already have arrived. When memory exceeds the
-budget, the partition holding the most memory is appended to its own file in a
-private temporary directory: large sequential writes, one file per output partition.
+transfer task resends pieces that may already have arrived. Appending never touches
+the disk: once memory comes within ``headroom`` of the budget, ``spill()`` (run by the
+owner in a thread, one at a time) appends the partitions holding the most memory to
+their own files in a private temporary directory (large sequential writes, one file
+per output partition) until memory is ``headroom`` below that mark, without holding
+the lock while it writes. So the receiver keeps storing messages while the disk
+writes, and waits for the disk only when memory passes the budget (``over_limit``).
 Reads return the shards of one partition ordered by input partition, so the output
 does not depend on arrival order; a releasing read (how outputs are unpacked) reads
 back only that partition's file and drops its shards, so unpacking stays within the
@@ -16,7 +20,6 @@ forgets.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import re
@@ -31,10 +34,16 @@ from typing import Any
 
 from shuffle._exceptions import BufferClosedError
 from shuffle._ids import ShardKey
+from shuffle._spill_file import SpillFile
 from shuffle.device._cai import cai_nbytes
 from shuffle.wire._memory import host_nbytes
 
 __all__ = ["DiskShardStore", "remove_spill_directories", "spill_prefix"]
+
+#: The most memory between the mark where spilling starts and the budget, and between
+#: that mark and where a spill stops: the disk writes in steps of at least this much
+#: (or an eighth of the budget), while messages keep arriving into the rest.
+MAX_HEADROOM = 128 * 2**20
 
 
 def spill_prefix(owner: str) -> str:
@@ -56,9 +65,11 @@ def remove_spill_directories(parent: str | os.PathLike[str] | None, owner: str) 
 class DiskShardStore:
     """Hold host shards per output partition within ``memory_limit`` bytes of memory.
 
-    ``memory_limit=None`` never spills; ``0`` spills every shard. ``directory`` is where
-    the private temporary directory is created (default: the system's temp dir); it is
-    created on the first spill only. Thread-safe, so I/O can run in an executor.
+    ``memory_limit=None`` never spills; ``0`` spills every shard. Appends only store;
+    the owner calls ``spill()`` when ``spill_due`` says so (in a thread: it writes) and
+    waits for it while ``over_limit``. ``directory`` is where the private temporary
+    directory is created (default: the system's temp dir); it is created on the first
+    spill only. Thread-safe, so I/O can run in an executor.
     """
 
     def __init__(
@@ -77,14 +88,20 @@ class DiskShardStore:
         self._prefix = prefix
         self._directory: Path | None = None
         self._remove_directory: weakref.finalize[Any, Any] | None = None
+        self._headroom = 0 if memory_limit is None else min(memory_limit // 8, MAX_HEADROOM)
         self._lock = threading.Lock()
+        self._written = threading.Condition(self._lock)  # a partition's write finished
+        self._spill_lock = threading.Lock()  # one writer: a file's appends stay in order
+        self._writing: dict[int, tuple[list[tuple[int, Any]], int]] = {}  # (shards, bytes)
         self._closed = False
         self._keys: set[ShardKey] = set()
         self._memory: dict[int, list[tuple[int, Any]]] = {}  # partition -> [(input, payload)]
         self._device: dict[int, list[tuple[int, Any]]] = {}  # the same, device memory
         self._memory_by_partition: dict[int, int] = {}
         self._disk: dict[int, list[tuple[int, int, int]]] = {}  # -> [(input, offset, nbytes)]
-        self._file_sizes: dict[int, int] = {}
+        self._file_sizes: dict[int, int] = {}  # bytes of shards in each file
+        self._file_ends: dict[int, int] = {}  # where its next append starts (padding)
+        self._files = SpillFile()
         self.nbytes_memory = 0
         self.nbytes_disk = 0
         self.nbytes_device = 0
@@ -110,7 +127,24 @@ class DiskShardStore:
     def partitions(self) -> list[int]:
         """Output partitions holding at least one shard, ascending."""
         with self._lock:
-            return sorted(self._memory.keys() | self._disk.keys() | self._device.keys())
+            keys = self._memory.keys() | self._disk.keys() | self._device.keys()
+            return sorted(keys | self._writing.keys())
+
+    @property
+    def spill_due(self) -> bool:
+        """Whether memory not already being written is within ``headroom`` of the budget."""
+        limit = self._memory_limit
+        if limit is None:
+            return False
+        with self._lock:
+            writing = sum(n for _, n in self._writing.values())
+            return self.nbytes_memory - writing > limit - self._headroom
+
+    @property
+    def over_limit(self) -> bool:
+        """Whether memory is above the budget: the receiver waits for ``spill()``."""
+        limit = self._memory_limit
+        return limit is not None and self.nbytes_memory > limit
 
     def append(self, key: ShardKey, payload: Any) -> bool:
         """Store ``payload`` (kept by reference, never copied); ``False`` if ``key`` is known."""
@@ -140,10 +174,66 @@ class DiskShardStore:
                 memory.setdefault(partition, []).append((key.input_partition, payload))
                 by_partition[partition] = by_partition.get(partition, 0) + nbytes
                 self.nbytes_memory += nbytes
-            limit = self._memory_limit
-            while limit is not None and self.nbytes_memory > limit:
-                self._spill(max(by_partition, key=by_partition.__getitem__))
         return added
+
+    def spill(self) -> None:
+        """Write the partitions holding the most memory to disk until memory not being
+        written is ``headroom`` below the mark where spilling starts (``spill_due``).
+
+        Blocks on disk I/O (run it in a thread); the lock is not held while writing,
+        so appends and reads of other partitions go on. Concurrent calls take turns.
+        A failed write leaves its shards in memory and its file as it was, and raises.
+        """
+        limit = self._memory_limit
+        if limit is None:
+            return
+        target = max(limit - 2 * self._headroom, 0)
+        with self._spill_lock:
+            while True:
+                with self._lock:
+                    if self._closed or self.nbytes_memory <= target or not self._memory:
+                        return
+                    by_partition = self._memory_by_partition
+                    partition = max(by_partition, key=by_partition.__getitem__)
+                    shards = self._memory.pop(partition)
+                    nbytes = by_partition.pop(partition)
+                    self._writing[partition] = (shards, nbytes)
+                    path = self._spill_directory() / f"{partition}.bin"
+                    end = self._file_ends.get(partition, 0)
+                self._write(partition, shards, nbytes, path, end)
+
+    def _write(
+        self, partition: int, shards: list[tuple[int, Any]], nbytes: int, path: Path, end: int
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            # A failed append leaves the file as it was; the shards stay in memory.
+            offsets, end = self._files.append(path, [payload for _, payload in shards], end)
+        except BaseException:
+            with self._lock:
+                del self._writing[partition]
+                if not self._closed:
+                    self._memory[partition] = shards + self._memory.get(partition, [])
+                    by_partition = self._memory_by_partition
+                    by_partition[partition] = by_partition.get(partition, 0) + nbytes
+                self._written.notify_all()
+            if self._closed:
+                return  # cleanup removed the directory under the write: nothing to keep
+            raise
+        with self._lock:
+            del self._writing[partition]
+            self._written.notify_all()
+            if self._closed:
+                return
+            records = self._disk.setdefault(partition, [])
+            for (source, payload), offset in zip(shards, offsets, strict=True):
+                records.append((source, offset, host_nbytes(payload)))
+            self._file_sizes[partition] = self._file_sizes.get(partition, 0) + nbytes
+            self._file_ends[partition] = end
+            self.nbytes_memory -= nbytes
+            self.nbytes_disk += nbytes
+            self.bytes_spilled += nbytes
+            self.seconds_spilling += time.perf_counter() - started
 
     def read(self, partition: int) -> list[Any]:
         """The shards of ``partition``, ordered by input partition; ``[]`` if none arrived."""
@@ -159,6 +249,8 @@ class DiskShardStore:
         dropped rather than stored again.
         """
         with self._lock:
+            while partition in self._writing and not self._closed:
+                self._written.wait()  # its file is being appended to: read it whole
             self._raise_if_closed()
             shards: list[tuple[int, Any]] = list(self._memory.get(partition, ()))
             shards += self._device.get(partition, ())
@@ -166,7 +258,9 @@ class DiskShardStore:
             if records:
                 assert self._directory is not None
                 started = time.perf_counter()
-                data = memoryview((self._directory / f"{partition}.bin").read_bytes())
+                data = self._files.read(
+                    self._directory / f"{partition}.bin", self._file_ends[partition]
+                )
                 # Read, not memory-mapped: a mapped spill file's pages stayed with the
                 # actor while its output lived (8 GiB shuffle: 10.7 GB of actor memory
                 # against 2.4 GB read).
@@ -182,7 +276,9 @@ class DiskShardStore:
         """Host bytes ``partition`` holds, in memory and on disk: what reading it
         (``read_items``) hands to its reader."""
         with self._lock:
-            return self._memory_by_partition.get(partition, 0) + self._file_sizes.get(partition, 0)
+            writing = self._writing.get(partition, ((), 0))[1]
+            held = self._memory_by_partition.get(partition, 0) + self._file_sizes.get(partition, 0)
+            return held + writing
 
     def _release(self, partition: int) -> None:
         self._memory.pop(partition, None)
@@ -192,10 +288,15 @@ class DiskShardStore:
         if self._disk.pop(partition, None) is not None:
             assert self._directory is not None
             self.nbytes_disk -= self._file_sizes.pop(partition)
+            del self._file_ends[partition]
             (self._directory / f"{partition}.bin").unlink(missing_ok=True)
 
     def cleanup(self) -> None:
-        """Forget every shard and delete the spill directory; idempotent."""
+        """Forget every shard and delete the spill directory; idempotent.
+
+        Waits for a spill's write in progress (one partition's), so that no file is
+        created in the directory while it is removed.
+        """
         with self._lock:
             self._closed = True
             self._keys.clear()
@@ -204,7 +305,11 @@ class DiskShardStore:
             self._memory_by_partition.clear()
             self._disk.clear()
             self._file_sizes.clear()
+            self._file_ends.clear()
             self.nbytes_memory = self.nbytes_disk = self.nbytes_device = 0
+            self._written.notify_all()  # readers waiting for a write raise "closed"
+        with self._spill_lock, self._lock:  # the writer stops at its next step: closed
+            self._files.close()
             if self._remove_directory is not None:
                 self._remove_directory()
             self._directory = None
@@ -214,32 +319,6 @@ class DiskShardStore:
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
-
-    def _spill(self, partition: int) -> None:
-        shards = self._memory[partition]
-        path = self._spill_directory() / f"{partition}.bin"
-        offset = self._file_sizes.get(partition, 0)
-        started = time.perf_counter()
-        try:
-            with open(path, "ab") as f:
-                f.writelines(payload for _, payload in shards)
-        except BaseException:
-            # Undo a partial write so recorded offsets stay true; the shards stay in memory.
-            with contextlib.suppress(OSError):
-                os.truncate(path, offset)
-            raise
-        records = self._disk.setdefault(partition, [])
-        for source, payload in shards:
-            nbytes = host_nbytes(payload)
-            records.append((source, offset, nbytes))
-            offset += nbytes
-        moved = self._memory_by_partition.pop(partition)
-        del self._memory[partition]
-        self._file_sizes[partition] = offset
-        self.nbytes_memory -= moved
-        self.nbytes_disk += moved
-        self.bytes_spilled += moved
-        self.seconds_spilling += time.perf_counter() - started
 
     def _spill_directory(self) -> Path:
         if self._directory is None:

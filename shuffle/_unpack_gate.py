@@ -4,8 +4,11 @@ Building an output takes about its size again in memory (its shards, then the fr
 or chunk built from them), so an actor that built every output asked of it at once
 would hold several outputs beyond its budget. ``UnpackGate`` admits an output of
 ``nbytes`` when the outputs being built, this one included, plus what the receive
-stores still hold in memory (``held``) fit in ``limit``, or when no other output is
-being built, so an output larger than the whole budget still gets built, alone.
+stores still hold in memory (``held``) fit in ``limit``, or when fewer than ``floor``
+outputs are being built: an output larger than the whole budget still gets built,
+and past the budget one output reads its spilled shards back from disk while
+another is converted (``floor=2``: an 8 GiB shuffle unpacked one at a time spent
+20 s there, its disk and CPU taking turns).
 Outputs are admitted in the order they asked, so a large one is never overtaken
 for ever. Use from one event loop; the class is not thread-safe.
 """
@@ -27,10 +30,15 @@ class UnpackGate:
     read each time an admission is decided: when an output asks and when one ends.
     """
 
-    def __init__(self, limit: int | None, *, held: Callable[[], int], name: str) -> None:
+    def __init__(
+        self, limit: int | None, *, held: Callable[[], int], name: str, floor: int = 1
+    ) -> None:
         if limit is not None and limit < 0:
             raise ValueError(f"unpack gate {name!r}: limit must be >= 0 or None, got {limit}")
+        if floor < 1:
+            raise ValueError(f"unpack gate {name!r}: floor must be >= 1, got {floor}")
         self.limit = limit
+        self.floor = floor
         self.name = name
         self._held = held
         self._building = 0  # bytes of the outputs admitted and not yet done
@@ -57,7 +65,7 @@ class UnpackGate:
     async def admit(self, nbytes: int) -> AsyncIterator[None]:
         """Wait until an output of ``nbytes`` may be built, then hold its bytes until
         the block exits. Waits have no deadline: every admitted output ends, and the
-        gate then admits the next (at the latest when nothing else is being built)."""
+        gate then admits the next (at the latest when fewer than ``floor`` are built)."""
         if nbytes < 0:
             raise ValueError(f"unpack gate {self.name!r}: cannot admit {nbytes} bytes")
         if self._waiting or not self._fits(nbytes):
@@ -81,7 +89,7 @@ class UnpackGate:
             self._done(nbytes)
 
     def _fits(self, nbytes: int) -> bool:
-        if self.limit is None or self._count == 0:
+        if self.limit is None or self._count < self.floor:
             return True
         return self._held() + self._building + nbytes <= self.limit
 

@@ -5,6 +5,8 @@ input as a transfer task's client does: ``shuffle._split.split_input`` cuts it i
 pieces, ``shuffle._send.send_shards`` batches and encodes them, and ``deliver`` (the
 injected wire) copies the frames, as a network would, into the owner's manager.
 
+``SlowDisk`` holds spill writes until a test lets them go.
+
 ``FakeDeviceArray`` is device memory without a device: host memory exposed through
 ``__cuda_array_interface__`` only; ``make_fake_cupy`` is enough of CuPy around it.
 """
@@ -14,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import random
+import threading
 import time
 import types
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -27,6 +31,7 @@ from shuffle._options import RunOptions
 from shuffle._partition import sort_by_partition
 from shuffle._send import Sent, send_shards
 from shuffle._spec import ShuffleRunSpec
+from shuffle._spill_file import SpillFile
 from shuffle._split import split_input
 from shuffle._transport import EndOfStream, Endpoint
 from shuffle._transport import ucx as ucx_module
@@ -277,3 +282,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 def needs_gpu(test: F) -> F:
     skip = pytest.mark.skipif(not gpu_usable(), reason="CuPy cannot be imported or sees no GPU")
     return pytest.mark.gpu(skip(test))  # type: ignore[no-any-return]
+
+
+class SlowDisk:
+    """Holds every spill-file append until ``release`` is set; ``writing`` is set once
+    one began (it then waits in the store's writing thread)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.release = threading.Event()
+        self.writing = threading.Event()
+        original = SpillFile.append
+
+        def append(file: SpillFile, path: Path, buffers: Sequence[Any], end: int) -> Any:
+            self.writing.set()
+            if not self.release.wait(WAIT):
+                raise TimeoutError("the test never released the disk")
+            return original(file, path, buffers, end)
+
+        monkeypatch.setattr(SpillFile, "append", append)

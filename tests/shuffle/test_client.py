@@ -38,7 +38,6 @@ from shuffle._transport import AuthenticationError, Endpoint, TransportConfig, g
 # The actor module imports Ray (a dependency of the project, absent on some GPU nodes).
 pytest.importorskip("ray")
 
-import shuffle.shell._actor
 from shuffle.shell._actor import ShuffleActor
 from shuffle.shell._client import ClientConfig, ShuffleClient
 from shuffle.shell._handle import RunHandle
@@ -453,24 +452,20 @@ def test_closing_a_run_gives_memory_back_once_idle(loop: LoopThread, tmp_path: P
 
 
 @pytest.mark.parametrize(
-    ("memory_limit", "release_after", "releases"),
-    [(0, 0, 1 + NOUT), (0, 2**40, 1), (2**40, 0, 0)],
-    ids=["each-output", "large-outputs", "within-budget"],
+    ("memory_limit", "releases"), [(0, 1), (2**40, 0)], ids=["beyond-budget", "within-budget"]
 )
-def test_outputs_beyond_the_budget_are_built_one_at_a_time_after_a_release(
+def test_outputs_beyond_the_budget_are_built_two_at_a_time_after_one_release(
     loop: LoopThread,
     tmp_path: Path,
     client: ShuffleClient,
     monkeypatch: pytest.MonkeyPatch,
     memory_limit: int,
-    release_after: int,
     releases: int,
 ) -> None:
-    # A budget of 0: every output is beyond it, so the actor's two unpack threads
-    # must not build two at once. Memory is released when receiving ends, once, and
-    # after each output from a size on (here every one, or none), but only when the
-    # run received more than the budget: within it, never.
-    monkeypatch.setattr(shuffle.shell._actor, "_RELEASE_AFTER_BYTES", release_after)
+    # A budget of 0: every output is beyond it, so the actor builds two at once (one
+    # reads back while the other converts), never more, and the rest wait at its
+    # gate. Memory is released once, when receiving ends, and only when the run
+    # received more than the budget; never between outputs.
     events: list[str] = []
     options = RunOptions(memory_limit=memory_limit, spill_directory=tmp_path, message_bytes=500)
     actor = ShuffleActor(
@@ -506,11 +501,11 @@ def test_outputs_beyond_the_budget_are_built_one_at_a_time_after_a_release(
             for p in range(NOUT)
         ]
         deadline = time.monotonic() + WAIT
-        # Either one build runs and the others wait at the gate, or two run at once.
+        # Two builds run and the others wait at the gate.
         while memory_limit == 0 and not (
-            len(inside) == 1 and actor._unpack_gate.waiting == NOUT - 1
+            len(inside) == 2 and actor._unpack_gate.waiting == NOUT - 2
         ):
-            assert len(inside) < 2, f"outputs {inside} were built at once"
+            assert len(inside) < 3, f"outputs {inside} were built at once"
             assert time.monotonic() < deadline, "the unpack calls did not start"
             await asyncio.sleep(0.01)
         go.set()

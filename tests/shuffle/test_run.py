@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import pickle
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shuffle import _store as shard_store
 from shuffle._combine import joined_meta
 from shuffle._exceptions import (
     FrameError,
@@ -36,10 +38,11 @@ from shuffle._manager import UnknownRunError
 from shuffle._options import RunOptions
 from shuffle._run import DataFrameShuffleRun
 from shuffle._spec import ShuffleRunSpec
+from shuffle._spill_file import SpillFile
 from shuffle.wire._arrow import table_to_buffer
-from shuffle.wire._message import Piece, encode_message
+from shuffle.wire._message import Piece, decode_message, encode_message
 from tests.shuffle.frames import COLUMN, make_frame, piece_message
-from tests.shuffle.support import Mode, Network
+from tests.shuffle.support import Mode, Network, SlowDisk
 
 
 @pytest.fixture
@@ -731,3 +734,75 @@ def test_run_options_are_validated() -> None:
         RunOptions(send_buffer_bytes=0)
     with pytest.raises(ValueError, match="limiter_timeout"):
         RunOptions(limiter_timeout=0)
+
+
+# ---------------------------------------------------------------- spilling
+
+
+def _payload_nbytes(frames: Sequence[Any]) -> int:
+    return sum(e.nbytes for e in decode_message(frames).header.entries)
+
+
+async def test_receiving_goes_on_while_the_disk_writes_and_waits_past_the_budget(
+    make_network: Callable[..., Network], spill_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = SlowDisk(monkeypatch)
+    (frame,) = make_inputs([4000], npartitions_out=2)
+    rows = frame[frame[COLUMN] == 0]
+    probe = ShuffleRunSpec(
+        shuffle_id=ShuffleId("probe"), run_id=RunId(1), npartitions_out=2, participants=("a",)
+    )
+    big, small = (
+        _payload_nbytes(piece_message(probe, sender="actor-0", key=ShardKey(0, 0), rows=r))
+        for r in (rows, rows.iloc[:1])
+    )
+    budget = big + small  # the big piece is past the spill mark, big + small within it
+    assert big > budget - budget // 8 and budget < shard_store.MAX_HEADROOM
+    network = make_network(1, memory_limit=budget)
+    spec = make_spec(network, 2)
+    run = (await create_runs(network, spec, frame.iloc[:0]))["actor-0"]
+    manager = network.managers["actor-0"]
+
+    def message(partition: int, source: int, piece: pd.DataFrame) -> list[Any]:
+        return piece_message(spec, sender="actor-0", key=ShardKey(partition, source), rows=piece)
+
+    await manager.receive(message(0, 0, rows))  # spilling starts, in a thread
+    assert await asyncio.to_thread(disk.writing.wait, 30)
+    await manager.receive(message(1, 0, rows.iloc[:1]))  # stored while the disk writes
+    past = asyncio.ensure_future(manager.receive(message(1, 1, rows.iloc[:1])))
+    await asyncio.sleep(0)  # let it store its piece
+    assert run.usage().memory_bytes == budget + small and not past.done()
+    disk.release.set()
+    await past  # acked once the write brought memory back within the budget
+    usage = run.usage()
+    assert usage.disk_bytes == big and usage.memory_bytes == 2 * small
+    run.inputs_done()
+    pd.testing.assert_frame_equal(run.get_output_partition(0), rows.drop(columns=COLUMN))
+    await network.close()
+
+
+async def test_a_failed_spill_is_the_waiting_senders_error_and_loses_nothing(
+    make_network: Callable[..., Network], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(*args: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    network = make_network(1, memory_limit=0)
+    (frame,) = make_inputs([60], npartitions_out=2)
+    spec = make_spec(network, 2)
+    run = (await create_runs(network, spec, frame.iloc[:0]))["actor-0"]
+    parts = [frame[frame[COLUMN] == p] for p in (0, 1)]
+    messages = [
+        piece_message(spec, sender="actor-0", key=ShardKey(p, 0), rows=parts[p]) for p in (0, 1)
+    ]
+    monkeypatch.setattr(SpillFile, "append", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        await network.managers["actor-0"].receive(messages[0])
+    assert run.usage().memory_bytes > 0 and run.exception is None  # kept, run still open
+    monkeypatch.undo()
+    await network.managers["actor-0"].receive(messages[1])  # space again: all spills
+    assert run.usage().memory_bytes == 0
+    run.inputs_done()
+    for p in (0, 1):
+        pd.testing.assert_frame_equal(run.get_output_partition(p), parts[p].drop(columns=COLUMN))
+    await network.close()

@@ -137,6 +137,20 @@ async def test_a_zero_budget_builds_one_output_at_a_time() -> None:
     await second.end()
 
 
+async def test_a_floor_builds_that_many_outputs_at_once_past_the_budget() -> None:
+    gate = UnpackGate(100, held=lambda: 100, name="a", floor=2)  # the stores fill the budget
+    first, second, third = [await Build(gate, 50).ask() for _ in range(3)]
+    assert first.started.is_set() and second.started.is_set() and not third.started.is_set()
+    assert (gate.building, gate.waiting) == (100, 1)
+    await first.end()
+    await third.started.wait()  # one of the two ended: the next takes its place
+    await second.end()
+    await third.end()
+    assert (gate.building, gate.waiting) == (0, 0)
+    with pytest.raises(ValueError, match="floor must be >= 1, got 0"):
+        UnpackGate(100, held=lambda: 0, name="a", floor=0)
+
+
 async def test_rejects_negative_sizes() -> None:
     with pytest.raises(ValueError, match="unpack gate 'x': limit must be >= 0 or None, got -1"):
         UnpackGate(-1, held=lambda: 0, name="x")

@@ -1,0 +1,154 @@
+"""Spill files: append shards to one and read it back, past the page cache if possible.
+
+A spill exists because the data do not fit in memory, so caching it in the page cache
+only delays the disk: buffered writes ran at 0.2-0.35 GB/s on a VM whose disk takes
+1.5 GB/s with ``O_DIRECT`` (a 4 GiB ``dd``, and 8 GiB shuffles through this module).
+So where the file system accepts ``O_DIRECT`` (Linux; not tmpfs), ``SpillFile``
+copies shards into a page-aligned staging buffer and writes it in aligned blocks,
+each append starting at an aligned offset (at most one block of padding per append),
+and reads a file back into page-aligned anonymous memory, which goes back to the OS
+as soon as its last shard is dropped. Elsewhere, or if the file system refuses, it
+writes and reads through the page cache. Blocking I/O: call it from a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ALIGN", "SpillFile"]
+
+#: Offsets and lengths of direct I/O are multiples of this (the usual page and the
+#: largest common logical block size).
+ALIGN = 4096
+_STAGE_BYTES = 8 * 2**20
+_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+class SpillFile:
+    """Appends and reads of a store's spill files; one writer at a time.
+
+    ``direct``: ``None`` until the first append tried ``O_DIRECT``, then whether the
+    file system took it. ``direct=False`` never tries.
+    """
+
+    def __init__(self, *, direct: bool | None = None) -> None:
+        self.direct = direct if _DIRECT else False
+        self._stage: mmap.mmap | None = None
+
+    def append(self, path: Path, buffers: Sequence[Any], end: int) -> tuple[list[int], int]:
+        """Write ``buffers`` at offset ``end`` of ``path`` (the end a previous append
+        returned, 0 for a new file); returns each buffer's offset and the new end.
+
+        A failed append truncates the file back to ``end`` and raises.
+        """
+        try:
+            if self.direct is not False:
+                try:
+                    return self._append_direct(path, buffers, end)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self.direct = False  # this file system takes no O_DIRECT
+                    with contextlib.suppress(FileNotFoundError):
+                        os.truncate(path, end)  # what a refused write may have left
+            return _append_buffered(path, buffers, end)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.truncate(path, end)
+            raise
+
+    def read(self, path: Path, end: int) -> memoryview:
+        """The first ``end`` bytes of ``path`` (offsets from ``append`` index it)."""
+        if self.direct:
+            try:
+                return _read_direct(path, end)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+        with open(path, "rb") as f:
+            data = f.read(end)
+        if len(data) < end:
+            raise OSError(errno.EIO, f"{path}: {end} bytes expected, the file has {len(data)}")
+        return memoryview(data)
+
+    def close(self) -> None:
+        """Free the staging buffer (a later append allocates another)."""
+        if self._stage is not None:
+            self._stage.close()
+            self._stage = None
+
+    def _append_direct(self, path: Path, buffers: Sequence[Any], end: int) -> tuple[list[int], int]:
+        if end % ALIGN:
+            raise ValueError(f"{path}: direct appends start at a multiple of {ALIGN}, got {end}")
+        import numpy as np  # here: the driver imports the store, not the spill path
+
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | _DIRECT, 0o600)
+        self.direct = True
+        try:
+            if self._stage is None:
+                self._stage = mmap.mmap(-1, _STAGE_BYTES)  # page-aligned, as O_DIRECT needs
+            stage = np.frombuffer(self._stage, np.uint8)
+            offsets, fill, at = [], 0, end
+            for buffer in buffers:
+                offsets.append(at + fill)
+                # numpy's copy releases the GIL: the receiving loop goes on meanwhile.
+                src = np.frombuffer(buffer, np.uint8)
+                pos = 0
+                while pos < len(src):
+                    n = min(len(src) - pos, _STAGE_BYTES - fill)
+                    stage[fill : fill + n] = src[pos : pos + n]
+                    fill, pos = fill + n, pos + n
+                    if fill == _STAGE_BYTES:
+                        _write_all(fd, self._stage, _STAGE_BYTES, at)
+                        at, fill = at + _STAGE_BYTES, 0
+            if fill:
+                padded = -(-fill // ALIGN) * ALIGN
+                stage[fill:padded] = 0
+                _write_all(fd, self._stage, padded, at)
+                at += padded
+            return offsets, at
+        finally:
+            os.close(fd)
+
+
+def _append_buffered(path: Path, buffers: Sequence[Any], end: int) -> tuple[list[int], int]:
+    offsets = []
+    with open(path, "r+b" if end else "wb") as f:
+        f.seek(end)
+        for buffer in buffers:
+            offsets.append(f.tell())
+            f.write(buffer)
+        return offsets, f.tell()
+
+
+def _write_all(fd: int, stage: mmap.mmap, nbytes: int, offset: int) -> None:
+    view = memoryview(stage)
+    done = 0
+    while done < nbytes:
+        n = os.pwrite(fd, view[done:nbytes], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, f"short write at offset {offset + done}")
+        done += n
+
+
+def _read_direct(path: Path, end: int) -> memoryview:
+    size = -(-end // ALIGN) * ALIGN
+    buffer = mmap.mmap(-1, max(size, ALIGN))
+    view = memoryview(buffer)
+    fd = os.open(path, os.O_RDONLY | _DIRECT)
+    try:
+        got = 0
+        while got < end:
+            n = os.preadv(fd, [view[got:size]], got)
+            if n <= 0:
+                raise OSError(errno.EIO, f"{path}: {end} bytes expected, the file has {got}")
+            got += n
+    finally:
+        os.close(fd)
+    return view[:end]
