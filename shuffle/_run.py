@@ -256,8 +256,11 @@ class ShuffleRun(Closable, abc.ABC):
         store = self._store
         if store.spill_due:
             self._spill()
+        if not store.over_limit:
+            return
         while store.over_limit:
             await asyncio.shield(self._spill())
+        self.raise_if_closed()  # closed while this sender waited: its pieces are gone
 
     def _spill(self) -> asyncio.Future[None]:
         spilling = self._spilling

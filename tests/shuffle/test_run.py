@@ -806,3 +806,24 @@ async def test_a_failed_spill_is_the_waiting_senders_error_and_loses_nothing(
     for p in (0, 1):
         pd.testing.assert_frame_equal(run.get_output_partition(p), parts[p].drop(columns=COLUMN))
     await network.close()
+
+
+async def test_a_sender_waiting_for_the_disk_learns_that_the_run_closed(
+    make_network: Callable[..., Network], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = SlowDisk(monkeypatch)
+    network = make_network(1, memory_limit=0)  # every message waits for its write
+    (frame,) = make_inputs([60], npartitions_out=2)
+    spec = make_spec(network, 2)
+    run = (await create_runs(network, spec, frame.iloc[:0]))["actor-0"]
+    rows = frame[frame[COLUMN] == 0]
+    frames = piece_message(spec, sender="actor-0", key=ShardKey(0, 0), rows=rows)
+    waiting = asyncio.ensure_future(network.managers["actor-0"].receive(frames))
+    assert await asyncio.to_thread(disk.writing.wait, 30)
+    assert not waiting.done()
+    disk.release.set()
+    await run.close()  # waits for the write in progress, then drops everything
+    with pytest.raises(ShuffleClosedError):
+        await waiting
+    assert run.spill_directory is None
+    await network.close()
