@@ -12,6 +12,7 @@ from hypothesis.extra import numpy as hnp
 from shuffle._ids import RunId, ShuffleId
 from shuffle._partition import (
     UNKNOWN_CATEGORIES,
+    _contiguous,
     arrow_names,
     concat_partition,
     group_by_owner,
@@ -280,3 +281,15 @@ def test_concat_error_shows_label_types() -> None:
 
 def test_unknown_categories_marker_matches_dask() -> None:
     assert UNKNOWN_CATEGORIES == DASKS_UNKNOWN_CATEGORIES
+
+
+def test_fixed_width_columns_are_joined_into_one_chunk_and_strings_keep_theirs() -> None:
+    parts = [
+        pd.DataFrame({"x": [1, 2], "s": ["a", "b"]}, index=pd.Index([5, 6], name="i")),
+        pd.DataFrame({"x": [3], "s": ["c"]}, index=pd.Index([7], name="i")),
+    ]
+    table = pa.concat_tables([pa.Table.from_pandas(p) for p in parts])
+    joined = _contiguous(table)
+    assert joined.schema.equals(table.schema, check_metadata=True)  # the index survives
+    assert [joined.column(n).num_chunks for n in ("x", "s", "i")] == [1, 2, 1]
+    pd.testing.assert_frame_equal(joined.to_pandas(), pd.concat(parts))
