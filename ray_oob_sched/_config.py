@@ -104,9 +104,14 @@ class SchedulerConfig:
 
 
 def ray_init_kwargs() -> dict[str, Any]:
-    """Keyword arguments for the embedded ``ray.init`` (None values left out)."""
-    raw = get("init") or {}
-    return {k.replace("-", "_"): v for k, v in raw.items() if v is not None}
+    """Keyword arguments for the embedded ``ray.init`` (None values left out);
+    ``free-objects-period-ms`` goes into Ray's ``_system_config``."""
+    raw = dict(get("init") or {})
+    period = raw.pop("free-objects-period-ms", None)
+    kwargs = {k.replace("-", "_"): v for k, v in raw.items() if v is not None}
+    if period is not None:
+        kwargs["_system_config"] = {"free_objects_period_milliseconds": int(period)}
+    return kwargs
 
 
 def _memory_limit() -> int | Literal["auto"] | None:

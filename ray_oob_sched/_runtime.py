@@ -80,12 +80,14 @@ class RayRuntime:
                 logger.info("connected to the Ray cluster at %s", address)
                 return
             kwargs = ray_init_kwargs()
+            # Before ray.init, which adds its own entries to the _system_config dict.
+            settings = ", ".join(f"{k}={v}" for k, v in sorted(kwargs.items())) or "defaults"
             ray.init(**kwargs)
             self._started_here = True
             logger.info(
                 "started an embedded local Ray (%s); it stops with this "
                 "process or with ray_oob_sched.shutdown()",
-                ", ".join(f"{k}={v}" for k, v in sorted(kwargs.items())) or "defaults",
+                settings,
             )
 
     def cluster_cpus(self) -> float:

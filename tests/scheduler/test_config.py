@@ -114,6 +114,15 @@ def test_init_kwargs_drop_nulls_and_use_underscores():
     assert kw["num_cpus"] == 3 and "object_store_memory" not in kw
 
 
+def test_the_free_period_goes_into_rays_system_config():
+    assert ray_init_kwargs()["_system_config"] == {"free_objects_period_milliseconds": 100}
+    with dask.config.set({"ray-oob-sched.init.free-objects-period-ms": 250}):
+        assert ray_init_kwargs()["_system_config"] == {"free_objects_period_milliseconds": 250}
+    with dask.config.set({"ray-oob-sched.init.free-objects-period-ms": None}):
+        kw = ray_init_kwargs()
+    assert "_system_config" not in kw and "free_objects_period_ms" not in kw
+
+
 def test_shuffle_config_reads_every_key():
     from ray_oob_sched._config import ShuffleConfig
 
