@@ -92,7 +92,7 @@ class DiskShardStore:
         self._lock = threading.Lock()
         self._written = threading.Condition(self._lock)  # a partition's write finished
         self._spill_lock = threading.Lock()  # one writer: a file's appends stay in order
-        self._writing: dict[int, tuple[list[tuple[int, Any]], int]] = {}  # (shards, bytes)
+        self._writing: dict[int, int] = {}  # partition being written -> its bytes
         self._closed = False
         self._keys: set[ShardKey] = set()
         self._memory: dict[int, list[tuple[int, Any]]] = {}  # partition -> [(input, payload)]
@@ -137,7 +137,7 @@ class DiskShardStore:
         if limit is None:
             return False
         with self._lock:
-            writing = sum(n for _, n in self._writing.values())
+            writing = sum(self._writing.values())
             return self.nbytes_memory - writing > limit - self._headroom
 
     @property
@@ -197,7 +197,7 @@ class DiskShardStore:
                     partition = max(by_partition, key=by_partition.__getitem__)
                     shards = self._memory.pop(partition)
                     nbytes = by_partition.pop(partition)
-                    self._writing[partition] = (shards, nbytes)
+                    self._writing[partition] = nbytes
                     path = self._spill_directory() / f"{partition}.bin"
                     end = self._file_ends.get(partition, 0)
                 self._write(partition, shards, nbytes, path, end)
@@ -276,9 +276,8 @@ class DiskShardStore:
         """Host bytes ``partition`` holds, in memory and on disk: what reading it
         (``read_items``) hands to its reader."""
         with self._lock:
-            writing = self._writing.get(partition, ((), 0))[1]
             held = self._memory_by_partition.get(partition, 0) + self._file_sizes.get(partition, 0)
-            return held + writing
+            return held + self._writing.get(partition, 0)
 
     def _release(self, partition: int) -> None:
         self._memory.pop(partition, None)
