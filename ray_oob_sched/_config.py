@@ -16,6 +16,7 @@ from typing import Any, Literal, TypedDict
 import dask.config
 import yaml
 
+from shuffle._malloc import DEFAULT_MALLOC, MallocTuning
 from shuffle._options import RunOptions
 from shuffle.device._options import DeviceMode, DeviceOptions, ResultMemory
 
@@ -126,6 +127,17 @@ def _memory_limit() -> int | Literal["auto"] | None:
         raise ValueError(f"{e} (or 'auto', or null)") from None
 
 
+def _malloc() -> MallocTuning | None:
+    keys = ("shuffle.malloc-mmap-threshold", "shuffle.malloc-trim-threshold")
+    if any(get(key) is None for key in keys):
+        return None
+    mmap, trim = (_int(key, minimum=0) for key in keys)
+    try:
+        return MallocTuning(mmap_threshold=mmap, trim_threshold=trim)
+    except ValueError as e:
+        raise ValueError(f"{NAMESPACE}.shuffle.malloc-*-threshold: {e}") from None
+
+
 def _actors_per_node() -> int | Literal["auto"]:
     value = get("shuffle.actors-per-node")
     if value == "auto":
@@ -192,6 +204,7 @@ class ShuffleConfig:
     port_range: tuple[int, int] | None = None
     rechunk_tasks_max_pieces: int = 4096
     prestart: bool = True
+    malloc: MallocTuning | None = DEFAULT_MALLOC
 
     @classmethod
     def from_dask_config(cls) -> ShuffleConfig:
@@ -241,6 +254,7 @@ class ShuffleConfig:
             port_range=_port_range(),
             rechunk_tasks_max_pieces=_int("shuffle.rechunk-tasks-max-pieces", minimum=0),
             prestart=_bool("shuffle.prestart"),
+            malloc=_malloc(),
         )
 
     def service_options(self) -> ServiceOptions:
@@ -253,6 +267,7 @@ class ShuffleConfig:
                 message_bytes=self.message_bytes,
                 send_buffer_bytes=self.send_buffer_bytes,
                 combine_bytes=self.combine_bytes,
+                malloc=self.malloc,
             ),
             timeout=self.timeout,
             host=self.host,

@@ -1,8 +1,9 @@
 """The options of a shuffle run, shared by its senders and its receivers.
 
 Receivers (the runs of ``shuffle._run``) use the memory and spill settings; senders
-(``shuffle._send``, in transfer tasks) the message size, send budget, concurrency and
-the combining threshold. One ``RunOptions`` travels with every run's handle.
+(``shuffle._send``, in transfer tasks) the message size, send budget, concurrency,
+the combining threshold and their process's malloc thresholds. One ``RunOptions``
+travels with every run's handle.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from typing import Literal
+
+from shuffle._malloc import DEFAULT_MALLOC, MallocTuning
 
 __all__ = ["AUTO_MEMORY_FRACTION", "DEFAULT_OPTIONS", "RunOptions", "auto_memory_limit"]
 
@@ -38,6 +41,9 @@ class RunOptions:
     #: combined input once they reach this many bytes (``shuffle._combine``); ``0``
     #: sends every input on its own.
     combine_bytes: int = 16 * 2**20
+    #: glibc malloc's thresholds set in each process that sends (``shuffle._malloc``);
+    #: ``None`` leaves them alone.
+    malloc: MallocTuning | None = DEFAULT_MALLOC
 
     def __post_init__(self) -> None:
         limit = self.memory_limit
@@ -56,6 +62,8 @@ class RunOptions:
             raise ValueError(f"limiter_timeout must be > 0 or None, got {self.limiter_timeout}")
         if isinstance(self.combine_bytes, bool) or self.combine_bytes < 0:
             raise ValueError(f"combine_bytes must be >= 0, got {self.combine_bytes!r}")
+        if self.malloc is not None and not isinstance(self.malloc, MallocTuning):
+            raise TypeError(f"malloc must be a MallocTuning or None, got {self.malloc!r}")
 
 
 DEFAULT_OPTIONS = RunOptions()

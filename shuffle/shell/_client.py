@@ -10,6 +10,10 @@ use and closed at interpreter exit) that owns:
 * one transport and one ``EndpointPool`` per ``(transport, secret)``: authenticated
   endpoints keyed by actor address, reused by later tasks and runs.
 
+On its first input it also sets the process's glibc malloc thresholds to the run's
+``RunOptions.malloc`` (``shuffle._malloc``), so that the megabyte buffers of later
+inputs reuse freed memory instead of faulting in new pages.
+
 ``ShuffleClient.shuffle(df, handle, i)`` splits input partition ``i`` in the calling
 thread (CPU work stays off the loop, ``shuffle._split``), then on the loop batches the
 pieces per owner (``shuffle._send``) and sends each message as a request: the owner's actor
@@ -38,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from shuffle._closable import Closable
+from shuffle._malloc import MallocTuning, tune_malloc
 from shuffle._send import send_shards
 from shuffle._split import Shards, split_input
 from shuffle._tracebacks import PACKAGE_DIR, drop_frame_locals
@@ -92,6 +97,7 @@ class ShuffleClient(Closable):
         #: How messages name their sender; receivers log it, they do not check it.
         self.name = f"transfer@{socket.gethostname()}:{os.getpid()}"
         self._pools: OrderedDict[tuple[str, bytes], EndpointPool] = OrderedDict()  # loop only
+        self._malloc: MallocTuning | None = None  # what this process's malloc was set to
         self._lock = threading.Lock()
         self._closed = False
         self._loop = asyncio.new_event_loop()
@@ -132,6 +138,10 @@ class ShuffleClient(Closable):
         """``shuffle`` for several ``(input partition, data, covers)`` items at once:
         their pieces share messages. ``checked``, ``covers``: as for
         ``shuffle._split.split_input``."""
+        tuning = handle.options.malloc
+        if tuning is not None and tuning != self._malloc:
+            self._malloc = tuning  # tried once per value: a refusal is logged once
+            tune_malloc(tuning)
         shards: Shards = {}
         for input_partition, data, covers in inputs:
             split = split_input(

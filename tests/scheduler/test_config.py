@@ -14,6 +14,7 @@ import yaml
 
 from ray_oob_sched import _config
 from ray_oob_sched._config import SchedulerConfig, ray_init_kwargs
+from shuffle._malloc import DEFAULT_MALLOC, MallocTuning
 from shuffle._options import RunOptions
 
 
@@ -216,6 +217,8 @@ def test_service_options_map_every_shuffle_setting():
         "ray-oob-sched.shuffle.gpu-results": "host",
         "ray-oob-sched.shuffle.actors-per-node": 3,
         "ray-oob-sched.shuffle.port-range": "40000-40009",
+        "ray-oob-sched.shuffle.malloc-mmap-threshold": 2**20,
+        "ray-oob-sched.shuffle.malloc-trim-threshold": 2**21,
     }
     with dask.config.set(settings):
         options = ShuffleConfig.from_dask_config().service_options()
@@ -227,6 +230,7 @@ def test_service_options_map_every_shuffle_setting():
             message_bytes=4096,
             send_buffer_bytes=8192,
             combine_bytes=0,
+            malloc=MallocTuning(mmap_threshold=2**20, trim_threshold=2**21),
         ),
         "timeout": 7.5,
         "host": "127.0.0.1",
@@ -286,6 +290,36 @@ def test_shuffle_combine_bytes_reaches_the_service_and_refuses_bad_values():
                 ShuffleConfig.from_dask_config()
     with pytest.raises(ValueError, match="combine_bytes must be >= 0"):
         RunOptions(combine_bytes=-1)
+
+
+@pytest.mark.parametrize("null", ["mmap", "trim"])
+def test_shuffle_malloc_thresholds_are_both_set_or_left_alone(null):
+    from ray_oob_sched._config import ShuffleConfig
+
+    assert ShuffleConfig.from_dask_config().malloc == DEFAULT_MALLOC
+    assert RunOptions().malloc == DEFAULT_MALLOC  # what a service without config sends
+    with dask.config.set({f"ray-oob-sched.shuffle.malloc-{null}-threshold": None}):
+        assert ShuffleConfig.from_dask_config().service_options()["options"].malloc is None
+    # As an environment variable too (read before the defaults are merged in).
+    code = "import ray_oob_sched._config as c; print(c.ShuffleConfig.from_dask_config().malloc)"
+    env = {**os.environ, f"DASK_RAY_OOB_SCHED__SHUFFLE__MALLOC_{null.upper()}_THRESHOLD": "None"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert (out.returncode, out.stdout.strip()) == (0, "None"), out.stderr
+
+
+def test_bad_malloc_thresholds_name_their_key():
+    from ray_oob_sched._config import ShuffleConfig
+
+    for key, bad, match in [
+        ("mmap-threshold", -1, r"shuffle\.malloc-mmap-threshold must be an integer >= 0"),
+        ("trim-threshold", "lots", r"shuffle\.malloc-trim-threshold must be an integer"),
+        ("trim-threshold", 2**31, r"shuffle\.malloc-\*-threshold: trim_threshold must lie in"),
+    ]:
+        with dask.config.set({f"ray-oob-sched.shuffle.malloc-{key}": bad}):
+            with pytest.raises(ValueError, match=match):
+                ShuffleConfig.from_dask_config()
+    with pytest.raises(TypeError, match="malloc must be a MallocTuning or None"):
+        RunOptions(malloc=(1, 2))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("value, expected", [("2", 2), ("auto", "auto")])

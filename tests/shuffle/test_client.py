@@ -30,6 +30,7 @@ from shuffle._exceptions import (
     UnknownRunError,
 )
 from shuffle._ids import RunId, ShuffleId
+from shuffle._malloc import DEFAULT_MALLOC, MallocTuning
 from shuffle._options import RunOptions
 from shuffle._rechunk import RechunkLayout
 from shuffle._spec import ShuffleRunSpec
@@ -545,3 +546,26 @@ print(before - anon())
         pytest.skip("measured through /proc")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(out.stdout) > 100 * 2**20
+
+
+def test_the_first_transfer_sets_the_process_malloc_thresholds_once(
+    loop: LoopThread,
+    actors: dict[str, tuple[ShuffleActor, str]],
+    client: ShuffleClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[MallocTuning] = []
+    monkeypatch.setattr("shuffle.shell._client.tune_malloc", calls.append)
+    untuned = dataclasses.replace(
+        start_run(loop, actors, run_id=1), options=RunOptions(malloc=None)
+    )
+    client.shuffle(make_input(0, 10), untuned, 0)
+    assert calls == []  # None: left as glibc has them
+    handle = dataclasses.replace(start_run(loop, actors, run_id=2), options=RunOptions())
+    for i in range(3):
+        client.shuffle(make_input(i, 10), handle, i)
+    assert calls == [DEFAULT_MALLOC]
+    other = MallocTuning(mmap_threshold=2**20, trim_threshold=2**21)
+    newer = dataclasses.replace(start_run(loop, actors, run_id=3), options=RunOptions(malloc=other))
+    client.shuffle(make_input(0, 10), newer, 0)
+    assert calls == [DEFAULT_MALLOC, other]
