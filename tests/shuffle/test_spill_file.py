@@ -125,3 +125,31 @@ def test_a_file_shorter_than_its_records_is_an_error(tmp_path: Path, direct: boo
     os.truncate(path, ALIGN)  # lost under the store's feet
     with pytest.raises(OSError, match="bytes expected"):
         files.read(path, end)
+
+
+def test_a_read_reuses_a_buffer_only_once_nothing_references_it(tmp_path: Path) -> None:
+    if not _takes_direct_io(tmp_path):
+        pytest.skip("read buffers are kept for direct reads only")
+    files = SpillFile()
+    contents = _buffers(2, [3 * ALIGN + 1, 2 * ALIGN, 5 * ALIGN, ALIGN])
+    ends = []
+    for i, data in enumerate(contents):
+        _, end = files.append(tmp_path / f"{i}.bin", [data], 0)
+        ends.append(end)
+
+    def read(i: int) -> memoryview:
+        return files.read(tmp_path / f"{i}.bin", ends[i])
+
+    first, second = read(0), read(1)
+    a, b = id(first.obj), id(second.obj)  # ids: a reference would keep them in use
+    assert a != b  # both held: two buffers
+    held = first[2:10]  # a slice keeps the whole buffer in use
+    del first
+    third = read(2)
+    assert id(third.obj) not in (a, b)  # neither is free: a new one
+    del second
+    fourth = read(3)
+    assert id(fourth.obj) == b  # free again: read into, not allocated anew
+    assert bytes(fourth) == contents[3] and bytes(third) == contents[2]
+    assert bytes(held) == contents[0][2:10]  # never overwritten while in use
+    files.close()
