@@ -635,14 +635,20 @@ def parse_competitor_args(
 @contextlib.contextmanager
 def embedded_ray(*, num_cpus: int | None, store_mb: int) -> Iterator[None]:
     """The embedded Ray every benchmark here measures on, shut down on leaving with
-    ray_oob_sched's shuffle actors."""
+    ray_oob_sched's shuffle actors. Started with the Ray settings ray_oob_sched's own
+    embedded start uses (its ``init`` config: objects freed every 100 ms), as
+    ``enable()`` would start it; the Ray competitors share it."""
+    import ray_oob_sched
+    from ray_oob_sched._config import ray_init_kwargs
+
+    system_config = ray_init_kwargs().get("_system_config")
     ray.init(
         num_cpus=num_cpus,
         object_store_memory=store_mb * 2**20,
         include_dashboard=False,
         log_to_driver=False,
+        **({"_system_config": system_config} if system_config else {}),
     )
-    import ray_oob_sched
 
     try:
         yield
