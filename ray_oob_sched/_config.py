@@ -128,14 +128,22 @@ def _memory_limit() -> int | Literal["auto"] | None:
 
 
 def _malloc() -> MallocTuning | None:
-    keys = ("shuffle.malloc-mmap-threshold", "shuffle.malloc-trim-threshold")
-    if any(get(key) is None for key in keys):
+    """Both thresholds, or None (either null): glibc's defaults stay."""
+    values: dict[str, int | None] = {}
+    for name in ("mmap", "trim"):
+        key = f"shuffle.malloc-{name}-threshold"
+        value = get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31
+        ):
+            raise ValueError(
+                f"{NAMESPACE}.{key} must be an integer in [0, 2**31) or null, got {value!r}"
+            )
+        values[name] = value
+    mmap, trim = values["mmap"], values["trim"]
+    if mmap is None or trim is None:
         return None
-    mmap, trim = (_int(key, minimum=0) for key in keys)
-    try:
-        return MallocTuning(mmap_threshold=mmap, trim_threshold=trim)
-    except ValueError as e:
-        raise ValueError(f"{NAMESPACE}.shuffle.malloc-*-threshold: {e}") from None
+    return MallocTuning(mmap_threshold=mmap, trim_threshold=trim)
 
 
 def _actors_per_node() -> int | Literal["auto"]:

@@ -1,19 +1,21 @@
-"""glibc malloc's thresholds in the worker processes that split shuffle inputs.
+"""glibc malloc's thresholds, and the Arrow pool, of the processes that split inputs.
 
 A transfer task allocates and frees several buffers of megabytes per input: the sort
 order, the gathered table, the encoded pieces. By default glibc serves a request
 above its mmap threshold (128 KiB, raised on each free up to 32 MiB) with a fresh
 mapping that ``free`` unmaps, and gives the heap's top back to the OS beyond twice
-that. Each such buffer is then new memory that the kernel faults in and zeroes,
-page by page, on every input. On the 2-core benchmark machine a 64 x 16 MiB shuffle
-spent about a fifth of its transfer workers' CPU in the kernel this way.
+that; Arrow's default pool (mimalloc) returns freed memory to the OS after 10 ms.
+Either way each buffer is new memory that the kernel faults in and zeroes on every
+input: on the 2-core benchmark machine about a fifth of the transfer workers' CPU at
+64 x 16 MiB, and 12.8 % of it at 8 GiB.
 
-``tune_malloc`` raises both thresholds in the calling process, so freed buffers stay
-in the heap and the next input reuses them. That shortened the 1 GiB shuffle's
-receive phase by about 15% (docs/benchmarks.md). The cost: a worker keeps up to
-``trim_threshold`` bytes of freed heap instead of returning them at once, and every
-task in that process, not only the shuffle's, allocates this way. glibc only: other
-C libraries are left alone.
+``tune_malloc`` raises both glibc thresholds in the calling process, so freed
+buffers stay in the heap and the next input reuses them, and the sender makes its
+Arrow copies in ``sender_pool()``, glibc's heap. That shortened the 1 GiB shuffle's
+receive phase by about 11 % (docs/benchmarks.md). The cost: a worker keeps freed
+heap memory for reuse instead of returning it at once (at least the trim threshold
+at the heap's top), and every task in that process, not only the shuffle's,
+allocates this way. glibc only: other C libraries are left alone.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_MALLOC", "MallocTuning", "tune_malloc"]
+import pyarrow as pa
+
+__all__ = ["DEFAULT_MALLOC", "MallocTuning", "sender_pool", "tune_malloc"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +78,27 @@ def _glibc_mallopt() -> Callable[[int, int], int] | None:
 def tune_malloc(tuning: MallocTuning) -> bool:
     """Set glibc malloc's thresholds in this process to ``tuning`` (module docstring).
 
-    Returns whether both are now set as asked: False off glibc, or where glibc
-    refused a value (logged; that threshold stays as it was).
+    Returns whether both are now set: False off glibc, or where glibc refused the
+    mmap threshold (older releases cap it at 32 MiB; logged). Then neither is set:
+    setting the trim threshold alone would switch off glibc's dynamic mmap
+    threshold and leave it at 128 KiB, worse than the defaults.
     """
     mallopt = _glibc_mallopt()
     if mallopt is None:
         return False
-    ok = True
-    for name, param, value in (
-        ("M_MMAP_THRESHOLD", _M_MMAP_THRESHOLD, tuning.mmap_threshold),
-        ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, tuning.trim_threshold),
-    ):
-        if mallopt(param, value) != 1:
-            logger.warning("glibc refused %s = %d; it stays as it was", name, value)
-            ok = False
-    return ok
+    if mallopt(_M_MMAP_THRESHOLD, tuning.mmap_threshold) != 1:
+        logger.warning(
+            "glibc refused M_MMAP_THRESHOLD = %d; malloc keeps its defaults (set "
+            "ray-oob-sched.shuffle.malloc-mmap-threshold to 33554432 or less)",
+            tuning.mmap_threshold,
+        )
+        return False
+    if mallopt(_M_TRIM_THRESHOLD, tuning.trim_threshold) != 1:
+        logger.warning("glibc refused M_TRIM_THRESHOLD = %d", tuning.trim_threshold)
+        return False
+    return True
+
+
+def sender_pool() -> pa.MemoryPool:
+    """The Arrow pool of the sender's copies of an input (module docstring)."""
+    return pa.system_memory_pool()

@@ -28,7 +28,10 @@ from typing import TypeVar
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from pandas.core.dtypes.cast import find_common_type  # what distributed.shuffle uses
+
+from shuffle._malloc import sender_pool
 
 __all__ = [
     "arrow_names",
@@ -78,7 +81,9 @@ def sort_by_partition(
     starts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
     edges = np.concatenate(([0], starts, [len(codes)])).tolist()
     bounds = {int(codes[start]): (start, stop) for start, stop in itertools.pairwise(edges)}
-    return table.take(order), bounds
+    # The sort order is in bounds by construction (its check was 3.5 % of a transfer
+    # worker's CPU); the copy goes to the heap the next input reuses.
+    return pc.take(table, order, boundscheck=False, memory_pool=sender_pool()), bounds
 
 
 def arrow_names(labels: Sequence[Hashable]) -> list[str]:

@@ -14,9 +14,10 @@ A read-back buffer becomes the memory of the shards read into it: their Arrow
 buffers, and through zero-copy conversions even an output's columns, point into it.
 A fresh buffer per read made the kernel fault in and zero every page of every read
 (an 8 GiB shuffle read 8.9 GB back: 2.2 million page faults in the actor), so a
-``SpillFile`` keeps its last few read buffers (``_ReadBuffers``) and reads into one
-that nothing references any more, which the two outputs built at a time past the
-budget leave free most of the time.
+``SpillFile`` keeps up to two read buffers of at most 256 MiB (``_ReadBuffers``)
+and reads into one that nothing references any more, which the two outputs built at
+a time past the budget leave free most of the time. They are memory outside the
+store's budget until the store is cleaned up.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ ALIGN = 4096
 _STAGE_BYTES = 8 * 2**20
 #: Read buffers a ``SpillFile`` keeps for reuse: the outputs built at a time.
 _KEPT_READ_BUFFERS = 2
+#: A larger read buffer is not kept: what a store keeps is memory outside its budget.
+_MAX_KEPT_BYTES = 256 * 2**20
 #: Read buffers are sized in these steps, so that partitions of similar size share them.
 _READ_STEP = 8 * 2**20
 _DIRECT = getattr(os, "O_DIRECT", 0)
@@ -54,7 +57,7 @@ class SpillFile:
     def __init__(self, *, direct: bool | None = None) -> None:
         self.direct = direct if _DIRECT else False
         self._stage: mmap.mmap | None = None
-        self._reads = _ReadBuffers(_KEPT_READ_BUFFERS)
+        self._reads = _ReadBuffers(_KEPT_READ_BUFFERS, max_bytes=_MAX_KEPT_BYTES)
 
     def append(self, path: Path, buffers: Sequence[Any], end: int) -> tuple[list[int], int]:
         """Write ``buffers`` at offset ``end`` of ``path`` (the end a previous append
@@ -82,7 +85,8 @@ class SpillFile:
         """The first ``end`` bytes of ``path`` (offsets from ``append`` index it)."""
         if self.direct:
             try:
-                return _read_direct(path, end, self._reads.take(-(-end // ALIGN) * ALIGN))
+                size = -(-end // ALIGN) * ALIGN
+                return _read_direct(path, end, size, self._reads.take(size))
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
@@ -166,29 +170,36 @@ class _ReadBuffers:
 
     Every view of a buffer, and so every Arrow buffer or array made from one, holds a
     reference to it; a kept buffer whose only reference is this list is free (CPython
-    reference counts, exact and immediate).
+    reference counts, exact and immediate; a new reference can only come from an
+    existing one, so a free buffer stays free until handed out).
     """
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int, *, max_bytes: int) -> None:
         self._keep = keep
+        self._max_bytes = max_bytes
         self._kept: list[mmap.mmap] = []
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> mmap.mmap:
-        """A buffer of at least ``nbytes``: a free kept one, else a new one (kept if
-        there is room, or in place of a free one too small)."""
+        """A buffer of at least ``nbytes``: the smallest free kept one that fits, else
+        a new one, kept if there is room or in place of a free one too small."""
         with self._lock:
-            small = None
+            fits, small = None, None
             for i in range(len(self._kept)):
-                if sys.getrefcount(self._kept[i]) == 2:  # this list's and the argument's
-                    if len(self._kept[i]) >= nbytes:
-                        return self._kept[i]
+                if sys.getrefcount(self._kept[i]) != 2:  # this list's and the argument's
+                    continue  # in use
+                if len(self._kept[i]) < nbytes:
                     small = i
+                elif fits is None or len(self._kept[i]) < len(self._kept[fits]):
+                    fits = i
+            if fits is not None:
+                return self._kept[fits]
             buffer = _anonymous(max(-(-nbytes // _READ_STEP) * _READ_STEP, _READ_STEP))
-            if len(self._kept) < self._keep:
-                self._kept.append(buffer)
-            elif small is not None:
-                self._kept[small] = buffer
+            if len(buffer) <= self._max_bytes:
+                if len(self._kept) < self._keep:
+                    self._kept.append(buffer)
+                elif small is not None:
+                    self._kept[small] = buffer
             return buffer
 
     def clear(self) -> None:
@@ -197,8 +208,7 @@ class _ReadBuffers:
             self._kept.clear()
 
 
-def _read_direct(path: Path, end: int, buffer: mmap.mmap) -> memoryview:
-    size = -(-end // ALIGN) * ALIGN
+def _read_direct(path: Path, end: int, size: int, buffer: mmap.mmap) -> memoryview:
     view = memoryview(buffer)
     fd = os.open(path, os.O_RDONLY | _DIRECT)
     try:

@@ -140,7 +140,7 @@ class ShuffleClient(Closable):
         ``shuffle._split.split_input``."""
         tuning = handle.options.malloc
         if tuning is not None and tuning != self._malloc:
-            self._malloc = tuning  # tried once per value: a refusal is logged once
+            self._malloc = tuning  # tried once per value in a row, not per input
             tune_malloc(tuning)
         shards: Shards = {}
         for input_partition, data, covers in inputs:

@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from shuffle._exceptions import FrameError
+from shuffle._malloc import sender_pool
 from shuffle.wire._message import Piece
 
 __all__ = [
@@ -56,8 +57,9 @@ def encode_slices(table: pa.Table, bounds: Mapping[int, tuple[int, int]]) -> dic
         return {p: table_to_buffer(table.slice(a, b - a)) for p, (a, b) in bounds.items()}
     batch = batches[0]
     out: dict[int, Any] = {}
+    pool = sender_pool()
     for partition, (start, stop) in bounds.items():
-        data = batch.slice(start, stop - start).serialize()
+        data = batch.slice(start, stop - start).serialize(memory_pool=pool)
         out[partition] = Piece(data, meta, data.size)
     return out
 

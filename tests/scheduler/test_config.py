@@ -310,14 +310,18 @@ def test_shuffle_malloc_thresholds_are_both_set_or_left_alone(null):
 def test_bad_malloc_thresholds_name_their_key():
     from ray_oob_sched._config import ShuffleConfig
 
-    for key, bad, match in [
-        ("mmap-threshold", -1, r"shuffle\.malloc-mmap-threshold must be an integer >= 0"),
-        ("trim-threshold", "lots", r"shuffle\.malloc-trim-threshold must be an integer"),
-        ("trim-threshold", 2**31, r"shuffle\.malloc-\*-threshold: trim_threshold must lie in"),
-    ]:
-        with dask.config.set({f"ray-oob-sched.shuffle.malloc-{key}": bad}):
-            with pytest.raises(ValueError, match=match):
-                ShuffleConfig.from_dask_config()
+    for key, bad in [("mmap", -1), ("trim", "lots"), ("trim", 2**31), ("mmap", True)]:
+        # Checked even when the other one is null (which alone leaves glibc alone).
+        other = "trim" if key == "mmap" else "mmap"
+        for other_value in (None, 2**20):
+            settings = {
+                f"ray-oob-sched.shuffle.malloc-{key}-threshold": bad,
+                f"ray-oob-sched.shuffle.malloc-{other}-threshold": other_value,
+            }
+            with dask.config.set(settings):
+                match = rf"shuffle\.malloc-{key}-threshold must be an integer in .* or null"
+                with pytest.raises(ValueError, match=match):
+                    ShuffleConfig.from_dask_config()
     with pytest.raises(TypeError, match="malloc must be a MallocTuning or None"):
         RunOptions(malloc=(1, 2))  # type: ignore[arg-type]
 

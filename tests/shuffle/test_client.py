@@ -78,6 +78,12 @@ def loop() -> Iterator[LoopThread]:
     loop.close()
 
 
+@pytest.fixture(autouse=True)
+def _keep_this_process_malloc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients here run in the test process: leave its malloc as it is."""
+    monkeypatch.setattr("shuffle.shell._client.tune_malloc", lambda tuning: True)
+
+
 @pytest.fixture
 def client() -> Iterator[ShuffleClient]:
     client = ShuffleClient(config=ClientConfig(request_timeout=WAIT, transfer_timeout=WAIT))

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from shuffle._malloc import MallocTuning
+import shuffle._malloc as malloc
+from shuffle._malloc import DEFAULT_MALLOC, MallocTuning
 
 # A child process, so that this process's malloc stays as it was: it allocates,
 # fills and frees a 48 MiB buffer five times, and prints the page faults of the
@@ -16,8 +17,9 @@ from shuffle._malloc import MallocTuning
 _CHILD = """
 import ctypes, resource, sys
 from shuffle._malloc import DEFAULT_MALLOC, tune_malloc
-if sys.argv[1] == "tuned":
-    assert tune_malloc(DEFAULT_MALLOC)
+if sys.argv[1] == "tuned" and not tune_malloc(DEFAULT_MALLOC):
+    print(-1)  # this glibc refused the thresholds (logged): nothing to measure
+    sys.exit()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -49,8 +51,26 @@ def test_tuned_malloc_reuses_freed_buffers_instead_of_faulting_in_new_pages() ->
     except (OSError, AttributeError):
         pytest.skip("glibc only")
     pages = 48 * 2**20 // 4096
+    tuned = _faults("tuned")
+    if tuned < 0:
+        pytest.skip("this glibc refuses a 64 MiB mmap threshold")
     assert _faults("default") > 3 * pages  # a fresh mapping per buffer
-    assert _faults("tuned") < pages // 4  # the first buffer's pages, reused
+    assert tuned < pages // 4  # the first buffer's pages, reused
+
+
+def test_a_refused_mmap_threshold_leaves_the_trim_threshold_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Setting the trim threshold alone would switch off glibc's dynamic mmap threshold.
+    calls: list[tuple[int, int]] = []
+
+    def mallopt(param: int, value: int) -> int:
+        calls.append((param, value))
+        return 0 if param == -3 else 1  # M_MMAP_THRESHOLD refused, as older glibc does
+
+    monkeypatch.setattr(malloc, "_glibc_mallopt", lambda: mallopt)
+    assert malloc.tune_malloc(DEFAULT_MALLOC) is False
+    assert calls == [(-3, DEFAULT_MALLOC.mmap_threshold)]
 
 
 @pytest.mark.parametrize(

@@ -153,3 +153,28 @@ def test_a_read_reuses_a_buffer_only_once_nothing_references_it(tmp_path: Path) 
     assert bytes(fourth) == contents[3] and bytes(third) == contents[2]
     assert bytes(held) == contents[0][2:10]  # never overwritten while in use
     files.close()
+
+
+def test_read_buffers_hand_out_the_smallest_free_one_and_keep_few_and_small() -> None:
+    step = spill_file._READ_STEP
+    buffers = spill_file._ReadBuffers(2, max_bytes=3 * step)
+    a = buffers.take(2 * step)  # kept
+    b = buffers.take(step)  # kept
+    a_id, b_id = id(a), id(b)
+    del a, b
+    assert id(buffers.take(step // 2)) == b_id  # the smallest that fits
+    assert id(buffers.take(step + 1)) == a_id  # b would not fit
+    held = buffers.take(step)  # b, now in use
+    c = buffers.take(step)  # a is free and fits
+    assert id(c) == a_id and id(held) == b_id
+    d = buffers.take(step)  # both in use: a new one, not kept (no room)
+    assert id(d) not in (a_id, b_id)
+    del c
+    big = buffers.take(3 * step)  # a is free but too small: replaced by this one
+    big_id = id(big)
+    del big, d
+    assert id(buffers.take(3 * step)) == big_id
+    huge = buffers.take(4 * step)  # over max_bytes: never kept
+    assert len(huge) >= 4 * step and all(kept is not huge for kept in buffers._kept)
+    buffers.clear()
+    assert buffers._kept == []
