@@ -16,7 +16,7 @@ from typing import Any, Literal, TypedDict
 import dask.config
 import yaml
 
-from shuffle._malloc import DEFAULT_MALLOC, MallocTuning
+from shuffle._malloc import DEFAULT_MALLOC, MAX_THRESHOLD, MallocTuning
 from shuffle._options import RunOptions
 from shuffle.device._options import DeviceMode, DeviceOptions, ResultMemory
 
@@ -134,10 +134,11 @@ def _malloc() -> MallocTuning | None:
         key = f"shuffle.malloc-{name}-threshold"
         value = get(key)
         if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_THRESHOLD
         ):
             raise ValueError(
-                f"{NAMESPACE}.{key} must be an integer in [0, 2**31) or null, got {value!r}"
+                f"{NAMESPACE}.{key} must be an integer in [0, {MAX_THRESHOLD}] or null, "
+                f"got {value!r}"
             )
         values[name] = value
     mmap, trim = values["mmap"], values["trim"]

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-__all__ = ["DEFAULT_MALLOC", "MallocTuning", "sender_pool", "tune_malloc"]
+__all__ = ["DEFAULT_MALLOC", "MAX_THRESHOLD", "MallocTuning", "sender_pool", "tune_malloc"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 #: mallopt takes an int; glibc may refuse less than this (logged by ``tune_malloc``).
-_MAX_THRESHOLD = 2**31 - 1
+MAX_THRESHOLD = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ class MallocTuning:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {value!r}")
-            if not 0 <= value <= _MAX_THRESHOLD:
-                raise ValueError(f"{name} must lie in [0, {_MAX_THRESHOLD}], got {value}")
+            if not 0 <= value <= MAX_THRESHOLD:
+                raise ValueError(f"{name} must lie in [0, {MAX_THRESHOLD}], got {value}")
 
 
 DEFAULT_MALLOC = MallocTuning(mmap_threshold=64 * 2**20, trim_threshold=128 * 2**20)
